@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: each compares corral with the alternative in one process."""

@@ -1,0 +1,207 @@
+"""The one exception tree of corral; foreign exceptions are mapped to it at the edges.
+
+::
+
+    CorralError
+    ├── BrokerError                      anything the broker or a client reports
+    │   ├── BrokerUnavailable            (ConnectionError) no broker at the path, or it went away
+    │   ├── BrokerTimeout                (TimeoutError) a wait or a request ran out of time
+    │   ├── ProtocolError                a peer sent something that is not the protocol
+    │   └── BrokerRequestError           the broker answered {"ok": false, "error": CODE}
+    │       ├── KeyNotFound              (KeyError) not_found / expired; ``.expired`` tells which
+    │       ├── TTLRequired              (ValueError) ttl_required
+    │       ├── InvalidTTL               (ValueError) invalid_ttl
+    │       ├── TooLarge                 (ValueError) too_large
+    │       ├── CapacityExceeded         max_items
+    │       ├── LeaseError               key_and_worker_required, worker_required,
+    │       │                            worker_already_has_lease
+    │       ├── AuthFailed               (PermissionError) auth_failed
+    │       ├── InvalidRequest           (ValueError) invalid_json, unknown_action, bad_request
+    │       └── Draining                 (ConnectionError) the broker is shutting down
+    ├── SandboxError                     a statement or state the sandbox cannot honour
+    │   └── SandboxNotActive             a query in sandbox mode from a context without a sandbox
+    └── PostgresError                    the throwaway PostgreSQL or a template database
+        ├── PostgresNotFound             (FileNotFoundError) no PostgreSQL binaries on the machine
+        └── PostgresStartError           the server did not start; carries its log
+
+Each wire error code maps to exactly one class through :data:`ERROR_CODES`; use
+:func:`error_from_code` to build the exception for a ``{"ok": false}`` answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CorralError(Exception):
+    """Base class of every exception corral raises on purpose."""
+
+
+# --------------------------------------------------------------------------- broker
+
+
+class BrokerError(CorralError):
+    """Something went wrong talking to the broker."""
+
+
+class BrokerUnavailable(BrokerError, ConnectionError):
+    """No broker answers at the path, or the connection to it broke."""
+
+
+class BrokerTimeout(BrokerError, TimeoutError):
+    """A request or a wait (lock, acquire, once, ...) did not finish in time."""
+
+
+class ProtocolError(BrokerError):
+    """A peer sent bytes that are not the broker protocol."""
+
+
+class BrokerRequestError(BrokerError):
+    """The broker refused a request: ``{"ok": false, "error": code}``.
+
+    :ivar code: the wire error code.
+    :ivar key: the key or name the request was about, when there was one.
+    """
+
+    code: str = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.key = key
+
+    def __str__(self) -> str:
+        # KeyError's __str__ would repr() the message; keep it readable for every subclass.
+        return str(self.args[0]) if self.args else self.code
+
+
+class KeyNotFound(BrokerRequestError, KeyError):
+    """The key does not exist; ``expired`` is True when it existed but its TTL passed."""
+
+    code = "not_found"
+
+    @property
+    def expired(self) -> bool:
+        return self.code == "expired"
+
+
+class TTLRequired(BrokerRequestError, ValueError):
+    """The broker requires a TTL on every key and none was given."""
+
+    code = "ttl_required"
+
+
+class InvalidTTL(BrokerRequestError, ValueError):
+    """The TTL is negative, not a number, or zero where TTLs are required."""
+
+    code = "invalid_ttl"
+
+
+class TooLarge(BrokerRequestError, ValueError):
+    """A value or a whole request is over the broker's size limit."""
+
+    code = "too_large"
+
+
+class CapacityExceeded(BrokerRequestError):
+    """The broker holds ``max_items`` keys already; updates of existing keys still work."""
+
+    code = "max_items"
+
+
+class LeaseError(BrokerRequestError):
+    """A lease request was malformed, or the worker already leases under another key."""
+
+    code = "lease_error"
+
+
+class AuthFailed(BrokerRequestError, PermissionError):
+    """The secret is missing or wrong."""
+
+    code = "auth_failed"
+
+
+class InvalidRequest(BrokerRequestError, ValueError):
+    """The request was not valid JSON, named an unknown action, or had malformed fields."""
+
+    code = "bad_request"
+
+
+class Draining(BrokerRequestError, ConnectionError):
+    """The broker is shutting down and takes no new requests."""
+
+    code = "draining"
+
+
+_HINTS: dict[str, str] = {
+    "not_found": "the key was never set (or was deleted)",
+    "expired": "the key existed but its TTL passed",
+    "ttl_required": "this broker requires a TTL: pass ttl=SECONDS",
+    "invalid_ttl": "a TTL must be a positive number of seconds",
+    "too_large": "the value or request is over the broker's size limit",
+    "max_items": "the broker is full (max_items); delete keys or raise the limit",
+    "key_and_worker_required": "lease needs both a key and a worker id",
+    "worker_required": "release needs a worker id",
+    "worker_already_has_lease": "this worker already holds a lease under another key",
+    "auth_failed": "the secret is missing or wrong (check EPHEMERAL_SECRET)",
+    "invalid_json": "the request was not one JSON object per line",
+    "unknown_action": "the broker does not know this action",
+    "bad_request": "the request has missing or malformed fields",
+    "draining": "the broker is shutting down",
+}
+
+#: wire error code -> exception class. One table, so mapping is never scattered.
+ERROR_CODES: dict[str, type[BrokerRequestError]] = {
+    "not_found": KeyNotFound,
+    "expired": KeyNotFound,
+    "ttl_required": TTLRequired,
+    "invalid_ttl": InvalidTTL,
+    "too_large": TooLarge,
+    "max_items": CapacityExceeded,
+    "key_and_worker_required": LeaseError,
+    "worker_required": LeaseError,
+    "worker_already_has_lease": LeaseError,
+    "auth_failed": AuthFailed,
+    "invalid_json": InvalidRequest,
+    "unknown_action": InvalidRequest,
+    "bad_request": InvalidRequest,
+    "draining": Draining,
+}
+
+
+def error_from_code(
+    code: str, *, key: str | None = None, detail: str | None = None, **_: Any
+) -> BrokerRequestError:
+    """Build the exception for a broker's ``{"ok": false, "error": code}`` answer."""
+    cls = ERROR_CODES.get(code, BrokerRequestError)
+    hint = _HINTS.get(code, "the broker refused the request")
+    where = f" (key {key!r})" if key is not None else ""
+    extra = f": {detail}" if detail else ""
+    return cls(f"{code}: {hint}{where}{extra}", code=code, key=key)
+
+
+# --------------------------------------------------------------------------- sandbox
+
+
+class SandboxError(CorralError):
+    """The sandbox cannot run this statement or is in a state that cannot serve it."""
+
+
+class SandboxNotActive(SandboxError):
+    """A query in sandbox mode came from a context that has no sandbox (never a silent commit)."""
+
+
+# --------------------------------------------------------------------------- postgres
+
+
+class PostgresError(CorralError):
+    """The throwaway PostgreSQL server or a template database failed."""
+
+
+class PostgresNotFound(PostgresError, FileNotFoundError):
+    """No PostgreSQL server binaries were found on the machine."""
+
+
+class PostgresStartError(PostgresError):
+    """The server did not start; the message carries the tail of its log."""

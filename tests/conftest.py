@@ -1,0 +1,5 @@
+"""Test-suite wide fixtures: plugin modules named ``tests/fix_*.py``."""
+
+from __future__ import annotations
+
+pytest_plugins = ["tests.fix_postgres"]
