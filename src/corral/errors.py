@@ -22,7 +22,10 @@
     │   └── SandboxNotActive             a query in sandbox mode from a context without a sandbox
     └── PostgresError                    the throwaway PostgreSQL or a template database
         ├── PostgresNotFound             (FileNotFoundError) no PostgreSQL binaries on the machine
-        └── PostgresStartError           the server did not start; carries its log
+        ├── PostgresStartError           the server did not start; carries its log
+        ├── PostgresDriverMissing        (ImportError) SQL work needs corral[psycopg]
+        ├── TemplateBuildError           the schema failed to build; nothing is left behind
+        └── DatabaseInUse                (TimeoutError) other sessions kept a database busy
 
 Each wire error code maps to exactly one class through :data:`ERROR_CODES`; use
 :func:`error_from_code` to build the exception for a ``{"ok": false}`` answer.
@@ -204,4 +207,43 @@ class PostgresNotFound(PostgresError, FileNotFoundError):
 
 
 class PostgresStartError(PostgresError):
-    """The server did not start; the message carries the tail of its log."""
+    """The server did not start; the message carries the tail of its log.
+
+    :ivar log: the whole server log as text ('' when there was none).
+    :ivar log_path: where the log was written, when it was kept.
+    """
+
+    def __init__(self, message: str, *, log: str = "", log_path: str | None = None) -> None:
+        super().__init__(message)
+        self.log = log
+        self.log_path = log_path
+
+
+class PostgresDriverMissing(PostgresError, ImportError):
+    """SQL work (templates, clones) needs psycopg 3: ``pip install 'corral[psycopg]'``."""
+
+
+class TemplateBuildError(PostgresError):
+    """Building a template database from the schema failed; the half-built database was dropped.
+
+    The original error is ``__cause__``.
+
+    :ivar template: the template database's name.
+    :ivar source: the schema file or callable that failed.
+    """
+
+    def __init__(self, message: str, *, template: str, source: str) -> None:
+        super().__init__(message)
+        self.template = template
+        self.source = source
+
+
+class DatabaseInUse(PostgresError, TimeoutError):
+    """Other sessions kept using a database that had to be cloned or dropped.
+
+    :ivar database: the database's name.
+    """
+
+    def __init__(self, message: str, *, database: str) -> None:
+        super().__init__(message)
+        self.database = database
