@@ -1,0 +1,421 @@
+"""``EphemeralPostgres``: a throwaway PostgreSQL server for one process, tuned for tests.
+
+Start = find binaries, clean up dead owners' clusters, copy the cached initdb result into a
+private run directory, launch ``postgres`` directly (no ``pg_ctl``: it polls at 10 Hz) and
+wait for ``postmaster.pid`` to say ``ready``. A watchdog process stops it if we die.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+from corral.errors import PostgresStartError
+from corral.postgres import _cache, _runtime
+from corral.postgres._binaries import PostgresBinaries, find_binaries
+from corral.postgres._osuser import ServerUser, resolve_server_user
+from corral.postgres._procs import process_start_time
+
+log = logging.getLogger("corral.postgres")
+
+#: settings for a test server: durability off (the data is thrown away), no background noise.
+TEST_SETTINGS: Mapping[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "max_connections": "200",
+    "autovacuum": "off",
+    "jit": "off",
+    "log_checkpoints": "off",
+    "log_min_messages": "warning",
+    "log_line_prefix": "%m [%p] %q%u@%d ",
+}
+
+_LOG_TAIL_LINES = 40
+
+
+class EphemeralPostgres:
+    """A throwaway PostgreSQL cluster: private Unix socket, no durability, gone after stop.
+
+    ::
+
+        with EphemeralPostgres() as pg:
+            psycopg.connect(pg.dsn)
+
+    :param bindir: PostgreSQL's ``bin`` directory (default: found, see :func:`find_binaries`).
+    :param version: required major version (default: ``CORRAL_PG_VERSION``, else newest).
+    :param port: the port number; it names the Unix socket and, with *tcp*, the TCP port
+        (default: 5432 for socket-only servers, a free port with *tcp*).
+    :param tcp: also listen on ``127.0.0.1`` (needed by clients that cannot use sockets).
+    :param settings: server settings merged over :data:`TEST_SETTINGS`; a ``None`` value
+        drops a default.
+    :param initdb_args: extra ``initdb`` arguments (part of the cache key).
+    :param user: as root, the OS user to run the server as (default: ``CORRAL_PG_USER``,
+        else ``postgres``, else a ``corral-postgres`` system user created on first use).
+    :param runtime_dir: where run directories go (default: ``CORRAL_PG_RUNTIME_DIR``, else
+        ``/dev/shm/corral-pg-UID``, else the temp directory).
+    :param cache_dir: the initdb cache (default: ``CORRAL_PG_CACHE_DIR``, else
+        ``~/.cache/corral/postgres``).
+    :param use_cache: ``False`` runs initdb every time.
+    :param log_path: keep the server log at this path (default: inside the run directory,
+        removed by :meth:`stop`).
+    :param start_timeout: seconds to wait for the server to accept connections.
+    :param watchdog: stop the server when this process dies (recommended).
+    """
+
+    #: the settings every server starts with (see ``settings`` to change them).
+    DEFAULT_SETTINGS: Mapping[str, str] = TEST_SETTINGS
+
+    def __init__(
+        self,
+        *,
+        bindir: str | os.PathLike[str] | None = None,
+        version: int | None = None,
+        port: int | None = None,
+        tcp: bool = False,
+        settings: Mapping[str, str | int | None] | None = None,
+        initdb_args: Sequence[str] = (),
+        user: str | None = None,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
+        log_path: str | os.PathLike[str] | None = None,
+        start_timeout: float = 30.0,
+        watchdog: bool = True,
+    ) -> None:
+        self._bindir_arg = bindir
+        self._version_arg = version
+        self._port_arg = port
+        self.tcp = tcp
+        self._settings = dict(settings or {})
+        self._initdb_args = tuple(initdb_args)
+        self._user_arg = user
+        self._runtime_arg = Path(runtime_dir) if runtime_dir is not None else None
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._use_cache = use_cache
+        self._log_arg = Path(log_path) if log_path is not None else None
+        self.start_timeout = start_timeout
+        self._use_watchdog = watchdog
+
+        self._process: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._run_dir: Path | None = None
+        self._log_path: Path | None = None
+        self._binaries: PostgresBinaries | None = None
+        self._server_user: ServerUser | None = None
+        self._port = 0
+        self._owner_pid = 0
+        #: whether the last start copied a cached initdb (``False``: ran initdb).
+        self.cache_hit: bool | None = None
+        #: seconds the last start took.
+        self.start_seconds: float | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _require(self) -> Path:
+        if self._run_dir is None or self._process is None:
+            raise PostgresStartError("the server is not running: call start() first")
+        return self._run_dir
+
+    @property
+    def dsn(self) -> str:
+        """Superuser DSN (libpq URL) over the Unix socket: ``postgresql://postgres@/postgres?...``."""
+        return self.dsn_for("postgres")
+
+    def dsn_for(self, database: str, *, user: str = "postgres") -> str:
+        """A libpq URL for *database* on this server over the Unix socket."""
+        host = quote(str(self._require()), safe="/")
+        return f"postgresql://{quote(user)}@/{quote(database)}?host={host}&port={self._port}"
+
+    @property
+    def tcp_dsn(self) -> str:
+        """Superuser DSN over TCP on 127.0.0.1 (only with ``tcp=True``)."""
+        self._require()
+        if not self.tcp:
+            raise PostgresStartError("this server listens on a Unix socket only; pass tcp=True")
+        return f"postgresql://postgres@127.0.0.1:{self._port}/postgres"
+
+    @property
+    def host(self) -> str:
+        """The Unix socket directory (libpq's ``host``)."""
+        return str(self._require())
+
+    @property
+    def port(self) -> int:
+        self._require()
+        return self._port
+
+    @property
+    def data_dir(self) -> Path:
+        return self._require() / "data"
+
+    @property
+    def log_path(self) -> Path:
+        self._require()
+        assert self._log_path is not None
+        return self._log_path
+
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id."""
+        self._require()
+        assert self._process is not None
+        return self._process.pid
+
+    @property
+    def binaries(self) -> PostgresBinaries:
+        if self._binaries is None:
+            self._binaries = find_binaries(self._bindir_arg, version=self._version_arg)
+        return self._binaries
+
+    @property
+    def bindir(self) -> Path:
+        return self.binaries.bindir
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return self.binaries.version
+
+    @property
+    def server_user(self) -> ServerUser:
+        if self._server_user is None:
+            self._server_user = resolve_server_user(self._user_arg)
+        return self._server_user
+
+    def log_text(self) -> str:
+        """The server log so far ('' when there is none)."""
+        if self._log_path is None:
+            return ""
+        try:
+            return self._log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __repr__(self) -> str:
+        state = f"running at {self._run_dir}" if self.running else "stopped"
+        return f"<EphemeralPostgres {state}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> EphemeralPostgres:
+        """Start the server; returns ``self``.
+
+        :raises PostgresNotFound: no PostgreSQL binaries (the message says what to install).
+        :raises PostgresStartError: initdb or the server failed; carries the log.
+        """
+        if self.running:
+            return self
+        started = time.perf_counter()
+        user = self.server_user
+        runtime = _runtime.prepare_runtime_dir(
+            self._runtime_arg or _runtime.default_runtime_dir(), user
+        )
+        _runtime.cleanup_stale_clusters(runtime)
+        binaries = _runtime.reachable_binaries(self.binaries, user, runtime)
+        self._owner_pid = os.getpid()
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=runtime))
+        self._run_dir = run_dir
+        try:
+            self._start_in(run_dir, binaries, user)
+        except BaseException:
+            self._teardown()
+            raise
+        self.start_seconds = time.perf_counter() - started
+        atexit.register(self._atexit)
+        log.info(
+            "PostgreSQL %s started in %.3f s (%s cache) at %s",
+            ".".join(map(str, binaries.version)),
+            self.start_seconds,
+            "warm" if self.cache_hit else "cold",
+            run_dir,
+        )
+        return self
+
+    def _start_in(self, run_dir: Path, binaries: PostgresBinaries, user: ServerUser) -> None:
+        owner = {
+            "pid": self._owner_pid,
+            "pid_start": process_start_time(self._owner_pid),
+            "host": socket.gethostname(),
+            "created": time.time(),
+        }
+        _runtime.write_owner(run_dir, **owner)
+        user.chown(run_dir)
+        self.cache_hit = _cache.materialize(
+            binaries,
+            user,
+            run_dir / "data",
+            extra_args=self._initdb_args,
+            cache_dir=self._cache_dir,
+            use_cache=self._use_cache,
+        )
+        self._log_path = self._log_arg or run_dir / "postgres.log"
+        attempts = 3 if self.tcp and self._port_arg is None else 1
+        for attempt in range(attempts):
+            self._port = self._port_arg or (_free_port() if self.tcp else 5432)
+            self._launch(run_dir, binaries, user)
+            _runtime.write_owner(run_dir, **owner, postmaster_pid=self.pid)
+            self._start_watchdog(run_dir)
+            try:
+                self._wait_ready(run_dir)
+                return
+            except PostgresStartError as exc:
+                retry = attempt + 1 < attempts and "could not bind" in exc.log
+                self._stop_processes()
+                if not retry:
+                    raise
+
+    def _argv(self, run_dir: Path, binaries: PostgresBinaries) -> list[str]:
+        settings: dict[str, str | int | None] = dict(TEST_SETTINGS)
+        settings.update(
+            listen_addresses="127.0.0.1" if self.tcp else "",
+            unix_socket_directories=str(run_dir),
+            port=self._port,
+        )
+        settings.update(self._settings)
+        argv = [str(binaries.postgres), "-D", str(run_dir / "data")]
+        for name, value in settings.items():
+            if value is not None:
+                argv += ["-c", f"{name}={value}"]
+        return argv
+
+    def _launch(self, run_dir: Path, binaries: PostgresBinaries, user: ServerUser) -> None:
+        assert self._log_path is not None
+        with open(self._log_path, "ab") as log_file:
+            # Own session: a Ctrl-C meant for the test run must not shut the server down under
+            # the run's clean-up; stop() and the watchdog decide when it goes.
+            self._process = subprocess.Popen(
+                self._argv(run_dir, binaries),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                env=_cache.server_env(),
+                start_new_session=True,
+                **user.popen_kwargs(),
+            )
+
+    def _start_watchdog(self, run_dir: Path) -> None:
+        if not self._use_watchdog or self._process is None:
+            return
+        script = Path(__file__).with_name("_watchdog.py")
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable, "-I", "-S", str(script), str(self._owner_pid),
+                process_start_time(self._owner_pid) or "-", str(self._process.pid), str(run_dir),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )  # fmt: skip
+
+    def _wait_ready(self, run_dir: Path) -> None:
+        assert self._process is not None
+        pid_file = run_dir / "data" / "postmaster.pid"
+        deadline = time.monotonic() + self.start_timeout
+        delay = 0.001
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                self._fail(f"the server exited with code {code} during start-up")
+            try:
+                lines = pid_file.read_text().splitlines()
+            except OSError:
+                lines = []
+            # Line 8 of postmaster.pid is the postmaster's status (PostgreSQL 10+).
+            if len(lines) >= 8 and lines[7].strip() == "ready":
+                return
+            if time.monotonic() > deadline:
+                self._fail(f"the server did not become ready within {self.start_timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.02)
+
+    def _fail(self, what: str) -> None:
+        text = self.log_text()
+        tail = "\n".join(text.splitlines()[-_LOG_TAIL_LINES:]) or "(the log is empty)"
+        kept = self._log_arg is not None
+        where = f"; full log: {self._log_path}" if kept else ""
+        raise PostgresStartError(
+            f"{what} ({self.binaries.postgres}){where}. Last lines of its log:\n{tail}",
+            log=text,
+            log_path=str(self._log_path) if kept else None,
+        )
+
+    def stop(self) -> None:
+        """Stop the server and remove its directory. Idempotent; safe after a failed start."""
+        if self._owner_pid and self._owner_pid != os.getpid():
+            # A forked child inherited this object: the server belongs to the parent.
+            return
+        self._teardown()
+
+    def _stop_processes(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            # Fast shutdown (SIGINT) takes ~10 ms with fsync off; escalate if it hangs.
+            for sig, grace in ((signal.SIGINT, 5.0), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(sig)
+                try:
+                    process.wait(grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    log.warning("server %d ignored %s; escalating", process.pid, sig.name)
+        elif process is not None:
+            process.wait()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            # It exits on its own once the postmaster is gone.
+            try:
+                watchdog.wait(2.0)
+            except subprocess.TimeoutExpired:
+                watchdog.kill()
+                watchdog.wait()
+
+    def _teardown(self) -> None:
+        self._stop_processes()
+        run_dir, self._run_dir = self._run_dir, None
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        atexit.unregister(self._atexit)
+
+    def _atexit(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+
+    def __enter__(self) -> EphemeralPostgres:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,238 @@
+"""Clone, drop and clean up databases; corral's marks on the databases it creates.
+
+Every database corral creates carries ``COMMENT ON DATABASE`` with a JSON mark
+(``{"corral": "clone"|"template", "host", "pid", "pid_start", "run", ...}``). Clean-up only
+ever touches databases with such a mark, so a user's own databases are safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from corral.errors import DatabaseInUse, PostgresError
+from corral.postgres._procs import is_alive, process_start_time
+from corral.postgres._sql import connect, ident, literal, psycopg_module, server_version, sql
+
+log = logging.getLogger("corral.postgres")
+
+CLONE_PREFIX = "corral_db_"
+
+
+@dataclass(frozen=True)
+class CorralDatabase:
+    """A database corral created, as read back from its mark.
+
+    :ivar kind: ``"clone"`` or ``"template"``.
+    :ivar state: for templates, ``"building"`` or ``"ready"``.
+    """
+
+    name: str
+    kind: str
+    host: str
+    pid: int
+    pid_start: str | None
+    run: str | None
+    created: float
+    state: str | None
+    is_template: bool
+    template: str | None
+
+    def owner_alive(self) -> bool | None:
+        """Whether the creating process still runs; ``None`` when it ran on another host."""
+        if self.host != socket.gethostname():
+            return None
+        return is_alive(self.pid, self.pid_start)
+
+
+def make_mark(kind: str, *, owner_pid: int | None = None, **extra: Any) -> str:
+    pid = owner_pid or os.getpid()
+    mark = {
+        "corral": kind,
+        "host": socket.gethostname(),
+        "pid": pid,
+        "pid_start": process_start_time(pid),
+        "run": os.environ.get("CORRAL_RUN_ID") or None,
+        "created": time.time(),
+    }
+    mark.update(extra)
+    return json.dumps(mark, sort_keys=True)
+
+
+def set_mark(conn: Any, name: str, mark: str) -> None:
+    conn.execute(sql("COMMENT ON DATABASE {} IS {}").format(ident(name), literal(mark)))
+
+
+def parse_mark(name: str, comment: str | None, is_template: bool) -> CorralDatabase | None:
+    if not comment or not comment.startswith("{"):
+        return None
+    try:
+        mark = json.loads(comment)
+        return CorralDatabase(
+            name=name,
+            kind=str(mark["corral"]),
+            host=str(mark.get("host", "")),
+            pid=int(mark.get("pid", 0)),
+            pid_start=mark.get("pid_start"),
+            run=mark.get("run"),
+            created=float(mark.get("created", 0.0)),
+            state=mark.get("state"),
+            is_template=is_template,
+            template=mark.get("template"),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def list_databases(admin_dsn: str) -> list[CorralDatabase]:
+    """Every database on the server that carries corral's mark."""
+    with connect(admin_dsn) as conn:
+        rows = conn.execute(
+            "SELECT datname, shobj_description(oid, 'pg_database'), datistemplate"
+            " FROM pg_database ORDER BY datname"
+        ).fetchall()
+    found = (parse_mark(name, comment, is_tpl) for name, comment, is_tpl in rows)
+    return [db for db in found if db is not None]
+
+
+def _terminate_sessions(conn: Any, name: str) -> int:
+    rows = conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = %s AND pid <> pg_backend_pid()",
+        [name],
+    ).fetchall()
+    return len(rows)
+
+
+def _retry_in_use(conn: Any, name: str, statement: Any, timeout: float, what: str) -> None:
+    """Run *statement*, ending *name*'s sessions and retrying while it is in use."""
+    errors = psycopg_module().errors
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            conn.execute(statement)
+            return
+        except errors.ObjectInUse as exc:
+            # Either live sessions, or backends that disconnected and are still exiting:
+            # PostgreSQL counts those too for a few milliseconds.
+            if time.monotonic() >= deadline:
+                raise DatabaseInUse(
+                    f"cannot {what}: database {name!r} stayed in use by other sessions for "
+                    f"{timeout:g} s ({exc}); close the connections to it",
+                    database=name,
+                ) from exc
+            ended = _terminate_sessions(conn, name)
+            log.debug("%s: %s in use, ended %d sessions; retrying", what, name, ended)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
+def clone_database(
+    admin_dsn: str,
+    template: str,
+    name: str | None = None,
+    *,
+    owner_pid: int | None = None,
+    run_id: str | None = None,
+    timeout: float = 30.0,
+) -> str:
+    """Create a database from *template*; returns its name.
+
+    Uses ``STRATEGY FILE_COPY`` on PostgreSQL 15+ (a file copy plus a checkpoint, much
+    cheaper than WAL-logging every block for small schemas); older servers always copy
+    files. Sessions still connected to the template are ended and the clone retried.
+
+    :param admin_dsn: a superuser (or CREATEDB) DSN of the server.
+    :param template: the template database's name (e.g. from :func:`ensure_template`).
+    :param name: the new database's name (default: ``corral_db_`` + random hex).
+    :param owner_pid: the process the clone belongs to for stale clean-up (default: this
+        one; pass a longer-lived process's pid when the clone is handed on).
+    :param run_id: recorded in the mark (default: ``CORRAL_RUN_ID``).
+    :param timeout: seconds to keep retrying while the template is in use.
+    :raises DatabaseInUse: the template stayed in use for *timeout* seconds.
+    """
+    name = name or CLONE_PREFIX + secrets.token_hex(6)
+    extra: dict[str, Any] = {"template": template}
+    if run_id is not None:
+        extra["run"] = run_id
+    mark = make_mark("clone", owner_pid=owner_pid, **extra)
+    with connect(admin_dsn) as conn:
+        strategy = " STRATEGY FILE_COPY" if server_version(conn) >= 150000 else ""
+        statement = sql("CREATE DATABASE {} TEMPLATE {}" + strategy).format(
+            ident(name), ident(template)
+        )
+        _retry_in_use(conn, template, statement, timeout, f"clone {template!r}")
+        try:
+            set_mark(conn, name, mark)
+        except BaseException:
+            conn.execute(sql("DROP DATABASE IF EXISTS {}").format(ident(name)))
+            raise
+    return name
+
+
+def drop_database(admin_dsn: str, name: str, *, timeout: float = 30.0) -> bool:
+    """Drop *name* if it exists, ending its sessions first; returns whether it existed.
+
+    ``WITH (FORCE)`` on PostgreSQL 13+; before that, sessions are ended and the drop retried
+    while backends that just disconnected are still exiting. A template is unmarked first.
+
+    :raises DatabaseInUse: sessions kept reconnecting for *timeout* seconds.
+    """
+    with connect(admin_dsn) as conn:
+        row = conn.execute(
+            "SELECT datistemplate FROM pg_database WHERE datname = %s", [name]
+        ).fetchone()
+        if row is None:
+            return False
+        if row[0]:
+            conn.execute(sql("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident(name)))
+        force = " WITH (FORCE)" if server_version(conn) >= 130000 else ""
+        statement = sql("DROP DATABASE IF EXISTS {}" + force).format(ident(name))
+        _retry_in_use(conn, name, statement, timeout, f"drop {name!r}")
+    return True
+
+
+def drop_stale_databases(
+    admin_dsn: str,
+    *,
+    run_id: str | None = None,
+    older_than: float | None = None,
+    include_templates: bool = False,
+) -> list[str]:
+    """Drop databases corral created whose creator is gone; returns the names dropped.
+
+    A database counts as stale when it carries corral's mark and: its creator process on
+    this host is dead; or it belongs to *run_id* (that run is over); or it is older than
+    *older_than* seconds (for creators on other hosts, whose liveness cannot be checked).
+    Ready templates are kept (they are reused across runs) unless *include_templates*.
+    Databases without corral's mark are never touched.
+    """
+    dropped: list[str] = []
+    now = time.time()
+    for db in list_databases(admin_dsn):
+        ready_template = db.kind == "template" and db.state == "ready"
+        if ready_template and not include_templates:
+            continue
+        alive = db.owner_alive()
+        stale = (
+            alive is False
+            or (run_id is not None and db.run == run_id)
+            or (older_than is not None and now - db.created > older_than)
+            or (include_templates and ready_template)
+        )
+        if not stale:
+            continue
+        try:
+            if drop_database(admin_dsn, db.name):
+                dropped.append(db.name)
+                log.info("dropped stale database %s (%s of pid %d)", db.name, db.kind, db.pid)
+        except PostgresError as exc:
+            log.warning("could not drop stale database %s: %s", db.name, exc)
+    return dropped

@@ -1,0 +1,225 @@
+"""Template databases: build once from a schema source, name by its hash, reuse while unchanged.
+
+The build runs under a PostgreSQL advisory lock keyed by the template's name, so concurrent
+callers (xdist workers, parallel CI jobs on one server) build it once and the rest wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from corral.errors import TemplateBuildError
+from corral.postgres._databases import drop_database, make_mark, parse_mark, set_mark
+from corral.postgres._sql import connect, database_dsn, ident, psycopg_module, sql
+
+log = logging.getLogger("corral.postgres")
+
+PathLike: TypeAlias = "str | os.PathLike[str]"
+#: SQL files or directories of them (run in order), or a callable ``fn(dsn)`` (migrations).
+SchemaSource: TypeAlias = "PathLike | Sequence[PathLike] | Callable[[str], object]"
+
+TEMPLATE_PREFIX = "corral_tpl_"
+
+
+def _sql_files(schema: PathLike | Sequence[PathLike]) -> list[Path]:
+    items = [schema] if isinstance(schema, str | os.PathLike) else list(schema)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix == ".sql" and p.is_file()))
+        else:
+            files.append(path)
+    return files
+
+
+def _hash_paths(digest: Any, paths: Iterable[PathLike]) -> None:
+    for item in paths:
+        root = Path(item)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for path in files:
+            if "__pycache__" in path.parts:
+                continue
+            digest.update(str(path.relative_to(root) if root.is_dir() else path.name).encode())
+            digest.update(b"\0")
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
+
+
+def schema_hash(schema: SchemaSource, *, watch: Iterable[PathLike] = ()) -> str:
+    """The hex SHA-256 that names a schema's template.
+
+    SQL files: their names and contents, in order. A callable: its qualified name and the
+    source of its whole module (so an edited helper in the same file counts). *watch* adds
+    files or directories (recursively) whose contents must also trigger a rebuild — e.g.
+    Alembic's ``versions/`` directory for a callable that runs ``alembic upgrade head``.
+    """
+    digest = hashlib.sha256(b"corral-template-v1\0")
+    if callable(schema):
+        digest.update(f"callable:{schema.__module__}.{schema.__qualname__}\0".encode())
+        try:
+            source_file = inspect.getsourcefile(schema)
+        except TypeError:
+            source_file = None
+        if source_file and os.path.exists(source_file):
+            digest.update(Path(source_file).read_bytes())
+        else:
+            try:
+                digest.update(inspect.getsource(schema).encode())
+            except (OSError, TypeError):
+                log.warning("no source for %r: pass watch=[...] so changes rebuild", schema)
+    else:
+        files = _sql_files(schema)
+        if not files:
+            raise ValueError(f"the schema {schema!r} names no SQL files")
+        _hash_paths(digest, files)
+    _hash_paths(digest, watch)
+    return digest.hexdigest()
+
+
+def template_name(schema: SchemaSource, *, watch: Iterable[PathLike] = ()) -> str:
+    """``corral_tpl_`` + the first 24 hex digits of :func:`schema_hash`."""
+    return TEMPLATE_PREFIX + schema_hash(schema, watch=watch)[:24]
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _describe(schema: SchemaSource) -> str:
+    if callable(schema):
+        return f"{schema.__module__}.{schema.__qualname__}"
+    return ", ".join(str(p) for p in _sql_files(schema))
+
+
+def _build(schema: SchemaSource, dsn: str, template: str) -> None:
+    """Run the schema against *dsn*; failures become :class:`TemplateBuildError`."""
+    if callable(schema):
+        try:
+            schema(dsn)
+        except Exception as exc:
+            raise TemplateBuildError(
+                f"building template {template!r}: the schema callable {_describe(schema)} "
+                f"raised {type(exc).__name__}: {exc}",
+                template=template,
+                source=_describe(schema),
+            ) from exc
+        return
+    psycopg = psycopg_module()
+    with connect(dsn) as conn:
+        for path in _sql_files(schema):
+            try:
+                text = path.read_text()
+            except OSError as exc:
+                raise TemplateBuildError(
+                    f"building template {template!r}: cannot read schema file {path}: {exc}",
+                    template=template,
+                    source=str(path),
+                ) from exc
+            try:
+                # No parameters: psycopg sends the text as one simple query, so a file may
+                # hold many statements (and its own BEGIN/COMMIT), like psql -f.
+                conn.execute(text.encode())
+            except psycopg.Error as exc:
+                raise TemplateBuildError(
+                    f"building template {template!r}: schema file {path} failed: "
+                    f"{type(exc).__name__}: {str(exc).strip()}",
+                    template=template,
+                    source=str(path),
+                ) from exc
+
+
+def ensure_template(
+    admin_dsn: str,
+    schema: SchemaSource,
+    *,
+    watch: Iterable[PathLike] = (),
+    name: str | None = None,
+    base_template: str = "template1",
+    lock_timeout: float = 600.0,
+) -> str:
+    """Build the template database for *schema* unless it exists; returns its name.
+
+    The database is created, filled by *schema*, then marked ``IS_TEMPLATE`` with
+    ``ALLOW_CONNECTIONS false`` (so no session can block a clone). A failed build drops
+    it again. A half-built template left by a killed builder is dropped and rebuilt.
+
+    :param admin_dsn: a superuser DSN of the server.
+    :param schema: SQL file paths (or directories of ``*.sql``, run in name order), or a
+        callable ``fn(dsn)`` that migrates the database at *dsn* (Alembic, Django, ...).
+    :param watch: more files/directories that feed the hash (see :func:`schema_hash`).
+    :param name: use this template name instead of the hash-derived one.
+    :param base_template: what the template itself is created from.
+    :param lock_timeout: seconds to wait for a concurrent builder of the same template.
+    :raises TemplateBuildError: the schema failed; ``__cause__`` is the original error.
+    """
+    name = name or template_name(schema, watch=watch)
+    psycopg = psycopg_module()
+    with connect(admin_dsn) as conn:
+        conn.execute(sql("SET lock_timeout = {}").format(int(lock_timeout * 1000)))
+        started = time.perf_counter()
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", [_lock_key(name)])
+        except psycopg.errors.LockNotAvailable as exc:
+            raise TemplateBuildError(
+                f"waited {lock_timeout:g} s for another process building template {name!r}",
+                template=name,
+                source=_describe(schema),
+            ) from exc
+        conn.execute("SET lock_timeout = 0")
+        try:
+            row = conn.execute(
+                "SELECT datistemplate, shobj_description(oid, 'pg_database')"
+                " FROM pg_database WHERE datname = %s",
+                [name],
+            ).fetchone()
+            if row is not None:
+                mark = parse_mark(name, row[1], row[0])
+                if row[0] and (mark is None or mark.state == "ready"):
+                    log.debug("template %s exists; reusing it", name)
+                    return name
+                # Under the lock, a database that is not a finished template can only be a
+                # build whose process died: throw it away.
+                log.warning("dropping half-built template %s left by a killed build", name)
+                drop_database(admin_dsn, name)
+            _create_and_build(conn, admin_dsn, schema, name, base_template)
+            log.info("built template %s in %.2f s", name, time.perf_counter() - started)
+            return name
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", [_lock_key(name)])
+
+
+def _create_and_build(
+    conn: Any, admin_dsn: str, schema: SchemaSource, name: str, base_template: str
+) -> None:
+    source = _describe(schema)
+    conn.execute(sql("CREATE DATABASE {} TEMPLATE {}").format(ident(name), ident(base_template)))
+    try:
+        set_mark(conn, name, make_mark("template", state="building", source=source))
+        _build(schema, database_dsn(admin_dsn, name), name)
+        # The schema's own connections (a callable's engine pool, say) must not linger: a
+        # template with sessions cannot be cloned.
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            [name],
+        )
+        conn.execute(
+            sql("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true").format(
+                ident(name)
+            )
+        )
+        set_mark(conn, name, make_mark("template", state="ready", source=source))
+    except BaseException:
+        try:
+            drop_database(admin_dsn, name)
+        except Exception:
+            log.exception("could not drop the failed template %s", name)
+        raise
