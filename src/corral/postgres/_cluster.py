@@ -319,7 +319,7 @@ class EphemeralPostgres:
         script = Path(__file__).with_name("_watchdog.py")
         self._watchdog = subprocess.Popen(
             [
-                sys.executable, "-I", "-S", str(script), str(self._owner_pid),
+                _interpreter(), "-I", "-S", str(script), str(self._owner_pid),
                 process_start_time(self._owner_pid) or "-", str(self._process.pid), str(run_dir),
             ],
             stdin=subprocess.DEVNULL,
@@ -412,6 +412,17 @@ class EphemeralPostgres:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _interpreter() -> str:
+    """A Python to run the (standard-library only) watchdog script with.
+
+    ``sys.executable`` may be unreachable after a process dropped privileges (a venv under
+    ``/root``); any ``python3`` on PATH can run the script then.
+    """
+    if sys.executable and os.access(sys.executable, os.X_OK):
+        return sys.executable
+    return shutil.which("python3") or shutil.which("python") or sys.executable
 
 
 def _free_port() -> int:

@@ -1,0 +1,228 @@
+"""EphemeralPostgres: start/stop as root and as a normal user, caching, crash clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from corral.errors import PostgresStartError
+from corral.postgres import EphemeralPostgres
+from corral.postgres._procs import is_alive
+from tests.postgres.conftest import run_dirs
+
+
+def _uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+def _wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_start_stop_leaves_nothing(runtime_dir: Path) -> None:
+    server = EphemeralPostgres(runtime_dir=runtime_dir)
+    assert server.start() is server
+    run_dir, pid = Path(server.host), server.pid
+    with psycopg.connect(server.dsn) as conn:
+        row = conn.execute(
+            "SELECT current_user, current_setting('fsync'), current_setting('synchronous_commit'),"
+            " current_setting('full_page_writes'), current_setting('listen_addresses')"
+        ).fetchone()
+    assert row == ("postgres", "off", "off", "off", "")
+    assert server.dsn.startswith("postgresql://postgres@/postgres?host=")
+    if os.geteuid() == 0:
+        # initdb and postgres refuse root: the server runs as an unprivileged user.
+        assert _uid_of(pid) == server.server_user.uid != 0
+    server.stop()
+    assert not server.running
+    assert not run_dir.exists()
+    assert not is_alive(pid)
+    server.stop()  # idempotent
+    assert run_dirs(runtime_dir) == []
+
+
+def test_context_manager_and_settings(runtime_dir: Path) -> None:
+    settings = {"work_mem": "8MB", "autovacuum": None}
+    with EphemeralPostgres(runtime_dir=runtime_dir, settings=settings, tcp=True) as server:
+        with psycopg.connect(server.tcp_dsn) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("8MB",)
+            # None drops corral's default (off), so PostgreSQL's own default (on) applies.
+            assert conn.execute("SHOW autovacuum").fetchone() == ("on",)
+        assert server.port > 0
+        run_dir = Path(server.host)
+    assert not run_dir.exists()
+
+
+def test_cold_then_warm_cache(runtime_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with EphemeralPostgres(runtime_dir=runtime_dir, cache_dir=cache) as cold:
+        assert cold.cache_hit is False
+        cold_seconds = cold.start_seconds
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1
+    assert (entries[0] / "meta.json").is_file()
+    with EphemeralPostgres(runtime_dir=runtime_dir, cache_dir=cache) as warm:
+        assert warm.cache_hit is True
+        with psycopg.connect(warm.dsn) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    print(f"cold start {cold_seconds:.3f} s, warm start {warm.start_seconds:.3f} s")
+
+
+def test_different_initdb_arguments_get_their_own_cache_entry(
+    runtime_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    with EphemeralPostgres(runtime_dir=runtime_dir, cache_dir=cache) as first:
+        assert first.cache_hit is False
+    with EphemeralPostgres(
+        runtime_dir=runtime_dir, cache_dir=cache, initdb_args=["--data-checksums"]
+    ) as second:
+        assert second.cache_hit is False
+        with psycopg.connect(second.dsn) as conn:
+            assert conn.execute("SHOW data_checksums").fetchone() == ("on",)
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+
+def test_start_failure_shows_the_log_and_leaves_nothing(runtime_dir: Path) -> None:
+    server = EphemeralPostgres(runtime_dir=runtime_dir, settings={"shared_buffers": "lots"})
+    with pytest.raises(PostgresStartError, match="shared_buffers") as info:
+        server.start()
+    assert "Last lines of its log" in str(info.value)
+    assert "shared_buffers" in info.value.log
+    assert not server.running
+    assert run_dirs(runtime_dir) == []
+
+
+def test_kept_log_path_survives_stop(runtime_dir: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "server.log"
+    with EphemeralPostgres(runtime_dir=runtime_dir, log_path=log_path) as server:
+        assert server.log_path == log_path
+    assert log_path.exists()
+
+
+_OWNER = textwrap.dedent(
+    """
+    import json, sys, time
+    from corral.postgres import EphemeralPostgres
+    server = EphemeralPostgres(runtime_dir=sys.argv[1], watchdog=sys.argv[2] == "1").start()
+    print(json.dumps({"run_dir": server.host, "pid": server.pid}), flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _start_owner(runtime_dir: Path, watchdog: bool) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(runtime_dir), "1" if watchdog else "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None
+    line = owner.stdout.readline()
+    assert line, "the owner process did not start a server"
+    return owner, json.loads(line)
+
+
+@pytest.mark.slow
+def test_kill_9_of_owner_then_next_start_cleans_up(runtime_dir: Path) -> None:
+    owner, info = _start_owner(runtime_dir, watchdog=False)
+    owner.kill()
+    owner.wait()
+    owner.stdout.close()  # type: ignore[union-attr]
+    # Without a watchdog the orphaned server keeps running...
+    assert is_alive(info["pid"])
+    assert Path(info["run_dir"]).exists()
+    # ...until the next start notices that its owner is gone.
+    with EphemeralPostgres(runtime_dir=runtime_dir) as server:
+        assert not Path(info["run_dir"]).exists()
+        assert _wait_until(lambda: not is_alive(info["pid"]))
+        assert run_dirs(runtime_dir) == [Path(server.host)]
+
+
+@pytest.mark.slow
+def test_server_dies_soon_after_its_owner_is_killed(runtime_dir: Path) -> None:
+    owner, info = _start_owner(runtime_dir, watchdog=True)
+    assert is_alive(info["pid"])
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    owner.stdout.close()  # type: ignore[union-attr]
+    killed = time.monotonic()
+    assert _wait_until(lambda: not is_alive(info["pid"]), timeout=10)
+    assert _wait_until(lambda: not Path(info["run_dir"]).exists(), timeout=10)
+    print(f"server and directory gone {time.monotonic() - killed:.3f} s after the owner")
+
+
+def _child_as(user: pwd.struct_passwd, runtime: Path, cache: Path) -> dict[str, Any]:
+    """Fork, drop to *user*, start and stop a server; return what the child saw."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            os.environ["HOME"] = str(cache)
+            server = EphemeralPostgres(runtime_dir=runtime, cache_dir=cache).start()
+            with psycopg.connect(server.dsn) as conn:
+                (who,) = conn.execute("SELECT current_user").fetchone()  # type: ignore[misc]
+            seen = {"user": who, "server_uid": _uid_of(server.pid), "run_dir": server.host}
+            server.stop()
+            seen["left"] = os.path.exists(seen["run_dir"])
+            os.write(write_fd, json.dumps(seen).encode())
+            code = 0
+        except BaseException as exc:
+            os.write(write_fd, json.dumps({"error": repr(exc)}).encode())
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    result: dict[str, Any] = json.loads(data)
+    return result
+
+
+@pytest.mark.slow
+def test_start_stop_as_a_normal_user() -> None:
+    if os.geteuid() != 0:
+        with EphemeralPostgres() as server:
+            assert _uid_of(server.pid) == os.geteuid()
+        return
+    user = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="corral-test-user-"))
+    try:
+        os.chmod(base, 0o755)
+        runtime, cache = base / "run", base / "cache"
+        for path in (runtime, cache):
+            path.mkdir()
+            os.chown(path, user.pw_uid, user.pw_gid)
+        seen = _child_as(user, runtime, cache)
+    finally:
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+    assert "error" not in seen, seen.get("error")
+    assert seen["user"] == "postgres"
+    assert seen["server_uid"] == user.pw_uid
+    assert seen["left"] is False
