@@ -168,6 +168,11 @@ def clone_database(
         statement = sql("CREATE DATABASE {} TEMPLATE {}" + strategy).format(
             ident(name), ident(template)
         )
+        # PostgreSQL waits 5 s for sessions on the template before it gives up; end them
+        # first. Templates from ensure_template() refuse connections, so this is rare.
+        ended = _terminate_sessions(conn, template)
+        if ended:
+            log.warning("ended %d session(s) on template %s to clone it", ended, template)
         _retry_in_use(conn, template, statement, timeout, f"clone {template!r}")
         try:
             set_mark(conn, name, mark)
