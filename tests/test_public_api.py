@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PUBLIC_MODULES = ["corral"]
+PUBLIC_MODULES = ["corral", "corral.postgres"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)
