@@ -1,0 +1,71 @@
+"""``corral postgres``: prints a working DSN, keeps the server up, leaves nothing on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+
+# Drives the command through its own register() so the test does not depend on the other
+# command modules of the CLI.
+_RUN = textwrap.dedent(
+    """
+    import argparse, sys
+    from corral import _postgres_cli
+    parser = argparse.ArgumentParser()
+    _postgres_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["postgres", *sys.argv[1:]])
+    sys.exit(args.handler(args))
+    """
+)
+
+
+def test_cli_serves_until_sigterm(runtime_dir: Path, tmp_path: Path) -> None:
+    schema = tmp_path / "schema.sql"
+    schema.write_text("CREATE TABLE t (x int); INSERT INTO t VALUES (7);")
+    cli_args = ["--schema", str(schema), "--set", "work_mem=16MB"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, *cli_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**_env(), "CORRAL_PG_RUNTIME_DIR": str(runtime_dir)},
+    )
+    assert proc.stdout is not None
+    try:
+        admin = proc.stdout.readline().strip()
+        clone = proc.stdout.readline().strip()
+        with psycopg.connect(admin) as conn:
+            assert conn.execute("SHOW work_mem").fetchone() == ("16MB",)
+        with psycopg.connect(clone) as conn:
+            assert conn.execute("SELECT x FROM t").fetchone() == (7,)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Ctrl-C stops it" in err
+    run_dir = Path(parse_qs(urlsplit(admin).query)["host"][0])
+    assert not run_dir.exists()
+
+
+def test_cli_reports_a_failed_start(runtime_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _RUN, "--set", "max_connections=-5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_env(), "CORRAL_PG_RUNTIME_DIR": str(runtime_dir)},
+    )
+    assert result.returncode == 1
+    assert "max_connections" in result.stderr
+    assert result.stdout == ""
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ)
