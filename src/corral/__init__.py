@@ -5,6 +5,7 @@ The public API is re-exported here; everything else lives in private modules.
 
 from __future__ import annotations
 
+from corral.broker import AsyncClient, Broker, Client
 from corral.errors import (
     BrokerError,
     BrokerTimeout,
@@ -18,9 +19,12 @@ from corral.errors import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncClient",
+    "Broker",
     "BrokerError",
     "BrokerTimeout",
     "BrokerUnavailable",
+    "Client",
     "CorralError",
     "KeyNotFound",
     "SandboxError",

@@ -5,6 +5,7 @@
     CorralError
     ├── BrokerError                      anything the broker or a client reports
     │   ├── BrokerUnavailable            (ConnectionError) no broker at the path, or it went away
+    │   ├── BrokerAlreadyRunning         (FileExistsError) a live broker answers at that path
     │   ├── BrokerTimeout                (TimeoutError) a wait or a request ran out of time
     │   ├── ProtocolError                a peer sent something that is not the protocol
     │   └── BrokerRequestError           the broker answered {"ok": false, "error": CODE}
@@ -17,9 +18,14 @@
     │       │                            worker_already_has_lease
     │       ├── AuthFailed               (PermissionError) auth_failed
     │       ├── InvalidRequest           (ValueError) invalid_json, unknown_action, bad_request
+    │       ├── WaitTimeout                  (BrokerTimeout) timeout: the broker gave up a wait
     │       └── Draining                 (ConnectionError) the broker is shutting down
     ├── SandboxError                     a statement or state the sandbox cannot honour
-    │   └── SandboxNotActive             a query in sandbox mode from a context without a sandbox
+    │   ├── SandboxNotActive             a query in sandbox mode from a context without a sandbox
+    │   ├── UnsupportedStatement         VACUUM, CREATE DATABASE, ... refused in a transaction
+    │   ├── SandboxLockTimeout           (TimeoutError) lock contention between sandboxes
+    │   ├── SandboxBusy                  (TimeoutError) the sandbox connection stayed in use
+    │   └── SandboxBroken                (ConnectionError) the sandbox's connection died
     └── PostgresError                    the throwaway PostgreSQL or a template database
         ├── PostgresNotFound             (FileNotFoundError) no PostgreSQL binaries on the machine
         ├── PostgresStartError           the server did not start; carries its log
@@ -49,6 +55,10 @@ class BrokerError(CorralError):
 
 class BrokerUnavailable(BrokerError, ConnectionError):
     """No broker answers at the path, or the connection to it broke."""
+
+
+class BrokerAlreadyRunning(BrokerError, FileExistsError):
+    """A live broker already answers at the socket path; it is never unlinked."""
 
 
 class BrokerTimeout(BrokerError, TimeoutError):
@@ -137,6 +147,12 @@ class Draining(BrokerRequestError, ConnectionError):
     code = "draining"
 
 
+class WaitTimeout(BrokerRequestError, BrokerTimeout):
+    """The broker gave up a wait (lock, acquire, ...) after the request's timeout."""
+
+    code = "timeout"
+
+
 _HINTS: dict[str, str] = {
     "not_found": "the key was never set (or was deleted)",
     "expired": "the key existed but its TTL passed",
@@ -152,6 +168,7 @@ _HINTS: dict[str, str] = {
     "unknown_action": "the broker does not know this action",
     "bad_request": "the request has missing or malformed fields",
     "draining": "the broker is shutting down",
+    "timeout": "the wait timed out on the broker",
 }
 
 #: wire error code -> exception class. One table, so mapping is never scattered.
@@ -170,6 +187,7 @@ ERROR_CODES: dict[str, type[BrokerRequestError]] = {
     "unknown_action": InvalidRequest,
     "bad_request": InvalidRequest,
     "draining": Draining,
+    "timeout": WaitTimeout,
 }
 
 
@@ -193,6 +211,33 @@ class SandboxError(CorralError):
 
 class SandboxNotActive(SandboxError):
     """A query in sandbox mode came from a context that has no sandbox (never a silent commit)."""
+
+
+class UnsupportedStatement(SandboxError):
+    """PostgreSQL refuses this statement inside a transaction block (VACUUM, CREATE DATABASE...).
+
+    :ivar statement: the statement's leading command, e.g. ``"CREATE INDEX CONCURRENTLY"``.
+    """
+
+    def __init__(self, message: str, *, statement: str) -> None:
+        super().__init__(message)
+        self.statement = statement
+
+
+class SandboxLockTimeout(SandboxError, TimeoutError):
+    """A statement waited ``lock_timeout`` for a lock another sandbox holds (contention).
+
+    The psycopg adapter raises a subclass that is also ``psycopg.errors.LockNotAvailable``,
+    so application code that handles lock timeouts keeps working.
+    """
+
+
+class SandboxBusy(SandboxError, TimeoutError):
+    """The sandbox's connection stayed checked out by another task or thread too long."""
+
+
+class SandboxBroken(SandboxError, ConnectionError):
+    """The sandbox's connection died (e.g. ``pg_terminate_backend``); open a new sandbox."""
 
 
 # --------------------------------------------------------------------------- postgres

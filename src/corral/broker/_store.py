@@ -1,0 +1,505 @@
+"""The broker's state as pure logic: keys with TTLs, leases, owners, FIFO waiter tickets.
+
+Time comes from an injected clock and every timer lives in one deadline heap, so tests
+drive it with a fake clock and the server only asks "when is the next deadline?".
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any, Final
+
+__all__ = ["Refused", "Store", "Ticket"]
+
+Owner = Hashable
+Clock = Callable[[], float]
+
+# Heap entry kinds. An entry is (deadline, seq, kind, ref); it is live only while
+# ref's current seq equals the entry's seq, so replacing or deleting never searches
+# the heap: stale entries are skipped when popped and dropped by compact().
+_KV: Final = 0
+_LEASE: Final = 1
+_TICKET: Final = 2
+
+# Rough CPython sizes, for ``approximateStoreBytes`` without walking values.
+_ITEM_OVERHEAD: Final = 360
+
+
+class Refused(Exception):
+    """A request the store will not carry out; ``code`` is the wire error code."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+class _Entry:
+    __slots__ = ("compressed", "deadline", "key", "seq", "size", "value")
+
+    def __init__(
+        self, key: str, value: Any, compressed: bool, deadline: float, seq: int, size: int
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.compressed = compressed
+        self.deadline = deadline
+        self.seq = seq
+        self.size = size
+
+
+class _Lease:
+    __slots__ = ("deadline", "key", "owner", "seq", "value", "worker")
+
+    def __init__(
+        self, worker: Hashable, key: str, value: int, deadline: float, seq: int, owner: Owner
+    ) -> None:
+        self.worker = worker
+        self.key = key
+        self.value = value
+        self.deadline = deadline
+        self.seq = seq
+        self.owner = owner
+
+
+class Ticket:
+    """A waiter in a FIFO queue, woken by whoever frees what it waits for.
+
+    ``set``/``fail``/``cancel`` each return whether they decided the ticket: a ticket
+    that timed out, was cancelled or whose owner disconnected is never granted anything
+    afterwards (psycopg_pool's ``WaitingClient`` discipline). ``on_done`` is called once,
+    when the ticket is decided by ``set`` or ``fail``, so the server can answer.
+    """
+
+    __slots__ = ("deadline", "name", "on_done", "owner", "result", "seq", "since", "state")
+
+    WAITING: Final = "waiting"
+    GRANTED: Final = "granted"
+    FAILED: Final = "failed"
+    CANCELLED: Final = "cancelled"
+
+    def __init__(self, name: str, owner: Owner, since: float) -> None:
+        self.name = name
+        self.owner = owner
+        self.since = since
+        self.deadline: float | None = None
+        self.seq = 0
+        self.state: str = Ticket.WAITING
+        self.result: dict[str, Any] | None = None
+        self.on_done: Callable[[Ticket], None] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.state == Ticket.WAITING
+
+    def set(self, result: dict[str, Any]) -> bool:
+        """Grant the ticket with *result*; False when it no longer waits."""
+        return self._decide(Ticket.GRANTED, result)
+
+    def fail(self, code: str, detail: str = "") -> bool:
+        """Answer the ticket with an error; False when it no longer waits."""
+        return self._decide(Ticket.FAILED, {"ok": False, "error": code, "detail": detail})
+
+    def cancel(self) -> bool:
+        """The waiter gave up or went away; nothing is delivered."""
+        if self.state != Ticket.WAITING:
+            return False
+        self.state = Ticket.CANCELLED
+        return True
+
+    def _decide(self, state: str, result: dict[str, Any]) -> bool:
+        if self.state != Ticket.WAITING:
+            return False
+        self.state = state
+        self.result = result
+        if self.on_done is not None:
+            self.on_done(self)
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Ticket {self.name!r} owner={self.owner!r} {self.state}>"
+
+
+class Store:
+    """All broker state; pure, single-threaded, driven by the server's event loop.
+
+    :param clock: monotonic seconds; every deadline is on this clock.
+    :param wall: epoch seconds, only to report ``expires`` to clients (default: *clock*).
+    :param require_ttl: refuse ``set`` without a TTL (``ttl_required``).
+    :param default_ttl: seconds, for keys and leases set without a TTL.
+    :param max_items: most keys held at once (0 = unlimited); updates always succeed.
+    :param max_value_size: most characters in a value's JSON.
+    """
+
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        wall: Clock | None = None,
+        require_ttl: bool = True,
+        default_ttl: float = 1800.0,
+        max_items: int = 10_000,
+        max_value_size: int = 256 * 1024,
+    ) -> None:
+        self.clock = clock
+        self.wall = wall or clock
+        self.require_ttl = require_ttl
+        self.default_ttl = default_ttl
+        self.max_items = max_items
+        self.max_value_size = max_value_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self._data: dict[str, _Entry] = {}
+        self._leases: dict[Hashable, _Lease] = {}
+        self._leased: dict[str, dict[int, Hashable]] = {}
+        self._owned: dict[Owner, set[tuple[int, Hashable]]] = {}
+        self._queues: dict[str, deque[Ticket]] = {}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._stale = 0  # heap entries known to be dead
+        self._seq = 0
+        self.approx_bytes = 0
+        self.expired_items = 0
+        self.expired_leases = 0
+
+    # ------------------------------------------------------------------ deadlines
+
+    def _push(self, deadline: float, kind: int, ref: Any) -> int:
+        self._seq += 1
+        heapq.heappush(self._heap, (deadline, self._seq, kind, ref))
+        return self._seq
+
+    def next_deadline(self) -> float | None:
+        """The earliest pending deadline on the clock (maybe a stale one), or None."""
+        return self._heap[0][0] if self._heap else None
+
+    def expire_due(self) -> int:
+        """Act on every deadline that has passed; return how many things expired."""
+        heap = self._heap
+        if not heap:
+            return 0
+        now = self.clock()
+        done = 0
+        while heap and heap[0][0] <= now:
+            _, seq, kind, ref = heapq.heappop(heap)
+            if ref.seq != seq:
+                self._stale -= 1
+                continue
+            done += 1
+            if kind == _KV:
+                self._drop(ref)
+                self.expired_items += 1
+            elif kind == _LEASE:
+                self._drop_lease(ref)
+                self.expired_leases += 1
+            else:
+                self._ticket_timed_out(ref)
+        return done
+
+    def compact(self) -> None:
+        """Drop stale heap entries (replaced keys, released leases)."""
+        if self._stale:
+            self._heap = [e for e in self._heap if e[3].seq == e[1]]
+            heapq.heapify(self._heap)
+            self._stale = 0
+
+    def _retire(self, ref: _Entry | _Lease | Ticket) -> None:
+        ref.seq = 0  # its heap entry is dead now
+        self._stale += 1
+        if self._stale > 1024 and self._stale * 2 > len(self._heap):
+            self.compact()
+
+    def resolve_ttl(self, ttl: float | None, *, required: bool = False) -> float:
+        """Seconds to live for a request's *ttl* (seconds, ``None`` when absent).
+
+        :raises Refused: ``ttl_required`` or ``invalid_ttl``.
+        """
+        if ttl is None:
+            if required:
+                raise Refused("ttl_required", "this broker requires a ttl on every key")
+            return self.default_ttl
+        if not math.isfinite(ttl) or ttl < 0:
+            raise Refused("invalid_ttl", f"ttl must be a positive number, got {ttl!r}")
+        if ttl == 0:
+            if required:
+                raise Refused("invalid_ttl", "ttl must be positive")
+            return self.default_ttl
+        return ttl
+
+    # ------------------------------------------------------------------ keys
+
+    def get(self, key: str) -> _Entry:
+        """The live entry for *key*.
+
+        :raises Refused: ``not_found``, or ``expired`` (the entry is dropped).
+        """
+        entry = self._data.get(key)
+        if entry is None:
+            raise Refused("not_found")
+        if entry.deadline <= self.clock():
+            self._drop(entry)
+            self.expired_items += 1
+            raise Refused("expired")
+        return entry
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        compressed: bool = False,
+        size: int = 0,
+    ) -> None:
+        """Store *value* under *key* for *ttl* seconds.
+
+        :param size: the value's JSON length when the caller knows it cheaply, used
+            for the size limit and memory accounting; 0 means measure it here.
+        :raises Refused: ``ttl_required``, ``invalid_ttl``, ``too_large``, ``max_items``.
+        """
+        seconds = self.resolve_ttl(ttl, required=self.require_ttl)
+        if size <= 0 or size > self.max_value_size:
+            size = _value_size(value)
+        if size > self.max_value_size:
+            raise Refused(
+                "too_large", f"value is {size} characters; max_value_size is {self.max_value_size}"
+            )
+        now = self.clock()
+        old = self._data.get(key)
+        if old is not None and old.deadline <= now:
+            self._drop(old)
+            self.expired_items += 1
+            old = None
+        if old is None and self.max_items > 0 and len(self._data) >= self.max_items:
+            self.expire_due()  # expired keys do not count against the limit
+            if len(self._data) >= self.max_items:
+                raise Refused("max_items", f"the broker holds max_items={self.max_items} keys")
+        deadline = now + seconds
+        if old is not None:
+            self._retire(old)
+            self.approx_bytes += size - old.size
+            old.value = value
+            old.compressed = compressed
+            old.size = size
+            old.deadline = deadline
+            old.seq = self._push(deadline, _KV, old)
+            return
+        entry = _Entry(key, value, compressed, deadline, 0, size)
+        entry.seq = self._push(deadline, _KV, entry)
+        self._data[key] = entry
+        self.approx_bytes += size + len(key) + _ITEM_OVERHEAD
+
+    def delete(self, key: str) -> bool:
+        """Remove *key*; True when a live key was removed."""
+        entry = self._data.get(key)
+        if entry is None:
+            return False
+        live = entry.deadline > self.clock()
+        self._drop(entry)
+        return live
+
+    def _drop(self, entry: _Entry) -> None:
+        del self._data[entry.key]
+        self.approx_bytes -= entry.size + len(entry.key) + _ITEM_OVERHEAD
+        self._retire(entry)
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        """``{key: {"expires": epoch_ms, "hasValue": bool}}`` of live keys."""
+        now = self.clock()
+        offset = self.wall() - now
+        return {
+            key: {"expires": round((e.deadline + offset) * 1000), "hasValue": e.value is not None}
+            for key, e in self._data.items()
+            if e.deadline > now
+        }
+
+    def keys(self) -> Iterator[str]:
+        now = self.clock()
+        return (k for k, e in self._data.items() if e.deadline > now)
+
+    @property
+    def item_count(self) -> int:
+        """Keys held, counted in O(1) (expired ones count until their deadline fires)."""
+        return len(self._data)
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(self, key: str, worker: Hashable, ttl: float | None, owner: Owner = None) -> int:
+        """Lease the smallest free integer under *key* to *worker* (Node semantics).
+
+        A worker that holds a lease on *key* renews it and keeps its value.
+
+        :param owner: the connection that asked; when not None the lease is freed as
+            soon as that connection closes (see :meth:`release_owner`).
+        :raises Refused: ``worker_already_has_lease`` or ``invalid_ttl``.
+        """
+        seconds = self.resolve_ttl(ttl)
+        now = self.clock()
+        lease = self._leases.get(worker)
+        if lease is not None and lease.deadline <= now:
+            self._drop_lease(lease)
+            self.expired_leases += 1
+            lease = None
+        if lease is not None:
+            if lease.key != key:
+                raise Refused(
+                    "worker_already_has_lease",
+                    f"worker {worker!r} holds a lease on {lease.key!r}; release it first",
+                )
+            self._retire(lease)
+            lease.deadline = now + seconds
+            lease.seq = self._push(lease.deadline, _LEASE, lease)
+            if owner is not None and lease.owner is None:
+                lease.owner = owner
+                self._owned.setdefault(owner, set()).add((_LEASE, worker))
+            return lease.value
+        taken = self._leased.setdefault(key, {})
+        for holder in list(taken.values()):  # expired holders free their number now
+            old = self._leases[holder]
+            if old.deadline <= now:
+                self._drop_lease(old)
+                self.expired_leases += 1
+        value = 0
+        while value in taken:
+            value += 1
+        lease = _Lease(worker, key, value, now + seconds, 0, owner)
+        lease.seq = self._push(lease.deadline, _LEASE, lease)
+        self._leases[worker] = lease
+        taken[value] = worker
+        if owner is not None:
+            self._owned.setdefault(owner, set()).add((_LEASE, worker))
+        return value
+
+    def release(self, worker: Hashable) -> bool:
+        """Free *worker*'s lease; True when it held a live one."""
+        lease = self._leases.get(worker)
+        if lease is None:
+            return False
+        live = lease.deadline > self.clock()
+        self._drop_lease(lease)
+        return live
+
+    def _drop_lease(self, lease: _Lease) -> None:
+        del self._leases[lease.worker]
+        taken = self._leased[lease.key]
+        del taken[lease.value]
+        if not taken:
+            del self._leased[lease.key]
+        if lease.owner is not None:
+            held = self._owned.get(lease.owner)
+            if held is not None:
+                held.discard((_LEASE, lease.worker))
+        self._retire(lease)
+
+    @property
+    def lease_count(self) -> int:
+        return len(self._leases)
+
+    def leases(self) -> dict[str, dict[str, Any]]:
+        """``{worker: {"key", "value", "expires"}}`` for live leases (for status dumps)."""
+        now = self.clock()
+        offset = self.wall() - now
+        return {
+            str(w): {
+                "key": lease.key,
+                "value": lease.value,
+                "expires": round((lease.deadline + offset) * 1000),
+            }
+            for w, lease in self._leases.items()
+            if lease.deadline > now
+        }
+
+    # ------------------------------------------------------------------ waiters
+
+    def enqueue(self, ticket: Ticket, timeout: float | None = None) -> None:
+        """Queue *ticket* (FIFO per ``ticket.name``); it fails ``timeout`` after *timeout* s."""
+        self._queues.setdefault(ticket.name, deque()).append(ticket)
+        if ticket.owner is not None:
+            self._owned.setdefault(ticket.owner, set()).add((_TICKET, ticket))
+        if timeout is not None:
+            ticket.deadline = self.clock() + timeout
+            ticket.seq = self._push(ticket.deadline, _TICKET, ticket)
+
+    def next_waiter(self, name: str) -> Ticket | None:
+        """Pop the first ticket still waiting on *name* (dead ones are discarded)."""
+        queue = self._queues.get(name)
+        while queue:
+            ticket = queue.popleft()
+            if ticket.waiting:
+                if not queue:
+                    del self._queues[name]
+                self._forget_ticket(ticket)
+                return ticket
+        self._queues.pop(name, None)
+        return None
+
+    def waiters(self, name: str) -> list[Ticket]:
+        return [t for t in self._queues.get(name, ()) if t.waiting]
+
+    def _forget_ticket(self, ticket: Ticket) -> None:
+        if ticket.seq:
+            self._retire(ticket)
+        if ticket.owner is not None:
+            held = self._owned.get(ticket.owner)
+            if held is not None:
+                held.discard((_TICKET, ticket))
+
+    def _ticket_timed_out(self, ticket: Ticket) -> None:
+        ticket.seq = 0
+        if ticket.owner is not None:
+            held = self._owned.get(ticket.owner)
+            if held is not None:
+                held.discard((_TICKET, ticket))
+        ticket.fail("timeout", f"gave up waiting for {ticket.name!r}")
+
+    # ------------------------------------------------------------------ ownership
+
+    def release_owner(self, owner: Owner) -> int:
+        """Free everything *owner* (a connection) holds and cancel its tickets.
+
+        Called when the connection closes, so a crashed process releases its claims
+        at once instead of after their TTL. Returns how many things were freed.
+        """
+        held = self._owned.pop(owner, None)
+        if not held:
+            return 0
+        freed = 0
+        for kind, ref in held:
+            if kind == _LEASE:
+                lease = self._leases.get(ref)
+                if lease is not None and lease.owner == owner:
+                    self._drop_lease(lease)
+                    freed += 1
+            elif kind == _TICKET:
+                assert isinstance(ref, Ticket)
+                if ref.cancel():
+                    if ref.seq:
+                        self._retire(ref)
+                    freed += 1
+        return freed
+
+    def holdings(self, owner: Owner) -> int:
+        """How many things *owner* holds or waits for."""
+        return len(self._owned.get(owner, ()))
+
+    # ------------------------------------------------------------------ all
+
+    def clear(self) -> None:
+        """Forget everything (broker stop); waiting tickets fail with ``draining``."""
+        for queue in self._queues.values():
+            for ticket in queue:
+                ticket.fail("draining", "the broker is shutting down")
+        self._reset()
+
+
+def _value_size(value: Any) -> int:
+    """Characters in *value*'s JSON, as Node measures (string length for strings)."""
+    if isinstance(value, str):
+        return len(value)
+    if value is None or isinstance(value, bool | int | float):
+        return 5
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))

@@ -1,0 +1,285 @@
+"""The broker's wire protocol, sans-IO: NDJSON framing, value codec, message HMAC, auth proofs.
+
+Nothing here touches a socket, a clock or a thread: the asyncio server and both clients
+feed bytes in and take bytes (or events) out, exactly like h11.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+import zlib
+from typing import Any, Final
+
+from corral.broker.messages import (
+    CLOSED,
+    NEED_DATA,
+    Message,
+    Rejected,
+    Request,
+    Response,
+    TooLarge,
+)
+from corral.errors import ProtocolError
+
+__all__ = [
+    "COMPRESS_THRESHOLD",
+    "ClientConnection",
+    "ServerConnection",
+    "auth_proof",
+    "decode_value",
+    "dumps",
+    "encode_value",
+    "message_hmac",
+    "sign_message",
+    "verify_message_hmac",
+]
+
+#: Node's client compresses values whose JSON is at least this many characters.
+COMPRESS_THRESHOLD: Final = 1024
+
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_js_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity; JSON (and Node) do not.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialise *obj* as one compact protocol line, newline included.
+
+    :raises TypeError: *obj* holds something JSON cannot represent (NaN, sets, objects,
+        circular references), before anything is sent.
+    """
+    try:
+        text = _encoder.encode(obj)
+    except ValueError as exc:  # NaN / infinity / circular reference
+        raise TypeError(f"value is not JSON-serialisable: {exc}") from exc
+    return text.encode() + b"\n"
+
+
+def _loads(data: bytes) -> Any:
+    return _decoder.decode(data.decode("utf-8"))
+
+
+class ServerConnection:
+    """Server side of one connection: bytes in, :class:`Request` events out, bytes back.
+
+    Lines over *max_request_size* bytes produce :class:`TooLarge`, after which the
+    connection is finished (the server answers and closes). Blank lines are ignored.
+    """
+
+    __slots__ = ("_buf", "_closed", "_done", "_scan", "max_request_size")
+
+    def __init__(self, max_request_size: int = 1024 * 1024) -> None:
+        self.max_request_size = max_request_size
+        self._buf = bytearray()
+        self._scan = 0  # bytes of _buf already known to hold no newline
+        self._closed = False  # peer sent EOF
+        self._done = False  # a TooLarge was emitted: no more events
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if data:
+            if not self._done:
+                self._buf += data
+        else:
+            self._closed = True
+
+    def next_event(self) -> Request | Rejected | TooLarge | object:
+        """Return the next event, :data:`NEED_DATA`, or :data:`CLOSED`."""
+        buf = self._buf
+        while not self._done:
+            idx = buf.find(b"\n", self._scan)
+            if idx < 0:
+                if len(buf) > self.max_request_size:
+                    return self._too_large(len(buf))
+                self._scan = len(buf)
+                break
+            line = bytes(buf[:idx])
+            del buf[: idx + 1]
+            self._scan = 0
+            if len(line) > self.max_request_size:
+                return self._too_large(len(line))
+            if not line.strip():
+                continue
+            try:
+                obj = _loads(line)
+            except (ValueError, UnicodeDecodeError) as exc:
+                return Rejected("invalid_json", f"not JSON: {exc}")
+            if type(obj) is not dict:
+                return Rejected("invalid_json", "a request must be a JSON object")
+            return Request(obj, line)
+        if self._closed or self._done:
+            return CLOSED
+        return NEED_DATA
+
+    def _too_large(self, size: int) -> TooLarge:
+        self._done = True
+        self._buf.clear()
+        return TooLarge(size, self.max_request_size)
+
+    @staticmethod
+    def send(response: Message) -> bytes:
+        """Serialise one response line."""
+        return _encoder.encode(response).encode() + b"\n"
+
+
+class ClientConnection:
+    """Client side of one connection: requests to bytes, bytes to :class:`Response` events."""
+
+    __slots__ = ("_buf", "_closed", "_scan", "max_response_size")
+
+    def __init__(self, max_response_size: int = 64 * 1024 * 1024) -> None:
+        self.max_response_size = max_response_size
+        self._buf = bytearray()
+        self._scan = 0
+        self._closed = False
+
+    @staticmethod
+    def send(request: Message) -> bytes:
+        """Serialise one request line.
+
+        :raises TypeError: the request holds a value JSON cannot represent.
+        """
+        return dumps(request)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the broker; ``b""`` means it closed the connection."""
+        if data:
+            self._buf += data
+        else:
+            self._closed = True
+
+    def next_event(self) -> Response | object:
+        """Return the next :class:`Response`, :data:`NEED_DATA` or :data:`CLOSED`.
+
+        :raises ProtocolError: the broker sent something that is not a JSON object line.
+        """
+        buf = self._buf
+        idx = buf.find(b"\n", self._scan)
+        if idx < 0:
+            if len(buf) > self.max_response_size:
+                raise ProtocolError(f"response line over {self.max_response_size} bytes")
+            self._scan = len(buf)
+            return CLOSED if self._closed else NEED_DATA
+        line = bytes(buf[:idx])
+        del buf[: idx + 1]
+        self._scan = 0
+        try:
+            obj = _loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"the broker sent a line that is not JSON: {line[:80]!r}") from exc
+        if type(obj) is not dict:
+            raise ProtocolError(f"the broker sent a non-object line: {line[:80]!r}")
+        return Response(obj)
+
+    @property
+    def has_buffered(self) -> bool:
+        """True when bytes of a later response are already buffered (pipelining)."""
+        return bool(self._buf)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def encode_value(value: Any, threshold: int | None = COMPRESS_THRESHOLD) -> tuple[Any, bool, int]:
+    """Return ``(wire_value, compressed, json_length)`` for storing *value*, Node-compatibly.
+
+    Values whose JSON is at least *threshold* characters are sent as
+    ``base64(gzip(JSON))`` when that is shorter (``threshold=None`` never compresses).
+
+    :raises TypeError: *value* is not JSON-serialisable.
+    """
+    try:
+        text = _js_encoder.encode(value)
+    except ValueError as exc:
+        raise TypeError(f"value is not JSON-serialisable: {exc}") from exc
+    if threshold is None or len(text) < threshold:
+        return value, False, len(text)
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: Node could not read it compressed
+        return value, False, len(text)
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip container, like Node
+    packed = base64.b64encode(packer.compress(raw) + packer.flush()).decode("ascii")
+    if len(packed) >= len(text):
+        return value, False, len(text)
+    return packed, True, len(text)
+
+
+def decode_value(wire_value: Any, compressed: bool) -> Any:
+    """Inverse of :func:`encode_value`; reads values compressed by Node clients too.
+
+    :raises ProtocolError: a value flagged ``compressed`` is not base64(gzip(JSON)).
+    """
+    if not compressed:
+        return wire_value
+    if not isinstance(wire_value, str):
+        raise ProtocolError("a compressed value must be a base64 string")
+    try:
+        raw = zlib.decompress(base64.b64decode(wire_value, validate=True), 47)
+        return _loads(raw)
+    except (binascii.Error, zlib.error, ValueError) as exc:
+        raise ProtocolError(f"cannot decompress value: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- auth
+
+# ``,"hmac":"<64 hex>"}`` at the very end of a line, as the Node client writes it.
+_TRAILING_HMAC = re.compile(rb',\s*"hmac"\s*:\s*"([0-9a-fA-F]{64})"\s*\}\s*\Z')
+
+
+def message_hmac(secret: bytes, payload: bytes) -> str:
+    """Lowercase hex HMAC-SHA256 of *payload*, as the Node client computes it."""
+    return hmac.new(secret, payload, hashlib.sha256).hexdigest()
+
+
+def sign_message(secret: bytes, request: Message) -> bytes:
+    """Serialise *request* the way the Node client does, with its ``hmac`` member last."""
+    body = _js_encoder.encode(request)
+    mac = message_hmac(secret, body.encode())
+    return (body[:-1] + f',"hmac":"{mac}"}}').encode() + b"\n"
+
+
+def verify_message_hmac(secret: bytes, raw: bytes, obj: Message) -> bool:
+    """Check a Node-style per-message ``hmac`` over the bytes received.
+
+    The Node client signs ``JSON.stringify(payload)`` and sends it with ``,"hmac":...``
+    inserted before the final brace, so stripping that member from the received line
+    gives back exactly the signed bytes; re-serialising the parsed object (what the
+    original broker does) breaks on any other JSON spelling. Lines with ``hmac``
+    elsewhere are checked against the JavaScript serialisation of the rest.
+    """
+    claimed = obj.get("hmac")
+    if not isinstance(claimed, str) or len(claimed) != 64:
+        return False
+    match = _TRAILING_HMAC.search(raw)
+    if match is not None:
+        payload = raw[: match.start()].rstrip() + b"}"
+    else:
+        rest = {k: v for k, v in obj.items() if k != "hmac"}
+        try:
+            payload = _js_encoder.encode(rest).encode()
+        except ValueError:
+            return False
+    return hmac.compare_digest(message_hmac(secret, payload), claimed.lower())
+
+
+def auth_proof(secret: bytes, role: str, nonce: str, cnonce: str) -> str:
+    """The challenge-response proof for *role* (``"client"`` or ``"server"``).
+
+    Both nonces are bound in, and the role too, so a proof cannot be replayed on another
+    connection nor reflected back by a fake broker.
+    """
+    message = f"corral-auth-v1\n{role}\n{nonce}\n{cnonce}".encode()
+    return message_hmac(secret, message)

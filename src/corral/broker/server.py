@@ -1,0 +1,679 @@
+"""The broker process side: a private Unix socket served by asyncio on a background thread.
+
+:class:`Broker` owns the socket file, the event loop thread and the lifecycle; each
+connection only pumps bytes through the sans-IO protocol and :class:`~._core.Core`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import socket
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from types import TracebackType
+from typing import Any, Final
+
+from corral.broker._core import Core, Session
+from corral.broker._store import Store, Ticket
+from corral.broker.messages import Rejected, Request, TooLarge
+from corral.broker.protocol import ServerConnection
+from corral.errors import BrokerAlreadyRunning, BrokerError
+
+__all__ = ["Broker"]
+
+log = logging.getLogger("corral.broker")
+
+_MAX_UNIX_PATH: Final = 104  # macOS sun_path; Linux allows 108
+_FLUSH_AT: Final = 256 * 1024  # stop answering a pipelined batch once this much is queued
+_encode = ServerConnection.send
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: strict in-order answers, backpressure, ownership."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.core = broker._core_or_raise()
+        self.proto = ServerConnection(broker.max_request_size)
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        # Answers queued behind a ticket that is still waiting: strict order per connection.
+        self.backlog: deque[bytes | Ticket] = deque()
+        self.paused = False
+        self.finished = False
+
+    # asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        broker = self.broker
+        broker._next_session += 1
+        self.session = Session(broker._next_session, time.time())
+        broker._connections[self.session.id] = self
+        if self.core.draining:
+            transport.write(_encode({"ok": False, "error": "draining"}))
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.proto.receive_data(data)
+        self.broker._last_activity = time.monotonic()
+        if not self.paused:
+            self._process()
+
+    def eof_received(self) -> bool:
+        # Answer what was already received, then close: ``printf '...\n' | nc -U`` works.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finished = True
+        broker = self.broker
+        session = self.session
+        if session is None:
+            return
+        broker._connections.pop(session.id, None)
+        for item in self.backlog:
+            if isinstance(item, Ticket):
+                item.cancel()
+        self.backlog.clear()
+        if session.persistent:
+            freed = self.core.store.release_owner(session.id)
+            if freed:
+                log.debug("session %d closed: released %d holdings", session.id, freed)
+        broker._after_batch()
+
+    def pause_writing(self) -> None:
+        # The peer does not read: stop reading its requests so we stop producing answers.
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is not None and not self.finished:
+            self.transport.resume_reading()
+            self._process()
+
+    # request pump ----------------------------------------------------------------
+
+    def _process(self) -> None:
+        proto, core, session = self.proto, self.core, self.session
+        transport = self.transport
+        assert session is not None
+        assert transport is not None
+        out: list[bytes] = []
+        size = 0
+        backlog = self.backlog
+        while True:
+            event = proto.next_event()
+            kind = type(event)
+            if kind is Request:
+                assert isinstance(event, Request)
+                response = core.handle(session, event)
+                if type(response) is dict:
+                    line = _encode(response)
+                else:
+                    assert isinstance(response, Ticket)
+                    response.on_done = self._ticket_done
+                    backlog.append(response)
+                    continue
+            elif kind is Rejected:
+                assert isinstance(event, Rejected)
+                line = _encode({"ok": False, "error": event.code, "detail": event.detail})
+            elif kind is TooLarge:
+                assert isinstance(event, TooLarge)
+                detail = f"request line over max_request_size={event.limit} bytes"
+                line = _encode({"ok": False, "error": "too_large", "detail": detail})
+                if backlog:
+                    backlog.append(line)
+                else:
+                    out.append(line)
+                if out:
+                    transport.write(b"".join(out))
+                log.debug("session %d: request over %d bytes, closing", session.id, event.limit)
+                transport.close()
+                self.broker._after_batch()
+                return
+            else:  # NEED_DATA or CLOSED
+                break
+            if backlog:
+                backlog.append(line)
+                continue
+            out.append(line)
+            size += len(line)
+            if size >= _FLUSH_AT:
+                transport.write(b"".join(out))
+                out.clear()
+                size = 0
+                if self.paused:  # pause_writing ran inside write(): resume later
+                    break
+        if out:
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self.broker._after_batch()
+
+    def _ticket_done(self, ticket: Ticket) -> None:
+        """A waiting request was decided: flush every answer now at the head of the line."""
+        backlog = self.backlog
+        out: list[bytes] = []
+        while backlog:
+            head = backlog[0]
+            if isinstance(head, Ticket):
+                if head.result is None:
+                    break
+                out.append(_encode(head.result))
+            else:
+                out.append(head)
+            backlog.popleft()
+        if out and self.transport is not None and not self.finished:
+            self.transport.write(b"".join(out))
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _is_alive(path: str) -> bool:
+    """Does something accept connections at *path*? (A stale socket refuses.)"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except TimeoutError:
+        return True  # a full backlog is a live broker: never unlink it
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
+
+
+def _cleanup_files(path: str, inode: int, private_dir: str | None) -> None:
+    """Remove our socket (only if it is still ours) and our private directory."""
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    if private_dir is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(private_dir)
+
+
+class Broker:
+    """A run-scoped in-memory broker on a private Unix socket.
+
+    ``start()`` serves on a background thread and returns the socket path once the
+    broker accepts connections; ``stop()`` drains and removes everything. Use it as a
+    context manager (``with`` or ``async with``) to get both.
+
+    :param require_ttl: refuse ``set`` without a TTL (``ttl_required``), as Node does.
+    :param default_ttl: seconds to keep keys and leases set without a TTL.
+    :param max_items: most keys at once (0 = unlimited); new keys beyond get ``max_items``.
+    :param max_value_size: most characters in one value's JSON (``too_large``).
+    :param max_request_size: most bytes in one request line; longer lines get
+        ``too_large`` and their connection is closed.
+    :param secret: shared secret (str or bytes); clients must authenticate. Never logged.
+    :param sweep_interval: seconds between compactions of the deadline heap. Expiry
+        itself is exact: the broker wakes at the next deadline.
+    :param idle_timeout: stop by itself after this many seconds with no request and no
+        open connection (None: never).
+    :param debug: log requests at DEBUG level on ``corral.broker`` (to stderr if no
+        handler is configured).
+    :param socket_path: where to listen; default a random name in a fresh 0700 directory.
+    :param legacy_hmac: accept Node-style per-message ``hmac`` (replayable) when a
+        secret is set; corral's clients use challenge-response instead.
+    :param drain_timeout: seconds ``stop()`` waits for answers to reach slow clients.
+    """
+
+    def __init__(
+        self,
+        require_ttl: bool = True,
+        default_ttl: float = 1800.0,
+        max_items: int = 10_000,
+        max_value_size: int = 256 * 1024,
+        max_request_size: int = 1024 * 1024,
+        secret: str | bytes | None = None,
+        sweep_interval: float = 30.0,
+        idle_timeout: float | None = None,
+        debug: bool = False,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        legacy_hmac: bool = True,
+        drain_timeout: float = 5.0,
+    ) -> None:
+        for name, number in (("default_ttl", default_ttl), ("sweep_interval", sweep_interval)):
+            if not number > 0:
+                raise ValueError(f"{name} must be positive, got {number!r}")
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError(f"idle_timeout must be positive or None, got {idle_timeout!r}")
+        for name, limit in (
+            ("max_items", max_items),
+            ("max_value_size", max_value_size),
+            ("max_request_size", max_request_size),
+        ):
+            if limit < 0 or (limit == 0 and name != "max_items"):
+                raise ValueError(f"{name} must be positive, got {limit!r}")
+        if isinstance(secret, str):
+            secret = secret.encode()
+        if secret is not None and not secret:
+            raise ValueError("secret must not be empty (pass None for no secret)")
+        self.require_ttl = require_ttl
+        self.default_ttl = float(default_ttl)
+        self.max_items = max_items
+        self.max_value_size = max_value_size
+        self.max_request_size = max_request_size
+        self._secret = secret
+        self.sweep_interval = float(sweep_interval)
+        self.idle_timeout = idle_timeout
+        self.debug = debug
+        self.socket_path = os.fspath(socket_path) if socket_path is not None else None
+        self.legacy_hmac = legacy_hmac
+        self.drain_timeout = drain_timeout
+
+        self._lifecycle = threading.Lock()
+        self._path: str | None = None
+        self._inode = 0
+        self._private_dir: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._finished = threading.Event()
+        self._finished.set()
+        self._core: Core | None = None
+        self._connections: dict[int, _Connection] = {}
+        self._next_session = 0
+        self._started_at = 0.0
+        self._last_activity = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._env_saved: dict[str, str | None] = {}
+        self._atexit: Any = None
+        self.instance = ""
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def path(self) -> str | None:
+        """The socket path while running, else None."""
+        return self._path
+
+    @property
+    def running(self) -> bool:
+        return not self._finished.is_set()
+
+    def start(self) -> str:
+        """Bind the socket, serve on a background thread, return the path once ready.
+
+        Sets ``EPHEMERAL_PIPE`` (and ``EPHEMERAL_SECRET`` when a secret is set) in
+        ``os.environ`` so child processes find the broker; ``stop()`` restores them.
+
+        :raises BrokerAlreadyRunning: a live broker answers at ``socket_path``.
+        :raises BrokerError: the socket cannot be created there.
+        """
+        with self._lifecycle:
+            if self._thread is not None:
+                assert self._path is not None
+                return self._path
+            if self.debug:
+                _enable_debug_logging()
+            sock = self._bind()
+            self.instance = secrets.token_hex(8)
+            ready = threading.Event()
+            failure: list[BaseException] = []
+            self._finished.clear()
+            self._thread = threading.Thread(
+                target=self._serve, args=(sock, ready, failure), name="corral-broker", daemon=True
+            )
+            self._thread.start()
+            ready.wait()
+            if failure:
+                self._thread.join()
+                self._thread = None
+                self._remove_files()
+                raise BrokerError(f"the broker failed to start: {failure[0]}") from failure[0]
+            assert self._path is not None
+            self._export_env()
+            log.info("broker listening on %s", self._path)
+            return self._path
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain, close every connection, remove the socket and its directory, wipe state.
+
+        Idempotent; safe to call from any thread but the broker's own.
+
+        :param timeout: seconds to let slow clients receive their last answers
+            (default: ``drain_timeout``).
+        """
+        with self._lifecycle:
+            thread, loop = self._thread, self._loop
+            if thread is None:
+                return
+            if threading.current_thread() is thread:
+                raise RuntimeError("Broker.stop() called from the broker's own thread")
+            drain = self.drain_timeout if timeout is None else timeout
+            if loop is not None and not self._finished.is_set():
+                with contextlib.suppress(RuntimeError):  # loop already closed
+                    loop.call_soon_threadsafe(self._request_stop, drain)
+            thread.join()
+            self._thread = None
+            self._restore_env()
+            self._remove_files()
+            log.info("broker stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the broker stops (``stop()``, or ``idle_timeout``); True if it did."""
+        return self._finished.wait(timeout)
+
+    def __enter__(self) -> Broker:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Broker:
+        # The broker keeps its own loop thread even here: a sync Client called from a
+        # coroutine would otherwise block the very loop that must answer it.
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    def __repr__(self) -> str:
+        state = f"running at {self._path!r}" if self.running else "stopped"
+        secret = " secret=***" if self._secret is not None else ""
+        return f"<Broker {state}{secret}>"
+
+    # ------------------------------------------------------------------ socket file
+
+    def _bind(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if self.socket_path is None:
+                self._bind_private(sock)
+            else:
+                self._bind_at(sock, os.path.abspath(self.socket_path))
+            sock.listen(4096)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            self._remove_files()
+            raise
+        return sock
+
+    def _bind_private(self, sock: socket.socket) -> None:
+        base = tempfile.gettempdir()
+        if len(base) > _MAX_UNIX_PATH - 40:  # e.g. macOS' long $TMPDIR
+            base = "/tmp"
+        self._private_dir = tempfile.mkdtemp(prefix="corral-", dir=base)  # mode 0700
+        path = os.path.join(self._private_dir, f"broker-{secrets.token_hex(6)}.sock")
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        self._path, self._inode = path, os.lstat(path).st_ino
+
+    def _bind_at(self, sock: socket.socket, path: str) -> None:
+        if len(path.encode()) >= _MAX_UNIX_PATH:
+            raise BrokerError(
+                f"socket path is {len(path.encode())} bytes; Unix sockets allow about "
+                f"{_MAX_UNIX_PATH}: choose a shorter socket_path"
+            )
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise BrokerError(f"{path} exists and is not a socket; refusing to replace it")
+            if _is_alive(path):
+                raise BrokerAlreadyRunning(
+                    f"a broker is already running at {path}; stop it or use another socket_path"
+                )
+            log.warning("replacing stale broker socket %s (nothing answers there)", path)
+        # Bind under a private name and rename into place: the socket is never reachable
+        # with the umask's permissions, and the rename replaces a stale socket atomically.
+        staging = tempfile.mkdtemp(prefix=".corral-", dir=os.path.dirname(path))
+        try:
+            tmp = os.path.join(staging, "s")
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(staging, "s"))
+            os.rmdir(staging)
+        self._path, self._inode = path, os.lstat(path).st_ino
+
+    def _remove_files(self) -> None:
+        if self._path is not None:
+            _cleanup_files(self._path, self._inode, self._private_dir)
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
+            self._atexit = None
+        self._path = None
+        self._private_dir = None
+        self._inode = 0
+
+    def _export_env(self) -> None:
+        assert self._path is not None
+        self._env_saved = {
+            "EPHEMERAL_PIPE": os.environ.get("EPHEMERAL_PIPE"),
+            "EPHEMERAL_SECRET": os.environ.get("EPHEMERAL_SECRET"),
+        }
+        os.environ["EPHEMERAL_PIPE"] = self._path
+        if self._secret is not None:
+            os.environ["EPHEMERAL_SECRET"] = self._secret.decode("utf-8", "surrogateescape")
+        path, inode, private_dir = self._path, self._inode, self._private_dir
+
+        def cleanup() -> None:  # a process that exits without stop() leaves no files
+            _cleanup_files(path, inode, private_dir)
+
+        self._atexit = cleanup
+        atexit.register(cleanup)
+
+    def _restore_env(self) -> None:
+        ours = {"EPHEMERAL_PIPE": self._path}
+        if self._secret is not None:
+            ours["EPHEMERAL_SECRET"] = self._secret.decode("utf-8", "surrogateescape")
+        for name, value in ours.items():
+            if os.environ.get(name) != value:
+                continue  # someone else set it since: leave theirs
+            previous = self._env_saved.get(name)
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
+        self._env_saved = {}
+
+    # ------------------------------------------------------------------ loop thread
+
+    def _core_or_raise(self) -> Core:
+        if self._core is None:
+            raise RuntimeError("broker is not running")
+        return self._core
+
+    def _serve(
+        self, sock: socket.socket, ready: threading.Event, failure: list[BaseException]
+    ) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main(sock, ready, failure))
+        except BaseException as exc:  # pragma: no cover - reported, never swallowed silently
+            log.exception("broker loop crashed")
+            if not ready.is_set():
+                failure.append(exc)
+        finally:
+            ready.set()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._loop = None
+            self._finished.set()
+
+    async def _main(
+        self, sock: socket.socket, ready: threading.Event, failure: list[BaseException]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        store = Store(
+            time.monotonic,
+            wall=time.time,
+            require_ttl=self.require_ttl,
+            default_ttl=self.default_ttl,
+            max_items=self.max_items,
+            max_value_size=self.max_value_size,
+        )
+        self._core = Core(
+            store,
+            secret=self._secret,
+            legacy_hmac=self.legacy_hmac,
+            instance=self.instance,
+            make_nonce=lambda: secrets.token_hex(16),
+            facts=self._facts,
+        )
+        self._stop_event = asyncio.Event()
+        self._drain = self.drain_timeout
+        try:
+            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            sock.close()
+            return
+        self._started_at = self._last_activity = time.monotonic()
+        sweeper = loop.call_later(self.sweep_interval, self._sweep)
+        idle = None
+        if self.idle_timeout is not None:
+            idle = loop.call_later(self.idle_timeout, self._check_idle)
+        ready.set()
+        try:
+            await self._stop_event.wait()
+        finally:
+            sweeper.cancel()
+            if idle is not None:
+                idle.cancel()
+            await self._shutdown(server)
+
+    def _request_stop(self, drain: float) -> None:
+        self._drain = drain
+        if self._stop_event is not None:
+            self._stop_event.set()
+
+    async def _shutdown(self, server: asyncio.Server) -> None:
+        core = self._core_or_raise()
+        core.draining = True
+        server.close()
+        # One turn of the loop answers ("draining") whatever already sits in socket buffers.
+        await asyncio.sleep(0)
+        core.store.clear()  # waiting tickets get "draining" before their connection closes
+        for conn in list(self._connections.values()):
+            if conn.transport is not None:
+                conn.transport.close()  # flushes what was written, then closes
+        deadline = time.monotonic() + self._drain
+        while self._connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections.values()):
+            if conn.transport is not None:
+                conn.transport.abort()  # a client that never reads cannot hold up stop()
+        await asyncio.sleep(0)
+        self._connections.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        self._core = None
+
+    def _facts(self) -> dict[str, Any]:
+        pending = sum(
+            1
+            for conn in self._connections.values()
+            for item in conn.backlog
+            if type(item) is Ticket
+        )
+        return {
+            "uptime_ms": round((time.monotonic() - self._started_at) * 1000),
+            "connections": len(self._connections),
+            "rss": _rss_bytes(),
+            "in_flight": pending,
+        }
+
+    def _after_batch(self) -> None:
+        """Keep one timer armed at the store's next deadline (the one deadline heap)."""
+        core = self._core
+        if core is None:
+            return
+        deadline = core.store.next_deadline()
+        if deadline is None or (self._timer_at is not None and deadline >= self._timer_at):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self._loop
+        assert loop is not None
+        # loop.time() is time.monotonic(), the store's clock.
+        self._timer = loop.call_at(deadline, self._on_deadline)
+        self._timer_at = deadline
+
+    def _on_deadline(self) -> None:
+        self._timer = self._timer_at = None
+        core = self._core
+        if core is None:
+            return
+        expired = core.store.expire_due()
+        if expired:
+            log.debug("expired %d keys/leases", expired)
+        self._after_batch()
+
+    def _sweep(self) -> None:
+        core = self._core
+        if core is None or self._loop is None:
+            return
+        core.store.expire_due()
+        core.store.compact()
+        self._after_batch()
+        self._loop.call_later(self.sweep_interval, self._sweep)
+
+    def _check_idle(self) -> None:
+        assert self.idle_timeout is not None
+        assert self._loop is not None
+        idle_for = time.monotonic() - self._last_activity
+        if not self._connections and idle_for >= self.idle_timeout:
+            log.info("no activity for %.1f s: stopping (idle_timeout)", idle_for)
+            self._request_stop(self.drain_timeout)
+            return
+        wait = self.idle_timeout - idle_for if not self._connections else self.idle_timeout
+        self._loop.call_later(max(wait, 0.05), self._check_idle)
+
+
+def _enable_debug_logging() -> None:
+    logger = logging.getLogger("corral")
+    logger.setLevel(logging.DEBUG)
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
