@@ -1,0 +1,128 @@
+"""The sandbox: each test inside one always-rolled-back transaction (``docs/sandbox.md``).
+
+:func:`sandbox` wraps the application's own database handle; the driver adapters are
+imported lazily, so ``import corral.sandbox`` needs no driver installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from corral.sandbox._controller import (
+    ENV_MODE,
+    AsyncSandboxController,
+    SandboxController,
+    registered,
+)
+
+if TYPE_CHECKING:
+    from corral.sandbox._psycopg_async import (
+        AsyncConnectSandbox,
+        AsyncPoolSandbox,
+        AsyncSandboxConnection,
+        AsyncSandboxCursor,
+    )
+    from corral.sandbox._psycopg_sync import (
+        ConnectSandbox,
+        PoolSandbox,
+        SandboxConnection,
+        SandboxCursor,
+    )
+
+__all__ = [
+    "ENV_MODE",
+    "AsyncConnectSandbox",
+    "AsyncPoolSandbox",
+    "AsyncSandboxConnection",
+    "AsyncSandboxController",
+    "AsyncSandboxCursor",
+    "ConnectSandbox",
+    "PoolSandbox",
+    "SandboxConnection",
+    "SandboxController",
+    "SandboxCursor",
+    "registered",
+    "sandbox",
+]
+
+_LAZY = {
+    "AsyncConnectSandbox": "corral.sandbox._psycopg_async",
+    "AsyncPoolSandbox": "corral.sandbox._psycopg_async",
+    "AsyncSandboxConnection": "corral.sandbox._psycopg_async",
+    "AsyncSandboxCursor": "corral.sandbox._psycopg_async",
+    "ConnectSandbox": "corral.sandbox._psycopg_sync",
+    "PoolSandbox": "corral.sandbox._psycopg_sync",
+    "SandboxConnection": "corral.sandbox._psycopg_sync",
+    "SandboxCursor": "corral.sandbox._psycopg_sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def sandbox(
+    handle: Any,
+    *,
+    mode: str | None = None,
+    is_async: bool | None = None,
+    **options: Any,
+) -> SandboxController[Any] | AsyncSandboxController[Any]:
+    """Wrap the application's database handle; the app then uses the result instead.
+
+    :param handle: a ``psycopg_pool.ConnectionPool`` or ``AsyncConnectionPool``; a
+        conninfo string; or a callable returning a new psycopg connection (a coroutine
+        function for ``AsyncConnection``).
+    :param mode: ``"sandbox"`` or ``"normal"`` (transparent pass-through). None reads
+        ``$CORRAL_SANDBOX_MODE`` and defaults to ``"normal"``, so production code can
+        wrap its handle unconditionally and the test run (the corral pytest plugin sets
+        the variable) switches it on.
+    :param is_async: for a conninfo string or a factory corral cannot inspect: whether
+        the app uses ``psycopg.AsyncConnection``.
+    :param options: ``lock_timeout`` (seconds, default 5), ``checkout_timeout``
+        (seconds, default 30), ``isolation_level``, ``check_deferred``, ``max_idle``
+        (factories); see :class:`PoolSandbox` and :class:`ConnectSandbox`.
+    :returns: the controller: the handle's API plus ``create_sandbox()``,
+        ``close_sandbox()``, ``restore_sandbox()``, ``sandboxed()``, ``allow()``,
+        ``share()``.
+    :raises TypeError: *handle* is nothing corral knows how to sandbox.
+    """
+    root = type(handle).__module__.split(".", 1)[0]
+    if root == "psycopg_pool":
+        from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+        if isinstance(handle, AsyncConnectionPool):
+            from corral.sandbox._psycopg_async import AsyncPoolSandbox
+
+            return AsyncPoolSandbox(handle, mode=mode, **options)
+        if isinstance(handle, ConnectionPool):
+            from corral.sandbox._psycopg_sync import PoolSandbox
+
+            return PoolSandbox(handle, mode=mode, **options)
+    if isinstance(handle, str) or callable(handle):
+        if is_async is None:
+            is_async = not isinstance(handle, str) and _returns_awaitable(handle)
+        if is_async:
+            from corral.sandbox._psycopg_async import AsyncConnectSandbox
+
+            return AsyncConnectSandbox(handle, mode=mode, **options)
+        from corral.sandbox._psycopg_sync import ConnectSandbox
+
+        return ConnectSandbox(handle, mode=mode, **options)
+    raise TypeError(
+        f"corral cannot sandbox a {type(handle).__module__}.{type(handle).__qualname__}: "
+        "pass a psycopg_pool.ConnectionPool / AsyncConnectionPool, a conninfo string, or "
+        "a function returning a new psycopg connection"
+    )
+
+
+def _returns_awaitable(factory: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(factory) or inspect.iscoroutinefunction(
+        getattr(factory, "__call__", None)  # noqa: B004 - instances with async __call__
+    )

@@ -1,0 +1,278 @@
+"""What every sandboxed handle shares, whatever the driver: mode, registry, routing.
+
+Adapters subclass :class:`SandboxController` (sync) or :class:`AsyncSandboxController`
+and implement the four sandbox operations for their driver's connection.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from types import TracebackType
+from typing import Any, ClassVar, Generic, TypeVar
+
+from corral.errors import SandboxError, SandboxNotActive
+from corral.sandbox._context import Router, current_owner
+from corral.sandbox._plan import Plan
+
+__all__ = [
+    "ENV_MODE",
+    "MODES",
+    "AsyncSandboxController",
+    "BaseController",
+    "BoxBase",
+    "SandboxController",
+    "Sharing",
+    "registered",
+    "resolve_mode",
+]
+
+logger = logging.getLogger("corral.sandbox")
+
+#: The environment variable read when ``mode`` is not given (the pytest plugin sets it).
+ENV_MODE = "CORRAL_SANDBOX_MODE"
+MODES = ("sandbox", "normal")
+
+T = TypeVar("T")
+
+
+def resolve_mode(mode: str | None) -> str:
+    """*mode*, else ``$CORRAL_SANDBOX_MODE``, else ``"normal"`` (production is the default)."""
+    chosen = mode if mode is not None else os.environ.get(ENV_MODE, "").strip() or "normal"
+    chosen = chosen.lower()
+    if chosen not in MODES:
+        source = "mode" if mode is not None else ENV_MODE
+        raise ValueError(f"{source} must be one of {', '.join(MODES)}, not {chosen!r}")
+    return chosen
+
+
+class BoxBase:
+    """One open sandbox: a connection inside the outer transaction, and its plan.
+
+    :ivar plan: the savepoint bookkeeping of the connection.
+    :ivar owner: the task or thread that created it (for messages).
+    :ivar previous: the sandbox this one shadows in its context (independent nesting).
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.closed = False
+        self.broken: BaseException | None = None
+        self.owner = current_owner()
+        self.previous: BoxBase | None = None
+
+
+B = TypeVar("B", bound=BoxBase)
+
+_REGISTRY: weakref.WeakSet[BaseController[Any]] = weakref.WeakSet()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def registered() -> list[SandboxController[Any] | AsyncSandboxController[Any]]:
+    """The live sandboxed handles in sandbox mode, oldest first.
+
+    The pytest plugin opens one sandbox on each before a test and closes it after;
+    the registry holds them weakly, so a handle the app drops disappears from it.
+    """
+    with _REGISTRY_LOCK:
+        live = [c for c in _REGISTRY if c.mode == "sandbox"]
+    live.sort(key=lambda c: c._serial)
+    return [c for c in live if isinstance(c, SandboxController | AsyncSandboxController)]
+
+
+class Sharing:
+    """Returned by :meth:`BaseController.share`; leaving the ``with`` block unshares."""
+
+    def __init__(self, controller: BaseController[Any], box: BoxBase) -> None:
+        self._controller = controller
+        self._box = box
+
+    def __enter__(self) -> Sharing:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._controller._router.unshare(self._box)
+
+
+class BaseController(Generic[B]):
+    """Mode, registry, routing and allowances of one sandboxed handle."""
+
+    is_async: ClassVar[bool] = False
+    _serials = iter(range(1, 1 << 62))
+
+    def __init__(
+        self,
+        *,
+        mode: str | None = None,
+        lock_timeout: float | None = 5.0,
+        checkout_timeout: float | None = 30.0,
+        isolation_level: str | None = None,
+        check_deferred: bool | None = None,
+    ) -> None:
+        self._mode = resolve_mode(mode)
+        self.lock_timeout = lock_timeout
+        self.checkout_timeout = checkout_timeout
+        self.isolation_level = isolation_level
+        self.check_deferred = check_deferred
+        self._router: Router[B] = Router()
+        self._serial = next(self._serials)
+        with _REGISTRY_LOCK:
+            _REGISTRY.add(self)
+
+    # ------------------------------------------------------------------ mode
+
+    @property
+    def mode(self) -> str:
+        """``"sandbox"`` or ``"normal"`` (a transparent pass-through)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        value = resolve_mode(value)
+        if value != self._mode and self._router.current() is not None:
+            raise SandboxError("close the open sandbox before changing the mode")
+        self._mode = value
+
+    @property
+    def sandboxing(self) -> bool:
+        return self._mode == "sandbox"
+
+    def _new_plan(self) -> Plan:
+        return Plan(
+            lock_timeout=self.lock_timeout,
+            isolation_level=self.isolation_level,
+            check_deferred=self.check_deferred,
+        )
+
+    # ------------------------------------------------------------------ routing
+
+    @property
+    def active(self) -> bool:
+        """Whether code running here would use a sandbox (owned, allowed or shared)."""
+        return self._router.current() is not None
+
+    def _route(self) -> B:
+        box = self._router.current()
+        if box is None:
+            raise SandboxNotActive(
+                f"{type(self).__name__} is in sandbox mode but this code runs in a context "
+                f"with no sandbox ({_where()}), so its query was refused rather than "
+                "committed. Open one here (create_sandbox() / sandboxed()), or let this "
+                "thread, task or executor into the test's sandbox with db.allow(...), or "
+                "make the test's sandbox shared (db.share()) for a server under test."
+            )
+        return box
+
+    def _owned(self) -> B:
+        box = self._router.owned()
+        if box is None:
+            raise SandboxError(
+                f"no sandbox is open in this context ({_where()}); create_sandbox() first"
+            )
+        return box
+
+    def allow(self, target: T) -> T:
+        """Let other code use the current context's sandbox.
+
+        :param target: a ``threading.Thread`` (before or after it starts), an
+            ``asyncio.Task``, a ``concurrent.futures`` thread pool (each job submitted
+            from now on runs in the sandbox), or a callable (returns a wrapper that
+            runs it in the sandbox; coroutine functions stay coroutine functions).
+        :returns: *target*, or the wrapper for a callable.
+        :raises SandboxError: no sandbox in this context, or a process pool.
+        """
+        if not self.sandboxing:
+            return target
+        return self._router.allow(target, self._owned())
+
+    def share(self) -> Sharing:
+        """Shared mode: contexts with no sandbox of their own use this context's sandbox.
+
+        For a server under test running in its own thread or task. Ends at
+        :meth:`unshare`, when the sandbox closes, or at the end of ``with db.share():``.
+        """
+        if not self.sandboxing:
+            return Sharing(self, BoxBase(self._new_plan()))
+        box = self._owned()
+        self._router.share(box)
+        return Sharing(self, box)
+
+    def unshare(self) -> None:
+        """Leave shared mode."""
+        self._router.unshare()
+
+    def _forget(self, box: B) -> None:
+        self._router.revoke(box)
+        nxt = box.previous
+        self._router.set(nxt if nxt is not None and not nxt.closed else None)  # type: ignore[arg-type]
+
+
+def _where() -> str:
+    from corral.sandbox._context import owner_name
+
+    return owner_name(current_owner())
+
+
+class SandboxController(BaseController[B], abc.ABC):
+    """A sandboxed synchronous handle: the contract the pytest plugin relies on."""
+
+    is_async: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def create_sandbox(self, *, nest: bool = True) -> None:
+        """Open a sandbox for this context (a nested one if this context has one).
+
+        :param nest: False opens an independent sandbox (its own connection) even when
+            this context already sees one, e.g. in tasks inheriting a parent's context.
+        """
+
+    @abc.abstractmethod
+    def close_sandbox(self) -> None:
+        """Roll back and close this context's innermost sandbox level."""
+
+    @abc.abstractmethod
+    def restore_sandbox(self) -> None:
+        """Roll back to the start of the innermost sandbox level; keep it open."""
+
+    @contextmanager
+    def sandboxed(self, *, nest: bool = True) -> Iterator[Any]:
+        """``with db.sandboxed():`` — create on entry, close on exit."""
+        self.create_sandbox(nest=nest)
+        try:
+            yield self
+        finally:
+            self.close_sandbox()
+
+
+class AsyncSandboxController(BaseController[B], abc.ABC):
+    """A sandboxed asyncio handle: the same contract with awaitable operations."""
+
+    is_async: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    async def create_sandbox(self, *, nest: bool = True) -> None:
+        """See :meth:`SandboxController.create_sandbox`."""
+
+    @abc.abstractmethod
+    async def close_sandbox(self) -> None:
+        """See :meth:`SandboxController.close_sandbox`."""
+
+    @abc.abstractmethod
+    async def restore_sandbox(self) -> None:
+        """See :meth:`SandboxController.restore_sandbox`."""
+
+    @asynccontextmanager
+    async def sandboxed(self, *, nest: bool = True) -> AsyncIterator[Any]:
+        """``async with db.sandboxed():`` — create on entry, close on exit."""
+        await self.create_sandbox(nest=nest)
+        try:
+            yield self
+        finally:
+            await self.close_sandbox()

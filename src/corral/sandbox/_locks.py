@@ -1,0 +1,112 @@
+"""The checkout locks that serialise concurrent users of one sandbox connection.
+
+Reentrant for their holder (a thread, or an asyncio task), bounded waits that end in
+:class:`~corral.errors.SandboxBusy` naming the holder, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+from corral.errors import SandboxBusy
+from corral.sandbox._context import owner_name
+
+__all__ = ["AsyncOwnerLock", "OwnerLock"]
+
+
+def _busy(holder: object, timeout: float) -> SandboxBusy:
+    return SandboxBusy(
+        f"the sandbox's connection stayed in use by {owner_name(holder)} for {timeout:g} s. "
+        "Users of one sandbox take turns (one checkout at a time, like one connection in "
+        "production). If that holder is itself waiting for this code (e.g. it holds a "
+        "connection while it awaits tasks that need one), that is a deadlock: return the "
+        "connection first, or give each task its own sandbox; otherwise raise checkout_timeout."
+    )
+
+
+class OwnerLock:
+    """A reentrant lock owned by a thread, with bounded waits."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._holder: threading.Thread | None = None
+        self._depth = 0
+
+    @property
+    def holder(self) -> threading.Thread | None:
+        return self._holder
+
+    def acquire(self, timeout: float | None) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            if self._holder is me:
+                self._depth += 1
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while self._holder is not None:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    assert timeout is not None
+                    raise _busy(self._holder, timeout)
+                self._cond.wait(remaining)
+            self._holder = me
+            self._depth = 1
+
+    def release(self) -> None:
+        with self._cond:
+            if self._depth == 0:
+                return
+            self._depth -= 1
+            if self._depth == 0:
+                self._holder = None
+                self._cond.notify()
+
+    def force_release(self) -> None:
+        """Free the lock whoever holds it (the sandbox is closing)."""
+        with self._cond:
+            self._depth = 0
+            self._holder = None
+            self._cond.notify_all()
+
+
+class AsyncOwnerLock:
+    """A reentrant lock owned by an asyncio task, with bounded waits."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._holder: asyncio.Task[object] | None = None
+        self._depth = 0
+
+    @property
+    def holder(self) -> asyncio.Task[object] | None:
+        return self._holder
+
+    async def acquire(self, timeout: float | None) -> None:
+        me = asyncio.current_task()
+        if me is not None and self._holder is me:
+            self._depth += 1
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._lock.acquire()
+        except TimeoutError:
+            assert timeout is not None
+            raise _busy(self._holder, timeout) from None
+        self._holder = me
+        self._depth = 1
+
+    def release(self) -> None:
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._holder = None
+            self._lock.release()
+
+    def force_release(self) -> None:
+        if self._depth:
+            self._depth = 0
+            self._holder = None
+            self._lock.release()
