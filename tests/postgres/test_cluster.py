@@ -226,3 +226,19 @@ def test_start_stop_as_a_normal_user() -> None:
     assert seen["user"] == "postgres"
     assert seen["server_uid"] == user.pw_uid
     assert seen["left"] is False
+
+
+def test_pgserver_wheel_binaries_run_through_corrals_launcher(runtime_dir: Path) -> None:
+    from corral.postgres._binaries import pgserver_bindir
+
+    bindir = pgserver_bindir()
+    if bindir is None:
+        pytest.skip("the pgserver extra is not installed")
+    # As root, the wheel usually sits under /root (0700): corral copies it where the server
+    # user can run it, keeping the wheel's vendored-library layout.
+    with EphemeralPostgres(bindir=bindir, runtime_dir=runtime_dir) as server:
+        assert server.version[0] >= 16
+        with psycopg.connect(server.dsn) as conn:
+            (version,) = conn.execute("SHOW server_version_num").fetchone()  # type: ignore[misc]
+        assert int(version) >= 160000
+    assert run_dirs(runtime_dir) == []

@@ -136,10 +136,12 @@ def materialize(
     extra_args: Sequence[str] = (),
     cache_dir: Path | None = None,
     use_cache: bool = True,
+    identity: PostgresBinaries | None = None,
 ) -> bool:
     """Create a fresh cluster in *data_dir* (must not exist): a cache copy, else initdb.
 
-    Returns ``True`` when the cache was warm.
+    *identity* is the installation the cache entry is keyed on when *binaries* is a copy of
+    it (see ``reachable_binaries``). Returns ``True`` when the cache was warm.
     """
     args = initdb_arguments(binaries, extra_args)
     if not use_cache:
@@ -147,7 +149,7 @@ def materialize(
         return False
     cache_dir = cache_dir or default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    entry = cache_dir / cache_key(binaries, user, args)
+    entry = cache_dir / cache_key(identity or binaries, user, args)
     if _entry_ready(entry):
         copy_tree(entry / "data", data_dir, user)
         return True

@@ -266,6 +266,7 @@ class EphemeralPostgres:
             extra_args=self._initdb_args,
             cache_dir=self._cache_dir,
             use_cache=self._use_cache,
+            identity=self.binaries,
         )
         self._log_path = self._log_arg or run_dir / "postgres.log"
         attempts = 3 if self.tcp and self._port_arg is None else 1

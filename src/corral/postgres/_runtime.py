@@ -154,6 +154,10 @@ def reachable_binaries(
         return binaries
     digest = hashlib.sha256(f"{binaries.bindir}\0{binaries.version_string}".encode()).hexdigest()
     target = runtime_dir / f"install-{digest[:16]}"
+    # Keep the layout two levels up: the wheel's binaries find their shared libraries
+    # through an RPATH of $ORIGIN/../../../pgserver.libs (auditwheel's vendoring).
+    base = binaries.install_root.parent.parent
+    relative = binaries.install_root.relative_to(base)
     if not (target / ".complete").exists():
         staging = runtime_dir / f"install-{digest[:16]}.tmp-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
@@ -161,7 +165,10 @@ def reachable_binaries(
         for part in ("bin", "lib", "share"):
             source = binaries.install_root / part
             if source.is_dir():
-                shutil.copytree(source, staging / part, symlinks=True)
+                shutil.copytree(source, staging / relative / part, symlinks=True)
+        vendored = base / f"{binaries.install_root.parent.name}.libs"
+        if vendored.is_dir():
+            shutil.copytree(vendored, staging / vendored.name, symlinks=True)
         for root, dirs, _files in os.walk(staging):
             for name in dirs:
                 os.chmod(os.path.join(root, name), 0o755)
@@ -172,5 +179,5 @@ def reachable_binaries(
             shutil.rmtree(staging, ignore_errors=True)
         log.info("copied %s to %s so user %s can run it", binaries.install_root, target, user.name)
     return PostgresBinaries(
-        target / "bin", binaries.version, binaries.version_string, binaries.source
+        target / relative / "bin", binaries.version, binaries.version_string, binaries.source
     )
