@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from corral.postgres import default_runtime_dir
+
 
 @pytest.fixture
 def runtime_dir() -> Iterator[Path]:
-    """A private runtime directory under the system temp dir.
+    """A private runtime directory beside the default one.
 
     Not ``tmp_path``: as root the server runs as another user, who cannot enter pytest's
     0700 ``/tmp/pytest-of-root``.
     """
-    path = Path(tempfile.mkdtemp(prefix="corral-test-pg-"))
+    parent = default_runtime_dir().parent  # tmpfs when available, like the real thing
+    path = Path(tempfile.mkdtemp(prefix="corral-test-pg-", dir=parent))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
