@@ -1,0 +1,285 @@
+"""One async test-side API over every sandbox adapter, so the behaviour spec is written once.
+
+An adapter wraps one driver's handle with ``corral.sandbox.sandbox`` and offers the few
+operations the spec needs. Sync adapters run their blocking calls directly (same thread,
+same context: exactly how a sync app behaves); their concurrency runs in threads.
+Issue 6 adds SQLAlchemy and asyncpg adapters here.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, ClassVar
+
+import psycopg
+import psycopg_pool
+from psycopg.pq import TransactionStatus
+
+from corral.sandbox import sandbox
+
+_STATUS = {
+    TransactionStatus.IDLE: "idle",
+    TransactionStatus.INTRANS: "intrans",
+    TransactionStatus.INERROR: "inerror",
+    TransactionStatus.ACTIVE: "active",
+    TransactionStatus.UNKNOWN: "unknown",
+}
+
+
+class Conn(abc.ABC):
+    """One application connection (a checkout), driver-neutral and awaitable."""
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, params: Any = None) -> None: ...
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]: ...
+
+    async def fetchval(self, sql: str, params: Any = None) -> Any:
+        rows = await self.fetch(sql, params)
+        return rows[0][0] if rows else None
+
+    @abc.abstractmethod
+    async def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    async def rollback(self) -> None: ...
+
+    @abc.abstractmethod
+    def transaction(self) -> Any:
+        """An async context manager: the driver's transaction block."""
+
+    @abc.abstractmethod
+    async def set_autocommit(self, value: bool) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def status(self) -> str:
+        """``idle`` / ``intrans`` / ``inerror``, as the app sees it."""
+
+    @property
+    @abc.abstractmethod
+    def raw(self) -> Any:
+        """The object the app holds (to test driver-specific API)."""
+
+
+class Adapter(abc.ABC):
+    name: ClassVar[str]
+    is_async: ClassVar[bool]
+
+    def __init__(self, dsn: str, **options: Any) -> None:
+        self.dsn = dsn
+        self.options = options
+
+    db: Any
+
+    @abc.abstractmethod
+    async def open(self, max_size: int = 4) -> None: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    @abc.abstractmethod
+    async def create(self, **kwargs: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def restore(self) -> None: ...
+
+    @abc.abstractmethod
+    def connection(self) -> Any:
+        """``async with ad.connection() as conn``: one app unit of work (commits on exit)."""
+
+    async def fetchval(self, sql: str, params: Any = None) -> Any:
+        async with self.connection() as conn:
+            return await conn.fetchval(sql, params)
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        async with self.connection() as conn:
+            await conn.execute(sql, params)
+
+    @abc.abstractmethod
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        """Run *n* workers at once: threads for sync adapters, gathered tasks for async."""
+
+    def event(self) -> Event:
+        """An event the workers of :meth:`concurrently` can share."""
+        return Event(threaded=not self.is_async)
+
+
+class Event:
+    """``set()`` / ``await wait()`` across threads (sync adapters) or tasks (async ones)."""
+
+    def __init__(self, *, threaded: bool) -> None:
+        self._thread_event = threading.Event() if threaded else None
+        self._task_event = None if threaded else asyncio.Event()
+
+    def set(self) -> None:
+        if self._thread_event is not None:
+            self._thread_event.set()
+        else:
+            assert self._task_event is not None
+            self._task_event.set()
+
+    async def wait(self, timeout: float = 30) -> None:
+        if self._thread_event is not None:
+            if not self._thread_event.wait(timeout):
+                raise TimeoutError("event not set")
+        else:
+            assert self._task_event is not None
+            await asyncio.wait_for(self._task_event.wait(), timeout)
+
+
+# --------------------------------------------------------------------------- psycopg sync
+
+
+class PsycopgSyncConn(Conn):
+    def __init__(self, conn: Any) -> None:
+        self._c = conn
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        self._c.execute(sql, params)
+
+    async def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self._c.execute(sql, params).fetchall()
+        return rows
+
+    async def commit(self) -> None:
+        self._c.commit()
+
+    async def rollback(self) -> None:
+        self._c.rollback()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        with self._c.transaction() as tx:
+            yield tx
+
+    async def set_autocommit(self, value: bool) -> None:
+        self._c.autocommit = value
+
+    @property
+    def status(self) -> str:
+        return _STATUS[self._c.info.transaction_status]
+
+    @property
+    def raw(self) -> Any:
+        return self._c
+
+
+class PsycopgSync(Adapter):
+    name = "psycopg-sync"
+    is_async = False
+
+    async def open(self, max_size: int = 4) -> None:
+        self.pool = psycopg_pool.ConnectionPool(
+            self.dsn, min_size=1, max_size=max_size, open=True, name=self.name
+        )
+        self.db = sandbox(self.pool, mode="sandbox", **self.options)
+
+    async def aclose(self) -> None:
+        self.pool.close()
+
+    async def create(self, **kwargs: Any) -> None:
+        self.db.create_sandbox(**kwargs)
+
+    async def close(self) -> None:
+        self.db.close_sandbox()
+
+    async def restore(self) -> None:
+        self.db.restore_sandbox()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        with self.db.connection() as conn:
+            yield PsycopgSyncConn(conn)
+
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        def run(i: int) -> Any:
+            return asyncio.run(worker(i))  # type: ignore[arg-type]
+
+        with concurrent.futures.ThreadPoolExecutor(n) as ex:
+            return list(ex.map(run, range(n)))
+
+
+# --------------------------------------------------------------------------- psycopg async
+
+
+class PsycopgAsyncConn(Conn):
+    def __init__(self, conn: Any) -> None:
+        self._c = conn
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        await self._c.execute(sql, params)
+
+    async def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        cur = await self._c.execute(sql, params)
+        rows: list[tuple[Any, ...]] = await cur.fetchall()
+        return rows
+
+    async def commit(self) -> None:
+        await self._c.commit()
+
+    async def rollback(self) -> None:
+        await self._c.rollback()
+
+    def transaction(self) -> Any:
+        return self._c.transaction()
+
+    async def set_autocommit(self, value: bool) -> None:
+        await self._c.set_autocommit(value)
+
+    @property
+    def status(self) -> str:
+        return _STATUS[self._c.info.transaction_status]
+
+    @property
+    def raw(self) -> Any:
+        return self._c
+
+
+class PsycopgAsync(Adapter):
+    name = "psycopg-async"
+    is_async = True
+
+    async def open(self, max_size: int = 4) -> None:
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            self.dsn, min_size=1, max_size=max_size, open=False, name=self.name
+        )
+        await self.pool.open()
+        self.db = sandbox(self.pool, mode="sandbox", **self.options)
+
+    async def aclose(self) -> None:
+        await self.pool.close()
+
+    async def create(self, **kwargs: Any) -> None:
+        await self.db.create_sandbox(**kwargs)
+
+    async def close(self) -> None:
+        await self.db.close_sandbox()
+
+    async def restore(self) -> None:
+        await self.db.restore_sandbox()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        async with self.db.connection() as conn:
+            yield PsycopgAsyncConn(conn)
+
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        return list(await asyncio.gather(*(worker(i) for i in range(n))))
+
+
+ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (PsycopgSync, PsycopgAsync)}
+
+
+def connect_outside(dsn: str) -> psycopg.Connection[Any]:
+    """An independent autocommit connection: sees only what is really committed."""
+    return psycopg.Connection.connect(dsn, autocommit=True)
