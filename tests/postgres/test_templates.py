@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from corral.errors import TemplateBuildError
+from corral.errors import PostgresError, TemplateBuildError
 from corral.postgres import (
     EphemeralPostgres,
     clone_database,
@@ -180,6 +180,16 @@ def test_clone_ends_sessions_on_a_template_in_use(admin_dsn: str) -> None:
     assert clone in _databases(admin_dsn)
     drop_database(admin_dsn, clone)
     drop_database(admin_dsn, "user_made_template")
+
+
+def test_clone_errors_say_what_to_do(admin_dsn: str, tmp_path: Path) -> None:
+    with pytest.raises(PostgresError, match="ensure_template"):
+        clone_database(admin_dsn, "corral_tpl_missing")
+    template = ensure_template(admin_dsn, [_schema(tmp_path, _USERS)])
+    taken = clone_database(admin_dsn, template)
+    with pytest.raises(PostgresError, match="exists"):
+        clone_database(admin_dsn, template, name=taken)
+    drop_database(admin_dsn, taken)
 
 
 def test_drop_right_after_disconnect_and_while_connected(admin_dsn: str, tmp_path: Path) -> None:

@@ -157,6 +157,7 @@ def clone_database(
     :param run_id: recorded in the mark (default: ``CORRAL_RUN_ID``).
     :param timeout: seconds to keep retrying while the template is in use.
     :raises DatabaseInUse: the template stayed in use for *timeout* seconds.
+    :raises PostgresError: the template does not exist, or *name* is taken.
     """
     name = name or CLONE_PREFIX + secrets.token_hex(6)
     extra: dict[str, Any] = {"template": template}
@@ -173,7 +174,18 @@ def clone_database(
         ended = _terminate_sessions(conn, template)
         if ended:
             log.warning("ended %d session(s) on template %s to clone it", ended, template)
-        _retry_in_use(conn, template, statement, timeout, f"clone {template!r}")
+        errors = psycopg_module().errors
+        try:
+            _retry_in_use(conn, template, statement, timeout, f"clone {template!r}")
+        except errors.InvalidCatalogName as exc:
+            raise PostgresError(
+                f"cannot clone {template!r}: no such database; build it with ensure_template()"
+            ) from exc
+        except errors.DuplicateDatabase as exc:
+            raise PostgresError(
+                f"cannot clone {template!r} into {name!r}: a database of that name exists; "
+                "drop it or let clone_database() pick a name"
+            ) from exc
         try:
             set_mark(conn, name, mark)
         except BaseException:
