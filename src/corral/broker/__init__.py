@@ -11,4 +11,4 @@ from corral.broker.client import Client
 from corral.broker.client_async import AsyncClient
 from corral.broker.server import Broker
 
-__all__ = ["AsyncClient", "Broker", "Client", "MISSING"]
+__all__ = ["MISSING", "AsyncClient", "Broker", "Client"]

@@ -133,6 +133,8 @@ class Store:
     :param default_ttl: seconds, for keys and leases set without a TTL.
     :param max_items: most keys held at once (0 = unlimited); updates always succeed.
     :param max_value_size: most characters in a value's JSON.
+    :param tombstone_ttl: seconds a key that expired on its deadline is still reported
+        as ``expired`` (not ``not_found``) by ``get``; bounded by :meth:`compact`.
     """
 
     def __init__(
@@ -144,8 +146,10 @@ class Store:
         default_ttl: float = 1800.0,
         max_items: int = 10_000,
         max_value_size: int = 256 * 1024,
+        tombstone_ttl: float = 30.0,
     ) -> None:
         self.clock = clock
+        self.tombstone_ttl = tombstone_ttl
         self.wall = wall or clock
         self.require_ttl = require_ttl
         self.default_ttl = default_ttl
@@ -155,6 +159,8 @@ class Store:
 
     def _reset(self) -> None:
         self._data: dict[str, _Entry] = {}
+        # Keys the deadline timer removed: key -> deadline, so get() can say "expired".
+        self._expired: dict[str, float] = {}
         self._leases: dict[Hashable, _Lease] = {}
         self._leased: dict[str, dict[int, Hashable]] = {}
         self._owned: dict[Owner, set[tuple[int, Hashable]]] = {}
@@ -192,6 +198,7 @@ class Store:
             done += 1
             if kind == _KV:
                 self._drop(ref)
+                self._expired[ref.key] = ref.deadline
                 self.expired_items += 1
             elif kind == _LEASE:
                 self._drop_lease(ref)
@@ -201,7 +208,10 @@ class Store:
         return done
 
     def compact(self) -> None:
-        """Drop stale heap entries (replaced keys, released leases)."""
+        """Drop stale heap entries (replaced keys, released leases) and old tombstones."""
+        if self._expired:
+            horizon = self.clock() - self.tombstone_ttl
+            self._expired = {k: d for k, d in self._expired.items() if d > horizon}
         if self._stale:
             self._heap = [e for e in self._heap if e[3].seq == e[1]]
             heapq.heapify(self._heap)
@@ -239,6 +249,8 @@ class Store:
         """
         entry = self._data.get(key)
         if entry is None:
+            if self._expired and self._expired.pop(key, None) is not None:
+                raise Refused("expired")
             raise Refused("not_found")
         if entry.deadline <= self.clock():
             self._drop(entry)
@@ -270,6 +282,8 @@ class Store:
             )
         now = self.clock()
         old = self._data.get(key)
+        if self._expired:
+            self._expired.pop(key, None)
         if old is not None and old.deadline <= now:
             self._drop(old)
             self.expired_items += 1
@@ -297,6 +311,8 @@ class Store:
         """Remove *key*; True when a live key was removed."""
         entry = self._data.get(key)
         if entry is None:
+            if self._expired:
+                self._expired.pop(key, None)
             return False
         live = entry.deadline > self.clock()
         self._drop(entry)
@@ -357,12 +373,12 @@ class Store:
                 lease.owner = owner
                 self._owned.setdefault(owner, set()).add((_LEASE, worker))
             return lease.value
-        taken = self._leased.setdefault(key, {})
-        for holder in list(taken.values()):  # expired holders free their number now
+        for holder in list(self._leased.get(key, {}).values()):
             old = self._leases[holder]
-            if old.deadline <= now:
+            if old.deadline <= now:  # expired holders free their number now
                 self._drop_lease(old)
                 self.expired_leases += 1
+        taken = self._leased.setdefault(key, {})
         value = 0
         while value in taken:
             value += 1

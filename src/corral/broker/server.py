@@ -230,8 +230,9 @@ class Broker:
     :param max_request_size: most bytes in one request line; longer lines get
         ``too_large`` and their connection is closed.
     :param secret: shared secret (str or bytes); clients must authenticate. Never logged.
-    :param sweep_interval: seconds between compactions of the deadline heap. Expiry
-        itself is exact: the broker wakes at the next deadline.
+    :param sweep_interval: seconds between sweeps. Expiry itself is exact (the broker
+        wakes at the next deadline); a key that expired keeps answering ``expired``
+        rather than ``not_found`` until the sweep after next forgets it.
     :param idle_timeout: stop by itself after this many seconds with no request and no
         open connection (None: never).
     :param debug: log requests at DEBUG level on ``corral.broker`` (to stderr if no
@@ -310,8 +311,13 @@ class Broker:
     # ------------------------------------------------------------------ public
 
     @property
-    def path(self) -> str | None:
-        """The socket path while running, else None."""
+    def path(self) -> str:
+        """The socket path.
+
+        :raises BrokerError: the broker is not running.
+        """
+        if self._path is None:
+            raise BrokerError("the broker is not running: call start() first")
         return self._path
 
     @property
@@ -549,6 +555,7 @@ class Broker:
             default_ttl=self.default_ttl,
             max_items=self.max_items,
             max_value_size=self.max_value_size,
+            tombstone_ttl=self.sweep_interval,
         )
         self._core = Core(
             store,
