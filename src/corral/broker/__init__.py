@@ -6,9 +6,8 @@ the Node ``ephemeral-broker``); ``corral.broker.protocol`` is the sans-IO wire l
 
 from __future__ import annotations
 
-from corral.broker._flows import MISSING
 from corral.broker.client import Client
 from corral.broker.client_async import AsyncClient
 from corral.broker.server import Broker
 
-__all__ = ["MISSING", "AsyncClient", "Broker", "Client"]
+__all__ = ["AsyncClient", "Broker", "Client"]
