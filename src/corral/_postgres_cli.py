@@ -23,7 +23,9 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("--tcp", action="store_true", help="also listen on 127.0.0.1")
-    parser.add_argument("--port", type=int, help="port (TCP and socket name); default: free")
+    parser.add_argument(
+        "--port", type=int, help="port (TCP, and the socket's name); default 5432, free with --tcp"
+    )
     parser.add_argument("--pg-version", type=int, help="major version to use (e.g. 16)")
     parser.add_argument("--bindir", help="PostgreSQL bin directory to use")
     parser.add_argument(
@@ -52,12 +54,13 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=_run)
 
 
-def _settings(pairs: list[str]) -> dict[str, str | int | None]:
+def _settings(pairs: list[str]) -> dict[str, str | int | None] | None:
     settings: dict[str, str | int | None] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"corral postgres: --set wants NAME=VALUE, got {pair!r}")
+        if not sep or not name.strip():
+            print(f"corral postgres: --set wants NAME=VALUE, got {pair!r}", file=sys.stderr)
+            return None
         settings[name.strip()] = value
     return settings
 
@@ -86,12 +89,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.clear_cache:
         print(f"removed {clear_cache()} cache entries", file=sys.stderr)
         return 0
+    settings = _settings(args.set)
+    if settings is None:
+        return 2
     server = EphemeralPostgres(
-        bindir=args.bindir,
-        version=args.pg_version,
-        port=args.port,
-        tcp=args.tcp,
-        settings=_settings(args.set),
+        bindir=args.bindir, version=args.pg_version, port=args.port, tcp=args.tcp, settings=settings
     )
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

@@ -6,24 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 
-# Drives the command through its own register() so the test does not depend on the other
-# command modules of the CLI.
-_RUN = textwrap.dedent(
-    """
-    import argparse, sys
-    from corral import _postgres_cli
-    parser = argparse.ArgumentParser()
-    _postgres_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["postgres", *sys.argv[1:]])
-    sys.exit(args.handler(args))
-    """
-)
+_CLI = [sys.executable, "-m", "corral.cli", "postgres"]
 
 
 def test_cli_serves_until_sigterm(runtime_dir: Path, tmp_path: Path) -> None:
@@ -31,7 +19,7 @@ def test_cli_serves_until_sigterm(runtime_dir: Path, tmp_path: Path) -> None:
     schema.write_text("CREATE TABLE t (x int); INSERT INTO t VALUES (7);")
     cli_args = ["--schema", str(schema), "--set", "work_mem=16MB"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", _RUN, *cli_args],
+        [*_CLI, *cli_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -56,7 +44,7 @@ def test_cli_serves_until_sigterm(runtime_dir: Path, tmp_path: Path) -> None:
 
 def test_cli_reports_a_failed_start(runtime_dir: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", _RUN, "--set", "max_connections=-5"],
+        [*_CLI, "--set", "max_connections=-5"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -69,3 +57,9 @@ def test_cli_reports_a_failed_start(runtime_dir: Path) -> None:
 
 def _env() -> dict[str, str]:
     return dict(os.environ)
+
+
+def test_cli_rejects_a_malformed_setting() -> None:
+    from corral.cli import main
+
+    assert main(["postgres", "--set", "no-equals-sign"]) == 2
