@@ -593,11 +593,10 @@ class AsyncSandboxCursor:
         binary: bool | None = None,
     ) -> AsyncSandboxCursor:
         real = self._real
+        # Server-side cursors take neither option: pass only what the app gave.
+        options = {k: v for k, v in (("prepare", prepare), ("binary", binary)) if v is not None}
         await self._conn._run(
-            query,
-            params is None,
-            lambda: real.execute(query, params, prepare=prepare, binary=binary),
-            real,
+            query, params is None, lambda: real.execute(query, params, **options), real
         )
         return self
 

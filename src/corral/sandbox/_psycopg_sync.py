@@ -592,12 +592,9 @@ class SandboxCursor:
         binary: bool | None = None,
     ) -> SandboxCursor:
         real = self._real
-        self._conn._run(
-            query,
-            params is None,
-            lambda: real.execute(query, params, prepare=prepare, binary=binary),
-            real,
-        )
+        # Server-side cursors take neither option: pass only what the app gave.
+        options = {k: v for k, v in (("prepare", prepare), ("binary", binary)) if v is not None}
+        self._conn._run(query, params is None, lambda: real.execute(query, params, **options), real)
         return self
 
     def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
