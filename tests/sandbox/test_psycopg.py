@@ -49,7 +49,7 @@ def test_rollback_exception_and_force_rollback(db: Any) -> None:
             conn.execute("INSERT INTO item (name) VALUES ('a')")
             with conn.transaction():
                 conn.execute("INSERT INTO item (name) VALUES ('b')")
-                raise psycopg.Rollback(tx)
+                raise psycopg.Rollback(tx)  # type: ignore[arg-type]
         with conn.transaction(force_rollback=True):
             conn.execute("INSERT INTO item (name) VALUES ('c')")
         with conn.transaction(savepoint_name="Named Point") as named:
@@ -169,7 +169,7 @@ async def test_async_surface(adb: Any) -> None:
             await conn.execute("INSERT INTO item (name) VALUES ('a')")
             async with conn.transaction():
                 await conn.execute("INSERT INTO item (name) VALUES ('b')")
-                raise psycopg.Rollback(tx)
+                raise psycopg.Rollback(tx)  # type: ignore[arg-type]
         async with conn.cursor() as cur:
             await cur.executemany("INSERT INTO item (name) VALUES (%s)", [("x",), ("y",)])
             rows = [r async for r in cur.stream("SELECT name FROM item ORDER BY name")]
