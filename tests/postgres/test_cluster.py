@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,30 @@ def test_start_failure_shows_the_log_and_leaves_nothing(runtime_dir: Path) -> No
     assert "shared_buffers" in info.value.log
     assert not server.running
     assert run_dirs(runtime_dir) == []
+
+
+def test_too_deep_runtime_dir_is_a_clear_error(runtime_dir: Path) -> None:
+    deep = runtime_dir / ("d" * 100)
+    with pytest.raises(PostgresStartError, match="CORRAL_PG_RUNTIME_DIR"):
+        EphemeralPostgres(runtime_dir=deep).start()
+    assert run_dirs(deep) == []
+
+
+def test_stale_directory_without_owner_file_is_left_while_young(runtime_dir: Path) -> None:
+    from corral.postgres import cleanup_stale_clusters
+
+    young = runtime_dir / "run-starting"
+    young.mkdir()
+    old = runtime_dir / "run-abandoned"
+    old.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    broken = runtime_dir / "run-broken"
+    broken.mkdir()
+    owner = {"pid": "not a number", "host": socket.gethostname()}
+    (broken / "owner.json").write_text(json.dumps(owner))
+    assert cleanup_stale_clusters(runtime_dir) == [old]
+    assert young.exists()
+    assert broken.exists()  # logged and skipped, never fatal
 
 
 def test_kept_log_path_survives_stop(runtime_dir: Path, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from corral.errors import PostgresError, TemplateBuildError
+from corral.errors import PostgresDriverMissing, PostgresError, TemplateBuildError
 from corral.postgres import (
     EphemeralPostgres,
     clone_database,
@@ -303,3 +303,10 @@ def test_database_dsn_rewrites_only_the_database() -> None:
         "user": "postgres",
         "dbname": "db2",
     }
+
+
+def test_missing_psycopg_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # makes `import psycopg` fail
+    with pytest.raises(PostgresDriverMissing, match=r"pip install 'corral\[psycopg\]'") as info:
+        clone_database("postgresql:///postgres", "anything")
+    assert isinstance(info.value, ImportError)

@@ -47,6 +47,8 @@ TEST_SETTINGS: Mapping[str, str] = {
 }
 
 _LOG_TAIL_LINES = 40
+#: sun_path is 108 bytes on Linux (104 on macOS), including the terminating NUL.
+_MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 
 class EphemeralPostgres:
@@ -251,6 +253,12 @@ class EphemeralPostgres:
         return self
 
     def _start_in(self, run_dir: Path, binaries: PostgresBinaries, user: ServerUser) -> None:
+        socket_path = f"{run_dir}/.s.PGSQL.{self._port_arg or 65535}.lock"
+        if len(socket_path.encode()) > _MAX_SOCKET_PATH:
+            raise PostgresStartError(
+                f"the run directory {run_dir} is too deep for a Unix socket path "
+                f"({_MAX_SOCKET_PATH} bytes at most); set CORRAL_PG_RUNTIME_DIR to a shorter path"
+            )
         owner = {
             "pid": self._owner_pid,
             "pid_start": process_start_time(self._owner_pid),

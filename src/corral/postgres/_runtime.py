@@ -110,25 +110,30 @@ def cleanup_stale_clusters(runtime_dir: Path | None = None) -> list[Path]:
     for run_dir in entries:
         if not run_dir.name.startswith("run-") or not run_dir.is_dir():
             continue
-        owner = read_owner(run_dir)
-        if owner is None:
-            try:
-                young = time.time() - run_dir.stat().st_mtime < _GRACE_SECONDS
-            except OSError:
-                continue
-            if young:
-                continue
-        elif owner.get("host") != host or is_alive(int(owner["pid"]), owner.get("pid_start")):
-            continue
-        else:
-            postmaster = _postmaster_pid(run_dir, owner)
-            if postmaster is not None and _is_our_postmaster(postmaster, run_dir):
-                log.info("stopping server %d of dead owner %s", postmaster, owner.get("pid"))
-                terminate(postmaster)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log.info("removed stale cluster directory %s", run_dir)
-        removed.append(run_dir)
+        try:
+            if _cleanup_one(run_dir, host):
+                removed.append(run_dir)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # One odd directory must not stop this start; it is retried next time.
+            log.warning("could not check or clean %s: %s", run_dir, exc)
     return removed
+
+
+def _cleanup_one(run_dir: Path, host: str) -> bool:
+    """Clean *run_dir* up if its owner is gone; returns whether it was removed."""
+    owner = read_owner(run_dir)
+    if owner is None:
+        if time.time() - run_dir.stat().st_mtime < _GRACE_SECONDS:
+            return False  # may be a start in progress that has not written it yet
+    elif owner.get("host") != host or is_alive(int(owner["pid"]), owner.get("pid_start")):
+        return False
+    postmaster = _postmaster_pid(run_dir, owner or {})
+    if postmaster is not None and _is_our_postmaster(postmaster, run_dir):
+        log.info("stopping server %d of dead owner %s", postmaster, (owner or {}).get("pid"))
+        terminate(postmaster)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("removed stale cluster directory %s", run_dir)
+    return True
 
 
 def _is_our_postmaster(pid: int, run_dir: Path) -> bool:
