@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,8 @@ def test_missing_keys(client: Client, broker: Broker) -> None:
     assert client.get("never", None) is None
     assert client.get("never", 42) == 42
     client.set("short", 1, ttl=0.001)
+    time.sleep(0.01)
     with pytest.raises(KeyNotFound) as expired:
-        import time
-
-        time.sleep(0.01)
         client.get("short")
     assert expired.value.expired
     assert "expired" in str(expired.value)
