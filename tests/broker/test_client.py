@@ -305,6 +305,9 @@ def test_one_connection_serves_many_threads(broker: Broker, client: Client) -> N
     assert client.stats()["connections"] == 1
 
 
+# Python 3.12+ warns about fork() in a multi-threaded process (the broker thread); the
+# child here only uses its client socket, never a lock the broker thread could hold.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_fork_gets_its_own_connection(broker: Broker, client: Client) -> None:
     client.set("k", "parent")
     pid = os.fork()
