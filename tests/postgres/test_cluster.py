@@ -260,3 +260,28 @@ def test_pgserver_wheel_binaries_run_through_corrals_launcher(runtime_dir: Path)
             (version,) = conn.execute("SHOW server_version_num").fetchone()  # type: ignore[misc]
         assert int(version) >= 160000
     assert run_dirs(runtime_dir) == []
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_watchdog_tells_which_process_went_first(
+    monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    from corral.postgres import _watchdog
+
+    if not pidfd:  # old kernels and macOS have no pidfd_open
+        monkeypatch.setattr(_watchdog, "_pidfd", lambda pid: None)
+    # Each process exits by itself while the watchdog waits (a zombie until reaped).
+    owner = subprocess.Popen(["sleep", "0.3"])
+    server = subprocess.Popen(["sleep", "60"])
+    other_owner = subprocess.Popen(["sleep", "60"])
+    short_server = subprocess.Popen(["sleep", "0.3"])
+    try:
+        assert _watchdog._wait_for_either(owner.pid, "-", server.pid) is True
+        _watchdog._stop(server.pid)  # SIGQUIT ends `sleep` too
+        assert server.wait(5) == -signal.SIGQUIT
+        assert _watchdog._wait_for_either(other_owner.pid, "-", short_server.pid) is False
+    finally:
+        for proc in (owner, server, other_owner, short_server):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
