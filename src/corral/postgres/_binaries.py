@@ -34,6 +34,9 @@ _KNOWN_GLOBS = (
     "/usr/lib/postgresql*/bin",  # openSUSE
 )
 
+#: postmaster.pid reports "ready" (how a start is detected) since PostgreSQL 10.
+MIN_VERSION = 10
+
 _INSTALL_HINT = (
     "install PostgreSQL's server package (Debian/Ubuntu: `apt-get install postgresql`; "
     "Fedora/RHEL: `dnf install postgresql-server`; macOS: `brew install postgresql@16`), "
@@ -111,7 +114,7 @@ def _probe_dir(bindir: Path, source: str) -> PostgresBinaries | None:
     if not _has_server(bindir):
         return None
     probed = _probe(bindir, mtime)
-    if probed is None:
+    if probed is None or probed[0][0] < MIN_VERSION:
         return None
     return PostgresBinaries(bindir, probed[0], probed[1], source)
 
@@ -200,7 +203,7 @@ def find_binaries(
         if found is None:
             raise PostgresNotFound(
                 f"{source} is {os.fspath(explicit)!r}, but that directory has no working "
-                f"`postgres` and `initdb`; {_INSTALL_HINT}"
+                f"`postgres` and `initdb` of PostgreSQL {MIN_VERSION} or newer; {_INSTALL_HINT}"
             )
         if version is not None and found.major != version:
             raise PostgresNotFound(
