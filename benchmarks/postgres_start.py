@@ -161,6 +161,9 @@ def bench_clones(rounds: int) -> dict[str, list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--pgserver", action="store_true", help="also time pgserver's launcher when root"
+    )
     parser.add_argument("--png", help="also draw the medians into this PNG (needs matplotlib)")
     args = parser.parse_args()
 
@@ -170,9 +173,14 @@ def main() -> None:
         "corral": bench_corral(args.rounds),
         "initdb + pg_ctl": bench_plain(args.rounds),
     }
-    wheel = bench_pgserver(args.rounds)
-    if wheel is not None:
-        rows["pgserver"] = wheel
+    if os.geteuid() == 0 and not args.pgserver:
+        # Run as root, pgserver's launcher adds o+rx to every parent directory of its
+        # install (/root included) so its user can reach the binaries: opt in explicitly.
+        print("skipping pgserver's launcher as root (it chmods /root); --pgserver to include")
+    else:
+        wheel = bench_pgserver(args.rounds)
+        if wheel is not None:
+            rows["pgserver"] = wheel
     rows["clones (corral)"] = bench_clones(args.rounds)
 
     print(f"\n{'launcher':<18}{'operation':<18}{'median ms':>10}{'min ms':>9}{'n':>5}")
