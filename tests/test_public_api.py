@@ -41,6 +41,8 @@ def test_error_codes_map_to_request_errors() -> None:
         assert exc.code == code
         assert code in str(exc)
     missing = error_from_code("expired", key="k")
-    assert isinstance(missing, KeyError)
+    assert issubclass(KeyNotFound, KeyError)
     assert isinstance(missing, KeyNotFound)
     assert missing.expired
+    with pytest.raises(KeyError, match="expired"):
+        raise missing
