@@ -184,6 +184,8 @@ class Router(Generic[B]):
 
     def revoke(self, box: B) -> None:
         """Forget every allowance and sharing of *box* (it is closing)."""
+        if not (self._tasks or self._threads or self._executors or self._shared):
+            return  # the common case: nothing was ever allowed or shared
         with self._lock:
             for task in [t for t, b in self._tasks.items() if b is box]:
                 del self._tasks[task]

@@ -121,6 +121,7 @@ class BaseController(Generic[B]):
         self.checkout_timeout = checkout_timeout
         self.isolation_level = isolation_level
         self.check_deferred = check_deferred
+        self._deferrable_exists: bool | None = None
         self._router: Router[B] = Router()
         self._serial = next(self._serials)
         with _REGISTRY_LOCK:
@@ -149,7 +150,17 @@ class BaseController(Generic[B]):
             lock_timeout=self.lock_timeout,
             isolation_level=self.isolation_level,
             check_deferred=self.check_deferred,
+            deferrable_exists=self._deferrable_exists,
         )
+
+    def _learn(self, plan: Plan) -> None:
+        """Keep the first sandbox's answer about deferrable constraints for the next ones.
+
+        One handle serves one database, whose schema does not change between tests
+        (DDL inside a test is rolled back), so the catalog is asked once per handle.
+        """
+        if self._deferrable_exists is None:
+            self._deferrable_exists = plan.deferrable_exists
 
     # ------------------------------------------------------------------ routing
 

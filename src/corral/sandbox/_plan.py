@@ -111,7 +111,9 @@ class Plan:
         ``"REPEATABLE READ"``; None for the server default.
     :param check_deferred: check deferred constraints at each application commit, as
         production would. None (default) checks only when a deferrable constraint
-        exists (asked once per sandbox, and after DDL that mentions DEFERRABLE).
+        exists (see *deferrable_exists*; and after DDL that mentions DEFERRABLE).
+    :param deferrable_exists: whether the database has deferrable constraints, when
+        known; None makes :meth:`open` ask the server.
     """
 
     def __init__(
@@ -120,13 +122,20 @@ class Plan:
         lock_timeout: float | None = 5.0,
         isolation_level: str | None = None,
         check_deferred: bool | None = None,
+        deferrable_exists: bool | None = None,
     ) -> None:
         self.lock_timeout = lock_timeout
         self.isolation_level = isolation_level
         self.check_deferred = check_deferred
         self.stack: list[Frame] = []
         self.pending: Frame | None = None  # an autocommit statement's savepoint, not yet released
-        self.deferred_possible = bool(check_deferred)
+        #: the server's answer to DEFERRABLE_QUERY; given by the caller when it already
+        #: asked for an earlier sandbox on the same database (saves a catalog query per test)
+        self.deferrable_exists = deferrable_exists
+        if check_deferred is None:
+            self.deferred_possible = bool(deferrable_exists)
+        else:
+            self.deferred_possible = check_deferred
         self._counter = 0
 
     # ------------------------------------------------------------------ sandbox levels
@@ -147,7 +156,7 @@ class Plan:
     @property
     def asks_deferrable(self) -> bool:
         """Whether :meth:`open`'s SQL ends with :data:`DEFERRABLE_QUERY` (read its answer)."""
-        return self.check_deferred is None
+        return self.check_deferred is None and self.deferrable_exists is None
 
     def open(self) -> Step:
         """Open the outer transaction; afterwards call :meth:`opened`."""
@@ -160,8 +169,10 @@ class Plan:
         return Step(sql, "ROLLBACK")
 
     def opened(self, deferrable_exists: bool) -> None:
+        """Record the server's answer to :data:`DEFERRABLE_QUERY`."""
+        self.deferrable_exists = deferrable_exists
         if self.check_deferred is None:
-            self.deferred_possible = deferrable_exists
+            self.deferred_possible = self.deferred_possible or deferrable_exists
 
     def push_sandbox(self) -> Step:
         """Open a nested sandbox level (a savepoint)."""

@@ -68,7 +68,8 @@ class _Box(BoxBase):
         real = self.real
         if real.info.transaction_status != TransactionStatus.IDLE:
             await real.rollback()
-        await real.set_autocommit(True)  # the plan sends BEGIN/SAVEPOINT itself
+        if not real.autocommit:
+            await real.set_autocommit(True)  # the plan sends BEGIN/SAVEPOINT itself
         self._cur = real.cursor(row_factory=tuple_row)
         step = self.plan.open()
         await self._cur.execute(step.sql.encode())
@@ -131,9 +132,9 @@ class _Box(BoxBase):
         real = self.real
         if self.broken is None and not real.closed:
             try:
-                self.plan.close()
-                await real.execute(b"ROLLBACK")
-                await real.set_autocommit(self.app_autocommit)
+                await self._cur.execute(self.plan.close().encode())  # type: ignore[union-attr]
+                if real.autocommit != self.app_autocommit:
+                    await real.set_autocommit(self.app_autocommit)
             except psycopg.Error as exc:
                 logger.warning("rolling back a sandbox failed; discarding its connection: %s", exc)
                 await real.close()
@@ -164,6 +165,7 @@ class _Controller(AsyncSandboxController[_Box]):
                     await real.close()
                 await self._give(real)
                 continue
+            self._learn(box.plan)
             return box
         raise SandboxBroken(
             f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"

@@ -63,7 +63,8 @@ class _Box(BoxBase):
         real = self.real
         if real.info.transaction_status != TransactionStatus.IDLE:
             real.rollback()
-        real.autocommit = True  # the plan sends BEGIN/SAVEPOINT itself
+        if not real.autocommit:
+            real.autocommit = True  # the plan sends BEGIN/SAVEPOINT itself
         self._cur = real.cursor(row_factory=tuple_row)
         step = self.plan.open()
         self._cur.execute(step.sql.encode())
@@ -126,9 +127,9 @@ class _Box(BoxBase):
         real = self.real
         if self.broken is None and not real.closed:
             try:
-                self.plan.close()
-                real.execute(b"ROLLBACK")
-                real.autocommit = self.app_autocommit
+                self._cur.execute(self.plan.close().encode())  # type: ignore[union-attr]
+                if real.autocommit != self.app_autocommit:
+                    real.autocommit = self.app_autocommit
             except psycopg.Error as exc:
                 logger.warning("rolling back a sandbox failed; discarding its connection: %s", exc)
                 real.close()
@@ -160,6 +161,7 @@ class _Controller(SandboxController[_Box]):
                     real.close()
                 self._give(real)
                 continue
+            self._learn(box.plan)
             return box
         raise SandboxBroken(
             f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"

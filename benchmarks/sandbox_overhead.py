@@ -1,0 +1,317 @@
+"""What a sandbox costs per test, side by side with the other ways to isolate tests.
+
+Run: ``python -m benchmarks.sandbox_overhead [--rounds 300] [--dsn DSN] [--png PATH]``.
+Without ``--dsn`` (or ``CORRAL_BENCH_DSN``) it starts corral's throwaway PostgreSQL.
+All strategies run in one process against the same server and database, in blocks of
+consecutive runs cycled so that drift in machine load hits them alike. Medians; ratios
+against the bare driver's ``BEGIN``/``ROLLBACK`` on one connection. Target (issue 3):
+sandbox create+close <= 1.5x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import psycopg_pool
+from psycopg import conninfo
+
+from corral.sandbox import sandbox
+
+SCHEMA = """
+CREATE TABLE users (id bigserial PRIMARY KEY, email text UNIQUE NOT NULL,
+    created timestamptz NOT NULL DEFAULT now());
+CREATE TABLE orders (id bigserial PRIMARY KEY, user_id bigint NOT NULL REFERENCES users,
+    total numeric(10, 2) NOT NULL, status text NOT NULL DEFAULT 'new');
+CREATE INDEX ON orders (user_id);
+CREATE TABLE items (id bigserial PRIMARY KEY, order_id bigint NOT NULL REFERENCES orders,
+    sku text NOT NULL, qty int NOT NULL CHECK (qty > 0));
+CREATE TABLE audit (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), what text);
+CREATE TABLE tags (id serial PRIMARY KEY, name text UNIQUE NOT NULL);
+CREATE TABLE item_tags (item_id bigint REFERENCES items, tag_id int REFERENCES tags,
+    PRIMARY KEY (item_id, tag_id));
+"""
+TABLES = ["item_tags", "tags", "audit", "items", "orders", "users"]
+_counter = iter(range(1 << 62))
+
+
+def workload(conn: Any) -> None:
+    """A small test body: three app transactions, as an app would run them."""
+    n = next(_counter)
+    with conn.transaction():
+        uid = conn.execute(
+            "INSERT INTO users (email) VALUES (%s) RETURNING id", (f"u{n}@x",)
+        ).fetchone()[0]
+    with conn.transaction():
+        oid = conn.execute(
+            "INSERT INTO orders (user_id, total) VALUES (%s, 9.5) RETURNING id", (uid,)
+        ).fetchone()[0]
+        conn.execute("INSERT INTO items (order_id, sku, qty) VALUES (%s, 'a', 1)", (oid,))
+    conn.execute("SELECT count(*) FROM orders WHERE user_id = %s", (uid,)).fetchone()
+
+
+@contextlib.contextmanager
+def server(dsn: str | None) -> Iterator[str]:
+    if dsn:
+        yield dsn
+        return
+    from corral.postgres import EphemeralPostgres
+
+    with EphemeralPostgres() as pg:
+        yield pg.dsn
+
+
+def admin_exec(dsn: str, *statements: str) -> None:
+    with psycopg.Connection.connect(dsn, autocommit=True) as conn:
+        for stmt in statements:
+            conn.execute(stmt.encode())
+
+
+class Bench:
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin = admin_dsn
+        self.db = f"corral_bench_sandbox_{os.getpid()}"
+        self.template = self.db + "_tpl"
+        admin_exec(admin_dsn, *(f'DROP DATABASE IF EXISTS "{d}"' for d in (self.db, self.template)))
+        admin_exec(admin_dsn, f'CREATE DATABASE "{self.template}"')
+        admin_exec(self.dsn(self.template), SCHEMA)
+        admin_exec(admin_dsn, f'CREATE DATABASE "{self.db}" TEMPLATE "{self.template}"')
+        self.conn = psycopg.Connection.connect(self.dsn(self.db), autocommit=True)
+        self.pool = psycopg_pool.ConnectionPool(self.dsn(self.db), min_size=1, max_size=2)
+        self.pool.wait()
+        self.sb: Any = sandbox(self.pool, mode="sandbox")
+        self.clone = 0
+
+    def dsn(self, name: str) -> str:
+        return conninfo.make_conninfo(self.admin, dbname=name)
+
+    def close(self) -> None:
+        self.conn.close()
+        self.pool.close()
+        admin_exec(
+            self.admin,
+            f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)',
+            f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)',
+        )
+
+    # ----------------------------------------------------------------- per-test strategies
+
+    def bare_begin_rollback(self, body: bool) -> None:
+        conn = self.conn
+        conn.execute(b"BEGIN")
+        if body:  # the app's transactions would commit here; savepoints stand in for them
+            with conn.transaction():
+                pass
+            workload(conn)
+        conn.execute(b"ROLLBACK")
+
+    def sandbox_create_close(self, body: bool) -> None:
+        self.sb.create_sandbox()
+        if body:
+            with self.sb.connection() as conn:
+                workload(conn)
+        self.sb.close_sandbox()
+
+    def truncate(self, body: bool) -> None:
+        if body:
+            workload(self.conn)
+        self.conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE".encode())
+
+    def delete(self, body: bool) -> None:
+        if body:
+            workload(self.conn)
+        with self.conn.transaction():
+            for table in TABLES:
+                self.conn.execute(f"DELETE FROM {table}".encode())
+
+    def create_database_template(self, body: bool) -> None:
+        self.clone += 1
+        name = f"{self.db}_c{self.clone}"
+        admin_exec(
+            self.admin, f'CREATE DATABASE "{name}" TEMPLATE "{self.template}" STRATEGY FILE_COPY'
+        )
+        with psycopg.Connection.connect(self.dsn(name), autocommit=True) as conn:
+            if body:
+                workload(conn)
+        admin_exec(self.admin, f'DROP DATABASE "{name}"')
+
+    def schema_rebuild(self, body: bool) -> None:
+        conn = self.conn
+        if body:
+            workload(conn)
+        conn.execute(b"DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        conn.execute(SCHEMA.encode())
+
+    # ----------------------------------------------------------------- per app transaction
+
+    def tx_bare(self) -> None:
+        with self.conn.transaction():
+            self.conn.execute("INSERT INTO tags (name) VALUES (%s)", (f"t{next(_counter)}",))
+
+    def tx_sandbox(self, conn: Any) -> None:
+        with conn.transaction():
+            conn.execute("INSERT INTO tags (name) VALUES (%s)", (f"t{next(_counter)}",))
+
+    def stmt_bare(self) -> None:
+        self.conn.execute("INSERT INTO tags (name) VALUES (%s)", (f"t{next(_counter)}",))
+
+    def stmt_sandbox(self, conn: Any) -> None:
+        conn.execute("INSERT INTO tags (name) VALUES (%s)", (f"t{next(_counter)}",))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def run_async(dsn: str, rounds: int) -> dict[str, list[float]]:
+    async def main() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"async bare BEGIN/ROLLBACK": [], "async sandbox": []}
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        pool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False)
+        await pool.open(wait=True)
+        db: Any = sandbox(pool, mode="sandbox")
+        try:
+            block = max(1, min(50, rounds // 5))
+            for _ in range(max(1, rounds // block)):
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    await conn.execute(b"BEGIN")
+                    await conn.execute(b"ROLLBACK")
+                    out["async bare BEGIN/ROLLBACK"].append(time.perf_counter() - t0)
+                for _ in range(block):
+                    t0 = time.perf_counter()
+                    await db.create_sandbox()
+                    await db.close_sandbox()
+                    out["async sandbox"].append(time.perf_counter() - t0)
+        finally:
+            await conn.close()
+            await pool.close()
+        return out
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--slow-rounds", type=int, default=20, help="for CREATE DATABASE etc.")
+    parser.add_argument("--dsn", default=os.environ.get("CORRAL_BENCH_DSN"))
+    parser.add_argument("--png", help="also draw the per-test table as a bar chart")
+    args = parser.parse_args(argv)
+
+    with server(args.dsn) as admin_dsn:
+        bench = Bench(admin_dsn)
+        try:
+            rows = measure(bench, args.rounds, args.slow_rounds)
+            rows.update(run_async(bench.dsn(bench.db), args.rounds))
+        finally:
+            bench.close()
+    report(rows, args.png)
+    return 0
+
+
+def measure(bench: Bench, rounds: int, slow: int) -> dict[str, list[float]]:
+    empty = {
+        "bare BEGIN/ROLLBACK (empty test)": lambda: bench.bare_begin_rollback(False),
+        "sandbox create+close (empty test)": lambda: bench.sandbox_create_close(False),
+    }
+    full = {
+        "bare BEGIN/ROLLBACK + body": lambda: bench.bare_begin_rollback(True),
+        "sandbox + body": lambda: bench.sandbox_create_close(True),
+        "TRUNCATE all tables + body": lambda: bench.truncate(True),
+        "DELETE all tables + body": lambda: bench.delete(True),
+    }
+    slow_ones = {
+        "CREATE DATABASE ... TEMPLATE + body": lambda: bench.create_database_template(True),
+        "schema rebuild + body": lambda: bench.schema_rebuild(True),
+    }
+    out: dict[str, list[float]] = {k: [] for k in (*empty, *full, *slow_ones)}
+    # Blocks of consecutive runs per strategy, as a suite runs its tests back to back
+    # (strictly alternating strategies would leave each one's backend cold), cycled so
+    # that drift in machine load hits every strategy alike.
+    block = max(1, min(50, rounds // 5))
+    for cycle in range(max(1, rounds // block)):
+        for name, fn in (*empty.items(), *full.items()):
+            fn()  # warm
+            out[name].extend(timed(fn) for _ in range(block))
+        if cycle * 2 < slow:
+            for name, fn in slow_ones.items():
+                out[name].extend(timed(fn) for _ in range(2))
+
+    # Per app transaction / statement: production vs inside a sandbox.
+    tx: dict[str, list[float]] = {
+        "app transaction, bare (BEGIN..COMMIT)": [],
+        "app transaction, sandbox (SAVEPOINT..RELEASE)": [],
+        "autocommit statement, bare": [],
+        "autocommit statement, sandbox": [],
+    }
+    bench.sb.create_sandbox()
+    try:
+        with bench.sb.connection() as conn:
+            for _ in range(rounds):
+                tx["app transaction, bare (BEGIN..COMMIT)"].append(timed(bench.tx_bare))
+                tx["app transaction, sandbox (SAVEPOINT..RELEASE)"].append(
+                    timed(lambda: bench.tx_sandbox(conn))
+                )
+            conn.autocommit = True
+            for _ in range(rounds):
+                tx["autocommit statement, bare"].append(timed(bench.stmt_bare))
+                tx["autocommit statement, sandbox"].append(timed(lambda: bench.stmt_sandbox(conn)))
+    finally:
+        bench.sb.close_sandbox()
+    out.update(tx)
+    return out
+
+
+def report(rows: dict[str, list[float]], png: str | None) -> None:
+    med = {k: statistics.median(v) * 1e6 for k, v in rows.items() if v}
+    groups = [
+        ("Per test, empty body", "bare BEGIN/ROLLBACK (empty test)", [
+            "bare BEGIN/ROLLBACK (empty test)", "sandbox create+close (empty test)"]),
+        ("Per test, asyncio, empty body", "async bare BEGIN/ROLLBACK", [
+            "async bare BEGIN/ROLLBACK", "async sandbox"]),
+        ("Per test with a 3-transaction body", "bare BEGIN/ROLLBACK + body", [
+            "bare BEGIN/ROLLBACK + body", "sandbox + body", "TRUNCATE all tables + body",
+            "DELETE all tables + body", "CREATE DATABASE ... TEMPLATE + body",
+            "schema rebuild + body"]),
+        ("Per app transaction", "app transaction, bare (BEGIN..COMMIT)", [
+            "app transaction, bare (BEGIN..COMMIT)",
+            "app transaction, sandbox (SAVEPOINT..RELEASE)"]),
+        ("Per autocommit statement", "autocommit statement, bare", [
+            "autocommit statement, bare", "autocommit statement, sandbox"]),
+    ]  # fmt: skip
+    for title, base, names in groups:
+        print(f"\n{title}")
+        print(f"  {'strategy':<48} {'median':>12} {'ratio':>8} {'n':>5}")
+        for name in names:
+            if name in med:
+                ratio = med[name] / med[base]
+                print(f"  {name:<48} {med[name]:>9.0f} us {ratio:>7.2f}x {len(rows[name]):>5}")
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [n for _, _, ns in groups[2:3] for n in ns if n in med]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        ax.barh(names, [med[n] / 1000 for n in names])
+        ax.set_xscale("log")
+        ax.set_xlabel("median ms per test (log scale)")
+        ax.set_title("Test isolation cost per test (same server, same body)")
+        fig.tight_layout()
+        fig.savefig(png)
+        print(f"\nwrote {png}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
