@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-PUBLIC_MODULES = ["corral", "corral.broker", "corral.postgres"]
+PUBLIC_MODULES = ["corral", "corral.broker", "corral.postgres", "corral.sandbox"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_MODULES)

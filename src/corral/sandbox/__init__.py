@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from corral.sandbox._controller import (
     ENV_MODE,
@@ -19,6 +19,8 @@ from corral.sandbox._controller import (
 )
 
 if TYPE_CHECKING:
+    import psycopg_pool
+
     from corral.sandbox._psycopg_async import (
         AsyncConnectSandbox,
         AsyncPoolSandbox,
@@ -65,6 +67,66 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+@overload
+def sandbox(
+    handle: psycopg_pool.AsyncConnectionPool[Any],
+    *,
+    mode: str | None = ...,
+    is_async: bool | None = ...,
+    **options: Any,
+) -> AsyncPoolSandbox: ...
+
+
+@overload
+def sandbox(
+    handle: psycopg_pool.ConnectionPool[Any],
+    *,
+    mode: str | None = ...,
+    is_async: bool | None = ...,
+    **options: Any,
+) -> PoolSandbox: ...
+
+
+@overload
+def sandbox(
+    handle: str | Callable[..., Any],
+    *,
+    mode: str | None = ...,
+    is_async: Literal[True],
+    **options: Any,
+) -> AsyncConnectSandbox: ...
+
+
+@overload
+def sandbox(
+    handle: Callable[..., Awaitable[Any]],
+    *,
+    mode: str | None = ...,
+    is_async: None = ...,
+    **options: Any,
+) -> AsyncConnectSandbox: ...
+
+
+@overload
+def sandbox(
+    handle: str | Callable[..., Any],
+    *,
+    mode: str | None = ...,
+    is_async: Literal[False] | None = ...,
+    **options: Any,
+) -> ConnectSandbox: ...
+
+
+@overload
+def sandbox(
+    handle: Any,
+    *,
+    mode: str | None = ...,
+    is_async: bool | None = ...,
+    **options: Any,
+) -> SandboxController[Any] | AsyncSandboxController[Any]: ...
 
 
 def sandbox(
