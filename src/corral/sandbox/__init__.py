@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from corral.sandbox._controller import (
-    ENV_MODE,
     AsyncSandboxController,
     SandboxController,
     registered,
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "ENV_MODE",
     "AsyncConnectSandbox",
     "AsyncPoolSandbox",
     "AsyncSandboxConnection",
