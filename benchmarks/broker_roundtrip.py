@@ -21,12 +21,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from corral.broker import Broker, Client
+from corral.broker import Client
 
 OPS = ("ping", "get", "set")
 
@@ -119,30 +118,37 @@ def worker_main(kind: str, path: str, n: int) -> None:
 # ---------------------------------------------------------------------- servers (parent side)
 
 
-class RawEcho:
-    """The floor: a blocking Unix-socket server answering every line with a fixed line."""
+RAW_ECHO = """
+import socket, sys
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(8)
+print("ready", flush=True)
+answer = b'{"ok":true,"value":"value","compressed":false}\\n'
+while True:
+    conn, _ = server.accept()
+    with conn:
+        while conn.recv(65536):
+            conn.sendall(answer)
+"""
 
-    def __init__(self, directory: str) -> None:
-        self.path = os.path.join(directory, "raw.sock")
-        self.server = socket.socket(socket.AF_UNIX)
-        self.server.bind(self.path)
-        self.server.listen(8)
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
 
-    def _serve(self) -> None:
-        answer = b'{"ok":true,"value":"value","compressed":false}\n'
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn:
-                while conn.recv(65536):
-                    conn.sendall(answer)
+class Server:
+    """A server in its own process, as in real use (``corral run`` hosts the broker in the
+    CLI process; redis-server is its own process), so no row shares a process with another.
+    """
+
+    def __init__(self, args: list[str], path: str) -> None:
+        self.path = path
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.proc.stdout.readline()  # "ready" / the socket path
 
     def close(self) -> None:
-        self.server.close()
+        self.proc.terminate()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
@@ -240,9 +246,13 @@ def main() -> None:
         return
 
     directory = tempfile.mkdtemp(prefix="corral-bench-")
-    broker = Broker(require_ttl=False, socket_path=os.path.join(directory, "corral.sock"))
-    broker.start()
-    raw = RawEcho(directory)
+    corral_path = os.path.join(directory, "corral.sock")
+    broker = Server(
+        [sys.executable, "-m", "corral.cli", "broker", "--no-require-ttl", "--socket", corral_path],
+        corral_path,
+    )
+    raw_path = os.path.join(directory, "raw.sock")
+    raw = Server([sys.executable, "-c", RAW_ECHO, raw_path], raw_path)
     redis_server = start_redis(directory)
     rows: dict[str, tuple[str, str]] = {
         "raw": ("raw socket ping-pong (floor)", raw.path),
@@ -260,7 +270,7 @@ def main() -> None:
                 for op, values in run_worker(kind, path, args.ops).items():
                     samples[kind][op].extend(values)
     finally:
-        broker.stop()
+        broker.close()
         raw.close()
         if redis_server is not None:
             redis_server[0].terminate()

@@ -67,7 +67,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.proto.receive_data(data)
-        self.broker._last_activity = time.monotonic()
+        if self.broker.idle_timeout is not None:
+            self.broker._last_activity = time.monotonic()
         if not self.paused:
             self._process()
 
@@ -82,6 +83,7 @@ class _Connection(asyncio.Protocol):
         if session is None:
             return
         broker._connections.pop(session.id, None)
+        broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
         for item in self.backlog:
             if isinstance(item, Ticket):
                 item.cancel()
