@@ -188,3 +188,17 @@ async def test_async_surface(adb: Any) -> None:
         await conn.execute("ROLLBACK")
         cur = await conn.execute("SELECT count(*) FROM item")
         assert await cur.fetchone() == (3,)
+
+
+def test_settings_of_the_real_connection_pass_through(db: Any) -> None:
+    with db.connection() as conn:
+        real = conn.pgconn  # attributes the proxy does not emulate come from psycopg
+        assert real is conn._real.pgconn
+        conn.prepare_threshold = None
+        assert conn._real.prepare_threshold is None
+        conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE  # recorded, documented
+        assert conn.isolation_level == psycopg.IsolationLevel.SERIALIZABLE
+        conn.execute("SELECT 1")
+        with pytest.raises(psycopg.ProgrammingError, match="isolation_level"):
+            conn.isolation_level = None
+        conn.prepare_threshold = 5

@@ -247,6 +247,8 @@ class AsyncSandboxConnection:
         self._closed = False
         self._blocks = 0
         self._returned = False
+        self._isolation_level: Any = None
+        self._deferrable: bool | None = None
         box.proxies.add(self)
 
     # ------------------------------------------------------------------ state
@@ -297,6 +299,24 @@ class AsyncSandboxConnection:
             )
 
     @property
+    def isolation_level(self) -> Any:
+        return self._isolation_level
+
+    async def set_isolation_level(self, value: Any) -> None:
+        # Recorded, not applied: the sandbox's one outer transaction has one isolation
+        # level (sandbox(..., isolation_level=...)); see docs/sandbox.md.
+        self._check_settable("isolation_level")
+        self._isolation_level = value
+
+    @property
+    def deferrable(self) -> bool | None:
+        return self._deferrable
+
+    async def set_deferrable(self, value: bool | None) -> None:
+        self._check_settable("deferrable")
+        self._deferrable = value
+
+    @property
     def info(self) -> _Info:
         return _Info(self)
 
@@ -304,6 +324,14 @@ class AsyncSandboxConnection:
         if name.startswith("tpc_"):
             raise SandboxError("two-phase commit cannot run inside a sandbox")
         return getattr(self._real, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Own state and emulated settings stay here; anything else (prepare_threshold,
+        # notify handlers...) is a setting of the real connection, as in production.
+        if name.startswith("_") or name in _OWN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._real, name, value)
 
     def __repr__(self) -> str:
         return f"<AsyncSandboxConnection of {self._real!r}>"
@@ -503,6 +531,11 @@ class AsyncSandboxConnection:
                 logger.warning("error ignored in rollback on %s: %s", self, exc)
         if not self._pooled:
             await self.close()
+
+
+_OWN_ATTRIBUTES = frozenset(
+    {"row_factory", "autocommit", "read_only", "isolation_level", "deferrable"}
+)
 
 
 class _Info:

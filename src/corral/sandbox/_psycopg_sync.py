@@ -244,6 +244,8 @@ class SandboxConnection:
         self._closed = False
         self._blocks = 0
         self._returned = False
+        self._isolation_level: Any = None
+        self._deferrable: bool | None = None
         box.proxies.add(self)
 
     # ------------------------------------------------------------------ state
@@ -302,6 +304,32 @@ class SandboxConnection:
             )
 
     @property
+    def isolation_level(self) -> Any:
+        return self._isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: Any) -> None:
+        # Recorded, not applied: the sandbox's one outer transaction has one isolation
+        # level (sandbox(..., isolation_level=...)); see docs/sandbox.md.
+        self._check_settable("isolation_level")
+        self._isolation_level = value
+
+    def set_isolation_level(self, value: Any) -> None:
+        self.isolation_level = value
+
+    @property
+    def deferrable(self) -> bool | None:
+        return self._deferrable
+
+    @deferrable.setter
+    def deferrable(self, value: bool | None) -> None:
+        self._check_settable("deferrable")
+        self._deferrable = value
+
+    def set_deferrable(self, value: bool | None) -> None:
+        self.deferrable = value
+
+    @property
     def info(self) -> _Info:
         return _Info(self)
 
@@ -309,6 +337,14 @@ class SandboxConnection:
         if name.startswith("tpc_"):
             raise SandboxError("two-phase commit cannot run inside a sandbox")
         return getattr(self._real, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Own state and emulated settings stay here; anything else (prepare_threshold,
+        # notify handlers...) is a setting of the real connection, as in production.
+        if name.startswith("_") or name in _OWN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._real, name, value)
 
     def __repr__(self) -> str:
         return f"<SandboxConnection of {self._real!r}>"
@@ -502,6 +538,11 @@ class SandboxConnection:
                 logger.warning("error ignored in rollback on %s: %s", self, exc)
         if not self._pooled:
             self.close()
+
+
+_OWN_ATTRIBUTES = frozenset(
+    {"row_factory", "autocommit", "read_only", "isolation_level", "deferrable"}
+)
 
 
 class _Info:
