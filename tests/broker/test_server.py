@@ -10,6 +10,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -336,3 +337,44 @@ def test_list_and_stats_json_is_plain(broker: Broker) -> None:
         assert r.recv() == {"ok": True}
         assert r.ask({"action": "get", "key": "é"})["value"] == "\U0001f600"
         json.dumps(r.ask({"action": "stats"}))
+
+
+def test_waiting_requests_hold_back_later_answers(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue-5 seam: a handler that returns a Ticket parks the connection's answers."""
+    from corral.broker import _core
+    from corral.broker._store import Ticket
+
+    def wait(core: Any, session: Any, obj: dict[str, Any], raw: bytes) -> Ticket:
+        ticket = Ticket(obj["name"], session.owner, 0.0)
+        core.store.enqueue(ticket, obj.get("timeout"))
+        return ticket
+
+    def wake(core: Any, session: Any, obj: dict[str, Any], raw: bytes) -> dict[str, Any]:
+        ticket = core.store.next_waiter(obj["name"])
+        granted = ticket is not None and ticket.set({"ok": True, "granted": obj["name"]})
+        return {"ok": True, "woke": granted}
+
+    monkeypatch.setitem(_core._HANDLERS, "test_wait", wait)
+    monkeypatch.setitem(_core._HANDLERS, "test_wake", wake)
+    hello = {"action": "hello"}
+    with Raw(broker.path) as a, Raw(broker.path) as b, Raw(broker.path) as gone:
+        assert a.ask(hello)["ok"]
+        assert gone.ask(hello)["ok"]
+        a.send({"action": "test_wait", "name": "x"}, {"action": "ping"})
+        a.sock.settimeout(0.1)
+        with pytest.raises(TimeoutError):
+            a.recv()  # neither the wait nor the ping behind it is answered yet
+        a.sock.settimeout(5)
+        assert b.ask({"action": "test_wake", "name": "x"}) == {"ok": True, "woke": True}
+        assert a.recv() == {"ok": True, "granted": "x"}
+        assert "pong" in a.recv()  # strictly in order
+        started = time.monotonic()
+        assert a.ask({"action": "test_wait", "name": "y", "timeout": 0.05})["error"] == "timeout"
+        assert time.monotonic() - started < 2  # woken by the deadline heap's timer
+        gone.send({"action": "test_wait", "name": "z"})
+        time.sleep(0.05)
+        gone.close()  # its connection closes: the ticket dies with it
+        time.sleep(0.05)
+        assert b.ask({"action": "test_wake", "name": "z"}) == {"ok": True, "woke": False}

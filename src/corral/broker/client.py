@@ -198,9 +198,9 @@ class Client:
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("this Client is closed")
-            self._ensure()
             try:
-                call = next(flow)
+                call = next(flow)  # validates arguments before anything is sent
+                self._ensure()
                 while True:
                     call = flow.send(self._roundtrip(call))
             except StopIteration as stop:

@@ -154,10 +154,13 @@ class AsyncClient:
     async def _run(self, flow: Generator[Call, Message, T]) -> T:
         if self._closed:
             raise BrokerUnavailable("this AsyncClient is closed")
+        try:
+            call = next(flow)  # validates arguments before anything is sent
+        except StopIteration as stop:  # pragma: no cover - every flow sends something
+            return stop.value  # type: ignore[no-any-return]
         async with self._get_lock():
             await self._ensure()
             try:
-                call = next(flow)
                 while True:
                     call = flow.send(await self._roundtrip(call))
             except StopIteration as stop:
