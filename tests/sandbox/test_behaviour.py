@@ -509,3 +509,30 @@ async def test_lock_contention_between_sandboxes_ends_in_a_clear_bounded_error(
     assert "lock contention" in str(err)
     assert "item_name_key" in str(err)  # names the contended index / relation
     assert count_outside(outside) == 0
+
+
+async def test_deferred_constraints_in_autocommit_fail_the_statement_itself(ad: Adapter) -> None:
+    await ad.create()
+    async with ad.connection() as conn:
+        await conn.set_autocommit(True)
+        await conn.execute("INSERT INTO parent VALUES (1)")
+        # Each autocommit statement commits in production: its deferred FK is checked
+        # at its end, so it is this statement that fails, and only it.
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            await conn.execute("INSERT INTO child VALUES (1, 404)")
+        await conn.execute("INSERT INTO child VALUES (2, 1)")
+        assert await conn.fetchval("SELECT count(*) FROM child") == 1
+        assert await conn.fetchval("SELECT count(*) FROM parent") == 1
+    await ad.close()
+
+
+async def test_nested_checkouts_of_one_task_share_the_sandbox(ad: Adapter) -> None:
+    await ad.create()
+    async with ad.connection() as outer:
+        await outer.execute("INSERT INTO item (name) VALUES ('outer')")
+        async with ad.connection() as inner:  # same task: re-entrant, no deadlock
+            assert await inner.fetchval("SELECT count(*) FROM item") == 1  # a known limit
+            await inner.execute("INSERT INTO item (name) VALUES ('inner')")
+        await outer.commit()
+    assert await count(ad) == 2
+    await ad.close()

@@ -234,3 +234,46 @@ async def test_connection_factory_async(sandbox_dsn: str, outside: Any) -> None:
         assert outside.execute("SELECT count(*) FROM item").fetchone()[0] == 0
     finally:
         await db.close()
+
+
+def test_mode_cannot_change_under_an_open_sandbox(sandbox_dsn: str) -> None:
+    db: Any = sandbox(sandbox_dsn, mode="sandbox")
+    try:
+        with db.sandboxed():
+            with pytest.raises(SandboxError, match="mode"):
+                db.mode = "normal"
+            assert db.active
+        assert not db.active
+        db.mode = "normal"
+        assert db not in registered()
+    finally:
+        db.close()
+
+
+def test_close_with_a_checkout_held_by_a_stuck_thread_still_closes(sandbox_dsn: str) -> None:
+    import threading
+
+    db: Any = sandbox(sandbox_dsn, mode="sandbox", checkout_timeout=0.2)
+    try:
+        db.create_sandbox()
+        got, release = threading.Event(), threading.Event()
+
+        def stuck() -> None:
+            conn = db.connect()
+            got.set()
+            release.wait(10)
+            with pytest.raises((psycopg.Error, SandboxError)):
+                conn.execute("SELECT 1")
+
+        t = threading.Thread(target=db.allow(stuck))
+        t.start()
+        assert got.wait(10)
+        with pytest.raises(SandboxBusy, match="thread"):
+            db.close_sandbox()  # reported, but the sandbox is gone all the same
+        assert not db.active
+        release.set()
+        t.join(10)
+        with db.sandboxed(), db.connect() as conn:  # and the handle still works
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        db.close()
