@@ -20,18 +20,10 @@ from corral.sandbox._controller import (
 if TYPE_CHECKING:
     import psycopg_pool
 
-    from corral.sandbox._psycopg_async import (
-        AsyncConnectSandbox,
-        AsyncPoolSandbox,
-        AsyncSandboxConnection,
-        AsyncSandboxCursor,
-    )
-    from corral.sandbox._psycopg_sync import (
-        ConnectSandbox,
-        PoolSandbox,
-        SandboxConnection,
-        SandboxCursor,
-    )
+    from corral.sandbox._psycopg_async import AsyncConnectSandbox, AsyncPoolSandbox
+    from corral.sandbox._psycopg_async_conn import AsyncSandboxConnection, AsyncSandboxCursor
+    from corral.sandbox._psycopg_sync import ConnectSandbox, PoolSandbox
+    from corral.sandbox._psycopg_sync_conn import SandboxConnection, SandboxCursor
 
 __all__ = [
     "AsyncConnectSandbox",
@@ -51,12 +43,12 @@ __all__ = [
 _LAZY = {
     "AsyncConnectSandbox": "corral.sandbox._psycopg_async",
     "AsyncPoolSandbox": "corral.sandbox._psycopg_async",
-    "AsyncSandboxConnection": "corral.sandbox._psycopg_async",
-    "AsyncSandboxCursor": "corral.sandbox._psycopg_async",
+    "AsyncSandboxConnection": "corral.sandbox._psycopg_async_conn",
+    "AsyncSandboxCursor": "corral.sandbox._psycopg_async_conn",
     "ConnectSandbox": "corral.sandbox._psycopg_sync",
     "PoolSandbox": "corral.sandbox._psycopg_sync",
-    "SandboxConnection": "corral.sandbox._psycopg_sync",
-    "SandboxCursor": "corral.sandbox._psycopg_sync",
+    "SandboxConnection": "corral.sandbox._psycopg_sync_conn",
+    "SandboxCursor": "corral.sandbox._psycopg_sync_conn",
 }
 
 
