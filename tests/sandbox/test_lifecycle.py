@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg
 import pytest
+import pytest_asyncio
 
 from corral.errors import SandboxBusy, SandboxError
 from corral.sandbox import registered, sandbox
@@ -277,3 +279,39 @@ def test_close_with_a_checkout_held_by_a_stuck_thread_still_closes(sandbox_dsn: 
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         db.close()
+
+
+@pytest_asyncio.fixture
+async def opened_in_fixture(ad: Adapter) -> AsyncIterator[Adapter]:
+    """What the pytest plugin does: open in a fixture, close in its teardown."""
+    await ad.create()
+    yield ad
+    await ad.close()
+    assert not ad.db.active
+
+
+@pytest.mark.asyncio
+async def test_a_sandbox_opened_in_a_fixture_serves_the_test(
+    opened_in_fixture: Adapter, outside: Any
+) -> None:
+    ad = opened_in_fixture
+    assert ad.db.active
+    await ad.execute("INSERT INTO item (name) VALUES ('from-test')")
+    assert await names(ad) == ["from-test"]
+    assert outside.execute("SELECT count(*) FROM item").fetchone()[0] == 0
+
+
+@pytest.fixture
+def sync_sandbox(sandbox_dsn: str) -> Iterator[Any]:
+    db: Any = sandbox(sandbox_dsn, mode="sandbox")
+    db.create_sandbox()
+    yield db
+    db.close_sandbox()
+    db.close()
+
+
+@pytest.mark.asyncio
+async def test_a_sync_fixtures_sandbox_reaches_an_async_test(sync_sandbox: Any) -> None:
+    with sync_sandbox.connect() as conn:
+        conn.execute("INSERT INTO item (name) VALUES ('x')")
+    assert sync_sandbox.active
