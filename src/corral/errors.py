@@ -169,6 +169,7 @@ _HINTS: dict[str, str] = {
     "bad_request": "the request has missing or malformed fields",
     "draining": "the broker is shutting down",
     "timeout": "the wait timed out on the broker",
+    "internal_error": "the broker failed on this request (a bug: please report it)",
 }
 
 #: wire error code -> exception class. One table, so mapping is never scattered.

@@ -304,3 +304,12 @@ def test_hmac_not_last_is_checked_against_the_js_serialisation() -> None:
 def test_sign_message_matches_node() -> None:
     payload = {"action": "set", "key": "k", "value": {"x": "ü"}, "ttl": 5}
     assert sign_message(SECRET, payload) == node_signed_line(payload) + b"\n"
+
+
+def test_deep_nesting_is_rejected_not_a_crash() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"[" * 100_000 + b"\n" + b'{"action":"ping"}\n')
+    rejected, ok = events(conn)
+    assert isinstance(rejected, Rejected)
+    assert "deep" in rejected.detail
+    assert isinstance(ok, Request)

@@ -378,3 +378,18 @@ def test_waiting_requests_hold_back_later_answers(
         gone.close()  # its connection closes: the ticket dies with it
         time.sleep(0.05)
         assert b.ask({"action": "test_wake", "name": "z"}) == {"ok": True, "woke": False}
+
+
+def test_deeply_nested_values_never_break_the_broker(broker: Broker) -> None:
+    with Raw(broker.path) as r:
+        assert (
+            r.ask(b'{"action":"set","key":"d","value":' + b"[" * 50_000 + b"\n")["error"]
+            == "invalid_json"
+        )
+        for depth in (100, 900, 990, 1200):
+            nested = b"[" * depth + b"]" * depth
+            answer = r.ask(b'{"action":"set","key":"d","value":' + nested + b"}\n")
+            assert answer["ok"] or answer["error"] == "invalid_json"
+            got = r.ask({"action": "get", "key": "d"})
+            assert got["ok"] or got["error"] in ("internal_error", "not_found")
+        assert r.ask({"action": "ping"})["ok"] is True

@@ -11,6 +11,8 @@ import binascii
 import hashlib
 import hmac
 import json
+import json.encoder
+import json.scanner
 import re
 import zlib
 from typing import Any, Final
@@ -42,8 +44,9 @@ __all__ = [
 #: Node's client compresses values whose JSON is at least this many characters.
 COMPRESS_THRESHOLD: Final = 1024
 
-_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-_js_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+def _not_json(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def _reject_constant(name: str) -> Any:
@@ -51,7 +54,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# The C encoder and scanner behind json.dumps/json.loads, built once: the public
+# functions rebuild them on every call, which costs more than encoding a small answer.
+# No circular-reference markers: parsed values cannot be circular, and a circular user
+# value ends in RecursionError, mapped to TypeError below.
+_c_encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+)
+_js_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_scan = json.scanner.c_make_scanner(_decoder)  # type: ignore[attr-defined]
+_JSON_SPACE = " \t\n\r"
+
+
+def _encode(obj: Any) -> str:
+    return "".join(_c_encode(obj, 0))
 
 
 def dumps(obj: Any) -> bytes:
@@ -61,14 +78,23 @@ def dumps(obj: Any) -> bytes:
         circular references), before anything is sent.
     """
     try:
-        text = _encoder.encode(obj)
-    except ValueError as exc:  # NaN / infinity / circular reference
+        text = _encode(obj)
+    except (ValueError, RecursionError) as exc:  # NaN / infinity / circular reference
         raise TypeError(f"value is not JSON-serialisable: {exc}") from exc
     return text.encode() + b"\n"
 
 
 def _loads(data: bytes) -> Any:
-    return _decoder.decode(data.decode("utf-8"))
+    text = data.decode("utf-8").strip(_JSON_SPACE)
+    try:
+        obj, end = _scan(text, 0)
+    except StopIteration as exc:
+        raise ValueError(f"expecting a JSON value at column {exc.value}") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if end != len(text):
+        raise ValueError(f"extra data after the JSON value at column {end}")
+    return obj
 
 
 class ServerConnection:
@@ -131,7 +157,7 @@ class ServerConnection:
     @staticmethod
     def send(response: Message) -> bytes:
         """Serialise one response line."""
-        return _encoder.encode(response).encode() + b"\n"
+        return _encode(response).encode() + b"\n"
 
 
 class ClientConnection:

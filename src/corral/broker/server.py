@@ -121,14 +121,17 @@ class _Connection(asyncio.Protocol):
             kind = type(event)
             if kind is Request:
                 assert isinstance(event, Request)
-                response = core.handle(session, event)
-                if type(response) is dict:
+                try:
+                    response = core.handle(session, event)
+                    if type(response) is not dict:
+                        assert isinstance(response, Ticket)
+                        response.on_done = self._ticket_done
+                        backlog.append(response)
+                        continue
                     line = _encode(response)
-                else:
-                    assert isinstance(response, Ticket)
-                    response.on_done = self._ticket_done
-                    backlog.append(response)
-                    continue
+                except Exception as exc:  # a bug must cost one answer, never the broker
+                    log.exception("session %d: request failed", session.id)
+                    line = _encode({"ok": False, "error": "internal_error", "detail": repr(exc)})
             elif kind is Rejected:
                 assert isinstance(event, Rejected)
                 line = _encode({"ok": False, "error": event.code, "detail": event.detail})
