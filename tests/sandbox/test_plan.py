@@ -16,7 +16,7 @@ from corral.sandbox._plan import (
 
 
 def opened(**kwargs: object) -> Plan:
-    plan = Plan(**kwargs)  # type: ignore[arg-type]
+    plan = Plan(lock_timeout=None, **kwargs)  # type: ignore[arg-type]
     plan.open()
     plan.opened(False)
     return plan
@@ -25,11 +25,20 @@ def opened(**kwargs: object) -> Plan:
 def test_open_sets_a_bounded_lock_timeout_and_asks_for_deferrable_constraints() -> None:
     plan = Plan(lock_timeout=1.5, isolation_level="REPEATABLE READ")
     step = plan.open()
-    assert step.sql.startswith("BEGIN ISOLATION LEVEL REPEATABLE READ; ")
-    assert "SET LOCAL lock_timeout = 1500" in step.sql
-    assert step.sql.endswith(DEFERRABLE_QUERY)
+    assert step.sql == "BEGIN ISOLATION LEVEL REPEATABLE READ; " + DEFERRABLE_QUERY
     assert plan.depth == 1
-    assert "lock_timeout" not in Plan(lock_timeout=None, check_deferred=False).open().sql
+    # The setting rides on the first SQL the plan sends, before any savepoint...
+    first = plan.before_statement(AppState(autocommit=True))
+    assert first is not None
+    assert first.sql == "SET LOCAL lock_timeout = 1500; SAVEPOINT corral_stmt"
+    # ...once per transaction: again after an outer restore (a new transaction).
+    assert "lock_timeout" not in plan.push_sandbox().sql
+    plan.pop_sandbox()
+    plan.restore()
+    assert plan.push_sandbox().sql.startswith("SET LOCAL lock_timeout = 1500; ")
+    quiet = Plan(lock_timeout=None, check_deferred=False)
+    assert quiet.open().sql == "BEGIN"
+    assert quiet.before_statement(AppState()).sql.startswith("SAVEPOINT")  # type: ignore[union-attr]
     with pytest.raises(SandboxError):
         plan.open()
 

@@ -132,6 +132,7 @@ class Plan:
         #: the server's answer to DEFERRABLE_QUERY; given by the caller when it already
         #: asked for an earlier sandbox on the same database (saves a catalog query per test)
         self.deferrable_exists = deferrable_exists
+        self._setup = ""
         if check_deferred is None:
             self.deferred_possible = bool(deferrable_exists)
         else:
@@ -150,7 +151,10 @@ class Plan:
         if self.isolation_level:
             sql += f" ISOLATION LEVEL {self.isolation_level}"
         if self.lock_timeout is not None:
-            sql += f"; SET LOCAL lock_timeout = {max(1, round(self.lock_timeout * 1000))}"
+            # Sent with the first SQL the plan emits after BEGIN, always before any
+            # savepoint (so no ROLLBACK TO can undo it): a test that runs no statement
+            # pays nothing, the others pay no extra round trip.
+            self._setup = f"SET LOCAL lock_timeout = {max(1, round(self.lock_timeout * 1000))}; "
         return sql
 
     @property
@@ -224,14 +228,16 @@ class Plan:
         return f"{prefix}_{self._counter}"
 
     def _flush(self) -> str:
-        """SQL releasing a lazily kept statement savepoint, to prefix any other SQL."""
+        """SQL owed to the server (the sandbox's settings, the release of a lazily kept
+        statement savepoint), to prefix any other SQL the plan emits."""
+        setup, self._setup = self._setup, ""
         f = self.pending
         if f is None:
-            return ""
+            return setup
         self.pending = None
         if self.stack and self.stack[-1] is f:
             self.stack.pop()
-        return _release(f) + "; "
+        return setup + _release(f) + "; "
 
     def _push(self, frame: Frame) -> str:
         sql = self._flush() + f"SAVEPOINT {frame.name}"
@@ -310,7 +316,8 @@ class Plan:
         """Before one application statement: open what production would have open."""
         self._usable(app)
         if app.frames:
-            return None if self.pending is None else Step(self._flush().rstrip("; "))
+            owed = self._flush()
+            return Step(owed.rstrip("; ")) if owed else None
         if app.autocommit:
             return Step(self._push(Frame(FrameKind.STATEMENT, "corral_stmt", app)))
         return self._begin_tx(app, None)
