@@ -168,3 +168,14 @@ def test_main_is_callable_in_process(broker: Broker, capsys: pytest.CaptureFixtu
     assert main(["set", "--socket", broker.path, "k", "[1]"]) == 0
     assert main(["get", "--socket", broker.path, "k"]) == 0
     assert json.loads(capsys.readouterr().out) == [1]
+
+
+def test_broker_command_stops_itself_when_idle() -> None:
+    with subprocess.Popen(
+        [*CORRAL, "broker", "--idle-timeout", "0.3"], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        path = proc.stdout.readline().strip()
+        assert os.path.exists(path)
+        assert proc.wait(timeout=20) == 0
+    assert not os.path.exists(path)

@@ -54,6 +54,7 @@ def test_secret_never_shows(make_broker: MakeBroker, caplog: pytest.LogCaptureFi
         c.ping()
     with Client(broker.path, secret="hunter2-secret") as c:
         c.ping()
+    assert "session 2: ping None" in caplog.text  # debug=True logs every request
     for text in (repr(broker), str(info.value), caplog.text, repr(c)):
         assert "hunter2" not in text
         assert "wrong-secret" not in text

@@ -53,10 +53,17 @@ class _Entry:
 
 
 class _Lease:
-    __slots__ = ("deadline", "key", "owner", "seq", "value", "worker")
+    __slots__ = ("deadline", "key", "owner", "seq", "since", "value", "worker")
 
     def __init__(
-        self, worker: Hashable, key: str, value: int, deadline: float, seq: int, owner: Owner
+        self,
+        worker: Hashable,
+        key: str,
+        value: int,
+        deadline: float,
+        seq: int,
+        owner: Owner,
+        since: float = 0.0,
     ) -> None:
         self.worker = worker
         self.key = key
@@ -64,6 +71,7 @@ class _Lease:
         self.deadline = deadline
         self.seq = seq
         self.owner = owner
+        self.since = since  # store clock when first taken (renewals keep it): its age
 
 
 class Ticket:
@@ -382,7 +390,7 @@ class Store:
         value = 0
         while value in taken:
             value += 1
-        lease = _Lease(worker, key, value, now + seconds, 0, owner)
+        lease = _Lease(worker, key, value, now + seconds, 0, owner, since=now)
         lease.seq = self._push(lease.deadline, _LEASE, lease)
         self._leases[worker] = lease
         taken[value] = worker
@@ -416,7 +424,11 @@ class Store:
         return len(self._leases)
 
     def leases(self) -> dict[str, dict[str, Any]]:
-        """``{worker: {"key", "value", "expires"}}`` for live leases (for status dumps)."""
+        """``{worker: {"key", "value", "expires", "since", "owner"}}`` for live leases.
+
+        ``expires``/``since`` are wall-clock milliseconds; ``owner`` is the holding
+        connection (None for one-shot clients). For status dumps and end-of-run reports.
+        """
         now = self.clock()
         offset = self.wall() - now
         return {
@@ -424,6 +436,8 @@ class Store:
                 "key": lease.key,
                 "value": lease.value,
                 "expires": round((lease.deadline + offset) * 1000),
+                "since": round((lease.since + offset) * 1000),
+                "owner": lease.owner,
             }
             for w, lease in self._leases.items()
             if lease.deadline > now

@@ -116,11 +116,19 @@ class _Connection(asyncio.Protocol):
         out: list[bytes] = []
         size = 0
         backlog = self.backlog
+        debug = self.broker.debug
         while True:
             event = proto.next_event()
             kind = type(event)
             if kind is Request:
                 assert isinstance(event, Request)
+                if debug:  # action and key only: requests may carry a proof or an hmac
+                    log.debug(
+                        "session %d: %s %r",
+                        session.id,
+                        event.obj.get("action"),
+                        event.obj.get("key"),
+                    )
                 try:
                     response = core.handle(session, event)
                     if type(response) is not dict:
@@ -391,6 +399,39 @@ class Broker:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the broker stops (``stop()``, or ``idle_timeout``); True if it did."""
         return self._finished.wait(timeout)
+
+    def holdings(self, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """What clients hold right now, oldest first, e.g. for an end-of-run report.
+
+        Each entry: ``kind`` (``"lease"``), ``key``, ``holder`` (the worker id),
+        ``value``, ``since`` and ``expires`` (wall-clock seconds), ``connection`` (the
+        holding connection's id, None for one-shot clients). Read on the broker's own
+        thread, so it is a consistent snapshot. Empty when the broker is not running.
+        """
+        loop, core = self._loop, self._core
+        if loop is None or core is None or self._finished.is_set():
+            return []
+
+        async def snapshot() -> list[dict[str, Any]]:
+            return [
+                {
+                    "kind": "lease",
+                    "key": lease["key"],
+                    "holder": worker,
+                    "value": lease["value"],
+                    "since": lease["since"] / 1000,
+                    "expires": lease["expires"] / 1000,
+                    "connection": lease["owner"],
+                }
+                for worker, lease in core.store.leases().items()
+            ]
+
+        try:
+            held = asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout)
+        except RuntimeError:  # the loop closed meanwhile
+            return []
+        held.sort(key=lambda item: item["since"])
+        return held
 
     def __enter__(self) -> Broker:
         self.start()
