@@ -60,3 +60,33 @@ def test_node_client_with_the_wrong_secret_is_refused(make_broker: Callable[...,
     report = run_node(broker.path, "wrong")
     assert report["ping"]["error"] == "auth_failed"
     assert report["setPlain"]["error"] == "auth_failed"
+
+
+STUB = Path(__file__).with_name("node_broker_stub.mjs")
+
+
+@pytest.mark.parametrize("secret", [None, "stub-secret"], ids=["plain", "hmac-signed"])
+def test_python_client_talks_to_a_node_style_broker(tmp_path: Path, secret: str | None) -> None:
+    node = require_binary("node")
+    path = str(tmp_path / "node.sock")
+    with subprocess.Popen(
+        [node, str(STUB), path, *([secret] if secret else [])], stdout=subprocess.PIPE, text=True
+    ) as stub:
+        assert stub.stdout is not None
+        assert stub.stdout.readline().strip() == "ready"
+        try:
+            with Client(path, secret=secret) as c:
+                c.set("k", {"café": [1, 2.5, None]}, ttl=30)
+                assert c.get("k") == {"café": [1, 2.5, None]}
+                big = {"rows": ["x" * 50] * 100}
+                c.set("big", big, ttl=30)  # compressed on the wire, as Node's client does
+                assert c.get("big") == big
+                assert c.ping() > 0
+                assert c._handshake is not None
+                assert c._handshake.legacy
+            if secret:
+                with Client(path, secret="wrong") as c, pytest.raises(PermissionError):
+                    c.ping()
+        finally:
+            stub.terminate()
+            stub.wait(timeout=10)
