@@ -113,8 +113,8 @@ class ServerConnection:
         self._closed = False  # peer sent EOF
         self._done = False  # a TooLarge was emitted: no more events
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the peer (copied); ``b""`` means the peer closed its side."""
         if data:
             if not self._done:
                 self._buf += data
@@ -179,8 +179,8 @@ class ClientConnection:
         """
         return dumps(request)
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the broker; ``b""`` means it closed the connection."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the broker (copied); ``b""`` means it closed the connection."""
         if data:
             self._buf += data
         else:
