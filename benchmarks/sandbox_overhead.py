@@ -4,8 +4,8 @@ Run: ``python -m benchmarks.sandbox_overhead [--rounds 300] [--dsn DSN] [--png P
 Without ``--dsn`` (or ``CORRAL_BENCH_DSN``) it starts corral's throwaway PostgreSQL.
 All strategies run in one process against the same server and database, in blocks of
 consecutive runs cycled so that drift in machine load hits them alike. Medians; ratios
-against the bare driver's ``BEGIN``/``ROLLBACK`` on one connection. Target (issue 3):
-sandbox create+close <= 1.5x.
+against the bare driver's ``BEGIN``/``ROLLBACK`` on one connection, block by block.
+Target (issue 3): sandbox create+close <= 1.5x.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def run_async(dsn: str, rounds: int) -> dict[str, list[float]]:
         await pool.open(wait=True)
         db: Any = sandbox(pool, mode="sandbox")
         try:
-            block = max(1, min(50, rounds // 5))
+            block = max(1, min(20, rounds // 10))
             for _ in range(max(1, rounds // block)):
                 for _ in range(block):
                     t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def measure(bench: Bench, rounds: int, slow: int) -> dict[str, list[float]]:
     # Blocks of consecutive runs per strategy, as a suite runs its tests back to back
     # (strictly alternating strategies would leave each one's backend cold), cycled so
     # that drift in machine load hits every strategy alike.
-    block = max(1, min(50, rounds // 5))
+    block = max(1, min(20, rounds // 10))
     for cycle in range(max(1, rounds // block)):
         for name, fn in (*empty.items(), *full.items()):
             fn()  # warm
@@ -272,6 +272,24 @@ def measure(bench: Bench, rounds: int, slow: int) -> dict[str, list[float]]:
     return out
 
 
+def paired_ratio(rows: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over aligned blocks of (block median / baseline block median).
+
+    Strategies ran in alternating blocks; comparing each block with its neighbour of
+    the baseline cancels the load drift of a shared machine far better than one ratio
+    of two overall medians.
+    """
+    a, b = rows[name], rows[base]
+    if len(a) != len(b) or name == base:
+        return statistics.median(a) / statistics.median(b)
+    size = max(1, min(20, len(a) // 10))
+    ratios = [
+        statistics.median(a[i : i + size]) / statistics.median(b[i : i + size])
+        for i in range(0, len(a) - size + 1, size)
+    ]
+    return statistics.median(ratios)
+
+
 def report(rows: dict[str, list[float]], png: str | None) -> None:
     med = {k: statistics.median(v) * 1e6 for k, v in rows.items() if v}
     groups = [
@@ -294,7 +312,7 @@ def report(rows: dict[str, list[float]], png: str | None) -> None:
         print(f"  {'strategy':<48} {'median':>12} {'ratio':>8} {'n':>5}")
         for name in names:
             if name in med:
-                ratio = med[name] / med[base]
+                ratio = paired_ratio(rows, name, base)
                 print(f"  {name:<48} {med[name]:>9.0f} us {ratio:>7.2f}x {len(rows[name]):>5}")
     if png:
         import matplotlib

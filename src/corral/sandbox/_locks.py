@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 from corral.errors import SandboxBusy
 from corral.sandbox._context import owner_name
@@ -29,8 +28,10 @@ def _busy(holder: object, timeout: float) -> SandboxBusy:
 class OwnerLock:
     """A reentrant lock owned by a thread, with bounded waits."""
 
+    __slots__ = ("_depth", "_holder", "_lock")
+
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._holder: threading.Thread | None = None
         self._depth = 0
 
@@ -40,35 +41,29 @@ class OwnerLock:
 
     def acquire(self, timeout: float | None) -> None:
         me = threading.current_thread()
-        with self._cond:
-            if self._holder is me:
-                self._depth += 1
-                return
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while self._holder is not None:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    assert timeout is not None
-                    raise _busy(self._holder, timeout)
-                self._cond.wait(remaining)
-            self._holder = me
-            self._depth = 1
+        if self._holder is me:  # only this thread can have set it to itself
+            self._depth += 1
+            return
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            assert timeout is not None
+            raise _busy(self._holder, timeout)
+        self._holder = me
+        self._depth = 1
 
     def release(self) -> None:
-        with self._cond:
-            if self._depth == 0:
-                return
-            self._depth -= 1
-            if self._depth == 0:
-                self._holder = None
-                self._cond.notify()
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self._holder = None
+            self._lock.release()
 
     def force_release(self) -> None:
         """Free the lock whoever holds it (the sandbox is closing)."""
-        with self._cond:
+        if self._depth:
             self._depth = 0
             self._holder = None
-            self._cond.notify_all()
+            self._lock.release()
 
 
 class AsyncOwnerLock:

@@ -48,7 +48,7 @@ class _Box(BoxBase):
 
     async def open(self) -> None:
         real = self.real
-        if real.info.transaction_status != TransactionStatus.IDLE:
+        if real.pgconn.transaction_status != TransactionStatus.IDLE:
             await real.rollback()
         if not real.autocommit:
             await real.set_autocommit(True)  # the plan sends BEGIN/SAVEPOINT itself

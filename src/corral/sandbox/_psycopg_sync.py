@@ -45,7 +45,7 @@ class _Box(BoxBase):
 
     def open(self) -> None:
         real = self.real
-        if real.info.transaction_status != TransactionStatus.IDLE:
+        if real.pgconn.transaction_status != TransactionStatus.IDLE:
             real.rollback()
         if not real.autocommit:
             real.autocommit = True  # the plan sends BEGIN/SAVEPOINT itself
