@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from corral.broker import _flows
 from corral.broker._flows import MISSING, Handshake
-from corral.broker.messages import CLOSED, Call, Message, Response
+from corral.broker.messages import CLOSED, NEED_DATA, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerTimeout, BrokerUnavailable
 
@@ -305,8 +305,8 @@ class Client:
     def _receive(self, call: Call, timeout: float) -> Message:
         proto, sock = self._proto, self._sock
         assert sock is not None
+        event = proto.next_event() if proto.has_buffered else NEED_DATA
         while True:
-            event = proto.next_event()
             if isinstance(event, Response):
                 return event.obj
             if event is CLOSED:
@@ -328,3 +328,4 @@ class Client:
                 self._drop()
                 raise unavailable(self.path, exc) from exc
             proto.receive_data(self._view[:nbytes])
+            event = proto.next_event()

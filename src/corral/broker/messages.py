@@ -1,5 +1,8 @@
 """Events and instructions exchanged with the sans-IO protocol objects (no I/O here).
 
+Events are plain slotted dataclasses, not frozen ones: one is built per request, and a
+frozen dataclass's ``__init__`` costs several times more. Treat them as read-only.
+
 Server side: :class:`ServerConnection` turns bytes into :class:`Request`, :class:`Rejected`
 and :class:`TooLarge` events. Client side: flows yield :class:`Call` and receive dicts.
 """
@@ -29,7 +32,7 @@ NEED_DATA: Final = _Sentinel("NEED_DATA")
 CLOSED: Final = _Sentinel("CLOSED")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
     """One request line, parsed: ``obj`` is the JSON object, ``raw`` the bytes received.
 
@@ -40,7 +43,7 @@ class Request:
     raw: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Rejected:
     """A line that is not a JSON object: answer ``{"ok": false, "error": code}``, go on."""
 
@@ -48,7 +51,7 @@ class Rejected:
     detail: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TooLarge:
     """A line over ``max_request_size``: answer ``too_large`` and close the connection."""
 
@@ -56,7 +59,7 @@ class TooLarge:
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Response:
     """One response line from the broker, parsed (client side)."""
 

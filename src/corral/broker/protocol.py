@@ -65,6 +65,7 @@ _js_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 _scan = json.scanner.c_make_scanner(_decoder)  # type: ignore[attr-defined]
 _JSON_SPACE = " \t\n\r"
+_SPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
 
 
 def _encode(obj: Any) -> str:
@@ -85,14 +86,17 @@ def dumps(obj: Any) -> bytes:
 
 
 def _loads(data: bytes) -> Any:
-    text = data.decode("utf-8").strip(_JSON_SPACE)
+    text = data.decode("utf-8")
     try:
         obj, end = _scan(text, 0)
-    except StopIteration as exc:
-        raise ValueError(f"expecting a JSON value at column {exc.value}") from None
+    except StopIteration:  # leading whitespace, or no JSON value at all
+        stripped = text.lstrip(_JSON_SPACE)
+        if stripped == text:
+            raise ValueError("expecting a JSON value at column 0") from None
+        return _loads(stripped.encode())
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-    if end != len(text):
+    if end != len(text) and text[end:].strip(_JSON_SPACE):
         raise ValueError(f"extra data after the JSON value at column {end}")
     return obj
 
@@ -136,7 +140,7 @@ class ServerConnection:
             self._scan = 0
             if len(line) > self.max_request_size:
                 return self._too_large(len(line))
-            if not line.strip():
+            if not line or (line[0] in _SPACE_BYTES and not line.strip()):
                 continue
             try:
                 obj = _loads(line)
@@ -148,6 +152,11 @@ class ServerConnection:
         if self._closed or self._done:
             return CLOSED
         return NEED_DATA
+
+    @property
+    def has_buffered(self) -> bool:
+        """True when received bytes wait to be turned into events."""
+        return bool(self._buf) or self._closed
 
     def _too_large(self, size: int) -> TooLarge:
         self._done = True

@@ -183,6 +183,8 @@ class _Connection(asyncio.BufferedProtocol):
                 size = 0
                 if self.paused:  # pause_writing ran inside write(): resume later
                     break
+            if not proto.has_buffered:
+                break  # the usual case, one request per read: skip asking for NEED_DATA
         if out:
             transport.write(b"".join(out) if len(out) > 1 else out[0])
         self.broker._after_batch()
@@ -694,8 +696,11 @@ class Broker:
         core = self._core
         if core is None:
             return
-        deadline = core.store.next_deadline()
-        if deadline is None or (self._timer_at is not None and deadline >= self._timer_at):
+        heap = core.store._heap  # next_deadline(), inlined: this runs after every batch
+        if not heap:
+            return
+        deadline = heap[0][0]
+        if self._timer_at is not None and deadline >= self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()
