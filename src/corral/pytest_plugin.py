@@ -1,9 +1,193 @@
-"""The corral pytest plugin (entry point ``pytest11``): options, markers, fixtures, xdist glue."""
+"""The corral pytest plugin (entry point ``pytest11``): options, markers, fixtures, xdist glue.
+
+The work lives in :mod:`corral._plugin`; this module only wires it to pytest's hooks.
+See ``docs/pytest.md``.
+"""
 
 from __future__ import annotations
 
+import inspect
+import os
+from collections.abc import Generator, Iterator
+
 import pytest
+
+from corral._plugin._process import STATE, CorralProcess, worker_name
+from corral._plugin._report import report
+from corral._plugin._run import RunInfo
+from corral._plugin._settings import add_options
+from corral.broker import AsyncClient, Client
+
+__all__ = [
+    "corral",
+    "corral_async",
+    "corral_database_url",
+    "corral_worker_id",
+]
+
+_NO_SANDBOX = (
+    "no_sandbox: run this test without a sandbox, on a fresh database of its own (it may "
+    "commit, VACUUM, LISTEN/NOTIFY); the database is recreated after it"
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.getgroup("corral", "corral: run-scoped broker and database sandboxes")
+    add_options(parser)
+
+
+def _informational(config: pytest.Config) -> bool:
+    known = getattr(config, "known_args_namespace", config.option)
+    return bool(getattr(known, "help", False) or getattr(known, "version", False))
+
+
+@pytest.hookimpl
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # Before conftest.py files are imported: an application module they import may read
+    # CORRAL_DATABASE_URL (or DATABASE_URL) at import time.
+    if _informational(early_config):
+        return
+    _start(early_config)
+
+
+def _start(config: pytest.Config, info: RunInfo | None = None) -> None:
+    process = CorralProcess.start(config, info)
+    config.stash[STATE] = process
+    config.add_cleanup(process.stop)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", _NO_SANDBOX)
+    _quiet_benchmark_under_xdist(config)
+    if _informational(config):
+        return
+    if STATE not in config.stash:
+        # Loaded too late for the early hook (``pytest_plugins`` in a conftest file, or
+        # plugin autoload disabled): still before collection.
+        text = getattr(config, "workerinput", {}).get("corral")
+        _start(config, RunInfo.from_json(text) if text else None)
+    process = config.stash[STATE]
+    if process.is_controller:
+        config.pluginmanager.register(_ControllerHooks(process), "corral-controller")
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        from corral._plugin._xdist import XdistHooks
+
+        config.pluginmanager.register(XdistHooks(config), "corral-xdist")
+
+
+def _quiet_benchmark_under_xdist(config: pytest.Config) -> None:
+    """Disable pytest-benchmark under xdist ourselves, as it would, minus its warning.
+
+    pytest-benchmark disables itself under xdist but says so with a warning at configure
+    time, which ``filterwarnings = error`` turns into a crash of the whole run. An
+    explicit ``--benchmark-enable`` still gets its warning.
+    """
+    option = config.option
+    if not hasattr(option, "benchmark_disable"):
+        return
+    xdist = getattr(option, "dist", "no") != "no" or "PYTEST_XDIST_WORKER" in os.environ
+    if xdist and not option.benchmark_enable and not option.benchmark_skip:
+        option.benchmark_disable = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    process = session.config.stash.get(STATE, None)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if process is not None and workeroutput is not None:
+        workeroutput["corral"] = process.stats()
+
+
+class _ControllerHooks:
+    """Hooks that need the config but get none from pytest."""
+
+    def __init__(self, process: CorralProcess) -> None:
+        self.process = process
+
+    def pytest_keyboard_interrupt(self) -> None:
+        # Snapshot what is held while the workers still hold it: the answer to "why did
+        # my run hang" when someone presses Ctrl-C.
+        if self.process.run is not None:
+            self.process.held_at_interrupt = self.process.run.holdings()
+
+
+def pytest_terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    process = config.stash.get(STATE, None)
+    if process is not None and process.is_controller:
+        report(process, terminalreporter, config)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    process = item.config.stash.get(STATE, None)
+    if process is not None and process.database is not None:
+        process.database.renew()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    process = item.config.stash.get(STATE, None)
+    test = getattr(item, "obj", None)
+    if process is None or process.manager is None or not inspect.iscoroutinefunction(test):
+        return (yield)
+    # Whatever runs the coroutine (pytest-asyncio, anyio) runs our wrapper: the async
+    # sandboxes open in the test's own task, on its loop, in its context.
+    item.obj = process.manager.wrap(test, item)  # type: ignore[attr-defined]
+    try:
+        return (yield)
+    finally:
+        item.obj = test  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+def _process(request: pytest.FixtureRequest) -> CorralProcess:
+    process = request.config.stash.get(STATE, None)
+    if process is None or process.info is None:
+        pytest.fail("the corral plugin is not active in this run", pytrace=False)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def _corral_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A sandbox around every test (sync handles; async ones open inside the test)."""
+    process = request.config.stash.get(STATE, None)
+    if process is None or process.manager is None:
+        yield
+        return
+    with process.manager.around(request.node):
+        yield
+
+
+@pytest.fixture(scope="session")
+def corral(request: pytest.FixtureRequest) -> Iterator[Client]:
+    """A blocking client of the run's broker (one connection for the session)."""
+    with Client(_process(request).info.broker_path) as client:  # type: ignore[union-attr]
+        yield client
+
+
+@pytest.fixture
+def corral_async(request: pytest.FixtureRequest) -> AsyncClient:
+    """An asyncio client of the run's broker, for async tests (closed on the test's loop)."""
+    return AsyncClient(_process(request).info.broker_path)  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="session")
+def corral_database_url(request: pytest.FixtureRequest) -> str:
+    """This process's database URL (also ``$CORRAL_DATABASE_URL``)."""
+    process = _process(request)
+    if process.database is None:
+        pytest.fail(
+            "corral's database part is off in this run: configure corral_schema (or a "
+            "server with --corral-dsn), or set corral_database = on",
+            pytrace=False,
+        )
+    return process.database.url
+
+
+@pytest.fixture(scope="session")
+def corral_worker_id() -> str:
+    """``gw0``, ``gw1``... under xdist; ``main`` in a run without workers."""
+    return worker_name()

@@ -1,0 +1,141 @@
+"""One test process's part in a run: controller, xdist worker, or both (no xdist).
+
+Set up in ``pytest_load_initial_conftests``, before any conftest file is imported, so
+``CORRAL_DATABASE_URL`` is in the environment when application modules read it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from corral._plugin._database import WorkerDatabase
+from corral._plugin._run import Run, RunInfo
+from corral._plugin._sandbox import SandboxManager
+from corral._plugin._settings import ENV_RUN, ENV_SANDBOX_MODE, Settings
+from corral.broker import Client
+from corral.errors import CorralError
+
+__all__ = ["STATE", "CorralProcess", "worker_name"]
+
+log = logging.getLogger("corral.pytest")
+
+
+def worker_name() -> str:
+    """``gw0``... in an xdist worker, ``main`` otherwise."""
+    return os.environ.get("PYTEST_XDIST_WORKER") or "main"
+
+
+def _inherited_run() -> RunInfo | None:
+    """The run this process is a worker of, when its parent is that run's controller.
+
+    Checking the parent pid keeps a pytest run *inside* a test (pytester) from taking
+    itself for a worker of the outer run whose variables it inherited.
+    """
+    text = os.environ.get(ENV_RUN)
+    if not text or "PYTEST_XDIST_WORKER" not in os.environ:
+        return None
+    try:
+        info = RunInfo.from_json(text)
+    except (ValueError, TypeError):
+        return None
+    return info if info.controller_pid == os.getppid() else None
+
+
+@dataclass
+class CorralProcess:
+    """State of the plugin in this process (stored on the config)."""
+
+    settings: Settings
+    run: Run | None = None
+    info: RunInfo | None = None
+    client: Client | None = None
+    database: WorkerDatabase | None = None
+    manager: SandboxManager | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    worker_stats: dict[str, Any] = field(default_factory=dict)
+    crashed: list[str] = field(default_factory=list)
+    held_at_interrupt: list[dict[str, Any]] | None = None
+    _mode_saved: str | None = None
+    _mode_set: bool = False
+
+    @property
+    def is_controller(self) -> bool:
+        return self.run is not None
+
+    @classmethod
+    def start(cls, config: pytest.Config, info: RunInfo | None = None) -> CorralProcess:
+        """Join the run (worker) or start it (controller), then take this process's database.
+
+        :param info: the run to join (from ``workerinput``); default: the run inherited
+            from the parent process, else a new one.
+        :raises pytest.UsageError: the run could not start; nothing is left running.
+        """
+        settings = Settings.from_config(config)
+        process = cls(settings)
+        info = info or _inherited_run()
+        try:
+            if info is None:
+                process.run = Run(settings)
+                info = process.run.start()
+                process.timings.update(process.run.timings)
+            process.info = info
+            process._join(info)
+        except BaseException:
+            process.stop()
+            raise
+        return process
+
+    def _join(self, info: RunInfo) -> None:
+        self.client = Client(info.broker_path)
+        if info.sandbox and os.environ.get(ENV_SANDBOX_MODE) is None:
+            # Handles the application wraps with sandbox(...) at import start in sandbox mode.
+            self._mode_saved, self._mode_set = None, True
+            os.environ[ENV_SANDBOX_MODE] = "sandbox"
+        if info.admin_dsn is not None:
+            worker = f"{worker_name()}@{os.getpid()}"
+            self.database = WorkerDatabase(info, self.client, worker)
+            started = time.perf_counter()
+            try:
+                self.database.acquire()
+            except CorralError as exc:
+                raise pytest.UsageError(
+                    f"corral: cannot create this process's database: {exc}"
+                ) from exc
+            self.timings["own database"] = time.perf_counter() - started
+        self.manager = SandboxManager(self.database, enabled=info.sandbox)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's numbers, sent from a worker to the controller at its end."""
+        out: dict[str, Any] = {"sandboxes": 0, "sandbox_seconds": 0.0}
+        if self.manager is not None:
+            out["sandboxes"] = self.manager.opened
+            out["sandbox_seconds"] = self.manager.seconds
+        if self.database is not None:
+            out["clone"] = list(self.database.timings["clone"])
+            out["recreate"] = list(self.database.timings["recreate"])
+            out["recycled"] = self.database.recycled
+        return out
+
+    def stop(self) -> None:
+        """Release this process's database and connection; the controller ends the run."""
+        if self.database is not None:
+            self.database.release()
+            self.database = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self._mode_set:
+            os.environ.pop(ENV_SANDBOX_MODE, None)
+            self._mode_set = False
+        if self.run is not None:
+            self.run.stop()
+            self.timings.update(self.run.timings)
+
+
+STATE = pytest.StashKey[CorralProcess]()

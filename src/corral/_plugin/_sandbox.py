@@ -1,0 +1,199 @@
+"""A sandbox around every test: sync handles from a fixture, async ones inside the test's task.
+
+Async handles' sandboxes must be opened by the coroutine the test runs as: that is the
+only place certain to be on the test's event loop and in its context, whatever runs it
+(pytest-asyncio at any loop scope, anyio). ``no_sandbox`` tests switch every handle to
+normal mode and get a fresh database afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+import pytest
+
+from corral import sandbox as _sandbox
+from corral._plugin._database import WorkerDatabase
+from corral._plugin._settings import ENV_SANDBOX_MODE
+
+__all__ = ["SandboxManager"]
+
+log = logging.getLogger("corral.pytest")
+
+AnyController = _sandbox.SandboxController[Any] | _sandbox.AsyncSandboxController[Any]
+
+
+def _closed(controller: AnyController) -> bool:
+    # A pool the app closed (or has not opened yet) cannot give a sandbox a connection.
+    pool = getattr(controller, "pool", None)
+    return bool(getattr(pool, "closed", False)) if pool is not None else False
+
+
+def _candidates(is_async: bool) -> list[AnyController]:
+    """Sandbox-mode handles of that kind with no sandbox visible here yet, oldest first."""
+    return [
+        c
+        for c in _sandbox.registered()
+        if c.is_async == is_async and not c.active and not _closed(c)
+    ]
+
+
+_ASYNC_HANDLES = pytest.StashKey[list["weakref.ref[AnyController]"]]()
+
+
+class SandboxManager:
+    """Opens and closes the per-test sandboxes of one test process.
+
+    :param database: this process's database, recreated after ``no_sandbox`` tests
+        (None when corral's database part is off).
+    :param enabled: False (``corral_sandbox = false``): leave every handle alone.
+    """
+
+    def __init__(self, database: WorkerDatabase | None, *, enabled: bool = True) -> None:
+        self.database = database
+        self.enabled = enabled
+        self.opened = 0
+        self.seconds = 0.0
+        # Async handles whose idle connections died with a recreated database; they are
+        # refreshed on their own loop, by the next async test.
+        self._stale: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    # ------------------------------------------------------------------ sync side
+
+    @contextlib.contextmanager
+    def around(self, item: pytest.Item) -> Iterator[None]:
+        """Around one test (setup to teardown): sync sandboxes, or the no_sandbox switch."""
+        if item.get_closest_marker("no_sandbox") is not None:
+            with self.unsandboxed():
+                yield
+            return
+        if not self.enabled:
+            yield
+            return
+        # Async handles get their sandbox inside the test's coroutine, but only those that
+        # exist now: handles the test's own fixtures create are those fixtures' business.
+        item.stash[_ASYNC_HANDLES] = [weakref.ref(c) for c in _candidates(is_async=True)]
+        opened: list[AnyController] = []
+        started = time.perf_counter()
+        try:
+            for controller in _candidates(is_async=False):
+                controller.create_sandbox()
+                opened.append(controller)
+            self.seconds += time.perf_counter() - started
+            yield
+        finally:
+            started = time.perf_counter()
+            errors = [e for e in (self._close_sync(c) for c in reversed(opened)) if e]
+            self.opened += len(opened)
+            self.seconds += time.perf_counter() - started
+            if errors:
+                raise errors[0]
+
+    @staticmethod
+    def _close_sync(controller: AnyController) -> BaseException | None:
+        try:
+            controller.close_sandbox()
+        except Exception as exc:
+            return exc
+        return None
+
+    @contextlib.contextmanager
+    def unsandboxed(self) -> Iterator[None]:
+        """Handles in normal mode for one test; then a fresh database, handles refreshed."""
+        switched = _sandbox.registered()
+        for controller in switched:
+            controller.mode = "normal"
+        saved = os.environ.get(ENV_SANDBOX_MODE)
+        os.environ[ENV_SANDBOX_MODE] = "normal"  # handles the test itself creates
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop(ENV_SANDBOX_MODE, None)
+            else:
+                os.environ[ENV_SANDBOX_MODE] = saved
+            for controller in switched:
+                controller.mode = "sandbox"
+            if self.database is not None:
+                # Whatever the test committed must not reach the next test.
+                self.database.recreate()
+                self.refresh(switched)
+
+    def refresh(self, controllers: list[AnyController]) -> None:
+        """Drop idle connections to the database that was just replaced."""
+        for controller in controllers:
+            if controller.is_async:
+                self._stale.add(controller)
+                continue
+            try:
+                pool = getattr(controller, "pool", None)
+                if pool is not None:
+                    if not pool.closed:
+                        pool.check()  # psycopg_pool: test each idle connection, replace dead
+                else:
+                    controller.close()  # type: ignore[union-attr]  # factory: idle ones
+            except Exception as exc:
+                log.warning("refreshing %r after recreating the database: %s", controller, exc)
+
+    # ------------------------------------------------------------------ async side
+
+    def wrap(
+        self, test: Callable[..., Coroutine[Any, Any, Any]], item: pytest.Item
+    ) -> Callable[..., Coroutine[Any, Any, Any]]:
+        """The test coroutine function, with async sandboxes opened inside its own task."""
+        sandboxed = self.enabled and item.get_closest_marker("no_sandbox") is None
+
+        @functools.wraps(test)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            await self._refresh_stale()
+            opened: list[AnyController] = []
+            if sandboxed:
+                started = time.perf_counter()
+                refs = item.stash.get(_ASYNC_HANDLES, [])
+                for ref in refs:
+                    controller = ref()
+                    if controller is None or controller.active or _closed(controller):
+                        continue
+                    await controller.create_sandbox()  # type: ignore[misc]
+                    opened.append(controller)
+                self.seconds += time.perf_counter() - started
+            try:
+                return await test(*args, **kwargs)
+            finally:
+                started = time.perf_counter()
+                first: BaseException | None = None
+                for controller in reversed(opened):
+                    try:
+                        await controller.close_sandbox()  # type: ignore[misc]
+                    except Exception as exc:
+                        first = first or exc
+                self.opened += len(opened)
+                self.seconds += time.perf_counter() - started
+                client = getattr(item, "funcargs", {}).get("corral_async")
+                if client is not None:
+                    await client.aclose()  # on the loop its connection belongs to
+                if first is not None:
+                    raise first
+
+        return run
+
+    async def _refresh_stale(self) -> None:
+        stale = list(self._stale)
+        self._stale.clear()
+        for controller in stale:
+            try:
+                pool = getattr(controller, "pool", None)
+                if pool is not None:
+                    if not pool.closed:
+                        await pool.check()
+                else:
+                    await controller.close()
+            except Exception as exc:
+                log.warning("refreshing %r after recreating the database: %s", controller, exc)

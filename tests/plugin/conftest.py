@@ -1,0 +1,59 @@
+"""End-to-end plugin tests: inner pytest runs (pytester) of the sample suite in ``sample/``.
+
+Inner runs share this session's PostgreSQL through ``CORRAL_DSN`` (fast); the tests of the
+throwaway-server path use corral's warm initdb cache.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from corral.postgres import default_cache_dir
+
+collect_ignore = ["sample"]
+
+SAMPLE = Path(__file__).parent / "sample"
+# pytester points HOME at its temporary directory: keep corral's real initdb cache.
+_CACHE_DIR = str(default_cache_dir())
+# Variables an inner run must not inherit from this one (or from an outer xdist worker).
+_INHERITED = (
+    "EPHEMERAL_PIPE",
+    "EPHEMERAL_SECRET",
+    "CORRAL_PLUGIN_RUN",
+    "CORRAL_RUN_ID",
+    "CORRAL_DATABASE_URL",
+    "CORRAL_SANDBOX_MODE",
+    "CORRAL_DSN",
+    "DATABASE_URL",
+    "PYTEST_XDIST_WORKER",
+    "PYTEST_XDIST_WORKER_COUNT",
+    "PYTEST_XDIST_TESTRUNUID",
+    "PYTEST_ADDOPTS",
+)
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A pytester directory holding a copy of the sample suite, with a clean environment."""
+    for name in _INHERITED:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CORRAL_PG_CACHE_DIR", os.environ.get("CORRAL_PG_CACHE_DIR", _CACHE_DIR))
+    for item in SAMPLE.iterdir():
+        if item.name == "__pycache__":
+            continue
+        if item.is_dir():
+            shutil.copytree(item, pytester.path / item.name)
+        else:
+            shutil.copy(item, pytester.path / item.name)
+    return pytester
+
+
+@pytest.fixture
+def shared_server(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Inner runs use this session's server (as a user's own server would be used)."""
+    monkeypatch.setenv("CORRAL_DSN", postgres_dsn)
+    return postgres_dsn

@@ -1,0 +1,31 @@
+"""The sample suite's conftest: imports the app at import time (its URL must be set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import app  # type: ignore[import-not-found]  # noqa: F401 - reads DATABASE_URL at import
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    facts = os.environ.get("SAMPLE_FACTS")
+    if facts and not hasattr(config, "workerinput"):
+        with open(facts, "w") as f:
+            json.dump(
+                {
+                    "pipe": os.environ.get("EPHEMERAL_PIPE"),
+                    "url": os.environ.get("CORRAL_DATABASE_URL"),
+                    "pid": os.getpid(),
+                    "template": json.loads(os.environ["CORRAL_PLUGIN_RUN"])["template"],
+                },
+                f,
+            )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    seed = os.environ.get("SAMPLE_SHUFFLE")
+    if seed:
+        random.Random(int(seed)).shuffle(items)

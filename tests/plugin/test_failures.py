@@ -1,0 +1,122 @@
+"""Failure paths end to end: a worker dies, the schema is broken, Ctrl-C, leaked holdings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from corral.postgres import list_databases
+from tests.plugin._checks import assert_nothing_left, facts
+from tests.plugin.test_runs import SAMPLE_TESTS
+
+
+@pytest.mark.slow
+def test_worker_dying_mid_test_fails_only_that_test(
+    inner: pytest.Pytester, shared_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAMPLE_CRASH", "1")
+    monkeypatch.setenv("SAMPLE_FACTS", str(inner.path / "facts.json"))
+    result = inner.runpytest_subprocess("-n", "2", "-v")
+    result.assert_outcomes(passed=SAMPLE_TESTS - 1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*crashed while running*test_worker_dies_mid_test*",
+            "*corral: crashed workers*",
+            "gw* died mid-run*recycled*",
+        ]
+    )
+    # The replacement worker took the dead one's slot and cloned it afresh (its tests,
+    # which all assert they see only the seed row, passed).
+    result.stdout.fnmatch_lines(["*databases: 3 cloned (mean * ms), 1 recycled from crashed*"])
+    assert_nothing_left(facts(inner.path / "facts.json"), shared_server)
+
+
+@pytest.mark.slow
+def test_failing_schema_fails_the_run_once(inner: pytest.Pytester, shared_server: str) -> None:
+    schema = inner.path / "schema.sql"
+    schema.write_text(schema.read_text() + "\nCREATE TABLE broken (id int REFERENCES nowhere);\n")
+    before = {db.name for db in list_databases(shared_server)}
+    result = inner.runpytest_subprocess("-n", "2")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = result.stderr.str()
+    assert errors.count('relation "nowhere" does not exist') == 1, errors
+    assert "the schema failed to build (corral_schema), so no test ran" in errors
+    assert "schema.sql" in errors
+    assert "gw0" not in result.stdout.str()  # no worker was ever started
+    assert {db.name for db in list_databases(shared_server)} == before
+
+
+def test_unknown_schema_path_is_a_usage_error(inner: pytest.Pytester) -> None:
+    (inner.path / "pytest.ini").write_text("[pytest]\ncorral_schema = missing.sql\n")
+    result = inner.runpytest_subprocess("-n", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*corral_schema: 'missing.sql' does not exist*"])
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_nothing_and_reports_holdings(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The throwaway server this time: Ctrl-C must take it down too.
+    started = inner.path / "started"
+    inner.makepyfile(
+        test_hang=f"""
+        import pathlib, time
+
+        def test_hangs(corral):
+            corral.lease("printers", "test_hangs", ttl=600)
+            pathlib.Path({str(started)!r}).write_text("x")
+            time.sleep(60)
+        """
+    )
+    monkeypatch.setenv("SAMPLE_FACTS", str(inner.path / "facts.json"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "test_hang.py"],
+        cwd=inner.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "the hanging test never started"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    assert "corral warning: still held in the broker" in out, out
+    assert "lease 'printers' #0 held by 'test_hangs' for" in out
+    assert_nothing_left(facts(inner.path / "facts.json"), None)
+
+
+def test_leaked_holding_is_reported_at_the_end(inner: pytest.Pytester) -> None:
+    inner.makepyfile(
+        test_leak="""
+        from corral.broker import Client
+
+        LEAKED = []
+
+        def test_takes_and_keeps():
+            client = Client()
+            client.lease("api-keys", "test_takes_and_keeps", ttl=600)
+            LEAKED.append(client)  # never released: the run's end must say so
+        """
+    )
+    result = inner.runpytest_subprocess("-n", "0", "test_leak.py")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*corral warning: still held in the broker*",
+            "lease 'api-keys' #0 held by 'test_takes_and_keeps' for * s",
+        ]
+    )

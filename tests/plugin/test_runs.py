@@ -1,0 +1,67 @@
+"""The sample suite end to end: serial and parallel, all green, nothing left behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.plugin._checks import assert_nothing_left, facts
+
+# Tests in the sample suite: 12 + 5 + 1 (crash test, harmless without SAMPLE_CRASH)
+# in test_items.py, 8 async, 3 no_sandbox.
+SAMPLE_TESTS = 29
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("workers", "shuffle"),
+    [("0", "1"), ("2", ""), ("4", "2")],
+    ids=["n0-shuffled", "n2", "n4-shuffled"],
+)
+def test_sample_suite_passes_and_leaves_nothing(
+    inner: pytest.Pytester,
+    shared_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    workers: str,
+    shuffle: str,
+) -> None:
+    monkeypatch.setenv("SAMPLE_FACTS", str(inner.path / "facts.json"))
+    monkeypatch.setenv("SAMPLE_SHUFFLE", shuffle)
+    result = inner.runpytest_subprocess("-n", workers, "-p", "no:randomly", "-v")
+    result.assert_outcomes(passed=SAMPLE_TESTS)
+    result.stdout.fnmatch_lines(["*-- corral --*", "*sandboxes: * opened and rolled back*"])
+    assert_nothing_left(facts(inner.path / "facts.json"), shared_server)
+
+
+@pytest.mark.slow
+def test_throwaway_server_is_started_and_stopped(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No CORRAL_DSN: the controller starts corral's own PostgreSQL, workers share it.
+    monkeypatch.setenv("SAMPLE_FACTS", str(inner.path / "facts.json"))
+    result = inner.runpytest_subprocess("-n", "2", "-v")
+    result.assert_outcomes(passed=SAMPLE_TESTS)
+    result.stdout.fnmatch_lines(["*postgres start: * ms*", "*template: * ms*"])
+    info = facts(inner.path / "facts.json")
+    assert "corral-pg" in info["url"]
+    assert_nothing_left(info, None)
+
+
+@pytest.mark.slow
+def test_last_failed_reruns_only_the_failure(
+    inner: pytest.Pytester, shared_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SAMPLE_FAIL", "1")
+    first = inner.runpytest_subprocess("-n", "2")
+    first.assert_outcomes(passed=SAMPLE_TESTS - 1, failed=1)
+    monkeypatch.delenv("SAMPLE_FAIL")
+    again = inner.runpytest_subprocess("-n", "2", "--lf")
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines(["*run-last-failure*"])
+
+
+@pytest.mark.slow
+def test_with_pytest_randomly(inner: pytest.Pytester, shared_server: str) -> None:
+    pytest.importorskip("pytest_randomly")
+    for seed in ("1", "2"):
+        result = inner.runpytest_subprocess("-n", "2", "-p", "randomly", "-p", f"seed={seed}")
+        result.assert_outcomes(passed=SAMPLE_TESTS)
