@@ -1,0 +1,108 @@
+"""Configuration: schema callables, extra URL variables, the database part off, nested runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from corral._plugin._process import _inherited_run
+from corral._plugin._run import RunInfo
+from corral.pytest_plugin import _quiet_benchmark_under_xdist
+
+
+def test_schema_callable_and_database_env(inner: pytest.Pytester, shared_server: str) -> None:
+    (inner.path / "pytest.ini").write_text(
+        "[pytest]\n"
+        "corral_schema = migrations:migrate\n"
+        "corral_schema_watch = schema.sql\n"
+        "corral_database_env = DATABASE_URL APP_DB\n"
+    )
+    inner.makepyfile(
+        migrations="""
+        import pathlib
+        import psycopg
+
+        def migrate(dsn):
+            with psycopg.connect(dsn) as conn:
+                conn.execute(pathlib.Path(__file__).with_name("schema.sql").read_text())
+        """,
+        test_callable="""
+        import os
+        import app
+
+        def test_schema_from_the_function(corral_database_url):
+            assert os.environ["APP_DB"] == os.environ["DATABASE_URL"] == corral_database_url
+            app.add_item("widget")
+            assert app.names() == ["seed", "widget"]
+        """,
+    )
+    result = inner.runpytest_subprocess("-n", "0", "test_callable.py")
+    result.assert_outcomes(passed=1)
+
+
+def test_broker_only_when_no_database_is_configured(inner: pytest.Pytester) -> None:
+    for name in ("conftest.py", "pytest.ini"):
+        (inner.path / name).unlink()
+    inner.makepyfile(
+        test_broker_only="""
+        import os
+        import pytest
+
+        def test_broker_works(corral, corral_worker_id):
+            assert corral_worker_id.startswith("gw")
+            assert corral.lease("slots", corral_worker_id, ttl=60) in (0, 1)
+            assert "CORRAL_DATABASE_URL" not in os.environ
+
+        def test_database_fixture_explains(corral_database_url):
+            pass
+        """
+    )
+    result = inner.runpytest_subprocess("-n", "2", "test_broker_only.py")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*corral's database part is off in this run*"])
+
+
+def test_a_nested_run_is_not_mistaken_for_a_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = RunInfo(run_id="r1", controller_pid=os.getppid(), broker_path="/nowhere")
+    monkeypatch.setenv("CORRAL_PLUGIN_RUN", info.to_json())
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    assert _inherited_run() == info
+    other = RunInfo(run_id="r1", controller_pid=os.getppid() + 100_000, broker_path="/x")
+    monkeypatch.setenv("CORRAL_PLUGIN_RUN", other.to_json())
+    assert _inherited_run() is None  # inherited from a grandparent: start a run of its own
+    monkeypatch.setenv("CORRAL_PLUGIN_RUN", json.dumps({"garbage": 1}))
+    assert _inherited_run() is None
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    monkeypatch.setenv("CORRAL_PLUGIN_RUN", info.to_json())
+    assert _inherited_run() is None
+
+
+@pytest.mark.parametrize(
+    ("dist", "enable", "skip", "disabled"),
+    [("load", False, False, True), ("no", False, False, False), ("load", True, False, False)],
+)
+def test_benchmark_plugin_quietly_disabled_under_xdist(
+    monkeypatch: pytest.MonkeyPatch, dist: str, enable: bool, skip: bool, disabled: bool
+) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    option = SimpleNamespace(
+        dist=dist, benchmark_disable=False, benchmark_enable=enable, benchmark_skip=skip
+    )
+    _quiet_benchmark_under_xdist(SimpleNamespace(option=option))  # type: ignore[arg-type]
+    assert option.benchmark_disable is disabled
+
+
+def test_plugin_options_are_documented(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_subprocess("--help")
+    result.stdout.fnmatch_lines(
+        [
+            "*corral*",
+            "*--corral-dsn=DSN*",
+            "*--corral-database=*",
+            "*corral_schema (linelist)*",
+            "*corral_database_env (args)*",
+        ]
+    )
