@@ -26,7 +26,7 @@ __all__ = ["AsyncClient"]
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
 
-_RECV = 256 * 1024
+_RECV = 64 * 1024
 
 
 class AsyncClient:
@@ -57,10 +57,8 @@ class AsyncClient:
         self.timeout = float(timeout)
         self.compress_threshold = compress_threshold
         self._lock: asyncio.Lock | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: _Link | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._proto = ClientConnection()
         self._handshake: Handshake | None = None
         self._instance: str | None = None
         self._closed = False
@@ -137,7 +135,7 @@ class AsyncClient:
         await self.aclose()
 
     def __repr__(self) -> str:
-        state = "connected" if self._writer is not None else "idle"
+        state = "connected" if self._link is not None else "idle"
         return f"<AsyncClient {self.path!r} {state}>"
 
     # ------------------------------------------------------------------ driver
@@ -167,19 +165,19 @@ class AsyncClient:
                 return stop.value  # type: ignore[no-any-return]
 
     async def _ensure(self) -> None:
-        if self._writer is None:
+        if self._link is None:
             await self._connect()
 
     async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_unix_connection(self.path, limit=_RECV)
+                _, link = await loop.create_unix_connection(_Link, self.path)
         except TimeoutError as exc:
             raise BrokerTimeout(f"connecting to the broker at {self.path} timed out") from exc
         except OSError as exc:
             raise unavailable(self.path, exc) from exc
-        self._reader, self._writer = reader, writer
-        self._proto = ClientConnection()
+        self._link = link
         self._handshake = Handshake(legacy=False)
         flow = _flows.hello(self._secret)
         try:
@@ -189,7 +187,7 @@ class AsyncClient:
         except StopIteration as stop:
             handshake: Handshake = stop.value
         except BaseException:
-            await self._drop()
+            self._forget()
             raise
         self._handshake = handshake
         if self._instance is not None and handshake.instance != self._instance:
@@ -199,18 +197,18 @@ class AsyncClient:
         self._instance = handshake.instance
 
     def _forget(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
+        link, self._link = self._link, None
+        if link is not None and link.transport is not None:
             # Its loop may be closed already; the transport is gone with it then.
             with contextlib.suppress(RuntimeError):
-                writer.close()
+                link.transport.close()
 
     async def _drop(self) -> None:
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError, RuntimeError):
-                await writer.wait_closed()
+        link = self._link
+        self._forget()
+        if link is not None and link.transport is not None:
+            with contextlib.suppress(RuntimeError):
+                await link.closed
 
     def _encode(self, request: Message) -> bytes:
         handshake = self._handshake
@@ -220,13 +218,12 @@ class AsyncClient:
 
     async def _roundtrip(self, call: Call, retry: bool = True) -> Message:
         line = self._encode(call.request)
-        reader, writer = self._reader, self._writer
-        assert reader is not None
-        assert writer is not None
+        link = self._link
+        assert link is not None
         timeout = self.timeout if call.timeout is None else call.timeout
-        if writer.is_closing() or reader.at_eof():
+        if link.lost:
             # Closed by the broker before this request went out: safe to send afresh.
-            await self._drop()
+            self._forget()
             if not retry:
                 raise BrokerUnavailable(f"the broker at {self.path} closed the connection")
             self.reconnects += 1
@@ -234,33 +231,88 @@ class AsyncClient:
             return await self._roundtrip(call, retry=False)
         try:
             async with asyncio.timeout(timeout):
-                writer.write(line)
-                await writer.drain()
-                return await self._receive(call, reader)
+                link.send(line)
+                response = await link.response()
         except TimeoutError as exc:
-            await self._drop()
+            self._forget()
             raise BrokerTimeout(
                 f"no answer to {call.request.get('action')!r} from the broker at "
                 f"{self.path} within {timeout} s"
             ) from exc
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            await self._drop()
-            raise unavailable(self.path, exc) from exc
         except BaseException:
-            # Cancelled mid-request: the answer would desynchronise the connection.
-            await self._drop()
+            # Cancelled mid-request: a late answer would desynchronise the connection.
+            self._forget()
             raise
+        if response is None:
+            self._forget()
+            if isinstance(link.error, BrokenPipeError) and retry:
+                # The send itself failed: the broker closed before it saw this request.
+                self.reconnects += 1
+                await self._connect()
+                return await self._roundtrip(call, retry=False)
+            raise BrokerUnavailable(
+                f"the broker at {self.path} closed the connection before answering "
+                f"{call.request.get('action')!r}; it may have stopped"
+            )
+        return response
 
-    async def _receive(self, call: Call, reader: asyncio.StreamReader) -> Message:
-        proto = self._proto
+
+class _Link(asyncio.BufferedProtocol):
+    """The connection: reads into one preallocated buffer, feeds the sans-IO protocol."""
+
+    def __init__(self) -> None:
+        self.proto = ClientConnection()
+        self.view = memoryview(bytearray(_RECV))
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.lost = False
+        self.error: BaseException | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.proto.receive_data(self.view[:nbytes])
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.proto.receive_data(b"")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.error = exc
+        self.proto.receive_data(b"")
+        self._wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def send(self, line: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(line)
+
+    async def response(self) -> Message | None:
+        """The next answer, or None when the connection closed first."""
+        proto = self.proto
         while True:
             event = proto.next_event()
             if isinstance(event, Response):
                 return event.obj
             if event is CLOSED:
-                await self._drop()
-                raise BrokerUnavailable(
-                    f"the broker at {self.path} closed the connection before answering "
-                    f"{call.request.get('action')!r}; it may have stopped"
-                )
-            proto.receive_data(await reader.read(_RECV))
+                return None
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
