@@ -380,3 +380,33 @@ def test_async_client_reconnects_after_a_restart(make_broker: MakeBroker, tmp_pa
             assert c.reconnects == 1
 
     asyncio.run(main())
+
+
+def test_async_cancellation_mid_request_never_desynchronises(silent_server: str) -> None:
+    async def main() -> None:
+        async with AsyncClient(silent_server, timeout=5) as c:
+            task = asyncio.create_task(c.ping())
+            await asyncio.sleep(0.1)  # the hello is out, its answer never comes
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert c._link is None  # dropped: a late answer cannot be taken for the next
+
+    asyncio.run(main())
+
+
+def test_async_client_belongs_to_one_event_loop(broker: Broker) -> None:
+    client = AsyncClient(broker.path)
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(client.set("k", 1))
+
+        async def elsewhere() -> None:
+            with pytest.raises(RuntimeError, match="another event loop"):
+                await client.get("k")
+
+        asyncio.run(elsewhere())
+        assert first.run_until_complete(client.get("k")) == 1
+        first.run_until_complete(client.aclose())
+    finally:
+        first.close()

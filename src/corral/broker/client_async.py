@@ -39,7 +39,8 @@ class AsyncClient:
         sent gzip+base64 compressed, as the Node client does (None: never).
 
     Concurrent tasks share the connection; their requests are serialised. The
-    connection belongs to the event loop that opened it.
+    connection belongs to the event loop that opened it: using the client from another
+    loop while connected raises RuntimeError (an idle client rebinds freely).
     """
 
     def __init__(
@@ -143,8 +144,11 @@ class AsyncClient:
     def _get_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         if self._lock is None or self._loop is not loop:
-            if self._loop is not None and self._loop is not loop:
-                self._forget()  # a new loop (e.g. per-test loops) gets a new connection
+            if self._link is not None:
+                raise RuntimeError(
+                    "this AsyncClient is connected on another event loop; aclose() it there, "
+                    "or use one AsyncClient per event loop"
+                )
             self._lock = asyncio.Lock()
             self._loop = loop
         return self._lock
