@@ -331,6 +331,7 @@ class Broker:
         self._started_at = 0.0
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._periodic: dict[str, asyncio.TimerHandle] = {}
         self._timer_at: float | None = None
         self._env_saved: dict[str, str | None] = {}
         self._atexit: Any = None
@@ -636,17 +637,16 @@ class Broker:
             sock.close()
             return
         self._started_at = self._last_activity = time.monotonic()
-        sweeper = loop.call_later(self.sweep_interval, self._sweep)
-        idle = None
+        self._periodic["sweep"] = loop.call_later(self.sweep_interval, self._sweep)
         if self.idle_timeout is not None:
-            idle = loop.call_later(self.idle_timeout, self._check_idle)
+            self._periodic["idle"] = loop.call_later(self.idle_timeout, self._check_idle)
         ready.set()
         try:
             await self._stop_event.wait()
         finally:
-            sweeper.cancel()
-            if idle is not None:
-                idle.cancel()
+            for handle in self._periodic.values():
+                handle.cancel()
+            self._periodic.clear()
             await self._shutdown(server)
 
     def _request_stop(self, drain: float) -> None:
@@ -727,7 +727,7 @@ class Broker:
         core.store.expire_due()
         core.store.compact()
         self._after_batch()
-        self._loop.call_later(self.sweep_interval, self._sweep)
+        self._periodic["sweep"] = self._loop.call_later(self.sweep_interval, self._sweep)
 
     def _check_idle(self) -> None:
         assert self.idle_timeout is not None
@@ -738,7 +738,7 @@ class Broker:
             self._request_stop(self.drain_timeout)
             return
         wait = self.idle_timeout - idle_for if not self._connections else self.idle_timeout
-        self._loop.call_later(max(wait, 0.05), self._check_idle)
+        self._periodic["idle"] = self._loop.call_later(max(wait, 0.05), self._check_idle)
 
 
 def _enable_debug_logging() -> None:
