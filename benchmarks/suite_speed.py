@@ -1,0 +1,262 @@
+"""Wall time of a realistic database test suite: TRUNCATE clean-up vs corral, serial and parallel.
+
+Run: ``python -m benchmarks.suite_speed [--tests 400] [--rounds 1] [--workers 2,4]``.
+Generates a suite (an app on a psycopg pool, eight tables, each test a handful of app-level
+queries) and times whole ``pytest`` runs of it, each in a fresh process: serial with a
+``TRUNCATE ... CASCADE`` of every table after each test (what many suites do), serial
+under corral (one sandbox per test), and corral with ``-n 2`` / ``-n 4``. All runs use
+one throwaway PostgreSQL server started here (or ``--dsn``). Targets (issue 7): serial
+corral >= 5x faster than serial TRUNCATE; ``-n 2`` >= 1.6x faster than serial corral.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from corral.postgres import (
+    EphemeralPostgres,
+    clone_database,
+    database_dsn,
+    drop_database,
+    ensure_template,
+)
+
+SCHEMA = """
+CREATE TABLE users (id bigserial PRIMARY KEY, email text UNIQUE NOT NULL,
+    created timestamptz NOT NULL DEFAULT now());
+CREATE TABLE profiles (user_id bigint PRIMARY KEY REFERENCES users ON DELETE CASCADE,
+    display_name text NOT NULL, bio text NOT NULL DEFAULT '');
+CREATE TABLE posts (id bigserial PRIMARY KEY, author_id bigint NOT NULL REFERENCES users,
+    title text NOT NULL, body text NOT NULL, published boolean NOT NULL DEFAULT false,
+    created timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON posts (author_id, created DESC);
+CREATE TABLE comments (id bigserial PRIMARY KEY, post_id bigint NOT NULL REFERENCES posts,
+    author_id bigint NOT NULL REFERENCES users, body text NOT NULL);
+CREATE INDEX ON comments (post_id);
+CREATE TABLE tags (id serial PRIMARY KEY, name text UNIQUE NOT NULL);
+CREATE TABLE post_tags (post_id bigint REFERENCES posts, tag_id int REFERENCES tags,
+    PRIMARY KEY (post_id, tag_id));
+CREATE TABLE likes (user_id bigint REFERENCES users, post_id bigint REFERENCES posts,
+    PRIMARY KEY (user_id, post_id));
+CREATE TABLE audit_log (id bigserial PRIMARY KEY, actor bigint, action text NOT NULL,
+    at timestamptz NOT NULL DEFAULT now());
+"""
+
+TABLES = "users, profiles, posts, comments, tags, post_tags, likes, audit_log"
+
+APP = '''
+"""The application under test: a blog on a psycopg pool, URL read at import."""
+import os
+
+from psycopg_pool import ConnectionPool
+
+from corral.sandbox import sandbox
+
+pool = sandbox(ConnectionPool(os.environ["DATABASE_URL"], min_size=2, max_size=4, open=True))
+
+
+def _audit(conn, actor, action):
+    conn.execute("INSERT INTO audit_log (actor, action) VALUES (%s, %s)", [actor, action])
+
+
+def sign_up(email, name):
+    with pool.connection() as conn, conn.transaction():
+        (uid,) = conn.execute(
+            "INSERT INTO users (email) VALUES (%s) RETURNING id", [email]
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO profiles (user_id, display_name) VALUES (%s, %s)", [uid, name]
+        )
+        _audit(conn, uid, "sign_up")
+    return uid
+
+
+def publish(author, title, tags):
+    with pool.connection() as conn, conn.transaction():
+        (pid,) = conn.execute(
+            "INSERT INTO posts (author_id, title, body, published) VALUES (%s, %s, %s, true)"
+            " RETURNING id",
+            [author, title, title * 3],
+        ).fetchone()
+        for tag in tags:
+            (tid,) = conn.execute(
+                "INSERT INTO tags (name) VALUES (%s) ON CONFLICT (name)"
+                " DO UPDATE SET name = excluded.name RETURNING id",
+                [tag],
+            ).fetchone()
+            conn.execute("INSERT INTO post_tags VALUES (%s, %s)", [pid, tid])
+        _audit(conn, author, "publish")
+    return pid
+
+
+def comment(post, author, body):
+    with pool.connection() as conn:
+        conn.execute(
+            "INSERT INTO comments (post_id, author_id, body) VALUES (%s, %s, %s)",
+            [post, author, body],
+        )
+        conn.execute("INSERT INTO likes VALUES (%s, %s) ON CONFLICT DO NOTHING", [author, post])
+
+
+def feed(user):
+    with pool.connection() as conn:
+        return conn.execute(
+            "SELECT p.title, count(DISTINCT c.id), count(DISTINCT l.user_id),"
+            " array_agg(DISTINCT t.name)"
+            " FROM posts p LEFT JOIN comments c ON c.post_id = p.id"
+            " LEFT JOIN likes l ON l.post_id = p.id"
+            " LEFT JOIN post_tags pt ON pt.post_id = p.id LEFT JOIN tags t ON t.id = pt.tag_id"
+            " WHERE p.author_id = %s GROUP BY p.id ORDER BY p.id",
+            [user],
+        ).fetchall()
+'''
+
+CONFTEST = f"""
+import os
+
+import pytest
+
+import app
+
+
+@pytest.fixture(autouse=True)
+def _clean_up():
+    yield
+    if os.environ.get("BENCH_CLEANUP") == "truncate":
+        with app.pool.connection() as conn:
+            conn.execute("TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+"""
+
+TEST_FILE = """
+import pytest
+
+import app
+
+
+@pytest.mark.parametrize("n", range({count}))
+def test_blog_flow(n):
+    alice = app.sign_up("alice@example.com", "Alice")
+    bob = app.sign_up("bob@example.com", "Bob")
+    post = app.publish(alice, "Hello", ["intro", "news"])
+    app.comment(post, bob, "Welcome!")
+    [(title, comments, likes, tags)] = app.feed(alice)
+    assert (title, comments, likes, sorted(tags)) == ("Hello", 1, 1, ["intro", "news"])
+"""
+
+
+def generate(root: Path, tests: int, per_file: int = 50) -> None:
+    (root / "schema.sql").write_text(SCHEMA)
+    (root / "app.py").write_text(APP)
+    (root / "conftest.py").write_text(CONFTEST)
+    (root / "pytest.ini").write_text(
+        "[pytest]\ncorral_schema = schema.sql\ncorral_database_env = DATABASE_URL\n"
+    )
+    index = 0
+    while tests > 0:
+        count = min(per_file, tests)
+        (root / f"test_blog_{index:02d}.py").write_text(TEST_FILE.format(count=count))
+        tests -= count
+        index += 1
+
+
+def run_pytest(root: Path, args: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            *args,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(
+            f"pytest {' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr}"
+        )
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tests", type=int, default=400)
+    parser.add_argument("--rounds", type=int, default=1, help="runs per mode (median kept)")
+    parser.add_argument("--workers", default="2,4", help="comma-separated -n values")
+    parser.add_argument("--dsn", help="admin DSN of a server to use instead of a throwaway one")
+    args = parser.parse_args(argv)
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+
+    base_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CORRAL_", "EPHEMERAL_", "PYTEST_")) and k != "DATABASE_URL"
+    }
+    server = None if args.dsn else EphemeralPostgres().start()
+    admin = args.dsn or server.dsn  # type: ignore[union-attr]
+    try:
+        with tempfile.TemporaryDirectory(prefix="corral-suite-") as tmp:
+            root = Path(tmp)
+            generate(root, args.tests)
+            # The TRUNCATE suite runs without corral on a database of its own.
+            template = ensure_template(admin, [root / "schema.sql"])
+            plain = clone_database(admin, template)
+            truncate_env = {
+                **base_env,
+                "DATABASE_URL": database_dsn(admin, plain),
+                "BENCH_CLEANUP": "truncate",
+            }
+            corral_env = {**base_env, "CORRAL_DSN": admin}
+            modes: list[tuple[str, list[str], dict[str, str]]] = [
+                ("serial, TRUNCATE after each test", ["-p", "no:corral", "-n", "0"], truncate_env),
+                ("serial, corral sandbox", ["-n", "0"], corral_env),
+            ]
+            modes += [(f"corral -n {w}", ["-n", w], corral_env) for w in workers]
+            times: dict[str, float] = {}
+            try:
+                for name, extra, env in modes:
+                    samples = [run_pytest(root, extra, env) for _ in range(args.rounds)]
+                    times[name] = statistics.median(samples)
+            finally:
+                drop_database(admin, plain)
+    finally:
+        if server is not None:
+            server.stop()
+
+    print(
+        f"# {args.tests} tests, median of {args.rounds} run(s); {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    )
+    truncate = times["serial, TRUNCATE after each test"]
+    serial = times["serial, corral sandbox"]
+    print(f"{'mode':<36} {'wall s':>8} {'vs TRUNCATE':>12} {'vs serial corral':>17}")
+    for name, seconds in times.items():
+        print(f"{name:<36} {seconds:>8.2f} {truncate / seconds:>11.2f}x {serial / seconds:>16.2f}x")
+    print(
+        f"targets: serial corral >= 5x TRUNCATE: {truncate / serial:.2f}x; "
+        + "; ".join(
+            f"-n {w} >= 1.6x serial corral: {serial / times[f'corral -n {w}']:.2f}x"
+            for w in workers[:1]
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

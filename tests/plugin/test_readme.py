@@ -1,0 +1,37 @@
+"""The README's quickstart suite runs as written, in parallel, with corral's own server."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def quickstart_files() -> dict[str, str]:
+    """``{file name: content}`` of the quickstart's blocks that start with ``# name``."""
+    text = README.read_text()
+    section = text[text.index("## Quickstart") :]
+    section = section[: section.index("\n## ", 1)]
+    files = {}
+    for body in re.findall(r"```\w+\n(.*?)```", section, flags=re.S):
+        first = body.splitlines()[0]
+        match = re.fullmatch(r"(?:#|--) ([\w.]+)(?::.*)?", first)
+        if match:
+            files[match.group(1)] = body
+    return files
+
+
+@pytest.mark.slow
+def test_readme_quickstart_runs_in_parallel(inner: pytest.Pytester) -> None:
+    files = quickstart_files()
+    assert set(files) == {"pyproject.toml", "schema.sql", "app.py", "test_app.py"}
+    for path in list(inner.path.iterdir()):  # not the sample suite: only the README's
+        if path.is_file():
+            path.unlink()
+    for name, content in files.items():
+        (inner.path / name).write_text(content)
+    result = inner.runpytest_subprocess("-n", "2", "-W", "error")
+    result.assert_outcomes(passed=100)
