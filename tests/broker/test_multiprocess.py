@@ -14,7 +14,7 @@ from pathlib import Path
 from corral.broker import Broker, Client
 
 WORKER = """
-import json, os, sys
+import json, os, sys, time
 from corral import Client
 n = int(sys.argv[1])
 with Client() as c:
@@ -23,6 +23,8 @@ with Client() as c:
         c.set(f"w{n}", i, ttl=60)
         assert c.get(f"w{n}") == i
         c.set(f"shared-{i % 5}", [n, i], ttl=60)
+    while c.stats()["leases"] < 4:  # hold the lease until every worker has one
+        time.sleep(0.005)
     print(json.dumps({"n": n, "slot": slot, "pid": os.getpid()}))
 """
 
