@@ -69,6 +69,10 @@ def pytest_configure(config: pytest.Config) -> None:
     process = config.stash[STATE]
     if process.is_controller:
         config.pluginmanager.register(_ControllerHooks(process), "corral-controller")
+    if config.pluginmanager.hasplugin("asyncio"):
+        from corral._plugin import _asyncio
+
+        config.pluginmanager.register(_asyncio, "corral-asyncio")
     if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
         from corral._plugin._xdist import XdistHooks
 

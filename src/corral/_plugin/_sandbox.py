@@ -148,41 +148,59 @@ class SandboxManager:
         self, test: Callable[..., Coroutine[Any, Any, Any]], item: pytest.Item
     ) -> Callable[..., Coroutine[Any, Any, Any]]:
         """The test coroutine function, with async sandboxes opened inside its own task."""
-        sandboxed = self.enabled and item.get_closest_marker("no_sandbox") is None
 
         @functools.wraps(test)
         async def run(*args: Any, **kwargs: Any) -> Any:
-            await self._refresh_stale()
-            opened: list[AnyController] = []
-            if sandboxed:
-                started = time.perf_counter()
-                refs = item.stash.get(_ASYNC_HANDLES, [])
-                for ref in refs:
-                    controller = ref()
-                    if controller is None or controller.active or _closed(controller):
-                        continue
-                    await controller.create_sandbox()  # type: ignore[misc]
-                    opened.append(controller)
-                self.seconds += time.perf_counter() - started
+            opened = await self.open_async(item)
             try:
                 return await test(*args, **kwargs)
             finally:
-                started = time.perf_counter()
-                first: BaseException | None = None
-                for controller in reversed(opened):
-                    try:
-                        await controller.close_sandbox()  # type: ignore[misc]
-                    except Exception as exc:
-                        first = first or exc
-                self.opened += len(opened)
-                self.seconds += time.perf_counter() - started
-                client = getattr(item, "funcargs", {}).get("corral_async")
-                if client is not None:
-                    await client.aclose()  # on the loop its connection belongs to
-                if first is not None:
-                    raise first
+                try:
+                    await self.close_async(opened)
+                finally:
+                    client = getattr(item, "funcargs", {}).get("corral_async")
+                    if client is not None:
+                        await client.aclose()  # on the loop its connection belongs to
 
         return run
+
+    async def open_async(self, item: pytest.Item) -> list[AnyController]:
+        """Open sandboxes on the async handles of *item* not yet sandboxed here.
+
+        Runs in the task (and so on the loop and in the context) that will use them.
+        """
+        await self._refresh_stale()
+        if not self.enabled or item.get_closest_marker("no_sandbox") is not None:
+            return []
+        opened: list[AnyController] = []
+        started = time.perf_counter()
+        try:
+            for ref in item.stash.get(_ASYNC_HANDLES, []):
+                controller = ref()
+                if controller is None or controller.active or _closed(controller):
+                    continue  # gone, already sandboxed here (a fixture opened it), closed
+                await controller.create_sandbox()  # type: ignore[misc]
+                opened.append(controller)
+        except BaseException:
+            await self.close_async(opened)
+            raise
+        finally:
+            self.seconds += time.perf_counter() - started
+        return opened
+
+    async def close_async(self, opened: list[AnyController]) -> None:
+        """Roll back what :meth:`open_async` opened (all of it, even if one fails)."""
+        started = time.perf_counter()
+        first: BaseException | None = None
+        for controller in reversed(opened):
+            try:
+                await controller.close_sandbox()  # type: ignore[misc]
+            except Exception as exc:
+                first = first or exc
+        self.opened += len(opened)
+        self.seconds += time.perf_counter() - started
+        if first is not None:
+            raise first
 
     async def _refresh_stale(self) -> None:
         stale = list(self._stale)
