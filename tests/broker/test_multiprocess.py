@@ -23,8 +23,9 @@ with Client() as c:
         c.set(f"w{n}", i, ttl=60)
         assert c.get(f"w{n}") == i
         c.set(f"shared-{i % 5}", [n, i], ttl=60)
-    while c.stats()["leases"] < 4:  # hold the lease until every worker has one
-        time.sleep(0.005)
+    c.set(f"leased-{n}", slot, ttl=60)
+    while sum(k.startswith("leased-") for k in c.keys()) < 4:
+        time.sleep(0.005)  # hold the lease until every worker has one
     print(json.dumps({"n": n, "slot": slot, "pid": os.getpid()}))
 """
 
