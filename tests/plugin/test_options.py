@@ -106,3 +106,32 @@ def test_plugin_options_are_documented(pytester: pytest.Pytester) -> None:
             "*corral_database_env (args)*",
         ]
     )
+
+
+def test_database_on_without_schema_gives_empty_databases(
+    inner: pytest.Pytester, postgres_dsn: str
+) -> None:
+    for name in ("conftest.py", "pytest.ini"):
+        (inner.path / name).unlink()
+    (inner.path / "pytest.ini").write_text("[pytest]\ncorral_database = on\n")
+    inner.makepyfile(
+        test_empty="""
+        import psycopg
+
+        def test_empty(corral_database_url):
+            with psycopg.connect(corral_database_url) as conn:
+                sql = "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+                assert conn.execute(sql).fetchone() == (0,)
+        """
+    )
+    result = inner.runpytest_subprocess("-n", "0", "--corral-dsn", postgres_dsn, "test_empty.py")
+    result.assert_outcomes(passed=1)
+
+
+def test_unreachable_server_is_a_usage_error_without_the_password(inner: pytest.Pytester) -> None:
+    dsn = "postgresql://postgres:hunter2@127.0.0.1:1/postgres?connect_timeout=2"
+    result = inner.runpytest_subprocess("-n", "0", "--corral-dsn", dsn)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    errors = result.stderr.str()
+    assert "cannot connect to the database server" in errors
+    assert "hunter2" not in errors + result.stdout.str()

@@ -149,7 +149,13 @@ class Settings:
         """
         if len(self.schema) == 1 and _is_callable_ref(self.schema[0]):
             return load_schema_callable(self.schema[0], self.extra_paths)
+        if not self.schema:
+            return empty_schema  # corral_database = on without a schema: empty clones
         return list(self.schema)
+
+
+def empty_schema(dsn: str) -> None:
+    """The schema of ``corral_database = on`` without ``corral_schema``: nothing."""
 
 
 def _option(config: pytest.Config, name: str) -> Any:
