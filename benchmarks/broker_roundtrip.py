@@ -1,7 +1,8 @@
 """Broker round trips from a separate process, side by side with the floor and the usual ways.
 
 Run: ``python -m benchmarks.broker_roundtrip [--ops 5000] [--rounds 3] [--items 50000]``.
-Rows: a raw Unix-socket ping-pong (the floor: blocking echo, no parsing), Redis via redis-py
+Rows: a raw Unix-socket ping-pong (the floor: blocking echo, no parsing), the same raw
+client against an asyncio echo server (what the event loop alone costs), Redis via redis-py
 over a Unix socket (a redis-server started on a temporary socket, when the binary exists),
 one connection per NDJSON request to corral's broker (how the Node client talks), and
 corral's sync ``Client`` (one persistent connection). Each client runs in its own process;
@@ -104,6 +105,7 @@ def worker_corral(path: str, n: int) -> dict[str, list[float]]:
 
 WORKERS = {
     "raw": worker_raw,
+    "echo": worker_raw,
     "redis": worker_redis,
     "oneshot": worker_oneshot,
     "corral": worker_corral,
@@ -130,6 +132,32 @@ while True:
     with conn:
         while conn.recv(65536):
             conn.sendall(answer)
+"""
+
+
+ASYNCIO_ECHO = """
+import asyncio, socket, sys
+
+
+class Echo(asyncio.BufferedProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+        self.view = memoryview(bytearray(65536))
+
+    def get_buffer(self, sizehint):
+        return self.view
+
+    def buffer_updated(self, nbytes):
+        self.transport.write(b'{"ok":true,"value":"value","compressed":false}\\n')
+
+
+async def main():
+    await asyncio.get_running_loop().create_unix_server(Echo, sys.argv[1])
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+asyncio.run(main())
 """
 
 
@@ -253,9 +281,12 @@ def main() -> None:
     )
     raw_path = os.path.join(directory, "raw.sock")
     raw = Server([sys.executable, "-c", RAW_ECHO, raw_path], raw_path)
+    echo_path = os.path.join(directory, "echo.sock")
+    echo = Server([sys.executable, "-c", ASYNCIO_ECHO, echo_path], echo_path)
     redis_server = start_redis(directory)
     rows: dict[str, tuple[str, str]] = {
         "raw": ("raw socket ping-pong (floor)", raw.path),
+        "echo": ("raw client, asyncio echo server", echo.path),
         "redis": ("redis-py, unix socket", redis_server[1] if redis_server else ""),
         "oneshot": ("NDJSON, connection per request", broker.path),
         "corral": ("corral Client (persistent)", broker.path),
@@ -272,6 +303,7 @@ def main() -> None:
     finally:
         broker.close()
         raw.close()
+        echo.close()
         if redis_server is not None:
             redis_server[0].terminate()
             redis_server[0].wait()
