@@ -9,201 +9,25 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import errno
 import logging
 import os
 import secrets
 import socket
-import stat
 import sys
-import tempfile
 import threading
 import time
-from collections import deque
 from types import TracebackType
-from typing import Any, Final
+from typing import Any
 
-from corral.broker._core import Core, Session
+from corral.broker._connection import Connection
+from corral.broker._core import Core
+from corral.broker._socketfile import bind_at, bind_private, cleanup_files
 from corral.broker._store import Store, Ticket
-from corral.broker.messages import Rejected, Request, TooLarge
-from corral.broker.protocol import ServerConnection
-from corral.errors import BrokerAlreadyRunning, BrokerError
+from corral.errors import BrokerError
 
 __all__ = ["Broker"]
 
 log = logging.getLogger("corral.broker")
-
-_MAX_UNIX_PATH: Final = 104  # macOS sun_path; Linux allows 108
-_FLUSH_AT: Final = 256 * 1024
-_READ_SIZE: Final = 64 * 1024  # stop answering a pipelined batch once this much is queued
-_encode = ServerConnection.send
-
-
-class _Connection(asyncio.BufferedProtocol):
-    """One client connection: strict in-order answers, backpressure, ownership.
-
-    A buffered protocol: the transport reads into one preallocated buffer per
-    connection, instead of allocating (and freeing) 256 KiB per read, which costs more
-    than handling a small request.
-    """
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self.core = broker._core_or_raise()
-        self.proto = ServerConnection(broker.max_request_size)
-        self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None
-        # Answers queued behind a ticket that is still waiting: strict order per connection.
-        self.backlog: deque[bytes | Ticket] = deque()
-        self.paused = False
-        self.finished = False
-        self.view = memoryview(bytearray(_READ_SIZE))
-
-    # asyncio callbacks ---------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        broker = self.broker
-        broker._next_session += 1
-        self.session = Session(broker._next_session, time.time())
-        broker._connections[self.session.id] = self
-        if self.core.draining:
-            transport.write(_encode({"ok": False, "error": "draining"}))
-            transport.close()
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.view[:nbytes])
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        self.proto.receive_data(data)
-        if self.broker.idle_timeout is not None:
-            self.broker._last_activity = time.monotonic()
-        if not self.paused:
-            self._process()
-
-    def eof_received(self) -> bool:
-        # Answer what was already received, then close: ``printf '...\n' | nc -U`` works.
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.finished = True
-        broker = self.broker
-        session = self.session
-        if session is None:
-            return
-        broker._connections.pop(session.id, None)
-        broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
-        for item in self.backlog:
-            if isinstance(item, Ticket):
-                item.cancel()
-        self.backlog.clear()
-        if session.persistent:
-            freed = self.core.store.release_owner(session.id)
-            if freed:
-                log.debug("session %d closed: released %d holdings", session.id, freed)
-        broker._after_batch()
-
-    def pause_writing(self) -> None:
-        # The peer does not read: stop reading its requests so we stop producing answers.
-        self.paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        if self.transport is not None and not self.finished:
-            self.transport.resume_reading()
-            self._process()
-
-    # request pump ----------------------------------------------------------------
-
-    def _process(self) -> None:
-        proto, core, session = self.proto, self.core, self.session
-        transport = self.transport
-        assert session is not None
-        assert transport is not None
-        out: list[bytes] = []
-        size = 0
-        backlog = self.backlog
-        debug = self.broker.debug
-        while True:
-            event = proto.next_event()
-            kind = type(event)
-            if kind is Request:
-                assert isinstance(event, Request)
-                if debug:  # action and key only: requests may carry a proof or an hmac
-                    log.debug(
-                        "session %d: %s %r",
-                        session.id,
-                        event.obj.get("action"),
-                        event.obj.get("key"),
-                    )
-                try:
-                    response = core.handle(session, event)
-                    if type(response) is not dict:
-                        assert isinstance(response, Ticket)
-                        response.on_done = self._ticket_done
-                        backlog.append(response)
-                        continue
-                    line = _encode(response)
-                except Exception as exc:  # a bug must cost one answer, never the broker
-                    log.exception("session %d: request failed", session.id)
-                    line = _encode({"ok": False, "error": "internal_error", "detail": repr(exc)})
-            elif kind is Rejected:
-                assert isinstance(event, Rejected)
-                line = _encode({"ok": False, "error": event.code, "detail": event.detail})
-            elif kind is TooLarge:
-                assert isinstance(event, TooLarge)
-                detail = f"request line over max_request_size={event.limit} bytes"
-                line = _encode({"ok": False, "error": "too_large", "detail": detail})
-                if backlog:
-                    backlog.append(line)
-                else:
-                    out.append(line)
-                if out:
-                    transport.write(b"".join(out))
-                log.debug("session %d: request over %d bytes, closing", session.id, event.limit)
-                transport.close()
-                self.broker._after_batch()
-                return
-            else:  # NEED_DATA or CLOSED
-                break
-            if backlog:
-                backlog.append(line)
-                continue
-            out.append(line)
-            size += len(line)
-            if size >= _FLUSH_AT:
-                transport.write(b"".join(out))
-                out.clear()
-                size = 0
-                if self.paused:  # pause_writing ran inside write(): resume later
-                    break
-            if not proto.has_buffered:
-                break  # the usual case, one request per read: skip asking for NEED_DATA
-        if out:
-            transport.write(b"".join(out) if len(out) > 1 else out[0])
-        self.broker._after_batch()
-
-    def _ticket_done(self, ticket: Ticket) -> None:
-        """A waiting request was decided: flush every answer now at the head of the line."""
-        backlog = self.backlog
-        out: list[bytes] = []
-        while backlog:
-            head = backlog[0]
-            if isinstance(head, Ticket):
-                if head.result is None:
-                    break
-                out.append(_encode(head.result))
-            else:
-                out.append(head)
-            backlog.popleft()
-        if out and self.transport is not None and not self.finished:
-            self.transport.write(b"".join(out))
 
 
 def _rss_bytes() -> int:
@@ -215,33 +39,6 @@ def _rss_bytes() -> int:
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _is_alive(path: str) -> bool:
-    """Does something accept connections at *path*? (A stale socket refuses.)"""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except TimeoutError:
-        return True  # a full backlog is a live broker: never unlink it
-    except OSError as exc:
-        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
-    finally:
-        probe.close()
-    return True
-
-
-def _cleanup_files(path: str, inode: int, private_dir: str | None) -> None:
-    """Remove our socket (only if it is still ours) and our private directory."""
-    with contextlib.suppress(OSError):
-        if os.lstat(path).st_ino == inode:
-            os.unlink(path)
-    if private_dir is not None:
-        with contextlib.suppress(OSError):
-            os.rmdir(private_dir)
 
 
 class Broker:
@@ -326,7 +123,7 @@ class Broker:
         self._finished = threading.Event()
         self._finished.set()
         self._core: Core | None = None
-        self._connections: dict[int, _Connection] = {}
+        self._connections: dict[int, Connection] = {}
         self._next_session = 0
         self._started_at = 0.0
         self._last_activity = 0.0
@@ -486,9 +283,9 @@ class Broker:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             if self.socket_path is None:
-                self._bind_private(sock)
+                self._path, self._inode, self._private_dir = bind_private(sock)
             else:
-                self._bind_at(sock, os.path.abspath(self.socket_path))
+                self._path, self._inode = bind_at(sock, os.path.abspath(self.socket_path))
             sock.listen(4096)
             sock.setblocking(False)
         except BaseException:
@@ -497,51 +294,9 @@ class Broker:
             raise
         return sock
 
-    def _bind_private(self, sock: socket.socket) -> None:
-        base = tempfile.gettempdir()
-        if len(base) > _MAX_UNIX_PATH - 40:  # e.g. macOS' long $TMPDIR
-            base = "/tmp"
-        self._private_dir = tempfile.mkdtemp(prefix="corral-", dir=base)  # mode 0700
-        path = os.path.join(self._private_dir, f"broker-{secrets.token_hex(6)}.sock")
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        self._path, self._inode = path, os.lstat(path).st_ino
-
-    def _bind_at(self, sock: socket.socket, path: str) -> None:
-        if len(path.encode()) >= _MAX_UNIX_PATH:
-            raise BrokerError(
-                f"socket path is {len(path.encode())} bytes; Unix sockets allow about "
-                f"{_MAX_UNIX_PATH}: choose a shorter socket_path"
-            )
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise BrokerError(f"{path} exists and is not a socket; refusing to replace it")
-            if _is_alive(path):
-                raise BrokerAlreadyRunning(
-                    f"a broker is already running at {path}; stop it or use another socket_path"
-                )
-            log.warning("replacing stale broker socket %s (nothing answers there)", path)
-        # Bind under a private name and rename into place: the socket is never reachable
-        # with the umask's permissions, and the rename replaces a stale socket atomically.
-        staging = tempfile.mkdtemp(prefix=".corral-", dir=os.path.dirname(path))
-        try:
-            tmp = os.path.join(staging, "s")
-            sock.bind(tmp)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(staging, "s"))
-            os.rmdir(staging)
-        self._path, self._inode = path, os.lstat(path).st_ino
-
     def _remove_files(self) -> None:
         if self._path is not None:
-            _cleanup_files(self._path, self._inode, self._private_dir)
+            cleanup_files(self._path, self._inode, self._private_dir)
         if self._atexit is not None:
             atexit.unregister(self._atexit)
             self._atexit = None
@@ -561,7 +316,7 @@ class Broker:
         path, inode, private_dir = self._path, self._inode, self._private_dir
 
         def cleanup() -> None:  # a process that exits without stop() leaves no files
-            _cleanup_files(path, inode, private_dir)
+            cleanup_files(path, inode, private_dir)
 
         self._atexit = cleanup
         atexit.register(cleanup)
@@ -630,7 +385,7 @@ class Broker:
         self._stop_event = asyncio.Event()
         self._drain = self.drain_timeout
         try:
-            server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+            server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         except BaseException as exc:
             failure.append(exc)
             ready.set()

@@ -1,0 +1,196 @@
+"""One broker connection: bytes in, answers out, strictly in order, with backpressure.
+
+Parsing and meaning live in the sans-IO protocol and :class:`~corral.broker._core.Core`;
+this class only pumps bytes between them and the asyncio transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from corral.broker._core import Session
+from corral.broker._store import Ticket
+from corral.broker.messages import Rejected, Request, TooLarge
+from corral.broker.protocol import ServerConnection
+
+if TYPE_CHECKING:
+    from corral.broker.server import Broker
+
+__all__ = ["Connection"]
+
+log = logging.getLogger("corral.broker")
+
+_FLUSH_AT: Final = 256 * 1024  # stop answering a pipelined batch once this much is queued
+_READ_SIZE: Final = 64 * 1024
+_encode = ServerConnection.send
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection: strict in-order answers, backpressure, ownership.
+
+    A buffered protocol: the transport reads into one preallocated buffer per
+    connection, instead of allocating (and freeing) 256 KiB per read, which costs more
+    than handling a small request.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self.core = broker._core_or_raise()
+        self.proto = ServerConnection(broker.max_request_size)
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        # Answers queued behind a ticket that is still waiting: strict order per connection.
+        self.backlog: deque[bytes | Ticket] = deque()
+        self.paused = False
+        self.finished = False
+        self.view = memoryview(bytearray(_READ_SIZE))
+
+    # asyncio callbacks ---------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        broker = self.broker
+        broker._next_session += 1
+        self.session = Session(broker._next_session, time.time())
+        broker._connections[self.session.id] = self
+        if self.core.draining:
+            transport.write(_encode({"ok": False, "error": "draining"}))
+            transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        self.proto.receive_data(data)
+        if self.broker.idle_timeout is not None:
+            self.broker._last_activity = time.monotonic()
+        if not self.paused:
+            self._process()
+
+    def eof_received(self) -> bool:
+        # Answer what was already received, then close: ``printf '...\n' | nc -U`` works.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finished = True
+        broker = self.broker
+        session = self.session
+        if session is None:
+            return
+        broker._connections.pop(session.id, None)
+        broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
+        for item in self.backlog:
+            if isinstance(item, Ticket):
+                item.cancel()
+        self.backlog.clear()
+        if session.persistent:
+            freed = self.core.store.release_owner(session.id)
+            if freed:
+                log.debug("session %d closed: released %d holdings", session.id, freed)
+        broker._after_batch()
+
+    def pause_writing(self) -> None:
+        # The peer does not read: stop reading its requests so we stop producing answers.
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.transport is not None and not self.finished:
+            self.transport.resume_reading()
+            self._process()
+
+    # request pump ----------------------------------------------------------------
+
+    def _process(self) -> None:
+        proto, core, session = self.proto, self.core, self.session
+        transport = self.transport
+        assert session is not None
+        assert transport is not None
+        out: list[bytes] = []
+        size = 0
+        backlog = self.backlog
+        debug = self.broker.debug
+        while True:
+            event = proto.next_event()
+            kind = type(event)
+            if kind is Request:
+                assert isinstance(event, Request)
+                if debug:  # action and key only: requests may carry a proof or an hmac
+                    log.debug(
+                        "session %d: %s %r",
+                        session.id,
+                        event.obj.get("action"),
+                        event.obj.get("key"),
+                    )
+                try:
+                    response = core.handle(session, event)
+                    if type(response) is not dict:
+                        assert isinstance(response, Ticket)
+                        response.on_done = self._ticket_done
+                        backlog.append(response)
+                        continue
+                    line = _encode(response)
+                except Exception as exc:  # a bug must cost one answer, never the broker
+                    log.exception("session %d: request failed", session.id)
+                    line = _encode({"ok": False, "error": "internal_error", "detail": repr(exc)})
+            elif kind is Rejected:
+                assert isinstance(event, Rejected)
+                line = _encode({"ok": False, "error": event.code, "detail": event.detail})
+            elif kind is TooLarge:
+                assert isinstance(event, TooLarge)
+                detail = f"request line over max_request_size={event.limit} bytes"
+                line = _encode({"ok": False, "error": "too_large", "detail": detail})
+                if backlog:
+                    backlog.append(line)
+                else:
+                    out.append(line)
+                if out:
+                    transport.write(b"".join(out))
+                log.debug("session %d: request over %d bytes, closing", session.id, event.limit)
+                transport.close()
+                self.broker._after_batch()
+                return
+            else:  # NEED_DATA or CLOSED
+                break
+            if backlog:
+                backlog.append(line)
+                continue
+            out.append(line)
+            size += len(line)
+            if size >= _FLUSH_AT:
+                transport.write(b"".join(out))
+                out.clear()
+                size = 0
+                if self.paused:  # pause_writing ran inside write(): resume later
+                    break
+            if not proto.has_buffered:
+                break  # the usual case, one request per read: skip asking for NEED_DATA
+        if out:
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self.broker._after_batch()
+
+    def _ticket_done(self, ticket: Ticket) -> None:
+        """A waiting request was decided: flush every answer now at the head of the line."""
+        backlog = self.backlog
+        out: list[bytes] = []
+        while backlog:
+            head = backlog[0]
+            if isinstance(head, Ticket):
+                if head.result is None:
+                    break
+                out.append(_encode(head.result))
+            else:
+                out.append(head)
+            backlog.popleft()
+        if out and self.transport is not None and not self.finished:
+            self.transport.write(b"".join(out))
