@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Final
 
 from corral.broker._core import Session
@@ -26,6 +25,8 @@ log = logging.getLogger("corral.broker")
 
 _FLUSH_AT: Final = 256 * 1024  # stop answering a pipelined batch once this much is queued
 _READ_SIZE: Final = 64 * 1024
+# Bytes a client may pipeline behind a request that waits before reading pauses.
+_HELD_LIMIT: Final = 1024 * 1024
 _encode = ServerConnection.send
 
 
@@ -43,9 +44,12 @@ class Connection(asyncio.BufferedProtocol):
         self.proto = ServerConnection(broker.max_request_size)
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
-        # Answers queued behind a ticket that is still waiting: strict order per connection.
-        self.backlog: deque[bytes | Ticket] = deque()
-        self.paused = False
+        # A request that waits (a Ticket): the requests behind it run after it, in order,
+        # as Redis blocks a connection on BLPOP. Reading goes on so a disconnect is seen
+        # at once (the ticket dies with its connection).
+        self.waiting: Ticket | None = None
+        self.paused = False  # the peer does not read our answers
+        self.held = False  # reading paused: too much pipelined behind a waiting request
         self.finished = False
         self.view = memoryview(bytearray(_READ_SIZE))
 
@@ -72,7 +76,12 @@ class Connection(asyncio.BufferedProtocol):
         self.proto.receive_data(data)
         if self.broker.idle_timeout is not None:
             self.broker._last_activity = time.monotonic()
-        if not self.paused:
+        if self.waiting is not None:
+            if self.proto.buffered_bytes > _HELD_LIMIT and not self.held:
+                self.held = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+        elif not self.paused:
             self._process()
 
     def eof_received(self) -> bool:
@@ -87,10 +96,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         broker._connections.pop(session.id, None)
         broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
-        for item in self.backlog:
-            if isinstance(item, Ticket):
-                item.cancel()
-        self.backlog.clear()
+        if self.waiting is not None:
+            self.waiting.cancel()
+            self.waiting = None
         if session.persistent:
             freed = self.core.store.release_owner(session.id)
             if freed:
@@ -105,9 +113,10 @@ class Connection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.transport is not None and not self.finished:
+        if self.transport is not None and not self.finished and not self.held:
             self.transport.resume_reading()
-            self._process()
+            if self.waiting is None:
+                self._process()
 
     # request pump ----------------------------------------------------------------
 
@@ -118,7 +127,6 @@ class Connection(asyncio.BufferedProtocol):
         assert transport is not None
         out: list[bytes] = []
         size = 0
-        backlog = self.backlog
         debug = self.broker.debug
         while True:
             event = proto.next_event()
@@ -137,8 +145,8 @@ class Connection(asyncio.BufferedProtocol):
                     if type(response) is not dict:
                         assert isinstance(response, Ticket)
                         response.on_done = self._ticket_done
-                        backlog.append(response)
-                        continue
+                        self.waiting = response
+                        break  # the rest waits for it: strictly in order
                     line = _encode(response)
                 except Exception as exc:  # a bug must cost one answer, never the broker
                     log.exception("session %d: request failed", session.id)
@@ -149,22 +157,14 @@ class Connection(asyncio.BufferedProtocol):
             elif kind is TooLarge:
                 assert isinstance(event, TooLarge)
                 detail = f"request line over max_request_size={event.limit} bytes"
-                line = _encode({"ok": False, "error": "too_large", "detail": detail})
-                if backlog:
-                    backlog.append(line)
-                else:
-                    out.append(line)
-                if out:
-                    transport.write(b"".join(out))
+                out.append(_encode({"ok": False, "error": "too_large", "detail": detail}))
+                transport.write(b"".join(out))
                 log.debug("session %d: request over %d bytes, closing", session.id, event.limit)
                 transport.close()
                 self.broker._after_batch()
                 return
             else:  # NEED_DATA or CLOSED
                 break
-            if backlog:
-                backlog.append(line)
-                continue
             out.append(line)
             size += len(line)
             if size >= _FLUSH_AT:
@@ -180,17 +180,25 @@ class Connection(asyncio.BufferedProtocol):
         self.broker._after_batch()
 
     def _ticket_done(self, ticket: Ticket) -> None:
-        """A waiting request was decided: flush every answer now at the head of the line."""
-        backlog = self.backlog
-        out: list[bytes] = []
-        while backlog:
-            head = backlog[0]
-            if isinstance(head, Ticket):
-                if head.result is None:
-                    break
-                out.append(_encode(head.result))
-            else:
-                out.append(head)
-            backlog.popleft()
-        if out and self.transport is not None and not self.finished:
-            self.transport.write(b"".join(out))
+        """The waiting request was decided: answer it, then run what queued behind it.
+
+        Called from inside whatever decided the ticket (another connection's request,
+        a timer), so the queued requests run on the next loop turn, not re-entrantly.
+        """
+        if ticket is not self.waiting:
+            return
+        self.waiting = None
+        transport = self.transport
+        if transport is None or self.finished:
+            return
+        assert ticket.result is not None
+        transport.write(_encode(ticket.result))
+        if self.held:
+            self.held = False
+            if not self.paused:
+                transport.resume_reading()
+        asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        if not (self.finished or self.paused or self.waiting is not None):
+            self._process()

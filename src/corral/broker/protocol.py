@@ -158,6 +158,10 @@ class ServerConnection:
         """True when received bytes wait to be turned into events."""
         return bool(self._buf) or self._closed
 
+    @property
+    def buffered_bytes(self) -> int:
+        return len(self._buf)
+
     def _too_large(self, size: int) -> TooLarge:
         self._done = True
         self._buf.clear()

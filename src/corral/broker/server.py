@@ -22,7 +22,7 @@ from typing import Any
 from corral.broker._connection import Connection
 from corral.broker._core import Core
 from corral.broker._socketfile import bind_at, bind_private, cleanup_files
-from corral.broker._store import Store, Ticket
+from corral.broker._store import Store
 from corral.errors import BrokerError
 
 __all__ = ["Broker"]
@@ -433,12 +433,7 @@ class Broker:
         self._core = None
 
     def _facts(self) -> dict[str, Any]:
-        pending = sum(
-            1
-            for conn in self._connections.values()
-            for item in conn.backlog
-            if type(item) is Ticket
-        )
+        pending = sum(conn.waiting is not None for conn in self._connections.values())
         return {
             "uptime_ms": round((time.monotonic() - self._started_at) * 1000),
             "connections": len(self._connections),
