@@ -365,14 +365,21 @@ def test_waiting_requests_hold_back_later_answers(
     with Raw(broker.path) as a, Raw(broker.path) as b, Raw(broker.path) as gone:
         assert a.ask(hello)["ok"]
         assert gone.ask(hello)["ok"]
-        a.send({"action": "test_wait", "name": "x"}, {"action": "ping"})
+        a.send(
+            {"action": "test_wait", "name": "x"},
+            {"action": "set", "key": "after", "value": 1},
+            {"action": "ping"},
+        )
         a.sock.settimeout(0.1)
         with pytest.raises(TimeoutError):
-            a.recv()  # neither the wait nor the ping behind it is answered yet
+            a.recv()  # neither the wait nor what is behind it is answered yet
         a.sock.settimeout(5)
+        assert b.ask({"action": "get", "key": "after"})["error"] == "not_found"  # not run yet
         assert b.ask({"action": "test_wake", "name": "x"}) == {"ok": True, "woke": True}
         assert a.recv() == {"ok": True, "granted": "x"}
-        assert "pong" in a.recv()  # strictly in order
+        assert a.recv() == {"ok": True}  # then the set, then the ping: strictly in order
+        assert "pong" in a.recv()
+        assert b.ask({"action": "get", "key": "after"})["value"] == 1
         started = time.monotonic()
         assert a.ask({"action": "test_wait", "name": "y", "timeout": 0.05})["error"] == "timeout"
         assert time.monotonic() - started < 2  # woken by the deadline heap's timer
