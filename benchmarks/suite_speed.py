@@ -1,12 +1,16 @@
 """Wall time of a realistic database test suite: TRUNCATE clean-up vs corral, serial and parallel.
 
 Run: ``python -m benchmarks.suite_speed [--tests 400] [--rounds 1] [--workers 2,4]``.
-Generates a suite (an app on a psycopg pool, eight tables, each test a handful of app-level
-queries) and times whole ``pytest`` runs of it, each in a fresh process: serial with a
-``TRUNCATE ... CASCADE`` of every table after each test (what many suites do), serial
-under corral (one sandbox per test), and corral with ``-n 2`` / ``-n 4``. All runs use
-one throwaway PostgreSQL server started here (or ``--dsn``). Targets (issue 7): serial
-corral >= 5x faster than serial TRUNCATE; ``-n 2`` >= 1.6x faster than serial corral.
+Generates a suite (a blog app on a psycopg pool; each test signs two users up, publishes a
+tagged post, comments and reads a feed: 15 statements) and times whole ``pytest`` runs of
+it, each in a fresh process: serial with a ``TRUNCATE ... CASCADE`` of every table after
+each test (what database-cleaner style suites do), serial under corral (one sandbox per
+test), and corral with ``-n 2`` / ``-n 4``. The schema has the blog's 8 tables plus
+``--extra-tables`` (default 24: a mid-sized app has ~30 tables, and a truncating suite
+truncates all of them, not just those a test touched); ``--extra-tables 0`` measures the
+blog alone. All runs use one throwaway PostgreSQL server started here (or ``--dsn``).
+Targets (issue 7): serial corral >= 5x faster than serial TRUNCATE; ``-n 2`` >= 1.6x
+faster than serial corral (on 2 cores, which the database shares).
 """
 
 from __future__ import annotations
@@ -50,7 +54,12 @@ CREATE TABLE audit_log (id bigserial PRIMARY KEY, actor bigint, action text NOT 
     at timestamptz NOT NULL DEFAULT now());
 """
 
-TABLES = "users, profiles, posts, comments, tags, post_tags, likes, audit_log"
+BLOG_TABLES = ["users", "profiles", "posts", "comments", "tags", "post_tags", "likes", "audit_log"]
+EXTRA_TABLE = """
+CREATE TABLE extra_{n} (id bigserial PRIMARY KEY, user_id bigint REFERENCES users,
+    kind text NOT NULL DEFAULT 'x', payload jsonb, created timestamptz NOT NULL DEFAULT now());
+CREATE INDEX ON extra_{n} (user_id);
+"""
 
 APP = '''
 """The application under test: a blog on a psycopg pool, URL read at import."""
@@ -119,7 +128,7 @@ def feed(user):
         ).fetchall()
 '''
 
-CONFTEST = f"""
+CONFTEST = """
 import os
 
 import pytest
@@ -132,7 +141,7 @@ def _clean_up():
     yield
     if os.environ.get("BENCH_CLEANUP") == "truncate":
         with app.pool.connection() as conn:
-            conn.execute("TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+            conn.execute("TRUNCATE {tables} RESTART IDENTITY CASCADE")
 """
 
 TEST_FILE = """
@@ -152,10 +161,12 @@ def test_blog_flow(n):
 """
 
 
-def generate(root: Path, tests: int, per_file: int = 50) -> None:
-    (root / "schema.sql").write_text(SCHEMA)
+def generate(root: Path, tests: int, extra_tables: int = 24, per_file: int = 50) -> None:
+    extra = [f"extra_{n}" for n in range(extra_tables)]
+    schema = SCHEMA + "".join(EXTRA_TABLE.format(n=n) for n in range(extra_tables))
+    (root / "schema.sql").write_text(schema)
     (root / "app.py").write_text(APP)
-    (root / "conftest.py").write_text(CONFTEST)
+    (root / "conftest.py").write_text(CONFTEST.format(tables=", ".join(BLOG_TABLES + extra)))
     (root / "pytest.ini").write_text(
         "[pytest]\ncorral_schema = schema.sql\ncorral_database_env = DATABASE_URL\n"
     )
@@ -199,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests", type=int, default=400)
     parser.add_argument("--rounds", type=int, default=1, help="runs per mode (median kept)")
     parser.add_argument("--workers", default="2,4", help="comma-separated -n values")
+    parser.add_argument("--extra-tables", type=int, default=24, help="tables beyond the blog's 8")
     parser.add_argument("--dsn", help="admin DSN of a server to use instead of a throwaway one")
     args = parser.parse_args(argv)
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    load = os.getloadavg()[0]  # a shared machine: say how busy it was
 
     base_env = {
         k: v
@@ -213,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="corral-suite-") as tmp:
             root = Path(tmp)
-            generate(root, args.tests)
+            generate(root, args.tests, args.extra_tables)
             # The TRUNCATE suite runs without corral on a database of its own.
             template = ensure_template(admin, [root / "schema.sql"])
             plain = clone_database(admin, template)
@@ -240,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
 
     print(
-        f"# {args.tests} tests, median of {args.rounds} run(s); {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+        f"# {args.tests} tests, {8 + args.extra_tables} tables, median of {args.rounds} "
+        f"run(s); {os.cpu_count()} CPUs (load average {load:.1f} before), "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
     truncate = times["serial, TRUNCATE after each test"]
     serial = times["serial, corral sandbox"]

@@ -6,6 +6,7 @@ See ``docs/pytest.md``.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 from collections.abc import Generator, Iterator
@@ -53,6 +54,7 @@ def _start(config: pytest.Config, info: RunInfo | None = None) -> None:
     process = CorralProcess.start(config, info)
     config.stash[STATE] = process
     config.add_cleanup(process.stop)
+    atexit.register(process.stop)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -120,3 +120,17 @@ def test_leaked_holding_is_reported_at_the_end(inner: pytest.Pytester) -> None:
             "lease 'api-keys' #0 held by 'test_takes_and_keeps' for * s",
         ]
     )
+
+
+def test_broken_conftest_leaves_no_database(inner: pytest.Pytester, shared_server: str) -> None:
+    # The clone was made before conftest.py was imported: it must go when that fails.
+    (inner.path / "conftest.py").write_text("raise ImportError('conftest is broken')\n")
+
+    def clones() -> set[str]:
+        return {db.name for db in list_databases(shared_server) if db.kind == "clone"}
+
+    before = clones()
+    result = inner.runpytest_subprocess("-n", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "conftest is broken" in result.stderr.str()
+    assert clones() == before

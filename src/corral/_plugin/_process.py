@@ -63,6 +63,7 @@ class CorralProcess:
     held_at_interrupt: list[dict[str, Any]] | None = None
     _mode_saved: str | None = None
     _mode_set: bool = False
+    _stopped: bool = False
 
     @property
     def is_controller(self) -> bool:
@@ -123,7 +124,14 @@ class CorralProcess:
         return out
 
     def stop(self) -> None:
-        """Release this process's database and connection; the controller ends the run."""
+        """Release this process's database and connection; the controller ends the run.
+
+        Idempotent; also registered with ``atexit``, in case pytest never gets to its own
+        clean-up (an exception escaping it, a plugin calling ``sys.exit``).
+        """
+        if self._stopped:
+            return
+        self._stopped = True
         if self.database is not None:
             self.database.release()
             self.database = None
