@@ -37,15 +37,19 @@ def _closed(controller: AnyController) -> bool:
 
 
 def _candidates(is_async: bool) -> list[AnyController]:
-    """Sandbox-mode handles of that kind with no sandbox visible here yet, oldest first."""
-    return [
-        c
-        for c in _sandbox.registered()
-        if c.is_async == is_async and not c.active and not _closed(c)
-    ]
+    """Sandbox-mode handles of that kind, oldest first.
+
+    One that already has a sandbox here (a module- or session-scoped fixture opened it)
+    gets a nested one: each test rolls back to the fixture's data, Django's
+    ``setUpTestData`` for any driver.
+    """
+    return [c for c in _sandbox.registered() if c.is_async == is_async and not _closed(c)]
 
 
 _ASYNC_HANDLES = pytest.StashKey[list["weakref.ref[AnyController]"]]()
+# Set once the async sandboxes of a test are open (by the pytest-asyncio fixture or by the
+# test wrapper, whichever runs first), so the other does not open a second level.
+_ASYNC_OPENED = pytest.StashKey[bool]()
 
 
 class SandboxManager:
@@ -172,13 +176,16 @@ class SandboxManager:
         await self._refresh_stale()
         if not self.enabled or item.get_closest_marker("no_sandbox") is not None:
             return []
+        if item.stash.get(_ASYNC_OPENED, False):
+            return []
+        item.stash[_ASYNC_OPENED] = True
         opened: list[AnyController] = []
         started = time.perf_counter()
         try:
             for ref in item.stash.get(_ASYNC_HANDLES, []):
                 controller = ref()
-                if controller is None or controller.active or _closed(controller):
-                    continue  # gone, already sandboxed here (a fixture opened it), closed
+                if controller is None or _closed(controller):
+                    continue
                 await controller.create_sandbox()  # type: ignore[misc]
                 opened.append(controller)
         except BaseException:
