@@ -81,6 +81,9 @@ def test_ctrl_c_leaves_nothing_and_reports_holdings(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A runner that started us in the background may have SIGINT ignored; Ctrl-C
+        # must reach this pytest as it would from a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 60
