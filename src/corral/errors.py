@@ -19,7 +19,11 @@
     │       ├── AuthFailed               (PermissionError) auth_failed
     │       ├── InvalidRequest           (ValueError) invalid_json, unknown_action, bad_request
     │       ├── WaitTimeout                  (BrokerTimeout) timeout: the broker gave up a wait
-    │       └── Draining                 (ConnectionError) the broker is shutting down
+    │       ├── Draining                 (ConnectionError) the broker is shutting down
+    │       ├── OnceFailed               once_failed: the one compute() of once() raised
+    │       ├── BarrierBroken            barrier_broken: a member died or timed out
+    │       ├── PoolConflict             (ValueError) pool_conflict: redeclared with other items
+    │       └── ClaimLost                claim_lost: a lock/pool item was freed under its holder
     ├── SandboxError                     a statement or state the sandbox cannot honour
     │   ├── SandboxNotActive             a query in sandbox mode from a context without a sandbox
     │   ├── UnsupportedStatement         VACUUM, CREATE DATABASE, ... refused in a transaction
@@ -153,6 +157,66 @@ class WaitTimeout(BrokerRequestError, BrokerTimeout):
     code = "timeout"
 
 
+# ------------------------------------------------- coordination (issue 5; both backends)
+
+
+class OnceFailed(BrokerRequestError):
+    """The one ``compute()`` of ``once(key, ...)`` raised; every caller gets this error.
+
+    The computing caller itself gets its original exception; the others get this one,
+    carrying the original message, so a failing setup fails once, not N times.
+
+    :ivar message: the original exception's ``str()``.
+    :ivar error_type: the original exception's class name, e.g. ``"RuntimeError"``.
+    """
+
+    code = "once_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        key: str | None = None,
+        original: str = "",
+        error_type: str = "",
+    ) -> None:
+        super().__init__(message, code=code, key=key)
+        self.message = original
+        self.error_type = error_type
+
+
+class BarrierBroken(BrokerRequestError):
+    """A barrier cannot complete: a member died or timed out while the others waited.
+
+    The barrier stays broken for the rest of the run, like :class:`threading.Barrier`.
+
+    :ivar reason: what broke it, e.g. ``"member pid 123 on host-a died"``.
+    """
+
+    code = "barrier_broken"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, key: str | None = None, reason: str = ""
+    ) -> None:
+        super().__init__(message, code=code, key=key)
+        self.reason = reason
+
+
+class PoolConflict(BrokerRequestError, ValueError):
+    """A pool was redeclared with different items (declaring it again identically is fine)."""
+
+    code = "pool_conflict"
+
+
+class ClaimLost(BrokerRequestError):
+    """A lock or pool item was no longer held when released: its TTL passed or its
+    holder's session expired (e.g. the process was paused), so another holder may have
+    run concurrently. The fencing token tells writers which holder is current."""
+
+    code = "claim_lost"
+
+
 _HINTS: dict[str, str] = {
     "not_found": "the key was never set (or was deleted)",
     "expired": "the key existed but its TTL passed",
@@ -169,6 +233,10 @@ _HINTS: dict[str, str] = {
     "bad_request": "the request has missing or malformed fields",
     "draining": "the broker is shutting down",
     "timeout": "the wait timed out on the broker",
+    "once_failed": "the one compute() of once() raised; fix it and start a new run",
+    "barrier_broken": "a barrier member died or timed out, so the barrier cannot complete",
+    "pool_conflict": "the pool was declared before with different items",
+    "claim_lost": "the claim was freed (TTL or session expiry) before it was released",
     "internal_error": "the broker failed on this request (a bug: please report it)",
 }
 
@@ -189,6 +257,10 @@ ERROR_CODES: dict[str, type[BrokerRequestError]] = {
     "bad_request": InvalidRequest,
     "draining": Draining,
     "timeout": WaitTimeout,
+    "once_failed": OnceFailed,
+    "barrier_broken": BarrierBroken,
+    "pool_conflict": PoolConflict,
+    "claim_lost": ClaimLost,
 }
 
 
