@@ -11,13 +11,17 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import itertools
+import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ClassVar
 
+import asyncpg
 import psycopg
 import psycopg_pool
+import pytest
 from psycopg.pq import TransactionStatus
 
 from corral.sandbox import sandbox
@@ -71,6 +75,14 @@ class Conn(abc.ABC):
 class Adapter(abc.ABC):
     name: ClassVar[str]
     is_async: ClassVar[bool]
+    #: whether one connection can serve another thread's event loop (asyncpg's cannot)
+    cross_loop: ClassVar[bool] = True
+    #: what the app catches for a database error (the driver's base class, or SQLAlchemy's)
+    db_error: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = psycopg.Error
+    #: what the app sees when the connection dies under it
+    disconnect_error: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = (
+        psycopg.OperationalError
+    )
 
     def __init__(self, dsn: str, **options: Any) -> None:
         self.dsn = dsn
@@ -108,6 +120,32 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
         """Run *n* workers at once: threads for sync adapters, gathered tasks for async."""
+
+    def original(self, exc: BaseException) -> BaseException:
+        """The driver's exception inside what the app caught (SQLAlchemy wraps it)."""
+        return exc
+
+    def sqlstate(self, exc: BaseException) -> str | None:
+        found: str | None = getattr(self.original(exc), "sqlstate", None)
+        return found
+
+    @contextmanager
+    def raises(self, sqlstate: str) -> Iterator[pytest.ExceptionInfo[BaseException]]:
+        """Like ``pytest.raises`` for the database error with SQLSTATE *sqlstate*."""
+        with pytest.raises(self.db_error) as info:
+            yield info
+        assert self.sqlstate(info.value) == sqlstate, repr(info.value)
+
+    @abc.abstractmethod
+    async def getconn(self) -> Any:
+        """Check a connection out the driver's way, and keep it (see :meth:`putconn`)."""
+
+    @abc.abstractmethod
+    async def putconn(self, raw: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def raw_execute(self, raw: Any, sql: str) -> Any:
+        """Run *sql* on what :meth:`getconn` returned."""
 
     def event(self) -> Event:
         """An event the workers of :meth:`concurrently` can share."""
@@ -201,6 +239,15 @@ class PsycopgSync(Adapter):
         with self.db.connection() as conn:
             yield PsycopgSyncConn(conn)
 
+    async def getconn(self) -> Any:
+        return self.db.getconn()
+
+    async def putconn(self, raw: Any) -> None:
+        self.db.putconn(raw)
+
+    async def raw_execute(self, raw: Any, sql: str) -> Any:
+        return raw.execute(sql)
+
     async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
         def run(i: int) -> Any:
             return asyncio.run(worker(i))  # type: ignore[arg-type]
@@ -273,11 +320,153 @@ class PsycopgAsync(Adapter):
         async with self.db.connection() as conn:
             yield PsycopgAsyncConn(conn)
 
+    async def getconn(self) -> Any:
+        return await self.db.getconn()
+
+    async def putconn(self, raw: Any) -> None:
+        await self.db.putconn(raw)
+
+    async def raw_execute(self, raw: Any, sql: str) -> Any:
+        return await raw.execute(sql)
+
     async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
         return list(await asyncio.gather(*(worker(i) for i in range(n))))
 
 
-ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (PsycopgSync, PsycopgAsync)}
+# --------------------------------------------------------------------------- asyncpg
+
+
+def asyncpg_params(dsn: str) -> dict[str, Any]:
+    """asyncpg's connect() arguments for a libpq conninfo string."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    names = {"host": "host", "port": "port", "user": "user", "password": "password"}
+    params: dict[str, Any] = {k: info[v] for k, v in names.items() if info.get(v)}
+    params["database"] = info.get("dbname")
+    if "port" in params:
+        params["port"] = int(params["port"])
+    return params
+
+
+def dollar(sql: str) -> str:
+    """The spec's ``%s`` placeholders in asyncpg's ``$n`` style."""
+    n = itertools.count(1)
+    return re.sub(r"%s", lambda _: f"${next(n)}", sql)
+
+
+class AsyncpgConn(Conn):
+    """An asyncpg connection driven the way SQLAlchemy drives it: unless autocommit, the
+    first statement opens ``conn.transaction()``, and commit()/rollback() end it."""
+
+    def __init__(self, conn: Any) -> None:
+        self._c = conn
+        self._tx: Any = None
+        self._autocommit = False
+        self._failed = False
+
+    async def _begin(self) -> None:
+        if not self._autocommit and self._tx is None and not self._c.is_in_transaction():
+            tx = self._c.transaction()
+            await tx.start()
+            self._tx = tx
+            self._failed = False
+
+    async def _call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        await self._begin()
+        try:
+            return await fn()
+        except Exception:
+            self._failed = self._c.is_in_transaction()
+            raise
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        await self._call(lambda: self._c.execute(dollar(sql), *(params or ())))
+
+    async def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        rows = await self._call(lambda: self._c.fetch(dollar(sql), *(params or ())))
+        return [tuple(r) for r in rows]
+
+    async def commit(self) -> None:
+        tx, self._tx = self._tx, None
+        self._failed = False
+        if tx is not None:
+            await tx.commit()
+
+    async def rollback(self) -> None:
+        tx, self._tx = self._tx, None
+        self._failed = False
+        if tx is not None:
+            await tx.rollback()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        async with self._c.transaction() as tx:
+            yield tx
+
+    async def set_autocommit(self, value: bool) -> None:
+        assert self._tx is None
+        self._autocommit = value
+
+    @property
+    def status(self) -> str:
+        if not self._c.is_in_transaction():
+            return "idle"
+        return "inerror" if self._failed else "intrans"
+
+    @property
+    def raw(self) -> Any:
+        return self._c
+
+
+class Asyncpg(Adapter):
+    name = "asyncpg"
+    is_async = True
+    cross_loop = False
+    db_error = asyncpg.PostgresError
+    disconnect_error = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+
+    async def open(self, max_size: int = 4) -> None:
+        self.pool = await asyncpg.create_pool(
+            min_size=1, max_size=max_size, **asyncpg_params(self.dsn)
+        )
+        self.db = sandbox(self.pool, mode="sandbox", **self.options)
+
+    async def aclose(self) -> None:
+        await self.db.close()
+
+    async def create(self, **kwargs: Any) -> None:
+        await self.db.create_sandbox(**kwargs)
+
+    async def close(self) -> None:
+        await self.db.close_sandbox()
+
+    async def restore(self) -> None:
+        await self.db.restore_sandbox()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        async with self.db.acquire() as raw:
+            conn = AsyncpgConn(raw)
+            try:
+                yield conn
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        return list(await asyncio.gather(*(worker(i) for i in range(n))))
+
+    async def getconn(self) -> Any:
+        return await self.db.acquire()
+
+    async def putconn(self, raw: Any) -> None:
+        await self.db.release(raw)
+
+    async def raw_execute(self, raw: Any, sql: str) -> Any:
+        return await raw.execute(sql)
+
+
+ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (PsycopgSync, PsycopgAsync, Asyncpg)}
 
 
 def connect_outside(dsn: str) -> psycopg.Connection[Any]:

@@ -117,11 +117,11 @@ async def test_close_without_a_sandbox_is_an_error(ad: Adapter) -> None:
 @pytest.mark.asyncio
 async def test_connection_kept_past_close_fails_clearly(ad: Adapter) -> None:
     await ad.create()
-    raw = await call(ad.db.getconn)
+    raw = await ad.getconn()
     await ad.close()
     with pytest.raises(SandboxError, match="closed"):
-        await call(raw.execute, "SELECT 1")
-    await call(ad.db.putconn, raw)
+        await ad.raw_execute(raw, "SELECT 1")
+    await ad.putconn(raw)
 
 
 @pytest.mark.asyncio

@@ -20,6 +20,8 @@ from corral.sandbox._controller import (
 if TYPE_CHECKING:
     import psycopg_pool
 
+    from corral.sandbox._asyncpg import AsyncpgPoolSandbox
+    from corral.sandbox._asyncpg_conn import AsyncpgSandboxConnection
     from corral.sandbox._psycopg_async import AsyncConnectSandbox, AsyncPoolSandbox
     from corral.sandbox._psycopg_async_conn import AsyncSandboxConnection, AsyncSandboxCursor
     from corral.sandbox._psycopg_sync import ConnectSandbox, PoolSandbox
@@ -31,6 +33,8 @@ __all__ = [
     "AsyncSandboxConnection",
     "AsyncSandboxController",
     "AsyncSandboxCursor",
+    "AsyncpgPoolSandbox",
+    "AsyncpgSandboxConnection",
     "ConnectSandbox",
     "PoolSandbox",
     "SandboxConnection",
@@ -42,6 +46,8 @@ __all__ = [
 
 _LAZY = {
     "AsyncConnectSandbox": "corral.sandbox._psycopg_async",
+    "AsyncpgPoolSandbox": "corral.sandbox._asyncpg",
+    "AsyncpgSandboxConnection": "corral.sandbox._asyncpg_conn",
     "AsyncPoolSandbox": "corral.sandbox._psycopg_async",
     "AsyncSandboxConnection": "corral.sandbox._psycopg_async_conn",
     "AsyncSandboxCursor": "corral.sandbox._psycopg_async_conn",
@@ -146,6 +152,13 @@ def sandbox(
     :raises TypeError: *handle* is nothing corral knows how to sandbox.
     """
     root = type(handle).__module__.split(".", 1)[0]
+    if root == "asyncpg":
+        from asyncpg import Pool
+
+        if isinstance(handle, Pool):
+            from corral.sandbox._asyncpg import AsyncpgPoolSandbox
+
+            return AsyncpgPoolSandbox(handle, mode=mode, **options)
     if root == "psycopg_pool":
         from psycopg_pool import AsyncConnectionPool, ConnectionPool
 

@@ -12,8 +12,9 @@ from psycopg import errors as pgerrors
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from corral.errors import SandboxLockTimeout, UnsupportedStatement
-from corral.sandbox._plan import AppState, EmulatedServerError, Statement
+from corral.errors import SandboxLockTimeout
+from corral.sandbox._messages import LOST_NOTE, lock_contention, refused
+from corral.sandbox._plan import AppState, EmulatedServerError
 
 __all__ = [
     "PsycopgLockTimeout",
@@ -47,38 +48,11 @@ def query_text(query: Any, context: Any) -> str | None:
     return None
 
 
-def _short(text: str, limit: int = 200) -> str:
-    one = " ".join(text.split())
-    return one if len(one) <= limit else one[: limit - 3] + "..."
-
-
 def translate(exc: psycopg.Error, text: str | None, lock_timeout: float | None) -> psycopg.Error:
     """Map a server error to what the sandbox reports (the same object when unchanged)."""
     if isinstance(exc, pgerrors.LockNotAvailable) and "lock timeout" in str(exc):
-        context = (exc.diag.context or "").strip()
-        where = f" ({context})" if context else ""
-        waited = f"{lock_timeout:g} s" if lock_timeout is not None else "lock_timeout"
-        return PsycopgLockTimeout(
-            f"lock contention: the statement waited {waited} for a lock{where} held by "
-            "another transaction - most likely a concurrent sandbox (another test) that "
-            "wrote the same unique key or locked the same rows, and never commits. Give "
-            "each test its own keys (e.g. from a sequence or the worker id), or run these "
-            "tests serially; raise lock_timeout if the wait was legitimate. Statement: "
-            f"{_short(text or '?')}",
-            exc,
-        )
+        return PsycopgLockTimeout(lock_contention(lock_timeout, exc.diag.context, text), exc)
     return exc
-
-
-def refused(stmt: Statement) -> UnsupportedStatement:
-    return UnsupportedStatement(
-        f"{stmt.command} cannot run inside the sandbox: PostgreSQL refuses it inside a "
-        "transaction block, and everything in a sandbox runs in one never-committed "
-        "transaction. Run this test outside the sandbox: mark it "
-        "@pytest.mark.no_sandbox (the corral plugin gives it a fresh database), or use "
-        f'sandbox(..., mode="normal") for it. Statement: {_short(stmt.text)}',
-        statement=stmt.command,
-    )
 
 
 def emulated(err: EmulatedServerError) -> psycopg.Error:
@@ -102,8 +76,4 @@ def app_status(app: AppState, real: TransactionStatus) -> TransactionStatus:
 
 
 def lost_note() -> str:
-    return (
-        "corral: the sandbox's connection was lost (was its backend terminated?). "
-        "Everything this test wrote is gone; the sandbox is unusable and the next sandbox "
-        "gets a fresh connection."
-    )
+    return LOST_NOTE

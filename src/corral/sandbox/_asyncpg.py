@@ -1,0 +1,450 @@
+"""The asyncpg adapter: ``sandbox(pool)`` for an ``asyncpg.Pool``.
+
+In sandbox mode ``acquire()`` hands out :class:`AsyncpgSandboxConnection` proxies of the
+sandbox's one connection, and ``release()`` takes them back without asyncpg's reset
+(RESET ALL / UNLISTEN / CLOSE ALL would undo the sandbox's own settings mid-test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections import OrderedDict
+from collections.abc import Generator
+from types import TracebackType
+from typing import Any
+
+from asyncpg import exceptions as pgexc
+
+from corral.errors import SandboxBroken, SandboxBusy, SandboxError
+from corral.sandbox._asyncpg_conn import AsyncpgSandboxConnection
+from corral.sandbox._controller import AsyncSandboxController, BoxBase
+from corral.sandbox._locks import AsyncOwnerLock
+from corral.sandbox._messages import LOST_NOTE
+from corral.sandbox._plan import DEFERRABLE_QUERY, Step
+
+__all__ = ["AsyncpgPoolSandbox", "AsyncpgSandboxBase"]
+
+logger = logging.getLogger("corral.sandbox.asyncpg")
+
+_OPEN_ATTEMPTS = 3
+#: Prepared statements kept per connection (asyncpg's own statement cache default).
+_STATEMENTS = 100
+#: Errors that mean the connection itself is gone.
+_DEAD = (pgexc.PostgresConnectionError, pgexc.InterfaceError, ConnectionError, OSError)
+
+
+def _closed(conn: Any) -> bool:
+    """Whether *conn* is closed; a pool proxy whose connection died says so by raising."""
+    try:
+        return bool(conn.is_closed())
+    except pgexc.InterfaceError:
+        return True
+
+
+class _Real:
+    """A connection the controller keeps between sandboxes, with its prepared statements.
+
+    ``generation`` changes whenever the schema the statements were prepared against may
+    have changed (DDL in the sandbox, or the rollback of a sandbox that ran DDL).
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.statements: OrderedDict[tuple[str, tuple[tuple[str, Any], ...]], Any] = OrderedDict()
+        self.generation = 0
+
+
+class _Box(BoxBase):
+    """One open sandbox on an asyncpg connection."""
+
+    def __init__(self, controller: AsyncpgSandboxBase, real: _Real) -> None:
+        super().__init__(controller._new_plan())
+        self.controller = controller
+        self.holder = real
+        self.real = real.conn
+        self.lock = AsyncOwnerLock()
+        self.proxies: weakref.WeakSet[AsyncpgSandboxConnection] = weakref.WeakSet()
+        #: the real transaction is failed until a ROLLBACK (TO) (asyncpg does not say)
+        self.inerror = False
+        self.schema_changed = False
+        self._isolation: str | None = None
+
+    @property
+    def generation(self) -> int:
+        return self.holder.generation
+
+    async def open(self) -> None:
+        real = self.real
+        if real.is_in_transaction():
+            await real.execute("ROLLBACK")
+        ask = self.plan.asks_deferrable
+        sql = self.plan.open().sql
+        if ask:
+            sql = sql.removesuffix("; " + DEFERRABLE_QUERY)
+        await real.execute(sql)
+        if ask:
+            self.plan.opened(bool(await real.fetchval(DEFERRABLE_QUERY)))
+
+    # ------------------------------------------------------------------ sending
+
+    def check(self) -> None:
+        if self.broken is not None:
+            raise SandboxBroken(
+                "the sandbox's connection was lost (backend terminated?); this test's "
+                "data is gone. Close this sandbox; the next one gets a healthy connection."
+            ) from self.broken
+        if self.closed:
+            raise SandboxError("the sandbox this connection belonged to is closed")
+
+    def note(self, exc: BaseException) -> None:
+        if self.broken is None and (_closed(self.real) or isinstance(exc, _DEAD)):
+            if isinstance(exc, pgexc.InterfaceError) and not _closed(self.real):
+                return  # misuse (e.g. a bad argument), not a dead connection
+            self.broken = exc
+            exc.add_note(LOST_NOTE)
+
+    async def run(self, step: Step | None) -> None:
+        if step is None:
+            return
+        self.check()
+        try:
+            await self.real.execute(step.sql)
+        except Exception as exc:
+            self.note(exc)
+            if step.undo and self.broken is None:
+                try:
+                    await self.real.execute(step.undo)
+                    self.inerror = False
+                except Exception as again:
+                    self.note(again)
+            raise
+        if "ROLLBACK" in step.sql:
+            self.inerror = False
+
+    async def send(self, sql: str | None) -> None:
+        if sql:
+            await self.run(Step(sql))
+
+    async def isolation(self) -> str:
+        """The outer transaction's isolation level, as ``SHOW transaction_isolation`` says."""
+        if self._isolation is None:
+            self._isolation = str(await self.real.fetchval("SHOW transaction_isolation"))
+        return self._isolation
+
+    async def reload_schema(self) -> None:
+        """Forget prepared statements and type information: the schema changed."""
+        self.schema_changed = True
+        self.holder.generation += 1
+        self.holder.statements.clear()
+        await self.real.reload_schema_state()
+
+    async def prepare(self, query: str, **options: Any) -> Any:
+        """A real prepared statement for *query*, from this connection's cache."""
+        options.pop("name", None)  # names are for the server; the cache keeps its own
+        key = (query, tuple(sorted(options.items())))
+        cache = self.holder.statements
+        stmt = cache.get(key)
+        if stmt is not None:
+            cache.move_to_end(key)
+            return stmt
+        self.check()
+        try:
+            stmt = await self.real.prepare(query, **options)
+        except Exception as exc:
+            self.note(exc)
+            raise
+        cache[key] = stmt
+        if len(cache) > _STATEMENTS:
+            cache.popitem(last=False)
+        return stmt
+
+    # ------------------------------------------------------------------ closing
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for proxy in list(self.proxies):
+            proxy._detach()
+        real = self.real
+        if self.broken is None and not _closed(real):
+            try:
+                # Session-level advisory locks survive ROLLBACK; the next test must not
+                # inherit them (asyncpg's pool reset would release them too).
+                self.plan.close()
+                await real.execute("ROLLBACK; SELECT pg_advisory_unlock_all()")
+                if self.schema_changed:
+                    await self.reload_schema()  # the rollback undid the DDL
+            except Exception as exc:
+                logger.warning("rolling back a sandbox failed; discarding its connection: %s", exc)
+                if not _closed(real):
+                    real.terminate()
+        self.lock.force_release()
+        await self.controller._give(self.holder)
+
+
+class AsyncpgSandboxBase(AsyncSandboxController[_Box]):
+    """Sandbox operations over asyncpg connections, wherever they come from."""
+
+    async def _take(self) -> _Real:
+        raise NotImplementedError
+
+    async def _give(self, real: _Real) -> None:
+        raise NotImplementedError
+
+    async def _open_box(self) -> _Box:
+        last: BaseException | None = None
+        for _ in range(_OPEN_ATTEMPTS):
+            real = await self._take()
+            box = _Box(self, real)
+            try:
+                await box.open()
+            except _DEAD as exc:
+                # A connection that died while idle: discard it, take another.
+                last = exc
+                logger.info("discarding a dead connection while opening a sandbox: %s", exc)
+                if not _closed(real.conn):
+                    real.conn.terminate()
+                await self._give(real)
+                continue
+            self._learn(box.plan)
+            return box
+        raise SandboxBroken(
+            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
+        ) from last
+
+    async def create_sandbox(self, *, nest: bool = True) -> None:
+        if not self.sandboxing:
+            return
+        outer = self._router.owned()
+        if outer is not None and nest:
+            await outer.lock.acquire(self.checkout_timeout)
+            try:
+                await outer.run(outer.plan.push_sandbox())
+            finally:
+                outer.lock.release()
+            return
+        box = await self._open_box()
+        box.previous = outer
+        self._router.set(box)
+
+    async def close_sandbox(self) -> None:
+        if not self.sandboxing:
+            return
+        box = self._owned()
+        busy: SandboxBusy | None = None
+        try:
+            await box.lock.acquire(self.checkout_timeout)
+        except SandboxBusy as exc:
+            busy = exc  # close anyway: a leaked checkout must not leak the sandbox
+            if not _closed(box.real):
+                box.real.terminate()
+        try:
+            if box.plan.depth > 1 and busy is None and box.broken is None:
+                await box.run(box.plan.pop_sandbox())
+                if box.schema_changed:
+                    await box.reload_schema()
+                return
+            await box.close()
+            self._forget(box)
+        finally:
+            box.lock.release()
+        if busy is not None:
+            raise busy
+
+    async def restore_sandbox(self) -> None:
+        if not self.sandboxing:
+            return
+        box = self._owned()
+        await box.lock.acquire(self.checkout_timeout)
+        try:
+            await box.run(box.plan.restore())
+            box.inerror = False
+            if box.schema_changed:
+                await box.reload_schema()
+        finally:
+            box.lock.release()
+
+    async def _checkout(self, timeout: float | None, *, pooled: bool = True) -> Any:
+        box = self._route()
+        box.check()
+        await box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
+        return AsyncpgSandboxConnection(box, pooled=pooled)
+
+    async def _checkin(self, conn: AsyncpgSandboxConnection) -> None:
+        if not conn.is_closed() and conn._app.frames and conn._box.broken is None:
+            logger.warning("rolling back returned connection: %s", conn)
+            await conn._end(commit=False)
+        conn._top = None
+        conn._checkin()
+
+
+class AsyncpgPoolSandbox(AsyncpgSandboxBase):
+    """A sandboxed ``asyncpg.Pool``; use it exactly like the pool.
+
+    :param pool: the application's pool (``asyncpg.create_pool(...)``).
+    :param max_idle: connections kept acquired between sandboxes, so the next sandbox
+        skips the pool's reset round trip; all go back to the pool at :meth:`close`.
+    :param options: ``mode``, ``lock_timeout``, ``checkout_timeout``,
+        ``isolation_level``, ``check_deferred``: see :class:`corral.sandbox.PoolSandbox`.
+    """
+
+    def __init__(self, pool: Any, *, max_idle: int = 4, **options: Any) -> None:
+        super().__init__(**options)
+        self.pool = pool
+        self.max_idle = max_idle
+        self._idle: list[_Real] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    def __await__(self) -> Generator[Any, None, AsyncpgPoolSandbox]:
+        return self._init().__await__()
+
+    async def _init(self) -> AsyncpgPoolSandbox:
+        await self.pool
+        return self
+
+    async def __aenter__(self) -> AsyncpgPoolSandbox:
+        await self.pool.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._release_idle()
+        await self.pool.__aexit__(et, e, tb)
+
+    async def _take(self) -> _Real:
+        while self._idle:
+            real = self._idle.pop()
+            if not _closed(real.conn):
+                return real
+            await self._release(real)
+        return _Real(await self.pool.acquire())
+
+    async def _give(self, real: _Real) -> None:
+        if _closed(real.conn) or len(self._idle) >= self.max_idle:
+            await self._release(real)
+        else:
+            self._idle.append(real)
+
+    async def _release(self, real: _Real) -> None:
+        with contextlib.suppress(pgexc.InterfaceError):  # dead: the pool took it back
+            await self.pool.release(real.conn)
+
+    async def _release_idle(self) -> None:
+        while self._idle:
+            await self._release(self._idle.pop())
+
+    # ------------------------------------------------------------------ the Pool API
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        """Like ``pool.acquire()``: ``async with db.acquire() as conn`` or ``await``."""
+        if not self.sandboxing:
+            return self.pool.acquire(timeout=timeout)
+        return _Acquire(self, timeout)
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        """Like ``pool.release()``; a sandbox connection's open transaction is rolled back."""
+        if isinstance(connection, AsyncpgSandboxConnection):
+            await self._checkin(connection)
+            return
+        await self.pool.release(connection, timeout=timeout)
+
+    async def close(self) -> None:
+        """Return the kept connections, then close the pool."""
+        await self._release_idle()
+        await self.pool.close()
+
+    def terminate(self) -> None:
+        self._idle.clear()
+        self.pool.terminate()
+
+    async def expire_connections(self) -> None:
+        await self._release_idle()
+        await self.pool.expire_connections()
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        if not self.sandboxing:
+            return str(await self.pool.execute(query, *args, timeout=timeout))
+        async with self.acquire() as conn:
+            return str(await conn.execute(query, *args, timeout=timeout))
+
+    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:
+        if not self.sandboxing:
+            await self.pool.executemany(command, args, timeout=timeout)
+            return
+        async with self.acquire() as conn:
+            await conn.executemany(command, args, timeout=timeout)
+
+    async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
+        if not self.sandboxing:
+            return list(await self.pool.fetch(query, *args, **kwargs))
+        async with self.acquire() as conn:
+            return await conn.fetch(query, *args, **kwargs)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if not self.sandboxing:
+            return await self.pool.fetchrow(query, *args, **kwargs)
+        async with self.acquire() as conn:
+            return await conn.fetchrow(query, *args, **kwargs)
+
+    async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
+        if not self.sandboxing:
+            return await self.pool.fetchval(query, *args, **kwargs)
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args, **kwargs)
+
+    async def fetchmany(self, query: str, args: Any, **kwargs: Any) -> list[Any]:
+        if not self.sandboxing:
+            return list(await self.pool.fetchmany(query, args, **kwargs))
+        async with self.acquire() as conn:
+            return await conn.fetchmany(query, args, **kwargs)  # type: ignore[no-any-return]
+
+    async def _copy(self, method: str, *args: Any, **kwargs: Any) -> str:
+        if not self.sandboxing:
+            return str(await getattr(self.pool, method)(*args, **kwargs))
+        async with self.acquire() as conn:
+            return str(await getattr(conn, method)(*args, **kwargs))
+
+    async def copy_from_table(self, table_name: str, **kwargs: Any) -> str:
+        return await self._copy("copy_from_table", table_name, **kwargs)
+
+    async def copy_from_query(self, query: str, *args: Any, **kwargs: Any) -> str:
+        return await self._copy("copy_from_query", query, *args, **kwargs)
+
+    async def copy_to_table(self, table_name: str, **kwargs: Any) -> str:
+        return await self._copy("copy_to_table", table_name, **kwargs)
+
+    async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
+        return await self._copy("copy_records_to_table", table_name, **kwargs)
+
+
+class _Acquire:
+    """``db.acquire()`` in sandbox mode: awaitable and an async context manager."""
+
+    __slots__ = ("_conn", "_db", "_timeout")
+
+    def __init__(self, db: AsyncpgPoolSandbox, timeout: float | None) -> None:
+        self._db = db
+        self._timeout = timeout
+        self._conn: AsyncpgSandboxConnection | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncpgSandboxConnection]:
+        return self._db._checkout(self._timeout).__await__()
+
+    async def __aenter__(self) -> AsyncpgSandboxConnection:
+        if self._conn is not None:
+            raise pgexc.InterfaceError("a connection is already acquired")
+        self._conn = await self._db._checkout(self._timeout)
+        return self._conn
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        conn, self._conn = self._conn, None
+        assert conn is not None
+        await self._db._checkin(conn)
