@@ -1,0 +1,506 @@
+"""The Redis backend's operations, written once as generators both clients drive.
+
+A flow yields :class:`Script`, :class:`Command`, :class:`Wait` or :class:`Sleep` and is
+resumed with the result; :mod:`corral.broker.redis` only executes them (blocking or
+asyncio). Values travel as JSON text; every timeout is measured on the client's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from corral.broker._flows import MISSING
+from corral.errors import (
+    BarrierBroken,
+    BrokerTimeout,
+    OnceFailed,
+    ProtocolError,
+    error_from_code,
+)
+
+Arg = str | int | float
+
+#: A blocking pop is re-armed after this many seconds, so a silently dead connection
+#: (a network partition) is noticed; it is not a polling interval: wake-ups are pushed.
+WAIT_SLICE: Final = 30.0
+#: BLPOP's timeout resolution; a smaller positive timeout could round to 0 (= forever).
+_MIN_BLOCK: Final = 0.01
+
+
+@dataclass(slots=True)
+class Script:
+    """Run Lua script *name* (EVALSHA) with *args*; resume with its reply."""
+
+    name: str
+    args: list[Arg]
+
+
+@dataclass(slots=True)
+class Command:
+    """Run one plain Redis command; resume with its reply."""
+
+    args: tuple[Arg, ...]
+
+
+@dataclass(slots=True)
+class Wait:
+    """BLPOP *key* for up to *timeout* seconds; resume with the element or None.
+
+    :ivar cancel: the script that undoes the wait when it is interrupted (Ctrl-C, task
+        cancellation, a broken connection): the driver runs it before re-raising.
+    """
+
+    key: str
+    timeout: float
+    cancel: Script | None = None
+
+
+@dataclass(slots=True)
+class Sleep:
+    """Sleep *seconds* (a throttle slot reserved in Redis starts then)."""
+
+    seconds: float
+
+
+Op = Script | Command | Wait | Sleep
+Flow = Generator[Op, Any, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A lock or pool item held by this client: what ``release`` needs."""
+
+    kind: str
+    name: str
+    tid: str
+    sid: str
+    token: int
+    value: Any
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def dumps(value: Any) -> str:
+    """JSON text of *value*.
+
+    :raises TypeError: *value* is not JSON (NaN, sets, objects, cycles), before any I/O.
+    """
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (ValueError, RecursionError) as exc:
+        raise TypeError(f"value is not JSON-serialisable: {exc}") from exc
+
+
+def check_name(name: str, what: str = "key") -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, got {type(name).__name__}")
+    if not name:
+        raise ValueError(f"{what} must not be empty")
+    return name
+
+
+def ttl_ms(ttl: float | None, default_ms: int) -> int:
+    """Milliseconds for a TTL in seconds (the default when None); at least 1 ms."""
+    if ttl is None:
+        return default_ms
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        raise TypeError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
+    if not (math.isfinite(ttl) and ttl > 0):
+        raise error_from_code("invalid_ttl", detail=f"got {ttl!r}")
+    return max(1, math.ceil(ttl * 1000))
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def checked(reply: Any, key: str | None = None) -> Any:
+    """Raise the mapped error for a script's ``{"err", code, detail}`` reply."""
+    if isinstance(reply, list) and reply and reply[0] == "err":
+        raise error_from_code(str(reply[1]), key=key, detail=str(reply[2]))
+    return reply
+
+
+def timed_out(what: str, name: str, timeout: float | None) -> BrokerTimeout:
+    exc = error_from_code("timeout", key=name, detail=f"{what} waited {timeout} s")
+    assert isinstance(exc, BrokerTimeout)
+    return exc
+
+
+def wait_for(key: str, deadline: float | None, cancel: Script) -> Generator[Op, Any, str | None]:
+    """Block until Redis pushes a wake-up to *key*, or *deadline* (monotonic) passes."""
+    while True:
+        if deadline is None:
+            slice_ = WAIT_SLICE
+        else:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            slice_ = max(_MIN_BLOCK, min(remaining, WAIT_SLICE))
+        message = yield Wait(key, slice_, cancel)
+        if message is not None:
+            return str(message)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+# ---------------------------------------------------------------------- key/value
+
+
+def get(prefix: str, key: str, default: Any = MISSING) -> Flow:
+    raw = yield Command(("GET", prefix + "k:" + check_name(key)))
+    if raw is not None:
+        return json.loads(raw)
+    if default is not MISSING:
+        return default
+    # Expired keys keep their deadline for a while: it tells "expired" from "never set".
+    deadline = yield Command(("ZSCORE", prefix + "exp", key))
+    raise error_from_code("expired" if deadline is not None else "not_found", key=key)
+
+
+def set_(key: str, value: Any, ttl: float | None, default_ms: int, nx: bool = False) -> Flow:
+    check_name(key)
+    text = dumps(value)
+    ms = ttl_ms(ttl, default_ms)
+    stored = yield Script("set", [key, text, ms, 1 if nx else 0])
+    return bool(stored)
+
+
+def delete(key: str) -> Flow:
+    return bool((yield Script("delete", [check_name(key)])))
+
+
+def keys() -> Flow:
+    return [str(k) for k in (yield Script("keys", []))]
+
+
+def incr(key: str, amount: int, ttl: float | None, default_ms: int) -> Flow:
+    check_name(key)
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(f"amount must be an int, got {type(amount).__name__}")
+    ms = "" if ttl is None else ttl_ms(ttl, default_ms)
+    reply = checked((yield Script("incr", [key, amount, ms, default_ms])), key)
+    return int(reply[1])
+
+
+# ---------------------------------------------------------------------- leases
+
+
+def _worker(worker_id: str) -> str:
+    if isinstance(worker_id, bool) or not isinstance(worker_id, str | int):  # type: ignore[unreachable,unused-ignore]
+        raise TypeError(f"worker_id must be a str, got {type(worker_id).__name__}")
+    return check_name(str(worker_id), "worker_id")
+
+
+def lease(sid: str, key: str, worker_id: str, ttl: float | None, default_ms: int) -> Flow:
+    check_name(key)
+    worker = _worker(worker_id)
+    ms = ttl_ms(ttl, default_ms)
+    reply = checked((yield Script("lease", [sid, key, worker, ms])), key)
+    return int(reply[1])
+
+
+def release(worker_id: str) -> Flow:
+    return bool((yield Script("release", [_worker(worker_id)])))
+
+
+# ---------------------------------------------------------------------- locks, pools
+
+
+def pool(name: str, items: Sequence[Any]) -> Flow:
+    check_name(name, "pool name")
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise TypeError("items must be a list of JSON values")
+    if not items:
+        raise ValueError(f"pool {name!r} needs at least one item")
+    texts = [dumps(item) for item in items]
+    canonical = json.dumps(list(items), sort_keys=True, separators=(",", ":"))
+    reply = checked((yield Script("pool", [name, canonical, *texts])), name)
+    return bool(reply[1])
+
+
+def acquire(
+    prefix: str, sid: str, tid: str, kind: str, name: str, ttl: float | None, timeout: float | None
+) -> Flow:
+    """Take an item (a lock is a pool of one), waiting in FIFO order; yields a Grant."""
+    check_name(name, f"{kind} name")
+    ms = 0 if ttl is None else ttl_ms(ttl, 0)
+    timeout = check_timeout(timeout)
+    deadline = _deadline(timeout)
+    wait = 0 if timeout == 0 else 1
+    reply = checked((yield Script("acquire", [sid, tid, kind, name, ms, wait])), name)
+    if reply[0] == "ok":
+        return Grant(kind, name, tid, sid, int(reply[2]), json.loads(reply[3]))
+    if reply[0] == "busy":
+        raise timed_out(kind, name, timeout)
+    cancel = Script("cancel", [sid, tid, kind, name])
+    message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
+    if message is None:
+        yield cancel
+        raise timed_out(kind, name, timeout)
+    grant = json.loads(message)
+    return Grant(kind, name, tid, sid, int(grant["token"]), json.loads(grant["value"]))
+
+
+def unhold(grant: Grant) -> Flow:
+    """Free a lock/pool item; False when it was no longer held (TTL or session expired)."""
+    return bool((yield Script("unhold", [grant.sid, grant.tid])))
+
+
+# ---------------------------------------------------------------------- once
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """This caller must compute the value of ``once(key)`` (it holds the claim)."""
+
+    key: str
+    sid: str
+
+
+def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None) -> Flow:
+    """The stored value, or a :class:`Claim` when this caller must compute it."""
+    check_name(key)
+    timeout = check_timeout(timeout)
+    deadline = _deadline(timeout)
+    reply = checked((yield Script("once_begin", [key, sid, tid])), key)
+    status = reply[0]
+    if status == "done":
+        return json.loads(reply[1])
+    if status == "failed":
+        raise _once_failed(key, str(reply[1] or ""), str(reply[2] or ""))
+    if status == "compute":
+        return Claim(key, sid)
+    cancel = Script("cancel", [sid, tid, "once", key])
+    message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
+    if message is None:
+        yield cancel
+        raise timed_out("once", key, timeout)
+    event = json.loads(message)
+    if event.get("elect"):
+        return Claim(key, sid)
+    if event.get("failed"):
+        raise _once_failed(key, str(event.get("msg", "")), str(event.get("etype", "")))
+    return json.loads(event["value"])
+
+
+def once_done(claim: Claim, value: Any, ttl: float | None, default_ms: int) -> Flow:
+    text = dumps(value)
+    ms = ttl_ms(ttl, default_ms)
+    reply = yield Script("once_done", [claim.key, claim.sid, text, ms])
+    return json.loads(reply[1]) if reply[0] == "done" else value
+
+
+def once_fail(claim: Claim, exc: BaseException, ttl: float | None, default_ms: int) -> Flow:
+    ms = ttl_ms(ttl, default_ms)
+    message = str(exc) or repr(exc)
+    yield Script("once_fail", [claim.key, claim.sid, message, type(exc).__name__, ms])
+
+
+def _once_failed(key: str, message: str, error_type: str) -> OnceFailed:
+    return OnceFailed(
+        f"once_failed: computing {key!r} raised {error_type}: {message}",
+        key=key,
+        original=message,
+        error_type=error_type,
+    )
+
+
+# ---------------------------------------------------------------------- barrier, throttle
+
+
+def barrier(
+    prefix: str, sid: str, tid: str, name: str, parties: int, timeout: float | None
+) -> Flow:
+    check_name(name, "barrier name")
+    if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
+        raise ValueError(f"parties must be a positive int, got {parties!r}")
+    timeout = check_timeout(timeout)
+    deadline = _deadline(timeout)
+    reply = checked((yield Script("barrier", [name, parties, sid, tid])), name)
+    if reply[0] == "broken":
+        raise _broken(name, str(reply[1]))
+    index = int(reply[1])
+    if reply[0] == "passed":
+        return index
+    cancel = Script("cancel", [sid, tid, "barrier", name])
+    message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
+    if message is None:
+        yield cancel
+        raise timed_out("barrier", name, timeout)
+    event = json.loads(message)
+    if "broken" in event:
+        raise _broken(name, str(event["broken"]))
+    return index
+
+
+def _broken(name: str, reason: str) -> BarrierBroken:
+    return BarrierBroken(
+        f"barrier_broken: barrier {name!r} is broken: {reason}", key=name, reason=reason
+    )
+
+
+def throttle(name: str, rate: float, per: float, timeout: float | None) -> Flow:
+    """Reserve the next slot under the run-wide rate, then sleep until it starts."""
+    check_name(name, "throttle name")
+    for label, number in (("rate", rate), ("per", per)):
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise TypeError(f"{label} must be a number, got {type(number).__name__}")
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{label} must be a positive number, got {number!r}")
+    timeout = check_timeout(timeout)
+    if float(rate).is_integer():
+        calls, window = int(rate), per
+    else:  # a fractional rate: one call per per/rate seconds
+        calls, window = 1, per / rate
+    limit = -1 if timeout is None else timeout * 1000
+    reply = yield Script("throttle", [name, calls, window * 1000, limit])
+    wait = float(reply[1]) / 1000
+    if reply[0] == "timeout":
+        raise timed_out("throttle", name, timeout)
+    if wait > 0:
+        yield Sleep(wait)
+    return None
+
+
+# ---------------------------------------------------------------------- queues
+
+
+def push(queue: str, items: tuple[Any, ...]) -> Flow:
+    check_name(queue, "queue name")
+    if not items:
+        raise ValueError("push needs at least one item")
+    texts = [dumps(item) for item in items]
+    length = 0
+    for start in range(0, len(texts), 1000):  # Lua's unpack() has a stack limit
+        length = yield Script("push", [queue, *texts[start : start + 1000]])
+    return int(length)
+
+
+def pop(prefix: str, queue: str, timeout: float | None) -> Flow:
+    key = prefix + "qu:" + check_name(queue, "queue name")
+    timeout = check_timeout(timeout)
+    if timeout == 0:
+        raw = yield Command(("LPOP", key))
+    else:
+        deadline = _deadline(timeout)
+        raw = None
+        while raw is None:
+            if deadline is None:
+                slice_ = WAIT_SLICE
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                slice_ = max(_MIN_BLOCK, min(remaining, WAIT_SLICE))
+            raw = yield Wait(key, slice_)
+    if raw is None:
+        raise timed_out("pop", queue, timeout)
+    return json.loads(raw)
+
+
+# ---------------------------------------------------------------------- status
+
+
+def _who(sid: str, sinfo: dict[str, Any]) -> dict[str, Any]:
+    info = dict(sinfo.get(sid) or {})
+    info["session"] = sid
+    return info
+
+
+def _pairs(flat: list[Any]) -> dict[str, Any]:
+    return {str(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def status() -> Flow:
+    reply = yield Script("status", [])
+    if not isinstance(reply, list) or len(reply) != 8:
+        raise ProtocolError(f"unexpected status reply from Redis: {reply!r}")
+    now = int(reply[0])
+    deadlines = {sid: float(score) for sid, score in _pairs(reply[1]).items()}
+    sinfo = {sid: json.loads(raw) for sid, raw in _pairs(reply[2]).items()}
+    holders: list[dict[str, Any]] = []
+    for tid, raw in _pairs(reply[3]).items():
+        h = json.loads(raw)
+        holders.append(
+            {
+                "kind": h["kind"],
+                "name": h["name"],
+                "item": h["item"],
+                "token": h["token"],
+                "who": _who(h["sid"], sinfo),
+                "since": h["since"] / 1000,
+                "ttl_left": (h["exp"] - now) / 1000 if h["exp"] else None,
+                "ticket": tid,
+            }
+        )
+    lease_deadlines = {w: float(s) for w, s in _pairs(reply[6]).items()}
+    for worker, raw in _pairs(reply[5]).items():
+        lease_ = json.loads(raw)
+        holders.append(
+            {
+                "kind": "lease",
+                "name": lease_["key"],
+                "item": lease_["n"],
+                "worker": worker,
+                "who": _who(lease_["sid"], sinfo),
+                "since": lease_.get("since", now) / 1000,
+                "ttl_left": (lease_deadlines.get(worker, now) - now) / 1000,
+            }
+        )
+    once = reply[7]
+    for i in range(0, len(once), 3):
+        holders.append(
+            {
+                "kind": "once",
+                "name": once[i],
+                "who": _who(once[i + 2], sinfo),
+                "since": float(once[i + 1]) / 1000,
+                "ttl_left": None,
+            }
+        )
+    waiters = []
+    for tid, raw in _pairs(reply[4]).items():
+        t = json.loads(raw)
+        waiters.append(
+            {
+                "kind": t["kind"],
+                "name": t["name"],
+                "who": _who(t["sid"], sinfo),
+                "since": t["since"] / 1000,
+                "ticket": tid,
+            }
+        )
+    sessions = [
+        dict(_who(sid, sinfo), expires_in=(deadline - now) / 1000)
+        for sid, deadline in deadlines.items()
+    ]
+    holders.sort(key=lambda entry: entry["since"])
+    waiters.sort(key=lambda entry: entry["since"])
+    return {"holders": holders, "waiters": waiters, "sessions": sessions, "time": now / 1000}
+
+
+def stats() -> Flow:
+    reply = yield Script("stats", [])
+    items, leases, sessions, holders, waiters, _now = (int(x) for x in reply)
+    return {
+        "items": items,
+        "leases": leases,
+        "sessions": sessions,
+        "holders": holders,
+        "waiters": waiters,
+    }
