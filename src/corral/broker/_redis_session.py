@@ -218,3 +218,11 @@ class AsyncSession:
                 await self._beat(sid, "end")
             except BrokerError as exc:
                 log.warning("could not end Redis session %s (%s); it expires by itself", sid, exc)
+
+
+def wants_redis(path: object) -> bool:
+    """Whether ``Client(path)`` means the Redis backend: *path* is a Redis URL, or no path
+    was given and ``$CORRAL_BROKER_URL`` is set (it takes precedence over EPHEMERAL_PIPE)."""
+    if path is None:
+        return bool(os.environ.get("CORRAL_BROKER_URL"))
+    return is_redis_url(path)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from corral.broker import _flows
 from corral.broker._flows import MISSING, Handshake
+from corral.broker._redis_session import wants_redis
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerTimeout, BrokerUnavailable
@@ -81,6 +82,17 @@ class Client:
     (it restarted), the next request reconnects, but only when that request had
     certainly not been sent; otherwise :class:`~corral.errors.BrokerUnavailable`.
     """
+
+    # --- Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
+    # given (it takes precedence over EPHEMERAL_PIPE), returns a RedisClient instead.
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        if cls is Client and wants_redis(path):
+            from corral.broker.redis import RedisClient
+
+            return RedisClient(path if isinstance(path, str) else None, *args, **kwargs)
+        return super().__new__(cls)
+
+    # --- end of the Redis backend's hook
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from corral.broker import _flows
 from corral.broker._flows import MISSING, Handshake
+from corral.broker._redis_session import wants_redis
 from corral.broker.client import resolve_path, resolve_secret, unavailable
 from corral.broker.messages import CLOSED, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
@@ -42,6 +43,17 @@ class AsyncClient:
     connection belongs to the event loop that opened it: using the client from another
     loop while connected raises RuntimeError (an idle client rebinds freely).
     """
+
+    # --- Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
+    # given (it takes precedence over EPHEMERAL_PIPE), returns a AsyncRedisClient instead.
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        if cls is AsyncClient and wants_redis(path):
+            from corral.broker.redis import AsyncRedisClient
+
+            return AsyncRedisClient(path if isinstance(path, str) else None, *args, **kwargs)
+        return super().__new__(cls)
+
+    # --- end of the Redis backend's hook
 
     def __init__(
         self,
