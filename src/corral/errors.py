@@ -257,6 +257,7 @@ ERROR_CODES: dict[str, type[BrokerRequestError]] = {
     "bad_request": InvalidRequest,
     "draining": Draining,
     "timeout": WaitTimeout,
+    "internal_error": BrokerRequestError,
     "once_failed": OnceFailed,
     "barrier_broken": BarrierBroken,
     "pool_conflict": PoolConflict,
