@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["tests.fix_broker", "tests.fix_postgres", "tests.fix_sandbox"]
+pytest_plugins = ["tests.fix_broker", "tests.fix_postgres", "tests.fix_redis", "tests.fix_sandbox"]

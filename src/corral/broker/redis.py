@@ -49,6 +49,9 @@ __all__ = ["AsyncRedisClient", "RedisClient"]
 log = logging.getLogger("corral.broker.redis")
 T = TypeVar("T")
 
+#: Seconds a killed or frozen client keeps its claims (``$CORRAL_SESSION_TTL`` overrides).
+DEFAULT_SESSION_TTL = 5.0
+
 
 def _import_redis() -> Any:
     try:
@@ -95,10 +98,12 @@ class _Base:
         secret: str | bytes | None,
         timeout: float,
         run_id: str | None,
-        session_ttl: float,
+        session_ttl: float | None,
         default_ttl: float,
         worker_id: str | None,
     ) -> None:
+        if session_ttl is None:
+            session_ttl = float(os.environ.get("CORRAL_SESSION_TTL") or DEFAULT_SESSION_TTL)
         self.url = resolve_url(url)
         self.run_id = resolve_run_id(run_id)
         self.prefix = prefix_for(self.run_id)
@@ -123,8 +128,9 @@ class _Base:
             "socket_connect_timeout": self.timeout,
             # A blocking pop waits up to WAIT_SLICE seconds inside Redis.
             "socket_timeout": self.timeout + (flows.WAIT_SLICE if blocking else 0.0),
-            "socket_keepalive": True,
         }
+        if not self.url.startswith("unix://"):  # a partition must not hang a wait forever
+            options["socket_keepalive"] = True
         if self._password is not None:
             options["password"] = self._password  # the URL's own password wins
         return options
@@ -151,6 +157,7 @@ class RedisClient(_Base):
         ``$CORRAL_RUN_ID``. Keys live under ``corral:{RUN_ID}:``.
     :param session_ttl: seconds after which a client that stopped heartbeating (killed,
         frozen) loses what it holds; the heartbeat runs every ``session_ttl / 3``.
+        Default ``$CORRAL_SESSION_TTL``, else 5.
     :param default_ttl: TTL of keys and leases set without one (the broker's 30 minutes).
     :param worker_id: shown by :meth:`status`; default ``$PYTEST_XDIST_WORKER``.
     :param compress_threshold: accepted for parity with :class:`~corral.broker.Client`;
@@ -168,7 +175,7 @@ class RedisClient(_Base):
         timeout: float = 5.0,
         *,
         run_id: str | None = None,
-        session_ttl: float = 5.0,
+        session_ttl: float | None = None,
         default_ttl: float = 1800.0,
         worker_id: str | None = None,
         compress_threshold: int | None = None,
@@ -489,7 +496,7 @@ class AsyncRedisClient(_Base):
         timeout: float = 5.0,
         *,
         run_id: str | None = None,
-        session_ttl: float = 5.0,
+        session_ttl: float | None = None,
         default_ttl: float = 1800.0,
         worker_id: str | None = None,
         compress_threshold: int | None = None,
