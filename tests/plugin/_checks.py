@@ -11,6 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 from corral.postgres import clone_database, drop_database, list_databases
 from corral.postgres._sql import connect
 
+SAMPLE = Path(__file__).parent / "sample"
+
 
 def facts(path: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(path.read_text())

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from corral.postgres import default_cache_dir
+from tests.plugin._checks import SAMPLE
 
 collect_ignore = ["sample"]
 
-SAMPLE = Path(__file__).parent / "sample"
 # pytester points HOME at its temporary directory: keep corral's real initdb cache.
 _CACHE_DIR = str(default_cache_dir())
 # Variables an inner run must not inherit from this one (or from an outer xdist worker).

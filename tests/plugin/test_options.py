@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -52,15 +54,15 @@ def test_broker_only_when_no_database_is_configured(inner: pytest.Pytester) -> N
         import pytest
 
         def test_broker_works(corral, corral_worker_id):
-            assert corral_worker_id.startswith("gw")
-            assert corral.lease("slots", corral_worker_id, ttl=60) in (0, 1)
+            assert corral_worker_id == "main"
+            assert corral.lease("slots", corral_worker_id, ttl=60) == 0
             assert "CORRAL_DATABASE_URL" not in os.environ
 
         def test_database_fixture_explains(corral_database_url):
             pass
         """
     )
-    result = inner.runpytest_subprocess("-n", "2", "test_broker_only.py")
+    result = inner.runpytest_subprocess("-n", "0", "test_broker_only.py")
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*corral's database part is off in this run*"])
 
@@ -135,3 +137,30 @@ def test_unreachable_server_is_a_usage_error_without_the_password(inner: pytest.
     errors = result.stderr.str()
     assert "cannot connect to the database server" in errors
     assert "hunter2" not in errors + result.stdout.str()
+
+
+def test_reuses_the_broker_of_corral_run(inner: pytest.Pytester, tmp_path: Path) -> None:
+    for name in ("conftest.py", "pytest.ini"):
+        (inner.path / name).unlink()
+    inner.makepyfile(
+        test_reuse=f"""
+        import os, pathlib
+        import pytest
+
+        @pytest.mark.parametrize("n", range(4))
+        def test_same_broker(corral, corral_worker_id, n):
+            out = pathlib.Path({str(tmp_path)!r}) / corral_worker_id
+            out.write_text(os.environ["EPHEMERAL_PIPE"])
+            corral.set(f"seen-{{n}}", corral_worker_id, ttl=60)
+        """
+    )
+    corral_cli = "from corral.cli import main; raise SystemExit(main())"
+    result = inner.run(
+        sys.executable, "-c", corral_cli, "run", "--",
+        sys.executable, "-m", "pytest", "-n", "0", "-v", "test_reuse.py",
+    )  # fmt: skip
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+    assert "broker start" not in result.stdout.str()  # the plugin started none
+    pipes = {p.read_text() for p in tmp_path.iterdir()}
+    assert len(pipes) == 1
+    assert not os.path.exists(pipes.pop())  # corral run stopped its broker

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.plugin._checks import SAMPLE, assert_nothing_left, facts
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -25,7 +27,10 @@ def quickstart_files() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_readme_quickstart_runs_in_parallel(inner: pytest.Pytester) -> None:
+def test_readme_quickstart_runs_in_parallel(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No CORRAL_DSN, as in the README: corral starts (and stops) its own server.
     files = quickstart_files()
     assert set(files) == {"pyproject.toml", "schema.sql", "app.py", "test_app.py"}
     for path in list(inner.path.iterdir()):  # not the sample suite: only the README's
@@ -33,5 +38,13 @@ def test_readme_quickstart_runs_in_parallel(inner: pytest.Pytester) -> None:
             path.unlink()
     for name, content in files.items():
         (inner.path / name).write_text(content)
-    result = inner.runpytest_subprocess("-n", "2", "-W", "error")
+    # The sample's conftest.py records the run's facts (it imports app.py, as the README's
+    # test does).
+    (inner.path / "conftest.py").write_text((SAMPLE / "conftest.py").read_text())
+    monkeypatch.setenv("SAMPLE_FACTS", str(inner.path / "facts.json"))
+    result = inner.runpytest_subprocess("-n", "2", "-W", "error", "-v")
     result.assert_outcomes(passed=100)
+    result.stdout.fnmatch_lines(["*postgres start: * ms*", "*template: * ms*"])
+    info = facts(inner.path / "facts.json")
+    assert "corral-pg" in info["url"]
+    assert_nothing_left(info, None)
