@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from corral import Client
-from corral.errors import BarrierBroken, BrokerTimeout, OnceFailed
+from corral.errors import BarrierBroken, BrokerTimeout, ClaimLost, OnceFailed
 
 
 def say(**fields: Any) -> None:
@@ -63,6 +63,18 @@ def hold_lock(client: Any, name: str) -> None:
         time.sleep(3600)
 
 
+def pause_holder(client: Any, name: str) -> None:
+    """Hold a lock across a pause (the test SIGSTOPs us) and report whether it was lost."""
+    try:
+        with client.lock(name) as token:
+            say(token=token)
+            time.sleep(1.0)
+    except ClaimLost as exc:
+        say(lost=str(exc))
+    else:
+        say(lost=None)
+
+
 def wait_lock(client: Any, name: str) -> None:
     with client.lock(name, timeout=60) as token:
         say(token=token, at=time.time())
@@ -99,6 +111,8 @@ def main(argv: list[str]) -> None:
             pool(client, args[0], int(args[1]))
         elif role == "hold_lock":
             hold_lock(client, args[0])
+        elif role == "pause_holder":
+            pause_holder(client, args[0])
         elif role == "wait_lock":
             wait_lock(client, args[0])
         elif role == "barrier":

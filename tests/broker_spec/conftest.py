@@ -156,7 +156,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 
     url: str = request.getfixturevalue("redis_url")
     run_id = f"spec-{uuid.uuid4().hex[:12]}"
-    options = {"run_id": run_id, "session_ttl": SESSION_TTL}
+    options: dict[str, Any] = {"run_id": run_id, "session_ttl": SESSION_TTL}
     env = {
         "CORRAL_BROKER_URL": url,
         "CORRAL_RUN_ID": run_id,

@@ -167,7 +167,8 @@ def test_lock_is_fair_and_a_timed_out_waiter_is_never_granted(backend: Backend) 
             thread = threading.Thread(target=wait)
             thread.start()
             threads.append(thread)
-            wait_until(lambda n=n: waiting(observer, "lock", "fifo") == n + 1, 5, "queueing")
+            queued = n + 1
+            wait_until(lambda: waiting(observer, "lock", "fifo") == queued, 5, "queueing")  # noqa: B023
     for thread in threads:
         thread.join(30)
     assert order == ["b", "c", "d"]

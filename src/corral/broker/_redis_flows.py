@@ -270,6 +270,7 @@ class Claim:
 
     key: str
     sid: str
+    tid: str
 
 
 def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None) -> Flow:
@@ -284,7 +285,7 @@ def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None)
     if status == "failed":
         raise _once_failed(key, str(reply[1] or ""), str(reply[2] or ""))
     if status == "compute":
-        return Claim(key, sid)
+        return Claim(key, sid, tid)
     cancel = Script("cancel", [sid, tid, "once", key])
     message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
     if message is None:
@@ -292,10 +293,15 @@ def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None)
         raise timed_out("once", key, timeout)
     event = json.loads(message)
     if event.get("elect"):
-        return Claim(key, sid)
+        return Claim(key, sid, tid)
     if event.get("failed"):
         raise _once_failed(key, str(event.get("msg", "")), str(event.get("etype", "")))
     return json.loads(event["value"])
+
+
+def give_up(claim: Claim) -> Script:
+    """Hand the claim on to the next waiter (the computer was interrupted, not failed)."""
+    return Script("cancel", [claim.sid, claim.tid, "once", claim.key])
 
 
 def once_done(claim: Claim, value: Any, ttl: float | None, default_ms: int) -> Flow:

@@ -44,6 +44,11 @@ end
 local NOW = now_ms()
 local enc, dec = cjson.encode, cjson.decode
 local function touch(key) redis.call('PEXPIRE', key, RUN_TTL) end
+-- Claims are only taken for a live session: one reaped meanwhile would never free them.
+local function lost(sid)
+  if redis.call('ZSCORE', P .. 'sess', sid) then return nil end
+  return {'err', 'session_lost', 'session ' .. sid .. ' expired (its claims were freed)'}
+end
 
 local function wake(tid, msg)
   local w = P .. 'w:' .. tid
@@ -302,6 +307,8 @@ return {'ok', v}
     "lease": """
 lease_expire()
 local sid, key, worker, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local gone = lost(sid)
+if gone then return gone end
 local raw = redis.call('HGET', P .. 'lw', worker)
 if raw then
   local l = dec(raw)
@@ -356,6 +363,8 @@ return {'ok', 1}
     # ARGV: sid, tid, kind, name, ttl_ms (0: none), wait (1/0)
     "acquire": """
 local sid, tid, kind, name, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local gone = lost(sid)
+if gone then return gone end
 local items = P .. 'ri:' .. kind .. ':' .. name
 local free = P .. 'rf:' .. kind .. ':' .. name
 local q = P .. 'rq:' .. kind .. ':' .. name
@@ -404,6 +413,8 @@ return 'undone'
     # ARGV: key, sid, tid
     "once_begin": """
 local key, sid, tid = ARGV[1], ARGV[2], ARGV[3]
+local gone = lost(sid)
+if gone then return gone end
 local v = redis.call('GET', P .. 'k:' .. key)
 if v then return {'done', v} end
 local o = P .. 'o:' .. key
@@ -453,6 +464,8 @@ return {'failed'}
     # ARGV: name, parties, sid, tid
     "barrier": """
 local name, parties, sid, tid = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local gone = lost(sid)
+if gone then return gone end
 local b = P .. 'b:' .. name
 local h = redis.call('HMGET', b, 'parties', 'count', 'broken')
 if h[3] then return {'broken', h[3]} end

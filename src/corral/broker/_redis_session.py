@@ -104,43 +104,44 @@ class SyncSession:
         """This process's session id, registering it (and the heartbeat) on first use."""
         with self._lock:
             if self.sid is None or self._pid != os.getpid():
-                sid = new_sid()
-                self._beat(sid, "register")
-                self.sid, self._pid = sid, os.getpid()
-                self._stop = threading.Event()
-                self._thread = threading.Thread(
-                    target=self._run, args=(self._stop,), name="corral-redis-heartbeat", daemon=True
-                )
-                self._thread.start()
+                self._register()
+            assert self.sid is not None
             return self.sid
+
+    def renew(self, lost: str) -> str:
+        """Replace session *lost*, which Redis reports expired, with a new one."""
+        with self._lock:
+            if self.sid == lost or self.sid is None or self._pid != os.getpid():
+                _warn_lost(lost)
+                self._register()
+            assert self.sid is not None
+            return self.sid
+
+    def _register(self) -> None:
+        sid = new_sid()
+        self._beat(sid, "register")
+        self.sid, self._pid = sid, os.getpid()
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._stop.is_set():
+            self._stop = threading.Event()
+            self._thread = threading.Thread(
+                target=self._run, args=(self._stop,), name="corral-redis-heartbeat", daemon=True
+            )
+            self._thread.start()
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(self.interval):
             with self._lock:
                 sid = self.sid
-                if sid is None or stop.is_set():
+                if sid is None or stop.is_set() or self._pid != os.getpid():
                     return
                 try:
                     reply = self._beat(sid, "beat")
+                    if reply and reply[0] == "lost":
+                        _warn_lost(sid)
+                        self._register()
                 except BrokerError as exc:
-                    log.warning(
-                        "Redis heartbeat failed (%s); retrying in %.2f s", exc, self.interval
-                    )
-                    continue
-                if reply and reply[0] == "lost":
-                    # Paused past its TTL (debugger, GC, suspended VM): everything it held
-                    # was freed and may be held by others now. Carry on as a new session.
-                    log.warning(
-                        "this client's Redis session %s expired; its locks, pool items and "
-                        "leases were released. Raise session_ttl if the process pauses.",
-                        sid,
-                    )
-                    new = new_sid()
-                    try:
-                        self._beat(new, "register")
-                    except BrokerError:
-                        continue
-                    self.sid = new
+                    log.warning("Redis heartbeat failed (%s); retrying", exc)
 
     def end(self) -> None:
         """Stop the heartbeat and free everything the session holds. Idempotent."""
@@ -158,6 +159,16 @@ class SyncSession:
                 log.warning("could not end Redis session %s (%s); it expires by itself", sid, exc)
 
 
+def _warn_lost(sid: str) -> None:
+    # Paused past its TTL (debugger, GC, suspended VM, starved heartbeat): everything it
+    # held was freed and may be held by others now. It carries on as a new session.
+    log.warning(
+        "this client's Redis session %s expired; its locks, pool items, leases and once "
+        "claims were released. Raise session_ttl (CORRAL_SESSION_TTL) if the process pauses.",
+        sid,
+    )
+
+
 AsyncBeat = Callable[[str, str], Awaitable[Any]]
 
 
@@ -171,18 +182,35 @@ class AsyncSession:
         self.sid: str | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def current(self) -> str:
+    def _get_lock(self) -> asyncio.Lock:
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
+        return self._lock
+
+    async def current(self) -> str:
+        async with self._get_lock():
             if self.sid is None:
-                sid = new_sid()
-                await self._beat(sid, "register")
-                self.sid = sid
-                self._task = asyncio.get_running_loop().create_task(
-                    self._run(), name="corral-redis-heartbeat"
-                )
+                await self._register()
+            assert self.sid is not None
             return self.sid
+
+    async def renew(self, lost: str) -> str:
+        """Replace session *lost*, which Redis reports expired, with a new one."""
+        async with self._get_lock():
+            if self.sid == lost or self.sid is None:
+                _warn_lost(lost)
+                await self._register()
+            assert self.sid is not None
+            return self.sid
+
+    async def _register(self) -> None:
+        sid = new_sid()
+        await self._beat(sid, "register")
+        self.sid = sid
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="corral-redis-heartbeat"
+            )
 
     async def _run(self) -> None:
         while True:
@@ -192,19 +220,13 @@ class AsyncSession:
                 return
             try:
                 reply = await self._beat(sid, "beat")
+                if reply and reply[0] == "lost":
+                    async with self._get_lock():
+                        if self.sid == sid:
+                            _warn_lost(sid)
+                            await self._register()
             except BrokerError as exc:
-                log.warning("Redis heartbeat failed (%s); retrying in %.2f s", exc, self.interval)
-                continue
-            if reply and reply[0] == "lost":
-                log.warning(
-                    "this client's Redis session %s expired; its locks, pool items and "
-                    "leases were released. Raise session_ttl if the loop blocks for long.",
-                    sid,
-                )
-                new = new_sid()
-                with contextlib.suppress(BrokerError):
-                    await self._beat(new, "register")
-                    self.sid = new
+                log.warning("Redis heartbeat failed (%s); retrying", exc)
 
     async def end(self) -> None:
         sid, self.sid = self.sid, None

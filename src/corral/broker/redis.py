@@ -242,8 +242,7 @@ class RedisClient(_Base):
 
         :raises LeaseError: *worker_id* already leases under another key.
         """
-        sid = self._session.current()
-        return int(self._run(flows.lease(sid, key, worker_id, ttl, self._default_ms)))
+        return int(self._owned(lambda sid: flows.lease(sid, key, worker_id, ttl, self._default_ms)))
 
     def release(self, worker_id: str) -> bool:
         """Free *worker_id*'s lease; True when it held one."""
@@ -270,9 +269,9 @@ class RedisClient(_Base):
         """
         if not callable(compute):
             raise TypeError("compute must be callable")
-        sid = self._session.current()
-        tid = self._tid(sid)
-        result = self._run(flows.once_begin(self.prefix, sid, tid, key, timeout))
+        result = self._owned(
+            lambda sid: flows.once_begin(self.prefix, sid, self._tid(sid), key, timeout)
+        )
         if not isinstance(result, flows.Claim):
             return result
         try:
@@ -283,7 +282,7 @@ class RedisClient(_Base):
             raise
         except BaseException:  # Ctrl-C: not a failure of compute; let another caller try
             with contextlib.suppress(BrokerError):
-                self._execute(flows.Script("cancel", [sid, tid, "once", key]))
+                self._execute(flows.give_up(result))
             raise
 
     def lock(
@@ -340,9 +339,10 @@ class RedisClient(_Base):
         :raises BarrierBroken: a member died or timed out.
         :raises BrokerTimeout: the others did not arrive within *timeout* (this breaks it).
         """
-        sid = self._session.current()
         return int(
-            self._run(flows.barrier(self.prefix, sid, self._tid(sid), name, parties, timeout))
+            self._owned(
+                lambda sid: flows.barrier(self.prefix, sid, self._tid(sid), name, parties, timeout)
+            )
         )
 
     def push(self, queue: str, *items: Any) -> int:
@@ -466,17 +466,34 @@ class RedisClient(_Base):
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
+    def _owned(self, build: Callable[[str], Generator[flows.Op, Any, T]]) -> T:
+        """Run the flow *build(sid)* that takes claims for this client's session; if Redis
+        says the session expired meanwhile, run it once more under a new session."""
+        sid = self._session.current()
+        try:
+            return self._run(build(sid))
+        except BrokerRequestError as exc:
+            if exc.code != "session_lost":
+                raise
+        return self._run(build(self._session.renew(sid)))
+
     @contextlib.contextmanager
     def _hold(
         self, kind: str, name: str, ttl: float | None, timeout: float | None
     ) -> Iterator[Any]:
-        sid = self._session.current()
-        grant = self._run(flows.acquire(self.prefix, sid, self._tid(sid), kind, name, ttl, timeout))
+        grant: flows.Grant = self._owned(
+            lambda sid: flows.acquire(self.prefix, sid, self._tid(sid), kind, name, ttl, timeout)
+        )
         try:
             yield grant.token if kind == "lock" else grant.value
         except BaseException:
-            if not self._run(flows.unhold(grant)):
-                log.warning("%s %r was already freed when its holder failed", kind, name)
+            try:
+                released = self._run(flows.unhold(grant))
+            except BrokerError as exc:  # e.g. closed: the session's end freed it anyway
+                log.warning("could not release %s %r: %s", kind, name, exc)
+            else:
+                if not released:
+                    log.warning("%s %r was already freed when its holder failed", kind, name)
             raise
         if not self._run(flows.unhold(grant)):
             raise _lost(grant)
@@ -544,8 +561,9 @@ class AsyncRedisClient(_Base):
 
     async def lease(self, key: str, worker_id: str, ttl: float | None = None) -> int:
         """Lease the smallest free integer under *key* for *worker_id*."""
-        sid = await self._session.current()
-        return int(await self._run(flows.lease(sid, key, worker_id, ttl, self._default_ms)))
+        return int(
+            await self._owned(lambda sid: flows.lease(sid, key, worker_id, ttl, self._default_ms))
+        )
 
     async def release(self, worker_id: str) -> bool:
         """Free *worker_id*'s lease; True when it held one."""
@@ -561,9 +579,9 @@ class AsyncRedisClient(_Base):
         """Exactly one caller in the run computes *key*; *compute* may be async."""
         if not callable(compute):
             raise TypeError("compute must be callable")
-        sid = await self._session.current()
-        tid = self._tid(sid)
-        result = await self._run(flows.once_begin(self.prefix, sid, tid, key, timeout))
+        result = await self._owned(
+            lambda sid: flows.once_begin(self.prefix, sid, self._tid(sid), key, timeout)
+        )
         if not isinstance(result, flows.Claim):
             return result
         try:
@@ -575,7 +593,8 @@ class AsyncRedisClient(_Base):
             await self._run(flows.once_fail(result, exc, ttl, self._default_ms))
             raise
         except BaseException:
-            await asyncio.shield(self._execute(flows.Script("cancel", [sid, tid, "once", key])))
+            with contextlib.suppress(BrokerError):
+                await asyncio.shield(self._execute(flows.give_up(result)))
             raise
 
     def lock(
@@ -602,9 +621,10 @@ class AsyncRedisClient(_Base):
 
     async def barrier(self, name: str, parties: int, timeout: float | None = None) -> int:
         """Wait for *parties* callers. :raises BarrierBroken: a member died or timed out."""
-        sid = await self._session.current()
         return int(
-            await self._run(flows.barrier(self.prefix, sid, self._tid(sid), name, parties, timeout))
+            await self._owned(
+                lambda sid: flows.barrier(self.prefix, sid, self._tid(sid), name, parties, timeout)
+            )
         )
 
     async def push(self, queue: str, *items: Any) -> int:
@@ -707,19 +727,32 @@ class AsyncRedisClient(_Base):
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
+    async def _owned(self, build: Callable[[str], Generator[flows.Op, Any, T]]) -> T:
+        sid = await self._session.current()
+        try:
+            return await self._run(build(sid))
+        except BrokerRequestError as exc:
+            if exc.code != "session_lost":
+                raise
+        return await self._run(build(await self._session.renew(sid)))
+
     @contextlib.asynccontextmanager
     async def _hold(
         self, kind: str, name: str, ttl: float | None, timeout: float | None
     ) -> AsyncIterator[Any]:
-        sid = await self._session.current()
-        grant = await self._run(
-            flows.acquire(self.prefix, sid, self._tid(sid), kind, name, ttl, timeout)
+        grant: flows.Grant = await self._owned(
+            lambda sid: flows.acquire(self.prefix, sid, self._tid(sid), kind, name, ttl, timeout)
         )
         try:
             yield grant.token if kind == "lock" else grant.value
         except BaseException:
-            if not await asyncio.shield(self._run(flows.unhold(grant))):
-                log.warning("%s %r was already freed when its holder failed", kind, name)
+            try:
+                released = await asyncio.shield(self._run(flows.unhold(grant)))
+            except BrokerError as exc:
+                log.warning("could not release %s %r: %s", kind, name, exc)
+            else:
+                if not released:
+                    log.warning("%s %r was already freed when its holder failed", kind, name)
             raise
         if not await self._run(flows.unhold(grant)):
             raise _lost(grant)
