@@ -61,9 +61,16 @@ def test_public_methods_match_between_sync_and_async() -> None:
     sync, async_ = api(Client), api(AsyncClient)
     assert sync.pop("close") == async_.pop("aclose")
     assert set(sync) == set(async_)
+    # lock()/acquire() return context managers (``with`` / ``async with``), not coroutines.
+    managers = {"lock", "acquire"}
     for name, signature in sync.items():
         assert signature.parameters.keys() == async_[name].parameters.keys(), name
-        assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
+        for param in signature.parameters:
+            assert signature.parameters[param].default == async_[name].parameters[param].default
+        if name in managers:
+            assert "AsyncContextManager" in str(async_[name].return_annotation), name
+        else:
+            assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
     assert (
         inspect.signature(Client).parameters.keys()
         == inspect.signature(AsyncClient).parameters.keys()

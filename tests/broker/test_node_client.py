@@ -45,7 +45,7 @@ def test_node_client_uses_the_broker(
         assert report["stats"]["stats"]["items"] == 3
         assert report["health"]["status"] == "healthy"
         assert report["metrics"]["format"] == "prometheus"
-        assert report["lease"] == {"ok": True, "value": 0}
+        assert report["lease"] == {"ok": True, "value": 0, "token": 1}  # + corral's fence
         assert report["release"] == {"ok": True, "released": True}
         assert report["noTtl"]["error"] == "ttl_required"
         assert py.get("node-plain") == {"from": "node", "n": 1}

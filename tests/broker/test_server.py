@@ -120,7 +120,12 @@ def test_every_node_error_code(make_broker: MakeBroker) -> None:
         time.sleep(0.01)
         assert ask({"action": "get", "key": "e"})["error"] == "expired"
         assert ask({"action": "lease", "key": "k"})["error"] == "key_and_worker_required"
-        assert ask({"action": "lease", "key": "k", "workerId": "w"}) == {"ok": True, "value": 0}
+        # corral adds the lease's fencing token; Node clients ignore extra fields.
+        assert ask({"action": "lease", "key": "k", "workerId": "w"}) == {
+            "ok": True,
+            "value": 0,
+            "token": 1,
+        }
         lease2 = ask({"action": "lease", "key": "j", "workerId": "w"})
         assert lease2["error"] == "worker_already_has_lease"
         assert ask({"action": "release"})["error"] == "worker_required"

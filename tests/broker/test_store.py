@@ -188,7 +188,7 @@ def test_tickets_are_fifo_and_dead_ones_are_never_granted(store: Store, clock: F
     store.expire_due()
     assert timed.state == Ticket.FAILED
     assert answers == [
-        ("failed", {"ok": False, "error": "timeout", "detail": "gave up waiting for 'pool'"})
+        ("failed", {"ok": False, "error": "timeout", "detail": "gave up waiting for wait 'pool'"})
     ]
     assert store.next_waiter("pool") is first
     assert first.set({"ok": True}) is True

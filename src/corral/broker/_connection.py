@@ -62,6 +62,7 @@ class Connection(asyncio.BufferedProtocol):
         broker._next_session += 1
         self.session = Session(broker._next_session, time.time())
         broker._connections[self.session.id] = self
+        self.core.sessions[self.session.id] = self.session
         if self.core.draining:
             transport.write(_encode({"ok": False, "error": "draining"}))
             transport.close()
@@ -95,12 +96,15 @@ class Connection(asyncio.BufferedProtocol):
         if session is None:
             return
         broker._connections.pop(session.id, None)
+        self.core.sessions.pop(session.id, None)
         broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
+        reason = f"member {_describe(session)} disconnected (it exited or died)"
+        store = self.core.store
         if self.waiting is not None:
-            self.waiting.cancel()
+            store.cancel(self.waiting, reason)  # never granted; a barrier breaks
             self.waiting = None
         if session.persistent:
-            freed = self.core.store.release_owner(session.id)
+            freed = store.release_owner(session.id, reason)
             if freed:
                 log.debug("session %d closed: released %d holdings", session.id, freed)
         broker._after_batch()
@@ -202,3 +206,10 @@ class Connection(asyncio.BufferedProtocol):
     def _resume(self) -> None:
         if not (self.finished or self.paused or self.waiting is not None):
             self._process()
+
+
+def _describe(session: Session) -> str:
+    text = f"pid {session.pid}" if session.pid is not None else f"session {session.id}"
+    if session.worker:
+        text += f" (worker {session.worker})"
+    return text

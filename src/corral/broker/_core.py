@@ -32,7 +32,18 @@ class Session:
     one-shot clients (the Node client) close after every request.
     """
 
-    __slots__ = ("authenticated", "client", "connected_at", "id", "nonce", "persistent", "pid")
+    __slots__ = (
+        "_who",
+        "authenticated",
+        "client",
+        "connected_at",
+        "host",
+        "id",
+        "nonce",
+        "persistent",
+        "pid",
+        "worker",
+    )
 
     def __init__(self, session_id: int, connected_at: float) -> None:
         self.id = session_id
@@ -42,20 +53,71 @@ class Session:
         self.nonce: str | None = None
         self.pid: int | None = None
         self.client: str | None = None
+        self.worker: str | None = None
+        self.host: str | None = None
+        self._who: dict[str, Any] | None = None
 
     @property
     def owner(self) -> int | None:
         """The store owner key, or None for one-shot connections (TTL-only semantics)."""
         return self.id if self.persistent else None
 
+    def who(self) -> dict[str, Any]:
+        """Who this is, for status dumps: session, pid, worker, host, client."""
+        if self._who is None:
+            self._who = {
+                "session": self.id,
+                "pid": self.pid,
+                "worker": self.worker,
+                "host": self.host,
+                "client": self.client,
+                "persistent": self.persistent,
+            }
+        return self._who
+
     def __repr__(self) -> str:
         return f"<Session {self.id} pid={self.pid} client={self.client!r}>"
 
 
-def _fail(code: str, detail: str = "") -> Message:
-    return (
-        {"ok": False, "error": code, "detail": detail} if detail else {"ok": False, "error": code}
-    )
+def _fail(code: str, detail: str = "", extra: dict[str, Any] | None = None) -> Message:
+    answer: Message = {"ok": False, "error": code}
+    if detail:
+        answer["detail"] = detail
+    if extra:
+        answer.update(extra)
+    return answer
+
+
+def _name(obj: Message, field: str = "name") -> str:
+    name = obj.get(field)
+    if type(name) is not str or not name:
+        raise Refused("bad_request", f"{field!r} must be a non-empty string")
+    return name
+
+
+def _seconds(obj: Message, field: str) -> float | None:
+    """A duration field (milliseconds on the wire) in seconds, None when absent."""
+    ms = obj.get(field)
+    if ms is None:
+        return None
+    if type(ms) not in (int, float) or not math.isfinite(ms) or ms < 0:
+        raise Refused("bad_request", f"{field!r} must be milliseconds >= 0, got {ms!r}")
+    return float(ms) / 1000.0
+
+
+def _hold_ttl(obj: Message) -> float | None:
+    """A lock/pool TTL: positive milliseconds, or absent (held until released)."""
+    ttl = _ttl_seconds(obj)
+    if ttl is not None and not ttl > 0:
+        raise Refused("invalid_ttl", f"ttl must be positive, got {obj.get('ttl')!r}")
+    return ttl
+
+
+def _count(obj: Message, field: str, *, minimum: int = 1) -> int:
+    value = obj.get(field)
+    if type(value) is not int or value < minimum:
+        raise Refused("bad_request", f"{field!r} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def _key(obj: Message, field: str = "key") -> str:
@@ -112,6 +174,8 @@ class Core:
         self.bytes_before = 0
         self.bytes_after = 0
         self.auth_failures = 0
+        #: Open connections by id (maintained by the server), for status dumps.
+        self.sessions: dict[int, Session] = {}
 
     # ------------------------------------------------------------------ entry
 
@@ -141,7 +205,7 @@ class Core:
             return handler(self, session, obj, request.raw)
         except Refused as exc:
             counts[1] += 1
-            return _fail(exc.code, exc.detail)
+            return _fail(exc.code, exc.detail, exc.extra)
 
     # ------------------------------------------------------------------ keys
 
@@ -179,8 +243,9 @@ class Core:
             raise Refused("key_and_worker_required", "lease needs 'key' and 'workerId'")
         if type(key) is not str or type(worker) not in (str, int):
             raise Refused("bad_request", "'key' must be a string, 'workerId' a string or integer")
-        value = self.store.lease(key, worker, _ttl_seconds(obj), session.owner)
-        return {"ok": True, "value": value}
+        store = self.store
+        value = store.lease(key, worker, _ttl_seconds(obj), session.owner, session.who())
+        return {"ok": True, "value": value, "token": store.lease_token(worker)}
 
     def _release(self, session: Session, obj: Message, raw: bytes) -> Message:
         worker = obj.get("workerId")
@@ -190,6 +255,148 @@ class Core:
             raise Refused("bad_request", "'workerId' must be a string or integer")
         return {"ok": True, "released": self.store.release(worker)}
 
+    # ------------------------------------------------------------------ counters
+
+    def _add(self, session: Session, obj: Message, raw: bytes) -> Message:
+        added = self.store.add(
+            _key(obj),
+            obj.get("value"),
+            ttl=_ttl_seconds(obj),
+            compressed=obj.get("compressed") is True,
+            size=len(raw),
+        )
+        return {"ok": True, "added": added}
+
+    def _incr(self, session: Session, obj: Message, raw: bytes) -> Message:
+        amount = obj.get("amount", 1)
+        if type(amount) is not int:
+            raise Refused("bad_request", f"'amount' must be an integer, got {amount!r}")
+        return {"ok": True, "value": self.store.incr(_key(obj), amount, _ttl_seconds(obj))}
+
+    # ------------------------------------------------------------------ coordination
+
+    def _once(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
+        return self.store.once_begin(
+            _key(obj), owner=session.owner, who=session.who(), timeout=_seconds(obj, "timeout")
+        )
+
+    def _once_done(self, session: Session, obj: Message, raw: bytes) -> Message:
+        return self.store.once_done(
+            _key(obj),
+            obj.get("value"),
+            ttl=_ttl_seconds(obj),
+            compressed=obj.get("compressed") is True,
+            size=len(raw),
+        )
+
+    def _once_fail(self, session: Session, obj: Message, raw: bytes) -> Message:
+        message, etype = obj.get("message", ""), obj.get("errorType", "")
+        if type(message) is not str or type(etype) is not str:
+            raise Refused("bad_request", "'message' and 'errorType' must be strings")
+        return self.store.once_fail(_key(obj), message[:10_000], etype[:200], ttl=_ttl_seconds(obj))
+
+    def _once_cancel(self, session: Session, obj: Message, raw: bytes) -> Message:
+        return {"ok": True, "cancelled": self.store.once_cancel(_key(obj), session.owner)}
+
+    def _lock(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
+        return self._acquire_kind("lock", session, obj)
+
+    def _acquire(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
+        return self._acquire_kind("pool", session, obj)
+
+    def _acquire_kind(self, kind: str, session: Session, obj: Message) -> Message | Ticket:
+        return self.store.acquire(
+            kind,
+            _name(obj),
+            owner=session.owner,
+            who=session.who(),
+            ttl=_hold_ttl(obj),
+            timeout=_seconds(obj, "timeout"),
+        )
+
+    def _unlock(self, session: Session, obj: Message, raw: bytes) -> Message:
+        released = self.store.unhold("lock", _name(obj), _count(obj, "token"))
+        return {"ok": True, "released": released}
+
+    def _release_item(self, session: Session, obj: Message, raw: bytes) -> Message:
+        released = self.store.unhold("pool", _name(obj), _count(obj, "token"))
+        return {"ok": True, "released": released}
+
+    def _pool(self, session: Session, obj: Message, raw: bytes) -> Message:
+        items = obj.get("items")
+        if type(items) is not list:
+            raise Refused("bad_request", "'items' must be a list")
+        return {"ok": True, "created": self.store.declare_pool(_name(obj), items)}
+
+    def _throttle(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
+        per = _seconds(obj, "per")
+        if per is None or not per > 0:
+            raise Refused("bad_request", "'per' must be a positive number of milliseconds")
+        return self.store.throttle(
+            _name(obj),
+            _count(obj, "calls"),
+            per,
+            owner=session.owner,
+            who=session.who(),
+            timeout=_seconds(obj, "timeout"),
+        )
+
+    def _barrier(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
+        return self.store.barrier(
+            _name(obj),
+            _count(obj, "parties"),
+            owner=session.owner,
+            who=session.who(),
+            timeout=_seconds(obj, "timeout"),
+        )
+
+    def _push(self, session: Session, obj: Message, raw: bytes) -> Message:
+        items = obj.get("items")
+        if type(items) is not list:
+            raise Refused("bad_request", "'items' must be a list")
+        limit = self.store.max_value_size
+        if len(raw) > limit * max(1, len(items)):
+            raise Refused("too_large", f"items over max_value_size={limit} characters each")
+        return {"ok": True, "length": self.store.push(_name(obj, "queue"), items)}
+
+    def _pop(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
+        return self.store.pop(
+            _name(obj, "queue"),
+            owner=session.owner,
+            who=session.who(),
+            timeout=_seconds(obj, "timeout"),
+        )
+
+    def _status(self, session: Session, obj: Message, raw: bytes) -> Message:
+        return {"ok": True, **self.status()}
+
+    def status(self) -> dict[str, Any]:
+        """Who holds what and who waits for what: ``holders``, ``waiters``, ``sessions``
+        and ``time`` (epoch seconds), each entry with ``who``, ``since`` and TTL left."""
+        store = self.store
+        now = store.wall()
+        holders, waiters = store.coordination_status()
+        for worker, lease in store.leases().items():
+            holders.append(
+                {
+                    "kind": "lease",
+                    "name": lease["key"],
+                    "item": lease["value"],
+                    "worker": worker,
+                    "token": lease["token"],
+                    "who": lease["who"] or {},
+                    "since": lease["since"] / 1000,
+                    "ttl_left": max(0.0, lease["expires"] / 1000 - now),
+                    "owned": lease["owner"] is not None,
+                }
+            )
+        holders.sort(key=lambda entry: entry["since"])
+        waiters.sort(key=lambda entry: entry["since"])
+        sessions = [
+            dict(s.who(), since=s.connected_at) for s in self.sessions.values() if s.persistent
+        ]
+        return {"holders": holders, "waiters": waiters, "sessions": sessions, "time": now}
+
     # ------------------------------------------------------------------ session
 
     def _hello(self, session: Session, obj: Message, raw: bytes) -> Message:
@@ -198,6 +405,11 @@ class Core:
         session.pid = pid if type(pid) is int else None
         client = obj.get("client")
         session.client = client[:100] if type(client) is str else None
+        worker = obj.get("worker")
+        session.worker = worker[:100] if type(worker) is str else None
+        host = obj.get("host")
+        session.host = host[:255] if type(host) is str else None
+        session._who = None
         response: Message = {
             "ok": True,
             "server": "corral",
@@ -342,7 +554,7 @@ class Core:
         return "\n".join(out) + "\n"
 
 
-_Handler = Callable[[Core, Session, Message, bytes], Message]
+_Handler = Callable[[Core, Session, Message, bytes], Message | Ticket]
 
 _HANDLERS: dict[str, _Handler] = {
     "get": Core._get,
@@ -357,4 +569,20 @@ _HANDLERS: dict[str, _Handler] = {
     "release": Core._release,
     "hello": Core._hello,
     "auth": Core._auth,
+    "add": Core._add,
+    "incr": Core._incr,
+    "once": Core._once,
+    "once_done": Core._once_done,
+    "once_fail": Core._once_fail,
+    "once_cancel": Core._once_cancel,
+    "lock": Core._lock,
+    "unlock": Core._unlock,
+    "pool": Core._pool,
+    "acquire": Core._acquire,
+    "release_item": Core._release_item,
+    "throttle": Core._throttle,
+    "barrier": Core._barrier,
+    "push": Core._push,
+    "pop": Core._pop,
+    "status": Core._status,
 }

@@ -11,14 +11,21 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from hmac import compare_digest
 from typing import Any, Final, TypeVar
 
 from corral.broker.messages import Call, Message
 from corral.broker.protocol import COMPRESS_THRESHOLD, auth_proof, decode_value, encode_value
-from corral.errors import AuthFailed, ProtocolError, error_from_code
+from corral.errors import (
+    AuthFailed,
+    BarrierBroken,
+    ClaimLost,
+    OnceFailed,
+    ProtocolError,
+    error_from_code,
+)
 
 T = TypeVar("T")
 Flow = Generator[Call, Message, T]
@@ -83,7 +90,12 @@ def _check_key(key: str, what: str = "key") -> str:
 
 def hello(secret: bytes | None) -> Flow[Handshake]:
     """Introduce the connection; with a secret, answer the broker's challenge."""
-    response = yield Call({"action": "hello", "client": _CLIENT_NAME, "pid": os.getpid()})
+    request: Message = {"action": "hello", "client": _CLIENT_NAME, "pid": os.getpid()}
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        request["worker"] = worker
+    request["host"] = os.uname().nodename
+    response = yield Call(request)
     if response.get("ok") is not True:
         code = response.get("error")
         if code == "unknown_action" or (code == "auth_failed" and secret is not None):
@@ -201,3 +213,224 @@ def metrics() -> Flow[str]:
     if not isinstance(text, str):
         raise ProtocolError("metrics answered without text")
     return text
+
+
+# ---------------------------------------------------------------------- coordination
+
+
+def _timeout_ms(timeout: float | None) -> int | float | None:
+    """A wait's timeout on the wire; None waits forever, 0 does not wait."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    if math.isinf(timeout):
+        return None
+    return _ttl_ms(timeout)
+
+
+def _waiting(request: Message, timeout: float | None, key: str) -> Call:
+    ms = _timeout_ms(timeout)
+    if ms is not None:
+        request["timeout"] = ms
+    return Call(request, timeout=None if ms is None else ms / 1000, key=key, wait=True)
+
+
+def _with_ttl(request: Message, ttl: float | None) -> Message:
+    ms = _ttl_ms(ttl)
+    if ms is not None:
+        request["ttl"] = ms
+    return request
+
+
+def _coordination_error(response: Message, key: str | None) -> None:
+    """Raise the richer errors of coordination answers (original message, reason)."""
+    code = response.get("error")
+    if code == "once_failed":
+        message, etype = str(response.get("message", "")), str(response.get("errorType", ""))
+        raise OnceFailed(
+            f"once_failed: computing {key!r} raised {etype}: {message}",
+            key=key,
+            original=message,
+            error_type=etype,
+        )
+    if code == "barrier_broken":
+        reason = str(response.get("reason", ""))
+        raise BarrierBroken(
+            f"barrier_broken: barrier {key!r} is broken: {reason}", key=key, reason=reason
+        )
+    check(response, key)
+
+
+def _ok(response: Message, key: str | None) -> Message:
+    if response.get("ok") is not True:
+        _coordination_error(response, key)
+    return response
+
+
+def add(key: str, value: Any, ttl: float | None, threshold: int | None) -> Flow[bool]:
+    request = _with_ttl({"action": "add", "key": _check_key(key)}, ttl)
+    wire, compressed, _ = encode_value(value, threshold)
+    request["value"] = wire
+    if compressed:
+        request["compressed"] = True
+    return bool(_ok((yield Call(request, key=key)), key).get("added"))
+
+
+def incr(key: str, amount: int, ttl: float | None) -> Flow[int]:
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise TypeError(f"amount must be an int, got {type(amount).__name__}")
+    request = _with_ttl({"action": "incr", "key": _check_key(key), "amount": amount}, ttl)
+    value = _ok((yield Call(request, key=key)), key).get("value")
+    if type(value) is not int:
+        raise ProtocolError(f"incr answered a non-integer {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """This caller must compute the value of ``once(key)``: it holds the claim."""
+
+    key: str
+
+
+def once_begin(key: str, timeout: float | None) -> Flow[Any]:
+    """The stored value, or a :class:`Claim` when this caller must compute it."""
+    response = _ok((yield _waiting({"action": "once", "key": _check_key(key)}, timeout, key)), key)
+    if response.get("status") == "compute":
+        return Claim(key)
+    return decode_value(response.get("value"), response.get("compressed") is True)
+
+
+def once_done(claim: Claim, value: Any, ttl: float | None, threshold: int | None) -> Flow[Any]:
+    """Store the computed value; returns the value every caller sees."""
+    wire, compressed, _ = encode_value(value, threshold)  # TypeError before sending
+    request = _with_ttl({"action": "once_done", "key": claim.key, "value": wire}, ttl)
+    if compressed:
+        request["compressed"] = True
+    response = _ok((yield Call(request, key=claim.key)), claim.key)
+    if response.get("status") == "done":  # a replacement computer stored first
+        return decode_value(response.get("value"), response.get("compressed") is True)
+    return value
+
+
+def once_fail(claim: Claim, exc: BaseException, ttl: float | None) -> Flow[None]:
+    request = {
+        "action": "once_fail",
+        "key": claim.key,
+        "message": str(exc) or repr(exc),
+        "errorType": type(exc).__name__,
+    }
+    _ok((yield Call(_with_ttl(request, ttl), key=claim.key)), claim.key)
+
+
+def once_cancel(claim: Claim) -> Flow[None]:
+    _ok((yield Call({"action": "once_cancel", "key": claim.key}, key=claim.key)), claim.key)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A lock or pool item this client holds: what giving it back needs."""
+
+    kind: str
+    name: str
+    token: int
+    item: int
+    value: Any
+
+
+def take(kind: str, name: str, ttl: float | None, timeout: float | None) -> Flow[Grant]:
+    """Take lock *name* (``kind="lock"``) or an item of pool *name*, waiting FIFO."""
+    _check_key(name, f"{kind} name")
+    if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    action = "lock" if kind == "lock" else "acquire"
+    request = _with_ttl({"action": action, "name": name}, ttl)
+    response = _ok((yield _waiting(request, timeout, name)), name)
+    token, item = response.get("token"), response.get("item")
+    if type(token) is not int or type(item) is not int:
+        raise ProtocolError(f"{action} answered without a token: {response!r}")
+    return Grant(kind, name, token, item, response.get("value"))
+
+
+def give_back(grant: Grant) -> Flow[bool]:
+    """Free a lock/pool item; False when it was no longer held (its TTL passed)."""
+    action = "unlock" if grant.kind == "lock" else "release_item"
+    request = {"action": action, "name": grant.name, "token": grant.token}
+    return bool(_ok((yield Call(request, key=grant.name)), grant.name).get("released"))
+
+
+def claim_lost(grant: Grant) -> ClaimLost:
+    """The error for a lock/pool item that was freed before its holder released it."""
+    exc = error_from_code(
+        "claim_lost",
+        key=grant.name,
+        detail=f"{grant.kind} {grant.name!r} (token {grant.token}) was freed before release: "
+        "its ttl passed or this client's connection was lost; another holder may have run "
+        "meanwhile",
+    )
+    assert isinstance(exc, ClaimLost)
+    return exc
+
+
+def pool(name: str, items: Sequence[Any]) -> Flow[bool]:
+    _check_key(name, "pool name")
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise TypeError("items must be a list of JSON values")
+    if not items:
+        raise ValueError(f"pool {name!r} needs at least one item")
+    values = [encode_value(item, None)[0] for item in items]  # TypeError before sending
+    request = {"action": "pool", "name": name, "items": values}
+    return bool(_ok((yield Call(request, key=name)), name).get("created"))
+
+
+def throttle(name: str, rate: float, per: float, timeout: float | None) -> Flow[None]:
+    """Wait until the run-wide rate of *rate* calls per *per* seconds allows a call."""
+    _check_key(name, "throttle name")
+    for label, number in (("rate", rate), ("per", per)):
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise TypeError(f"{label} must be a number, got {type(number).__name__}")
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{label} must be a positive number, got {number!r}")
+    if float(rate).is_integer():
+        calls, window = int(rate), float(per)
+    else:  # a fractional rate: one call per per/rate seconds
+        calls, window = 1, per / rate
+    request: Message = {"action": "throttle", "name": name, "calls": calls, "per": window * 1000}
+    _ok((yield _waiting(request, timeout, name)), name)
+
+
+def barrier(name: str, parties: int, timeout: float | None) -> Flow[int]:
+    _check_key(name, "barrier name")
+    if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
+        raise ValueError(f"parties must be a positive int, got {parties!r}")
+    request: Message = {"action": "barrier", "name": name, "parties": parties}
+    index = _ok((yield _waiting(request, timeout, name)), name).get("index")
+    if type(index) is not int:
+        raise ProtocolError(f"barrier answered without an index: {index!r}")
+    return index
+
+
+def push(queue: str, items: tuple[Any, ...]) -> Flow[int]:
+    _check_key(queue, "queue name")
+    if not items:
+        raise ValueError("push needs at least one item")
+    values = [encode_value(item, None)[0] for item in items]  # TypeError before sending
+    request = {"action": "push", "queue": queue, "items": values}
+    length = _ok((yield Call(request, key=queue)), queue).get("length")
+    if type(length) is not int:
+        raise ProtocolError(f"push answered without a length: {length!r}")
+    return length
+
+
+def pop(queue: str, timeout: float | None) -> Flow[Any]:
+    _check_key(queue, "queue name")
+    request: Message = {"action": "pop", "queue": queue}
+    return _ok((yield _waiting(request, timeout, queue)), queue).get("value")
+
+
+def status() -> Flow[dict[str, Any]]:
+    response = check((yield Call({"action": "status"})))
+    return {k: v for k, v in response.items() if k != "ok"}

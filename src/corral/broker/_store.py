@@ -10,32 +10,19 @@ import heapq
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any, Final
+
+from corral.broker._coord import Coordination
+from corral.broker._ticket import KV as _KV
+from corral.broker._ticket import LEASE as _LEASE
+from corral.broker._ticket import TICKET as _TICKET
+from corral.broker._ticket import Clock, Owner, Refused, Ticket
 
 __all__ = ["Refused", "Store", "Ticket"]
 
-Owner = Hashable
-Clock = Callable[[], float]
-
-# Heap entry kinds. An entry is (deadline, seq, kind, ref); it is live only while
-# ref's current seq equals the entry's seq, so replacing or deleting never searches
-# the heap: stale entries are skipped when popped and dropped by compact().
-_KV: Final = 0
-_LEASE: Final = 1
-_TICKET: Final = 2
-
 # Rough CPython sizes, for ``approximateStoreBytes`` without walking values.
 _ITEM_OVERHEAD: Final = 360
-
-
-class Refused(Exception):
-    """A request the store will not carry out; ``code`` is the wire error code."""
-
-    def __init__(self, code: str, detail: str = "") -> None:
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
 
 
 class _Entry:
@@ -53,7 +40,7 @@ class _Entry:
 
 
 class _Lease:
-    __slots__ = ("deadline", "key", "owner", "seq", "since", "value", "worker")
+    __slots__ = ("deadline", "key", "owner", "seq", "since", "token", "value", "who", "worker")
 
     def __init__(
         self,
@@ -72,67 +59,11 @@ class _Lease:
         self.seq = seq
         self.owner = owner
         self.since = since  # store clock when first taken (renewals keep it): its age
+        self.token = 0  # fencing token: increases per key with every new lease
+        self.who: dict[str, Any] | None = None
 
 
-class Ticket:
-    """A waiter in a FIFO queue, woken by whoever frees what it waits for.
-
-    ``set``/``fail``/``cancel`` each return whether they decided the ticket: a ticket
-    that timed out, was cancelled or whose owner disconnected is never granted anything
-    afterwards (psycopg_pool's ``WaitingClient`` discipline). ``on_done`` is called once,
-    when the ticket is decided by ``set`` or ``fail``, so the server can answer.
-    """
-
-    __slots__ = ("deadline", "name", "on_done", "owner", "result", "seq", "since", "state")
-
-    WAITING: Final = "waiting"
-    GRANTED: Final = "granted"
-    FAILED: Final = "failed"
-    CANCELLED: Final = "cancelled"
-
-    def __init__(self, name: str, owner: Owner, since: float) -> None:
-        self.name = name
-        self.owner = owner
-        self.since = since
-        self.deadline: float | None = None
-        self.seq = 0
-        self.state: str = Ticket.WAITING
-        self.result: dict[str, Any] | None = None
-        self.on_done: Callable[[Ticket], None] | None = None
-
-    @property
-    def waiting(self) -> bool:
-        return self.state == Ticket.WAITING
-
-    def set(self, result: dict[str, Any]) -> bool:
-        """Grant the ticket with *result*; False when it no longer waits."""
-        return self._decide(Ticket.GRANTED, result)
-
-    def fail(self, code: str, detail: str = "") -> bool:
-        """Answer the ticket with an error; False when it no longer waits."""
-        return self._decide(Ticket.FAILED, {"ok": False, "error": code, "detail": detail})
-
-    def cancel(self) -> bool:
-        """The waiter gave up or went away; nothing is delivered."""
-        if self.state != Ticket.WAITING:
-            return False
-        self.state = Ticket.CANCELLED
-        return True
-
-    def _decide(self, state: str, result: dict[str, Any]) -> bool:
-        if self.state != Ticket.WAITING:
-            return False
-        self.state = state
-        self.result = result
-        if self.on_done is not None:
-            self.on_done(self)
-        return True
-
-    def __repr__(self) -> str:
-        return f"<Ticket {self.name!r} owner={self.owner!r} {self.state}>"
-
-
-class Store:
+class Store(Coordination):
     """All broker state; pure, single-threaded, driven by the server's event loop.
 
     :param clock: monotonic seconds; every deadline is on this clock.
@@ -177,8 +108,10 @@ class Store:
         self._stale = 0  # heap entries known to be dead
         self._seq = 0
         self.approx_bytes = 0
+        self._lease_fences: dict[str, int] = {}
         self.expired_items = 0
         self.expired_leases = 0
+        self._reset_coordination()
 
     # ------------------------------------------------------------------ deadlines
 
@@ -211,8 +144,10 @@ class Store:
             elif kind == _LEASE:
                 self._drop_lease(ref)
                 self.expired_leases += 1
-            else:
+            elif kind == _TICKET:
                 self._ticket_timed_out(ref)
+            else:
+                self._coord_due(kind, ref)
         return done
 
     def compact(self) -> None:
@@ -225,7 +160,7 @@ class Store:
             heapq.heapify(self._heap)
             self._stale = 0
 
-    def _retire(self, ref: _Entry | _Lease | Ticket) -> None:
+    def _retire(self, ref: Any) -> None:
         ref.seq = 0  # its heap entry is dead now
         self._stale += 1
         if self._stale > 1024 and self._stale * 2 > len(self._heap):
@@ -265,6 +200,55 @@ class Store:
             self.expired_items += 1
             raise Refused("expired")
         return entry
+
+    def live_entry(self, key: str) -> _Entry | None:
+        """The live entry for *key*, or None (an expired one is dropped)."""
+        entry = self._data.get(key)
+        if entry is not None and entry.deadline <= self.clock():
+            self._drop(entry)
+            self.expired_items += 1
+            return None
+        return entry
+
+    def add(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        compressed: bool = False,
+        size: int = 0,
+    ) -> bool:
+        """Store *value* under *key* only if no live value is there; True when stored.
+
+        :raises Refused: as :meth:`set`.
+        """
+        if self.live_entry(key) is not None:
+            self.resolve_ttl(ttl, required=self.require_ttl)  # same validation either way
+            return False
+        self.set(key, value, ttl=ttl, compressed=compressed, size=size)
+        return True
+
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Add *amount* to the integer at *key* (a missing key counts as 0); the result.
+
+        A new counter lives *ttl* seconds (the default TTL when None: counters are
+        coordination state, so ``require_ttl`` does not apply); an existing one keeps
+        its deadline unless *ttl* is given.
+
+        :raises Refused: ``bad_request`` when the value there is not an integer.
+        """
+        entry = self.live_entry(key)
+        if entry is None:
+            self.set(key, amount, ttl=self.default_ttl if ttl is None else ttl, size=5)
+            return amount
+        if type(entry.value) is not int or entry.compressed:
+            raise Refused("bad_request", f"the value of {key!r} is not an integer")
+        value = entry.value + amount
+        entry.value = value
+        if ttl is not None:
+            self.set(key, value, ttl=ttl, size=5)
+        return value
 
     def set(
         self,
@@ -352,7 +336,14 @@ class Store:
 
     # ------------------------------------------------------------------ leases
 
-    def lease(self, key: str, worker: Hashable, ttl: float | None, owner: Owner = None) -> int:
+    def lease(
+        self,
+        key: str,
+        worker: Hashable,
+        ttl: float | None,
+        owner: Owner = None,
+        who: dict[str, Any] | None = None,
+    ) -> int:
         """Lease the smallest free integer under *key* to *worker* (Node semantics).
 
         A worker that holds a lease on *key* renews it and keeps its value.
@@ -391,6 +382,8 @@ class Store:
         while value in taken:
             value += 1
         lease = _Lease(worker, key, value, now + seconds, 0, owner, since=now)
+        lease.token = self._lease_fences[key] = self._lease_fences.get(key, 0) + 1
+        lease.who = who
         lease.seq = self._push(lease.deadline, _LEASE, lease)
         self._leases[worker] = lease
         taken[value] = worker
@@ -423,8 +416,13 @@ class Store:
     def lease_count(self) -> int:
         return len(self._leases)
 
+    def lease_token(self, worker: Hashable) -> int:
+        """The fencing token of *worker*'s lease (0 when it holds none)."""
+        lease = self._leases.get(worker)
+        return lease.token if lease is not None else 0
+
     def leases(self) -> dict[str, dict[str, Any]]:
-        """``{worker: {"key", "value", "expires", "since", "owner"}}`` for live leases.
+        """``{worker: {"key", "value", "expires", "since", "owner", "token", "who"}}``.
 
         ``expires``/``since`` are wall-clock milliseconds; ``owner`` is the holding
         connection (None for one-shot clients). For status dumps and end-of-run reports.
@@ -438,6 +436,8 @@ class Store:
                 "expires": round((lease.deadline + offset) * 1000),
                 "since": round((lease.since + offset) * 1000),
                 "owner": lease.owner,
+                "token": lease.token,
+                "who": lease.who,
             }
             for w, lease in self._leases.items()
             if lease.deadline > now
@@ -484,32 +484,55 @@ class Store:
             held = self._owned.get(ticket.owner)
             if held is not None:
                 held.discard((_TICKET, ticket))
-        ticket.fail("timeout", f"gave up waiting for {ticket.name!r}")
+        if ticket.fail("timeout", f"gave up waiting for {ticket.kind} {ticket.label!r}") and (
+            ticket.abandon is not None
+        ):
+            ticket.abandon(ticket, "a member timed out")
 
     # ------------------------------------------------------------------ ownership
 
-    def release_owner(self, owner: Owner) -> int:
+    def cancel(self, ticket: Ticket, reason: str) -> bool:
+        """The waiter of *ticket* went away (disconnect, cancellation): never grant it.
+
+        Runs the ticket's ``abandon`` hook (a barrier breaks). False when it was decided.
+        """
+        if not ticket.cancel():
+            return False
+        if ticket.seq:
+            self._retire(ticket)
+        self._alarms.pop(ticket, None)
+        if ticket.owner is not None:
+            held = self._owned.get(ticket.owner)
+            if held is not None:
+                held.discard((_TICKET, ticket))
+        if ticket.abandon is not None:
+            ticket.abandon(ticket, reason)
+        return True
+
+    def release_owner(self, owner: Owner, reason: str = "its connection closed") -> int:
         """Free everything *owner* (a connection) holds and cancel its tickets.
 
         Called when the connection closes, so a crashed process releases its claims
-        at once instead of after their TTL. Returns how many things were freed.
+        at once instead of after their TTL. Tickets go first, so nothing the owner
+        frees is handed to its own waiters. Returns how many things were freed.
         """
         held = self._owned.pop(owner, None)
         if not held:
             return 0
         freed = 0
-        for kind, ref in held:
-            if kind == _LEASE:
+        ordered = sorted(held, key=lambda entry: entry[0] != _TICKET)
+        for kind, ref in ordered:
+            if kind == _TICKET:
+                assert isinstance(ref, Ticket)
+                if self.cancel(ref, reason):
+                    freed += 1
+            elif kind == _LEASE:
                 lease = self._leases.get(ref)
                 if lease is not None and lease.owner == owner:
                     self._drop_lease(lease)
                     freed += 1
-            elif kind == _TICKET:
-                assert isinstance(ref, Ticket)
-                if ref.cancel():
-                    if ref.seq:
-                        self._retire(ref)
-                    freed += 1
+            elif self._coord_release(kind, ref, owner):
+                freed += 1
         return freed
 
     def holdings(self, owner: Owner) -> int:
@@ -523,6 +546,8 @@ class Store:
         for queue in self._queues.values():
             for ticket in queue:
                 ticket.fail("draining", "the broker is shutting down")
+        for ticket in list(self._alarms):
+            ticket.fail("draining", "the broker is shutting down")
         self._reset()
 
 

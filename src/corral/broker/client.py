@@ -6,13 +6,15 @@ moves their requests and answers over a socket (thread-safe, fork-aware).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import struct
 import sys
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -21,7 +23,7 @@ from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
-from corral.errors import BrokerTimeout, BrokerUnavailable
+from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable
 
 __all__ = ["Client", "resolve_path", "resolve_secret"]
 
@@ -33,6 +35,8 @@ T = TypeVar("T")
 _RECV = 64 * 1024
 # Kernel-side receive timeouts save a poll() per request (the socket stays blocking).
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+# Idle extra connections a client keeps for requests that wait (see Client._checkout).
+_MAX_SPARES = 4
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> str:
@@ -118,6 +122,11 @@ class Client:
         self._instance: str | None = None
         self._closed = False
         self.reconnects = 0
+        # Requests that wait (lock, acquire, once, barrier, pop...) run on extra
+        # connections of this client, so a wait never holds up other threads' requests
+        # (or the release of a lock another thread holds). Kept for reuse.
+        self._spares: list[Client] = []
+        self._spare_lock = threading.Lock()
 
     # ------------------------------------------------------------------ API
 
@@ -164,6 +173,147 @@ class Client:
         """Free *worker_id*'s lease; True when it held one."""
         return self._run(_flows.release(worker_id))
 
+    # ------------------------------------------------------------------ coordination
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Set *key* only if it is absent (or expired), atomically; True when this call set it.
+
+        :raises TypeError: *value* is not JSON-serialisable (nothing was sent).
+        :raises TTLRequired: the broker requires a TTL and none was given.
+        """
+        return self._run(_flows.add(key, value, ttl, self.compress_threshold))
+
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Add *amount* to the integer at *key* (created at 0), atomically; the result.
+
+        A new counter lives *ttl* seconds (the broker's default TTL when None); an
+        existing one keeps its deadline unless *ttl* is given.
+
+        :raises InvalidRequest: the value at *key* is not an integer.
+        """
+        return self._run(_flows.incr(key, amount, ttl))
+
+    def once(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The value of *key*, computed by exactly one caller in the whole run.
+
+        The first caller runs ``compute()`` and stores its JSON result under *key* for
+        *ttl* seconds (``get(key)`` reads it); the others wait (up to *timeout* seconds)
+        and get the same value. If *compute* raises, that caller gets its exception and
+        every other caller (also later ones, for *ttl*) :class:`~corral.errors.OnceFailed`
+        with the original message. If the computing process dies, one waiter is elected
+        to compute instead.
+
+        :raises OnceFailed: the computing caller's *compute* raised.
+        :raises BrokerTimeout: the value was not ready within *timeout*.
+        :raises TypeError: *compute* returned a value that is not JSON.
+        """
+        if not callable(compute):
+            raise TypeError("compute must be callable")
+        spare = self._checkout()  # owns the compute claim until the value is stored
+        try:
+            begun = spare._run(_flows.once_begin(key, timeout), here=True)
+            if not isinstance(begun, _flows.Claim):
+                return begun
+            try:
+                value = compute()
+                done = _flows.once_done(begun, value, ttl, self.compress_threshold)
+                return spare._run(done, here=True)
+            except Exception as exc:
+                with contextlib.suppress(BrokerError):
+                    spare._run(_flows.once_fail(begun, exc, ttl), here=True)
+                raise
+            except BaseException:  # Ctrl-C is not a failure of compute: let another try
+                with contextlib.suppress(BrokerError):
+                    spare._run(_flows.once_cancel(begun), here=True)
+                raise
+        finally:
+            self._checkin(spare)
+
+    def lock(
+        self, name: str, ttl: float | None = None, timeout: float | None = None
+    ) -> AbstractContextManager[int]:
+        """``with client.lock(name) as token:`` run-wide mutual exclusion, FIFO-fair.
+
+        :param ttl: free the lock after this many seconds even if still held (a safety
+            net for a holder that hangs); None: held until released or this client's
+            connection closes.
+        :param timeout: give up waiting after this many seconds (0: do not wait).
+        :returns: a context manager yielding the fencing token (increasing per name).
+        :raises BrokerTimeout: not acquired within *timeout*.
+        :raises ClaimLost: on exit, when the lock had already been freed (its TTL passed).
+        """
+        return self._hold("lock", name, ttl, timeout)
+
+    def pool(self, name: str, items: Sequence[Any]) -> bool:
+        """Declare pool *name* of JSON *items* (idempotent); True when this call created it.
+
+        :raises PoolConflict: it was declared before with different items.
+        """
+        return self._run(_flows.pool(name, items))
+
+    def acquire(
+        self, name: str, timeout: float | None = None, ttl: float | None = None
+    ) -> AbstractContextManager[Any]:
+        """``with client.acquire(name) as item:`` a free item of pool *name*, FIFO-fair.
+
+        :raises KeyNotFound: the pool was never declared.
+        :raises BrokerTimeout: no item freed up within *timeout*.
+        :raises ClaimLost: on exit, when the item had already been freed (its TTL passed).
+        """
+        return self._hold("pool", name, ttl, timeout)
+
+    def throttle(
+        self, name: str, rate: float, per: float = 1.0, timeout: float | None = None
+    ) -> None:
+        """Block until the run-wide rate of *rate* calls per *per* seconds allows a call.
+
+        Calls are served in arrival order; the broker answers when the slot starts.
+
+        :raises BrokerTimeout: the next slot starts later than *timeout* seconds from now
+            (known at once; nothing is reserved then).
+        """
+        self._run(_flows.throttle(name, rate, per, timeout))
+
+    def barrier(self, name: str, parties: int, timeout: float | None = None) -> int:
+        """Wait until *parties* callers reached barrier *name*; this arrival's index.
+
+        Reusable: the next *parties* callers form the next round. If a waiting member
+        dies (its connection closes) or times out, the barrier breaks for every member,
+        for good.
+
+        :raises BarrierBroken: a member died or timed out.
+        :raises BrokerTimeout: the others did not arrive within *timeout* (this breaks it).
+        """
+        return self._run(_flows.barrier(name, parties, timeout))
+
+    def push(self, queue: str, *items: Any) -> int:
+        """Append JSON *items* to *queue*; its new length (waiting poppers get them first)."""
+        return self._run(_flows.push(queue, items))
+
+    def pop(self, queue: str, timeout: float | None = None) -> Any:
+        """Take the first item of *queue*, waiting for one up to *timeout* seconds.
+
+        Every item is popped by exactly one caller.
+
+        :raises BrokerTimeout: the queue stayed empty.
+        """
+        return self._run(_flows.pop(queue, timeout))
+
+    def status(self) -> dict[str, Any]:
+        """Who holds what and who waits for what (what ``corral status`` prints).
+
+        ``{"holders": [...], "waiters": [...], "sessions": [...], "time": EPOCH_S}``;
+        each entry has ``kind``, ``name``, ``who`` (``pid``, ``worker``, ``session``...),
+        ``since`` (epoch seconds) and, for holders, ``ttl_left`` (seconds or None).
+        """
+        return self._run(_flows.status())
+
     def stats(self) -> dict[str, Any]:
         """Items, leases, capacity, memory, uptime."""
         return self._run(_flows.stats())
@@ -188,6 +338,10 @@ class Client:
 
     def close(self) -> None:
         """Close the connection; anything it owned on the broker is released. Idempotent."""
+        with self._spare_lock:
+            spares, self._spares = self._spares, []
+        for spare in spares:
+            spare.close()
         with self._lock:
             self._closed = True
             self._drop()
@@ -209,17 +363,78 @@ class Client:
 
     # ------------------------------------------------------------------ driver
 
-    def _run(self, flow: Generator[Call, Message, T]) -> T:
+    def _run(self, flow: Generator[Call, Message, T], here: bool = False) -> T:
+        if self._closed:
+            raise BrokerUnavailable("this Client is closed")
+        try:
+            call = next(flow)  # validates arguments before anything is sent
+        except StopIteration as stop:  # pragma: no cover - every flow sends something
+            return stop.value  # type: ignore[no-any-return]
+        if call.wait and not here:
+            spare = self._checkout()
+            try:
+                return spare._drive(flow, call)
+            finally:
+                self._checkin(spare)
+        return self._drive(flow, call)
+
+    def _drive(self, flow: Generator[Call, Message, T], call: Call) -> T:
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("this Client is closed")
             try:
-                call = next(flow)  # validates arguments before anything is sent
                 self._ensure()
                 while True:
-                    call = flow.send(self._roundtrip(call))
+                    try:
+                        response = self._roundtrip(call)
+                    except BaseException:
+                        # Interrupted mid-request (Ctrl-C): a late answer would be taken
+                        # for the next request's, so this connection is done.
+                        self._drop()
+                        raise
+                    call = flow.send(response)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
+
+    def _checkout(self) -> Client:
+        """An extra connection of this client for a request that waits.
+
+        A wait never holds up other threads' requests on the main connection (nor the
+        release of a lock another thread holds), and what it is granted belongs to that
+        connection until given back, so the connection is not reused meanwhile.
+        """
+        with self._spare_lock:
+            if self._spares:
+                return self._spares.pop()
+        return Client(
+            self.path, self._secret, self.timeout, compress_threshold=self.compress_threshold
+        )
+
+    def _checkin(self, spare: Client) -> None:
+        with self._spare_lock:
+            if self._closed or len(self._spares) >= _MAX_SPARES:
+                spare.close()
+            else:
+                self._spares.append(spare)
+
+    @contextlib.contextmanager
+    def _hold(
+        self, kind: str, name: str, ttl: float | None, timeout: float | None
+    ) -> Iterator[Any]:
+        spare = self._checkout()  # holds the grant: given back on the same connection
+        try:
+            grant = spare._run(_flows.take(kind, name, ttl, timeout), here=True)
+            try:
+                yield grant.token if kind == "lock" else grant.value
+            except BaseException:
+                with contextlib.suppress(BrokerError):
+                    if not spare._run(_flows.give_back(grant), here=True):
+                        log.warning("%s %r was already freed when its holder failed", kind, name)
+                raise
+            if not spare._run(_flows.give_back(grant), here=True):
+                raise _flows.claim_lost(grant)
+        finally:
+            self._checkin(spare)
 
     def _ensure(self) -> None:
         if self._sock is not None and self._pid == os.getpid():
@@ -269,10 +484,18 @@ class Client:
         if sock is not None:
             sock.close()
 
-    def _set_timeout(self, sock: socket.socket, timeout: float) -> None:
+    def _set_timeout(self, sock: socket.socket, timeout: float | None) -> None:
         if timeout == self._sock_timeout:
             return
-        if _KERNEL_TIMEOUTS:
+        if timeout is None:  # a wait the broker ends (lock, pop...): block until it answers
+            if _KERNEL_TIMEOUTS:
+                tv = struct.pack("ll", 0, 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+                tv = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            else:
+                sock.settimeout(None)
+        elif _KERNEL_TIMEOUTS:
             seconds = int(timeout)
             tv = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
@@ -291,7 +514,7 @@ class Client:
         line = self._encode(call.request)
         sock = self._sock
         assert sock is not None
-        timeout = self.timeout if call.timeout is None else call.timeout
+        timeout = _timeout_for(call, self.timeout)
         self._set_timeout(sock, timeout)
         try:
             sock.sendall(line)
@@ -314,7 +537,7 @@ class Client:
             raise unavailable(self.path, exc) from exc
         return self._receive(call, timeout)
 
-    def _receive(self, call: Call, timeout: float) -> Message:
+    def _receive(self, call: Call, timeout: float | None) -> Message:
         proto, sock = self._proto, self._sock
         assert sock is not None
         event = proto.next_event() if proto.has_buffered else NEED_DATA
@@ -341,3 +564,14 @@ class Client:
                 raise unavailable(self.path, exc) from exc
             proto.receive_data(self._view[:nbytes])
             event = proto.next_event()
+
+
+def _timeout_for(call: Call, default: float) -> float | None:
+    """Seconds to wait for *call*'s answer; None: until the broker answers.
+
+    A waiting call (``call.wait``) is ended by the broker, which answers ``timeout``
+    itself; the client allows its own timeout on top for the answer to arrive.
+    """
+    if call.wait:
+        return None if call.timeout is None else call.timeout + default
+    return default if call.timeout is None else call.timeout

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
 from corral.broker import _flows
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
-from corral.broker.client import resolve_path, resolve_secret, unavailable
+from corral.broker.client import _timeout_for, resolve_path, resolve_secret, unavailable
 from corral.broker.messages import CLOSED, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
-from corral.errors import BrokerTimeout, BrokerUnavailable
+from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable
 
 __all__ = ["AsyncClient"]
 
@@ -28,6 +30,7 @@ log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
 
 _RECV = 64 * 1024
+_MAX_SPARES = 4  # idle extra connections kept for requests that wait
 
 
 class AsyncClient:
@@ -76,6 +79,9 @@ class AsyncClient:
         self._instance: str | None = None
         self._closed = False
         self.reconnects = 0
+        # Requests that wait run on extra connections (see Client._checkout): a wait
+        # never holds up other tasks, and cancelling it closes only its own connection.
+        self._spares: list[AsyncClient] = []
 
     # ------------------------------------------------------------------ API
 
@@ -113,6 +119,99 @@ class AsyncClient:
         """Free *worker_id*'s lease; True when it held one."""
         return await self._run(_flows.release(worker_id))
 
+    # ------------------------------------------------------------------ coordination
+
+    async def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Set *key* only if it is absent (or expired), atomically; True when this call set it."""
+        return await self._run(_flows.add(key, value, ttl, self.compress_threshold))
+
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Add *amount* to the integer at *key* (created at 0), atomically; the result."""
+        return await self._run(_flows.incr(key, amount, ttl))
+
+    async def once(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The value of *key*, computed by exactly one caller in the run (see
+        :meth:`Client.once <corral.broker.client.Client.once>`); *compute* may be async.
+
+        :raises OnceFailed: the computing caller's *compute* raised.
+        :raises BrokerTimeout: the value was not ready within *timeout*.
+        """
+        if not callable(compute):
+            raise TypeError("compute must be callable")
+        spare = self._checkout()  # owns the compute claim until the value is stored
+        try:
+            begun = await spare._run(_flows.once_begin(key, timeout), here=True)
+            if not isinstance(begun, _flows.Claim):
+                return begun
+            try:
+                value = compute()
+                if inspect.isawaitable(value):
+                    value = await value
+                done = _flows.once_done(begun, value, ttl, self.compress_threshold)
+                return await spare._run(done, here=True)
+            except Exception as exc:
+                with contextlib.suppress(BrokerError):
+                    await spare._run(_flows.once_fail(begun, exc, ttl), here=True)
+                raise
+            except BaseException:  # cancelled: not a failure of compute; let another try
+                with contextlib.suppress(BrokerError, RuntimeError):
+                    await asyncio.shield(spare._run(_flows.once_cancel(begun), here=True))
+                raise
+        finally:
+            await self._checkin(spare)
+
+    def lock(
+        self, name: str, ttl: float | None = None, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[int]:
+        """``async with client.lock(name) as token:`` run-wide FIFO mutual exclusion.
+
+        :raises BrokerTimeout: not acquired within *timeout*.
+        :raises ClaimLost: on exit, when the lock had already been freed (its TTL passed).
+        """
+        return self._hold("lock", name, ttl, timeout)
+
+    async def pool(self, name: str, items: Sequence[Any]) -> bool:
+        """Declare pool *name* (idempotent). :raises PoolConflict: other items before."""
+        return await self._run(_flows.pool(name, items))
+
+    def acquire(
+        self, name: str, timeout: float | None = None, ttl: float | None = None
+    ) -> AbstractAsyncContextManager[Any]:
+        """``async with client.acquire(name) as item:`` a free pool item, FIFO-fair.
+
+        :raises KeyNotFound: the pool was never declared.
+        :raises BrokerTimeout: no item freed up within *timeout*.
+        """
+        return self._hold("pool", name, ttl, timeout)
+
+    async def throttle(
+        self, name: str, rate: float, per: float = 1.0, timeout: float | None = None
+    ) -> None:
+        """Wait until the run-wide rate of *rate* calls per *per* seconds allows a call."""
+        await self._run(_flows.throttle(name, rate, per, timeout))
+
+    async def barrier(self, name: str, parties: int, timeout: float | None = None) -> int:
+        """Wait for *parties* callers. :raises BarrierBroken: a member died or timed out."""
+        return await self._run(_flows.barrier(name, parties, timeout))
+
+    async def push(self, queue: str, *items: Any) -> int:
+        """Append JSON *items* to *queue*; its new length."""
+        return await self._run(_flows.push(queue, items))
+
+    async def pop(self, queue: str, timeout: float | None = None) -> Any:
+        """Take the first item of *queue*, waiting up to *timeout* seconds."""
+        return await self._run(_flows.pop(queue, timeout))
+
+    async def status(self) -> dict[str, Any]:
+        """Who holds what and who waits for what (see :meth:`Client.status`)."""
+        return await self._run(_flows.status())
+
     async def stats(self) -> dict[str, Any]:
         """Items, leases, capacity, memory, uptime."""
         return await self._run(_flows.stats())
@@ -134,6 +233,9 @@ class AsyncClient:
     async def aclose(self) -> None:
         """Close the connection; anything it owned on the broker is released. Idempotent."""
         self._closed = True
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            await spare.aclose()
         await self._drop()
 
     async def __aenter__(self) -> AsyncClient:
@@ -165,13 +267,37 @@ class AsyncClient:
             self._loop = loop
         return self._lock
 
-    async def _run(self, flow: Generator[Call, Message, T]) -> T:
+    async def _run(self, flow: Generator[Call, Message, T], here: bool = False) -> T:
         if self._closed:
             raise BrokerUnavailable("this AsyncClient is closed")
         try:
             call = next(flow)  # validates arguments before anything is sent
         except StopIteration as stop:  # pragma: no cover - every flow sends something
             return stop.value  # type: ignore[no-any-return]
+        if call.wait and not here:
+            spare = self._checkout()
+            try:
+                return await spare._drive(flow, call)
+            finally:
+                await self._checkin(spare)
+        return await self._drive(flow, call)
+
+    def _checkout(self) -> AsyncClient:
+        if self._spares:
+            return self._spares.pop()
+        return AsyncClient(
+            self.path, self._secret, self.timeout, compress_threshold=self.compress_threshold
+        )
+
+    async def _checkin(self, spare: AsyncClient) -> None:
+        if self._closed or len(self._spares) >= _MAX_SPARES:
+            await spare.aclose()
+        else:
+            self._spares.append(spare)
+
+    async def _drive(self, flow: Generator[Call, Message, T], call: Call) -> T:
+        if self._closed:
+            raise BrokerUnavailable("this AsyncClient is closed")
         async with self._get_lock():
             await self._ensure()
             try:
@@ -179,6 +305,26 @@ class AsyncClient:
                     call = flow.send(await self._roundtrip(call))
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
+
+    @contextlib.asynccontextmanager
+    async def _hold(
+        self, kind: str, name: str, ttl: float | None, timeout: float | None
+    ) -> AsyncIterator[Any]:
+        spare = self._checkout()  # holds the grant: given back on the same connection
+        try:
+            grant = await spare._run(_flows.take(kind, name, ttl, timeout), here=True)
+            try:
+                yield grant.token if kind == "lock" else grant.value
+            except BaseException:
+                with contextlib.suppress(BrokerError, RuntimeError):
+                    back = spare._run(_flows.give_back(grant), here=True)
+                    if not await asyncio.shield(back):
+                        log.warning("%s %r was already freed when its holder failed", kind, name)
+                raise
+            if not await spare._run(_flows.give_back(grant), here=True):
+                raise _flows.claim_lost(grant)
+        finally:
+            await self._checkin(spare)
 
     async def _ensure(self) -> None:
         if self._link is None:
@@ -236,7 +382,7 @@ class AsyncClient:
         line = self._encode(call.request)
         link = self._link
         assert link is not None
-        timeout = self.timeout if call.timeout is None else call.timeout
+        timeout = _timeout_for(call, self.timeout)
         if link.lost:
             # Closed by the broker before this request went out: safe to send afresh.
             self._forget()

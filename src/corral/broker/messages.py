@@ -78,8 +78,12 @@ class Call:
     :param timeout: how long to wait for the answer, in seconds; ``None`` means the
         client's own timeout. Waiting operations (locks, pools) pass their own.
     :param key: the key or name the request is about, for error messages.
+    :param wait: the broker may hold the answer (a lock, a pool item, a barrier...):
+        the client waits ``timeout`` plus its own timeout, or forever when ``timeout``
+        is None, because the broker itself answers ``timeout`` when the wait is over.
     """
 
     request: Message
     timeout: float | None = None
     key: str | None = None
+    wait: bool = False

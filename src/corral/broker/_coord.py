@@ -1,0 +1,611 @@
+"""Coordination that survives crashes, as pure store logic: once, locks, pools, throttles,
+barriers and queues. Mixed into :class:`~corral.broker._store.Store`.
+
+Everything held belongs to an owner (a persistent connection) and is freed by
+``release_owner``; waiters are FIFO :class:`~corral.broker._ticket.Ticket` objects decided
+exactly once; every timer is an entry in the store's one deadline heap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from corral.broker._ticket import ALARM, HOLD, ONCE, TICKET, Clock, Owner, Refused, Ticket
+
+__all__ = ["Coordination"]
+
+Who = dict[str, Any] | None
+
+
+class _Hold:
+    """A lock or a pool item held by someone; ``token`` is its fencing token."""
+
+    __slots__ = ("deadline", "item", "kind", "name", "owner", "seq", "since", "token", "who")
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        item: int,
+        token: int,
+        owner: Owner,
+        who: Who,
+        since: float,
+        deadline: float | None,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.item = item
+        self.token = token
+        self.owner = owner
+        self.who = who
+        self.since = since
+        self.deadline = deadline
+        self.seq = 0
+
+
+class _Resource:
+    """A lock (one anonymous item) or a declared pool: items, free list, holders."""
+
+    __slots__ = ("canonical", "free", "holds", "items", "kind", "name", "qname")
+
+    def __init__(self, kind: str, name: str, items: list[Any], canonical: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.items = items
+        self.canonical = canonical
+        self.free: deque[int] = deque(range(len(items)))
+        self.holds: dict[int, _Hold] = {}  # token -> hold
+        self.qname = f"{kind}\0{name}"
+
+
+class _Once:
+    """The state of ``once(key)`` while it is computed, or after its compute failed."""
+
+    __slots__ = ("deadline", "etype", "key", "message", "owner", "seq", "since", "state", "who")
+
+    def __init__(self, key: str, owner: Owner, who: Who, since: float) -> None:
+        self.key = key
+        self.state = "computing"
+        self.owner = owner
+        self.who = who
+        self.since = since
+        self.message = ""
+        self.etype = ""
+        self.deadline: float | None = None
+        self.seq = 0
+
+
+class _Barrier:
+    __slots__ = ("broken", "count", "generation", "name", "parties")
+
+    def __init__(self, name: str, parties: int) -> None:
+        self.name = name
+        self.parties = parties
+        self.count = 0
+        self.generation = 0
+        self.broken: str | None = None
+
+
+def _who_text(who: Who) -> str:
+    if not who:
+        return "a one-shot client"
+    text = f"pid {who.get('pid')}"
+    if who.get("worker"):
+        text += f" (worker {who['worker']})"
+    return text
+
+
+class Coordination:
+    """The coordination half of the store (a mixin: the base provides the heap, the
+    tickets, ownership and keys)."""
+
+    if TYPE_CHECKING:  # provided by Store
+        clock: Clock
+        wall: Clock
+        default_ttl: float
+        max_items: int
+        max_value_size: int
+        _owned: dict[Owner, set[tuple[int, Any]]]
+        _queues: dict[str, deque[Ticket]]
+        _data: dict[str, Any]
+
+        def _push(self, deadline: float, kind: int, ref: Any) -> int: ...
+        def _retire(self, ref: Any) -> None: ...
+        def enqueue(self, ticket: Ticket, timeout: float | None = None) -> None: ...
+        def next_waiter(self, name: str) -> Ticket | None: ...
+        def waiters(self, name: str) -> list[Ticket]: ...
+        def live_entry(self, key: str) -> Any: ...
+        def set(
+            self,
+            key: str,
+            value: Any,
+            *,
+            ttl: float | None = None,
+            compressed: bool = False,
+            size: int = 0,
+        ) -> None: ...
+
+    def _reset_coordination(self) -> None:
+        self._resources: dict[tuple[str, str], _Resource] = {}
+        self._fences: dict[tuple[str, str], int] = {}
+        self._onces: dict[str, _Once] = {}
+        self._barriers: dict[str, _Barrier] = {}
+        self._throttles: dict[str, deque[float]] = {}
+        self._work: dict[str, deque[Any]] = {}
+        self._alarms: dict[Ticket, None] = {}  # throttle waiters, granted by the clock
+
+    def _own(self, owner: Owner, kind: int, ref: Any) -> None:
+        if owner is not None:
+            self._owned.setdefault(owner, set()).add((kind, ref))
+
+    def _disown(self, owner: Owner, kind: int, ref: Any) -> None:
+        if owner is not None:
+            held = self._owned.get(owner)
+            if held is not None:
+                held.discard((kind, ref))
+
+    def _wait(
+        self,
+        qname: str,
+        kind: str,
+        label: str,
+        owner: Owner,
+        who: Who,
+        timeout: float | None,
+        data: Any = None,
+    ) -> Ticket:
+        if timeout == 0:
+            raise Refused("timeout", f"{kind} {label!r} is not available and timeout=0")
+        ticket = Ticket(qname, owner, self.clock(), kind=kind, label=label, who=who, data=data)
+        self.enqueue(ticket, timeout)
+        return ticket
+
+    def _has_waiters(self, qname: str) -> bool:
+        queue = self._queues.get(qname)
+        while queue:
+            if queue[0].waiting:
+                return True
+            queue.popleft()
+        return False
+
+    # ------------------------------------------------------------------ locks, pools
+
+    def declare_pool(self, name: str, items: list[Any]) -> bool:
+        """Declare pool *name* of JSON *items*; True when this call created it.
+
+        :raises Refused: ``pool_conflict`` (declared before with other items),
+            ``bad_request`` (no items).
+        """
+        if not items:
+            raise Refused("bad_request", f"pool {name!r} needs at least one item")
+        canonical = json.dumps(items, sort_keys=True, separators=(",", ":"))
+        current = self._resources.get(("pool", name))
+        if current is not None:
+            if current.canonical == canonical:
+                return False
+            raise Refused(
+                "pool_conflict",
+                f"pool {name!r} was declared with {current.canonical}, not {canonical}",
+            )
+        self._resources[("pool", name)] = _Resource("pool", name, list(items), canonical)
+        return True
+
+    def acquire(
+        self,
+        kind: str,
+        name: str,
+        *,
+        owner: Owner = None,
+        who: Who = None,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | Ticket:
+        """Take the lock *name* (``kind="lock"``) or a free item of pool *name*.
+
+        Granted at once when free and nobody queues before us (FIFO: a newcomer never
+        overtakes a waiter), else a :class:`Ticket` granted later.
+
+        :param ttl: seconds after which the claim is freed even if still held; None
+            means until released, or until *owner* disconnects (for a one-shot client,
+            which owns nothing, the default TTL).
+        :param timeout: seconds to wait (0: do not wait; None: forever).
+        :raises Refused: ``not_found`` (undeclared pool), ``timeout`` (busy, timeout=0).
+        """
+        res = self._resources.get((kind, name))
+        if res is None:
+            if kind != "lock":
+                raise Refused(
+                    "not_found", f"pool {name!r} was never declared: call pool(name, items) first"
+                )
+            res = self._resources[(kind, name)] = _Resource(kind, name, [None], "lock")
+        if res.free and not self._has_waiters(res.qname):
+            return self._grant_item(res, res.free.popleft(), owner, who, ttl)
+        return self._wait(res.qname, kind, name, owner, who, timeout, data=ttl)
+
+    def _grant_item(
+        self, res: _Resource, item: int, owner: Owner, who: Who, ttl: float | None
+    ) -> dict[str, Any]:
+        key = (res.kind, res.name)
+        token = self._fences[key] = self._fences.get(key, 0) + 1
+        now = self.clock()
+        if ttl is None and owner is None:
+            ttl = self.default_ttl  # nobody would free it on disconnect: TTL-only semantics
+        hold = _Hold(res.kind, res.name, item, token, owner, who, now, None)
+        if ttl is not None:
+            hold.deadline = now + ttl
+            hold.seq = self._push(hold.deadline, HOLD, hold)
+        res.holds[token] = hold
+        self._own(owner, HOLD, hold)
+        return {"ok": True, "token": token, "item": item, "value": res.items[item]}
+
+    def unhold(self, kind: str, name: str, token: int) -> bool:
+        """Free the claim with fencing *token*; False when it was not held any more."""
+        res = self._resources.get((kind, name))
+        hold = res.holds.get(token) if res is not None else None
+        if hold is None:
+            return False
+        self._drop_hold(hold)
+        return True
+
+    def _drop_hold(self, hold: _Hold) -> None:
+        res = self._resources[(hold.kind, hold.name)]
+        del res.holds[hold.token]
+        self._disown(hold.owner, HOLD, hold)
+        if hold.seq:
+            self._retire(hold)
+        # Hand the item to the first waiter still waiting, else back to the free list.
+        while True:
+            ticket = self.next_waiter(res.qname)
+            if ticket is None:
+                break
+            grant = self._grant_item(res, hold.item, ticket.owner, ticket.who, ticket.data)
+            ticket.set(grant)  # a waiting ticket: always decided here
+            return
+        res.free.append(hold.item)
+        if res.kind == "lock" and not res.holds:
+            del self._resources[(res.kind, res.name)]  # the fence counter stays
+
+    # ------------------------------------------------------------------ once
+
+    def once_begin(
+        self, key: str, *, owner: Owner = None, who: Who = None, timeout: float | None = None
+    ) -> dict[str, Any] | Ticket:
+        """The value of *key* if stored, else the compute claim, else a ticket to wait.
+
+        :raises Refused: ``once_failed`` (the compute failed: message and errorType
+            ride along), ``timeout`` (being computed and timeout=0).
+        """
+        entry = self.live_entry(key)
+        if entry is not None:
+            return _done(entry.value, entry.compressed)
+        state = self._onces.get(key)
+        if state is not None and state.state == "failed":
+            raise _once_failed(state)
+        if state is not None:
+            return self._wait(f"once\0{key}", "once", key, owner, who, timeout)
+        state = self._onces[key] = _Once(key, owner, who, self.clock())
+        self._claim(state, owner, who)
+        return {"ok": True, "status": "compute"}
+
+    def _claim(self, state: _Once, owner: Owner, who: Who) -> None:
+        state.owner, state.who, state.since = owner, who, self.clock()
+        if owner is None:  # a one-shot client: nobody frees its claim on disconnect
+            state.deadline = state.since + self.default_ttl
+            state.seq = self._push(state.deadline, ONCE, state)
+        self._own(owner, ONCE, state)
+
+    def once_done(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        compressed: bool = False,
+        size: int = 0,
+    ) -> dict[str, Any]:
+        """Store the computed *value* under *key* and hand it to every waiter.
+
+        If a value is stored already (a replaced computer finished first), that one
+        wins and is returned. :raises Refused: as :meth:`set` (size, capacity).
+        """
+        entry = self.live_entry(key)
+        if entry is not None:
+            return _done(entry.value, entry.compressed)
+        seconds = self.default_ttl if ttl is None else ttl
+        self.set(key, value, ttl=seconds, compressed=compressed, size=size)
+        self._end_once(key)
+        answer = _done(value, compressed)
+        while (ticket := self.next_waiter(f"once\0{key}")) is not None:
+            ticket.set(answer)
+        return {"ok": True, "status": "stored"}
+
+    def once_fail(
+        self, key: str, message: str, error_type: str, *, ttl: float | None = None
+    ) -> dict[str, Any]:
+        """Record that computing *key* raised; every waiter (and later caller, for *ttl*
+        seconds) gets ``once_failed`` with the original message."""
+        entry = self.live_entry(key)
+        if entry is not None:
+            return _done(entry.value, entry.compressed)
+        self._end_once(key)
+        state = self._onces[key] = _Once(key, None, None, self.clock())
+        state.state, state.message, state.etype = "failed", message, error_type
+        state.deadline = state.since + (self.default_ttl if ttl is None else ttl)
+        state.seq = self._push(state.deadline, ONCE, state)
+        error = _once_failed(state)
+        while (ticket := self.next_waiter(f"once\0{key}")) is not None:
+            ticket.fail(error.code, error.detail, **error.extra)
+        return {"ok": True, "status": "failed"}
+
+    def once_cancel(self, key: str, owner: Owner = None) -> bool:
+        """The computing caller gave up without a result (interrupted): elect a waiter."""
+        state = self._onces.get(key)
+        if state is None or state.state != "computing" or state.owner != owner:
+            return False
+        self._give_up(state)
+        return True
+
+    def _end_once(self, key: str) -> None:
+        state = self._onces.pop(key, None)
+        if state is not None:
+            self._disown(state.owner, ONCE, state)
+            if state.seq:
+                self._retire(state)
+
+    def _give_up(self, state: _Once) -> None:
+        """The computer left without a result: the first waiter still waiting computes."""
+        self._disown(state.owner, ONCE, state)
+        if state.seq:
+            self._retire(state)
+        ticket = self.next_waiter(f"once\0{state.key}")
+        if ticket is None:
+            del self._onces[state.key]
+            return
+        self._claim(state, ticket.owner, ticket.who)
+        ticket.set({"ok": True, "status": "compute"})
+
+    # ------------------------------------------------------------------ barrier
+
+    def barrier(
+        self,
+        name: str,
+        parties: int,
+        *,
+        owner: Owner = None,
+        who: Who = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | Ticket:
+        """Arrive at barrier *name*; the last of *parties* arrivals releases the round.
+
+        :raises Refused: ``barrier_broken`` (for good), ``bad_request`` (other parties).
+        """
+        bar = self._barriers.get(name)
+        if bar is None:
+            bar = self._barriers[name] = _Barrier(name, parties)
+        if bar.broken is not None:
+            raise _broken(bar)
+        if bar.parties != parties:
+            raise Refused(
+                "bad_request", f"barrier {name!r} has {bar.parties} parties, not {parties}"
+            )
+        index = bar.count
+        qname = f"barrier\0{name}"
+        if index + 1 >= parties:
+            while (ticket := self.next_waiter(qname)) is not None:
+                ticket.set({"ok": True, "index": ticket.data})
+            bar.count = 0
+            bar.generation += 1
+            return {"ok": True, "index": index}
+        if timeout == 0:
+            self._break(bar, f"member {_who_text(who)} would not wait (timeout=0)")
+            raise Refused("timeout", f"barrier {name!r}: not all parties arrived and timeout=0")
+        bar.count += 1
+        ticket = self._wait(qname, "barrier", name, owner, who, timeout, data=index)
+        ticket.abandon = self._barrier_abandoned
+        return ticket
+
+    def _barrier_abandoned(self, ticket: Ticket, reason: str) -> None:
+        bar = self._barriers.get(ticket.label)
+        if bar is not None and bar.broken is None:
+            self._break(bar, reason)
+
+    def _break(self, bar: _Barrier, reason: str) -> None:
+        bar.broken = reason
+        error = _broken(bar)
+        while (ticket := self.next_waiter(f"barrier\0{bar.name}")) is not None:
+            ticket.fail(error.code, error.detail, **error.extra)
+
+    # ------------------------------------------------------------------ throttle
+
+    def throttle(
+        self,
+        name: str,
+        calls: int,
+        per: float,
+        *,
+        owner: Owner = None,
+        who: Who = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any] | Ticket:
+        """Reserve the next slot of at most *calls* per *per* seconds under *name*.
+
+        Answered at once when the slot is now, else by a ticket granted when it starts.
+        A slot is reserved even if its waiter goes away (the rate is never exceeded).
+
+        :raises Refused: ``timeout`` when the slot starts more than *timeout* s from now
+            (nothing is reserved then).
+        """
+        now = self.clock()
+        times = self._throttles.get(name)
+        if times is None:
+            times = self._throttles[name] = deque()
+        at = now
+        if len(times) >= calls:
+            at = max(now, times[-calls] + per)
+        if times:
+            at = max(at, times[-1])
+        if timeout is not None and at - now > timeout:
+            raise Refused("timeout", f"throttle {name!r}: the next slot starts in {at - now:.3f} s")
+        times.append(at)
+        while len(times) > calls:
+            times.popleft()
+        if at <= now:
+            return {"ok": True, "waited": 0}
+        ticket = Ticket(f"throttle\0{name}", owner, now, kind="throttle", label=name, who=who)
+        ticket.deadline = at
+        ticket.seq = self._push(at, ALARM, ticket)
+        self._own(owner, TICKET, ticket)  # cancelled when the owner leaves
+        self._alarms[ticket] = None
+        return ticket
+
+    # ------------------------------------------------------------------ queues
+
+    def push(self, queue: str, items: list[Any]) -> int:
+        """Append *items* to *queue* (waiting poppers get them first); the new length.
+
+        :raises Refused: ``bad_request`` (no items), ``max_items`` (queue full).
+        """
+        if not items:
+            raise Refused("bad_request", "push needs at least one item")
+        work = self._work.get(queue)
+        held = len(work) if work is not None else 0
+        if self.max_items > 0 and held + len(items) > self.max_items:
+            raise Refused(
+                "max_items", f"queue {queue!r} would hold more than max_items={self.max_items}"
+            )
+        length = held + len(items)
+        qname = f"pop\0{queue}"
+        pending = deque(items)
+        while pending and (ticket := self.next_waiter(qname)) is not None:
+            ticket.set({"ok": True, "value": pending.popleft()})
+        if pending:
+            if work is None:
+                work = self._work[queue] = deque()
+            work.extend(pending)
+        return length
+
+    def pop(
+        self, queue: str, *, owner: Owner = None, who: Who = None, timeout: float | None = None
+    ) -> dict[str, Any] | Ticket:
+        """The first item of *queue*, or a ticket granted by the next push."""
+        work = self._work.get(queue)
+        if work:
+            value = work.popleft()
+            if not work:
+                del self._work[queue]
+            return {"ok": True, "value": value}
+        return self._wait(f"pop\0{queue}", "pop", queue, owner, who, timeout)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def _coord_due(self, kind: int, ref: Any) -> None:
+        """A coordination deadline passed (called by ``expire_due``)."""
+        if kind == HOLD:
+            ref.seq = 0
+            self._drop_hold(ref)
+        elif kind == ALARM:
+            ref.seq = 0
+            self._alarms.pop(ref, None)
+            self._disown(ref.owner, TICKET, ref)
+            ref.set({"ok": True, "waited": 1})
+        elif kind == ONCE:
+            ref.seq = 0
+            if ref.state == "failed":
+                del self._onces[ref.key]
+            else:
+                self._give_up(ref)
+
+    def _coord_release(self, kind: int, ref: Any, owner: Owner) -> bool:
+        """Free one thing *owner* held (its connection closed); True when freed."""
+        if kind == HOLD:
+            assert isinstance(ref, _Hold)
+            res = self._resources.get((ref.kind, ref.name))
+            if res is not None and res.holds.get(ref.token) is ref:
+                self._drop_hold(ref)
+                return True
+        elif kind == ONCE:
+            assert isinstance(ref, _Once)
+            if self._onces.get(ref.key) is ref and ref.state == "computing" and ref.owner == owner:
+                self._give_up(ref)
+                return True
+        return False
+
+    def coordination_counts(self) -> dict[str, int]:
+        holders = sum(len(res.holds) for res in self._resources.values())
+        waiting = sum(1 for q in self._queues.values() for t in q if t.waiting)
+        return {
+            "locks": sum(len(r.holds) for r in self._resources.values() if r.kind == "lock"),
+            "holders": holders,
+            "waiters": waiting + len(self._alarms),
+            "queued": sum(len(w) for w in self._work.values()),
+        }
+
+    def coordination_status(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``(holders, waiters)``: locks, pool items and compute claims held, and every
+        waiter, with who, since (epoch s) and TTL left (s, None when none)."""
+        now = self.clock()
+        offset = self.wall() - now
+        holders: list[dict[str, Any]] = []
+        for res in self._resources.values():
+            for hold in res.holds.values():
+                holders.append(
+                    {
+                        "kind": res.kind,
+                        "name": res.name,
+                        "item": hold.item,
+                        "value": res.items[hold.item],
+                        "token": hold.token,
+                        "who": hold.who or {},
+                        "since": hold.since + offset,
+                        "ttl_left": None if hold.deadline is None else hold.deadline - now,
+                        "owned": hold.owner is not None,
+                    }
+                )
+        for state in self._onces.values():
+            if state.state == "computing":
+                holders.append(
+                    {
+                        "kind": "once",
+                        "name": state.key,
+                        "who": state.who or {},
+                        "since": state.since + offset,
+                        "ttl_left": None if state.deadline is None else state.deadline - now,
+                        "owned": state.owner is not None,
+                    }
+                )
+        waiters: list[dict[str, Any]] = []
+        tickets = [t for q in self._queues.values() for t in q if t.waiting]
+        tickets += [t for t in self._alarms if t.waiting]
+        for ticket in tickets:
+            waiters.append(
+                {
+                    "kind": ticket.kind,
+                    "name": ticket.label,
+                    "who": ticket.who or {},
+                    "since": ticket.since + offset,
+                    "timeout_left": None if ticket.deadline is None else ticket.deadline - now,
+                }
+            )
+        return holders, waiters
+
+
+def _done(value: Any, compressed: bool) -> dict[str, Any]:
+    return {"ok": True, "status": "done", "value": value, "compressed": compressed}
+
+
+def _once_failed(state: _Once) -> Refused:
+    return Refused(
+        "once_failed",
+        f"computing {state.key!r} raised {state.etype}: {state.message}",
+        message=state.message,
+        errorType=state.etype,
+    )
+
+
+def _broken(bar: _Barrier) -> Refused:
+    return Refused(
+        "barrier_broken", f"barrier {bar.name!r} is broken: {bar.broken}", reason=bar.broken
+    )
