@@ -250,7 +250,7 @@ def lua_cost(unix: str, n: int) -> list[tuple[str, float, str, float]]:
         ("add (set NX)", per_call(lambda: client.add("a", 1, ttl=60), "evalsha"),
          "SET NX PX", per_call(lambda: r.set("a", "1", px=60_000, nx=True), "set")),
         ("incr", per_call(lambda: client.incr("n"), "evalsha"),
-         "INCR", per_call(lambda: r.incr("n"), "incr")),
+         "INCRBY", per_call(lambda: r.incr("n"), "incrby")),
         ("lock: acquire + unhold (2 calls)", per_call(lock, "evalsha") * 2,
          "SET NX PX + DEL", per_call(lambda: r.set("l", "1", px=60_000, nx=True), "set")
          + per_call(lambda: r.delete("l"), "del")),
@@ -342,12 +342,12 @@ def main() -> None:
 
     ops = [op for op in (*OPS, "evalsha noop") if any(op in s for s in samples.values())]
     print(f"\nmedian round trip from another process, microseconds ({args.rounds} x {args.ops})")
-    print(f"{'client':36}" + "".join(f"{op:>10}" for op in ops))
+    print(f"{'client':36}" + "".join(f"{op:>13}" for op in ops))
     median = {
         k: {op: statistics.median(v) * 1e6 for op, v in s.items()} for k, s in samples.items()
     }
     for kind, (label, _) in rows.items():
-        cells = [f"{median[kind][op]:10.1f}" if op in median[kind] else f"{'-':>10}" for op in ops]
+        cells = [f"{median[kind][op]:13.1f}" if op in median[kind] else f"{'-':>13}" for op in ops]
         print(f"{label:36}" + "".join(cells))
     base = median["redis-py"]
     print("\nratios to redis-py's plain command (corral RedisClient, unix socket)")
@@ -363,7 +363,10 @@ def main() -> None:
     for name, script, plain, cost in lua:
         extra = f"{plain:>18} {cost:6.1f}" if plain != "-" else ""
         print(f"  {name:34} {script:6.1f}   {extra}")
-    print("\nlock handoff between two processes (release -> acquire), milliseconds")
+    print(
+        "\nlock handoff between two processes (release -> acquire), milliseconds;"
+        f" n = handoffs out of 2 x {args.handoffs} takes (an unfair lock hands over rarely)"
+    )
     labels = {
         "redis-unix": "corral on Redis (BLPOP woken)",
         "socket": "corral socket broker",
@@ -371,7 +374,11 @@ def main() -> None:
         "redis-py-1ms": "redis-py Lock (polls every 1 ms)",
     }
     for kind, values in handoffs.items():
-        if len(values) >= 2:
+        if not values:
+            print(f"  {labels[kind]:36} no handoff at all (the holder always took it back)")
+        elif len(values) == 1:
+            print(f"  {labels[kind]:36} one handoff: {values[0] * 1e3:.3f}   n=1")
+        else:
             p90 = statistics.quantiles(values, n=10)[8] * 1e3
             print(
                 f"  {labels[kind]:36} median {statistics.median(values) * 1e3:7.3f}"
