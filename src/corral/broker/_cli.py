@@ -1,5 +1,6 @@
 """The broker's CLI commands: ``corral run -- CMD``, ``corral broker``, and debugging
-commands (``ping``, ``get``, ``set``, ``del``, ``keys``, ``stats``, ``health``, ``metrics``).
+commands (``ping``, ``get``, ``set``, ``del``, ``keys``, ``stats``, ``health``, ``metrics``,
+``status``).
 
 Exit codes: 0 success, 1 the broker refused (e.g. key not found), 2 usage,
 3 no broker reachable; ``run`` exits with the command's code (128+N on signal N).
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from corral.broker._status_text import render_status
 from corral.broker.client import Client
 from corral.broker.server import Broker
 from corral.errors import BrokerError, BrokerRequestError, BrokerUnavailable
@@ -74,6 +76,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     client_cmd("stats", "print the broker's stats as JSON", _stats)
     client_cmd("health", "print the broker's health as JSON (exit 1 when degraded)", _health)
     client_cmd("metrics", "print the broker's Prometheus metrics", _metrics)
+    p = client_cmd(
+        "status",
+        "show who holds what and who waits for what (run it when a parallel run hangs)",
+        _status,
+    )
+    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
 
 
 def _broker_options(p: argparse.ArgumentParser) -> None:
@@ -328,6 +336,15 @@ def _health(client: Client, args: argparse.Namespace) -> int:
     health = client.health()
     _print_json(health)
     return 0 if health.get("status") == "healthy" else EXIT_REFUSED
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    status = client.status()
+    if args.json:
+        _print_json(status)
+    else:
+        sys.stdout.write(render_status(status))
+    return 0
 
 
 def _metrics(client: Client, args: argparse.Namespace) -> int:

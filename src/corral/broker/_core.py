@@ -368,11 +368,12 @@ class Core:
         )
 
     def _status(self, session: Session, obj: Message, raw: bytes) -> Message:
-        return {"ok": True, **self.status()}
+        return {"ok": True, **self.status(asking=session)}
 
-    def status(self) -> dict[str, Any]:
+    def status(self, asking: Session | None = None) -> dict[str, Any]:
         """Who holds what and who waits for what: ``holders``, ``waiters``, ``sessions``
-        and ``time`` (epoch seconds), each entry with ``who``, ``since`` and TTL left."""
+        (connected clients but the *asking* one) and ``time`` (epoch seconds); entries
+        carry ``who``, ``since`` (epoch seconds) and ``ttl_left``/``timeout_left``."""
         store = self.store
         now = store.wall()
         holders, waiters = store.coordination_status()
@@ -459,6 +460,7 @@ class Core:
 
     def _stats(self, session: Session, obj: Message, raw: bytes) -> Message:
         facts = self._facts()
+        store = self.store
         return {
             "ok": True,
             "stats": {
@@ -472,6 +474,7 @@ class Core:
                 "uptime": facts["uptime_ms"],
                 "connections": facts["connections"],
                 "requests": self.requests_total,
+                **store.coordination_counts(),
             },
         }
 
@@ -513,6 +516,7 @@ class Core:
             )
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 0.0
         store = self.store
+        counts = store.coordination_counts()
         out += [
             "# HELP ephemeral_broker_compression_total Total values compressed/uncompressed",
             "# TYPE ephemeral_broker_compression_total counter",
@@ -544,6 +548,12 @@ class Core:
             "# HELP corral_broker_leases Leases currently held",
             "# TYPE corral_broker_leases gauge",
             f"corral_broker_leases {store.lease_count}",
+            "# HELP corral_broker_holders Locks and pool items held",
+            "# TYPE corral_broker_holders gauge",
+            f"corral_broker_holders {counts['holders']}",
+            "# HELP corral_broker_waiters Requests waiting (lock, pool, once, barrier, pop...)",
+            "# TYPE corral_broker_waiters gauge",
+            f"corral_broker_waiters {counts['waiters']}",
             "# HELP corral_broker_connections Open client connections",
             "# TYPE corral_broker_connections gauge",
             f"corral_broker_connections {facts['connections']}",

@@ -216,9 +216,12 @@ class Broker:
     def holdings(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         """What clients hold right now, oldest first, e.g. for an end-of-run report.
 
-        Each entry: ``kind`` (``"lease"``), ``key``, ``holder`` (the worker id),
-        ``value``, ``since`` and ``expires`` (wall-clock seconds), ``connection`` (the
-        holding connection's id, None for one-shot clients). Read on the broker's own
+        Each entry: ``kind`` (``"lease"``, ``"lock"``, ``"pool"``, ``"once"``), ``key``
+        (the lease key, lock/pool name or once key), ``holder`` (the worker id of a
+        lease; else who: worker, or pid), ``value`` (lease number, lock token, pool
+        item), ``since`` and ``expires`` (wall-clock seconds; None when held until
+        released), ``connection`` (the holding connection's id, None for one-shot
+        clients). Read on the broker's own
         thread, so it is a consistent snapshot. Empty when the broker is not running.
         """
         loop, core = self._loop, self._core
@@ -226,6 +229,7 @@ class Broker:
             return []
 
         async def snapshot() -> list[dict[str, Any]]:
+            now = time.time()
             return [
                 {
                     "kind": "lease",
@@ -237,7 +241,7 @@ class Broker:
                     "connection": lease["owner"],
                 }
                 for worker, lease in core.store.leases().items()
-            ]
+            ] + [_holding(h, now) for h in core.store.coordination_status()[0]]
 
         try:
             held = asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout)
@@ -245,6 +249,25 @@ class Broker:
             return []
         held.sort(key=lambda item: item["since"])
         return held
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Holders, waiters and sessions right now: what ``corral status`` shows.
+
+        Read on the broker's own thread (a consistent snapshot); empty lists when the
+        broker is not running.
+        """
+        loop, core = self._loop, self._core
+        empty: dict[str, Any] = {"holders": [], "waiters": [], "sessions": [], "time": time.time()}
+        if loop is None or core is None or self._finished.is_set():
+            return empty
+
+        async def snapshot() -> dict[str, Any]:
+            return core.status()
+
+        try:
+            return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout)
+        except RuntimeError:  # the loop closed meanwhile
+            return empty
 
     def __enter__(self) -> Broker:
         self.start()
@@ -498,3 +521,18 @@ def _enable_debug_logging() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+
+
+def _holding(entry: dict[str, Any], now: float) -> dict[str, Any]:
+    """A lock/pool/once entry of the status dump in :meth:`Broker.holdings`' shape."""
+    who = entry.get("who") or {}
+    ttl_left = entry.get("ttl_left")
+    return {
+        "kind": entry["kind"],
+        "key": entry["name"],
+        "holder": who.get("worker") or (f"pid {who['pid']}" if who.get("pid") else None),
+        "value": entry.get("token") if entry["kind"] == "lock" else entry.get("value"),
+        "since": entry["since"],
+        "expires": None if ttl_left is None else now + ttl_left,
+        "connection": who.get("session") if entry.get("owned") else None,
+    }
