@@ -34,10 +34,15 @@ _MIN_BLOCK: Final = 0.01
 
 @dataclass(slots=True)
 class Script:
-    """Run Lua script *name* (EVALSHA) with *args*; resume with its reply."""
+    """Run Lua script *name* (EVALSHA) with *args*; resume with its reply.
+
+    :ivar cancel: for a script that may queue a ticket or take a claim: what undoes it
+        when the call is interrupted before its reply is known (the driver runs it).
+    """
 
     name: str
     args: list[Arg]
+    cancel: Script | None = None
 
 
 @dataclass(slots=True)
@@ -242,12 +247,12 @@ def acquire(
     timeout = check_timeout(timeout)
     deadline = _deadline(timeout)
     wait = 0 if timeout == 0 else 1
-    reply = checked((yield Script("acquire", [sid, tid, kind, name, ms, wait])), name)
+    cancel = Script("cancel", [sid, tid, kind, name])
+    reply = checked((yield Script("acquire", [sid, tid, kind, name, ms, wait], cancel)), name)
     if reply[0] == "ok":
         return Grant(kind, name, tid, sid, int(reply[2]), json.loads(reply[3]))
     if reply[0] == "busy":
         raise timed_out(kind, name, timeout)
-    cancel = Script("cancel", [sid, tid, kind, name])
     message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
     if message is None:
         yield cancel
@@ -278,7 +283,8 @@ def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None)
     check_name(key)
     timeout = check_timeout(timeout)
     deadline = _deadline(timeout)
-    reply = checked((yield Script("once_begin", [key, sid, tid])), key)
+    cancel = Script("cancel", [sid, tid, "once", key])
+    reply = checked((yield Script("once_begin", [key, sid, tid], cancel)), key)
     status = reply[0]
     if status == "done":
         return json.loads(reply[1])
@@ -286,7 +292,6 @@ def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None)
         raise _once_failed(key, str(reply[1] or ""), str(reply[2] or ""))
     if status == "compute":
         return Claim(key, sid, tid)
-    cancel = Script("cancel", [sid, tid, "once", key])
     message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
     if message is None:
         yield cancel
@@ -337,13 +342,13 @@ def barrier(
         raise ValueError(f"parties must be a positive int, got {parties!r}")
     timeout = check_timeout(timeout)
     deadline = _deadline(timeout)
-    reply = checked((yield Script("barrier", [name, parties, sid, tid])), name)
+    cancel = Script("cancel", [sid, tid, "barrier", name])
+    reply = checked((yield Script("barrier", [name, parties, sid, tid], cancel)), name)
     if reply[0] == "broken":
         raise _broken(name, str(reply[1]))
     index = int(reply[1])
     if reply[0] == "passed":
         return index
-    cancel = Script("cancel", [sid, tid, "barrier", name])
     message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
     if message is None:
         yield cancel

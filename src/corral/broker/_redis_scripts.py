@@ -384,8 +384,9 @@ if redis.call('EXISTS', items) == 0 then
   redis.call('HSET', items, 'decl', '"lock"', '0', 'null')
   touch(items)
   redis.call('RPUSH', free, '0')
-  touch(free)
 end
+touch(items)  -- in use: never let the declaration expire under a holder
+touch(free)
 -- FIFO: a newcomer never overtakes a queued waiter.
 if redis.call('LLEN', q) == 0 then
   local item = redis.call('LPOP', free)

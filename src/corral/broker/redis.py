@@ -440,7 +440,15 @@ class RedisClient(_Base):
     def _execute(self, op: flows.Op) -> Any:
         if isinstance(op, flows.Script):
             script = self._scripts[op.name]
-            return self._call(lambda: script(keys=[self.prefix], args=op.args, client=self._r))
+            try:
+                return self._call(lambda: script(keys=[self.prefix], args=op.args, client=self._r))
+            except BaseException:
+                # Interrupted (Ctrl-C, a lost connection) with the outcome unknown: the
+                # script may have queued a ticket or granted a claim nobody would take.
+                if op.cancel is not None:
+                    with contextlib.suppress(BrokerError):
+                        self._execute(op.cancel)
+                raise
         if isinstance(op, flows.Command):
             command = self._r.execute_command
             return self._call(lambda: command(*op.args))  # type: ignore[no-untyped-call]
@@ -702,7 +710,13 @@ class AsyncRedisClient(_Base):
     async def _execute(self, op: flows.Op) -> Any:
         if isinstance(op, flows.Script):
             script = self._scripts[op.name]
-            return await self._call(script(keys=[self.prefix], args=op.args, client=self._r))
+            try:
+                return await self._call(script(keys=[self.prefix], args=op.args, client=self._r))
+            except BaseException:  # cancelled or lost with the outcome unknown: undo it
+                if op.cancel is not None:
+                    with contextlib.suppress(BrokerError):
+                        await asyncio.shield(self._execute(op.cancel))
+                raise
         if isinstance(op, flows.Command):
             return await self._call(self._r.execute_command(*op.args))  # type: ignore[no-untyped-call]
         if isinstance(op, flows.Wait):
