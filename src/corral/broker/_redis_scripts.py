@@ -27,6 +27,7 @@ of :data:`corral.errors.ERROR_CODES`.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 #: Structural keys (queues, pools, counters, registries) expire a day after their last
@@ -35,9 +36,9 @@ RUN_TTL_MS: Final = 24 * 3600 * 1000
 #: Keys that expired keep answering "expired" (not "not_found") for this long.
 EXPIRED_MEMORY_MS: Final = 600_000
 
-# Every script starts with _KEY; those that need the time add _CLOCK; the coordination
-# scripts add _HELPERS. Defining the helpers costs ~7 us per call inside Redis, so the
-# plain key/value scripts go without them (see benchmarks/redis_backend.py).
+# A script is _KEY, then _CLOCK unless it never needs the time, then _LOCALS and exactly
+# the helper functions its body calls (directly or through other helpers): Lua defines
+# every local function on every call, and all of them cost ~7 us per call inside Redis.
 _KEY = """
 local P = KEYS[1]
 """
@@ -47,10 +48,17 @@ local t = redis.call('TIME')
 local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-_HELPERS = """
+_LOCALS = """
 local RUN_TTL = @RUN_TTL@
 local enc, dec = cjson.encode, cjson.decode
-local function touch(key) redis.call('PEXPIRE', key, RUN_TTL) end
+""".replace("@RUN_TTL@", str(RUN_TTL_MS))
+
+# Helper functions, in dependency order; each ends with "end" alone at column 0.
+_HELPERS = """
+local function touch(key)
+  redis.call('PEXPIRE', key, RUN_TTL)
+end
+
 -- Claims are only taken for a live session: one reaped meanwhile would never free them.
 local function lost(sid)
   if redis.call('ZSCORE', P .. 'sess', sid) then return nil end
@@ -252,7 +260,7 @@ local function reap()
   lease_expire()
   redis.call('ZREMRANGEBYSCORE', P .. 'exp', '-inf', NOW - @MEMORY@)
 end
-""".replace("@RUN_TTL@", str(RUN_TTL_MS)).replace("@MEMORY@", str(EXPIRED_MEMORY_MS))
+""".replace("@MEMORY@", str(EXPIRED_MEMORY_MS))
 
 _BODIES: dict[str, str] = {
     # ARGV: sid, ttl_ms, mode (register|beat|end), info json
@@ -542,11 +550,31 @@ return {live, redis.call('HLEN', P .. 'lw'), redis.call('ZCARD', P .. 'sess'),
 """,
 }
 
-_PLAIN: Final = {"delete": _KEY, "push": _KEY}
-_TIMED: Final = dict.fromkeys(("set", "keys", "incr", "stats"), _KEY + _CLOCK)
+_FUNCTION = re.compile(r"^((?:--[^\n]*\n)*)local function (\w+)\(.*?^end\n", re.M | re.S)
+#: helper name -> its Lua source (with the comment above it)
+HELPERS: Final[dict[str, str]] = {m[2]: m[0] for m in _FUNCTION.finditer(_HELPERS)}
+_TIMELESS: Final = ("delete", "push")
 
-#: name -> complete Lua source (preludes + body), registered once per client.
+
+def _calls(text: str, name: str) -> bool:
+    return re.search(rf"(?<![\w.:]){name}\(", text) is not None
+
+
+def assemble(body: str, timeless: bool = False) -> str:
+    """The complete source of a script: its preludes and the helpers it needs."""
+    needed: set[str] = set()
+    pending = [body]
+    while pending:
+        text = pending.pop()
+        for name, source in HELPERS.items():
+            if name not in needed and _calls(text, name):
+                needed.add(name)
+                pending.append(source)
+    helpers = "".join(source for name, source in HELPERS.items() if name in needed)
+    return _KEY + ("" if timeless else _CLOCK) + _LOCALS + helpers + body
+
+
+#: name -> complete Lua source, registered once per client.
 SCRIPTS: Final[dict[str, str]] = {
-    name: {**_PLAIN, **_TIMED}.get(name, _KEY + _CLOCK + _HELPERS) + body
-    for name, body in _BODIES.items()
+    name: assemble(body, name in _TIMELESS) for name, body in _BODIES.items()
 }
