@@ -18,7 +18,7 @@
     │       │                            worker_already_has_lease
     │       ├── AuthFailed               (PermissionError) auth_failed
     │       ├── InvalidRequest           (ValueError) invalid_json, unknown_action, bad_request
-    │       ├── WaitTimeout                  (BrokerTimeout) timeout: the broker gave up a wait
+    │       ├── WaitTimeout              (BrokerTimeout) timeout: the broker gave up a wait
     │       ├── Draining                 (ConnectionError) the broker is shutting down
     │       ├── OnceFailed               once_failed: the one compute() of once() raised
     │       ├── BarrierBroken            barrier_broken: a member died or timed out
