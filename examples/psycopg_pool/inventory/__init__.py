@@ -1,0 +1,1 @@
+"""An inventory service: products, stock and orders on a psycopg 3 connection pool."""
