@@ -22,7 +22,9 @@ import asyncpg
 import psycopg
 import psycopg_pool
 import pytest
+import sqlalchemy
 from psycopg.pq import TransactionStatus
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from corral.sandbox import sandbox
 
@@ -77,6 +79,8 @@ class Adapter(abc.ABC):
     is_async: ClassVar[bool]
     #: whether one connection can serve another thread's event loop (asyncpg's cannot)
     cross_loop: ClassVar[bool] = True
+    #: whether a multi-statement script runs in one call (in production too)
+    scripts: ClassVar[bool] = True
     #: what the app catches for a database error (the driver's base class, or SQLAlchemy's)
     db_error: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = psycopg.Error
     #: what the app sees when the connection dies under it
@@ -466,7 +470,242 @@ class Asyncpg(Adapter):
         return await raw.execute(sql)
 
 
-ADAPTERS: dict[str, type[Adapter]] = {a.name: a for a in (PsycopgSync, PsycopgAsync, Asyncpg)}
+# --------------------------------------------------------------------------- SQLAlchemy
+
+
+def sqlalchemy_url(dsn: str, driver: str) -> sqlalchemy.engine.URL:
+    """A SQLAlchemy URL for a libpq conninfo string."""
+    info = psycopg.conninfo.conninfo_to_dict(dsn)
+    host = str(info.get("host") or "")
+    return sqlalchemy.engine.URL.create(
+        f"postgresql+{driver}",
+        username=str(info.get("user") or "") or None,
+        password=str(info.get("password") or "") or None,
+        host=None if host.startswith("/") else host or None,
+        port=int(str(info["port"])) if info.get("port") else None,
+        database=str(info.get("dbname") or "") or None,
+        query={"host": host} if host.startswith("/") else {},
+    )
+
+
+class SQLAlchemyError:
+    """Error handling shared by the SQLAlchemy adapters: the app catches SQLAlchemy's
+    wrapper; the driver's exception is inside it (for asyncpg, behind the dialect's own)."""
+
+    db_error: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = (
+        sqlalchemy.exc.DBAPIError
+    )
+    disconnect_error: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = (
+        sqlalchemy.exc.DBAPIError
+    )
+
+    def original(self, exc: BaseException) -> BaseException:
+        seen: BaseException | None = exc
+        while seen is not None and type(seen).__module__.startswith("sqlalchemy."):
+            nxt = getattr(seen, "orig", None)
+            seen = nxt if isinstance(nxt, BaseException) else seen.__cause__
+        return seen if seen is not None else exc
+
+
+class SAConn(Conn):
+    """A SQLAlchemy ``Connection`` (sync or async) driven as an app drives it."""
+
+    def __init__(self, conn: Any, is_async: bool) -> None:
+        self._c = conn
+        self._async = is_async
+        self._failed = False
+
+    def _sync(self) -> Any:
+        return self._c.sync_connection if self._async else self._c
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        try:
+            result = fn()
+            return await result if self._async else result
+        except Exception:
+            self._failed = True
+            raise
+
+    def _sql(self, sql: str) -> str:
+        driver = self._sync().dialect.driver
+        return dollar(sql) if driver == "asyncpg" else sql
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        if params is None:
+            await self._call(lambda: self._c.exec_driver_sql(self._sql(sql)))
+        else:
+            await self._call(lambda: self._c.exec_driver_sql(self._sql(sql), tuple(params)))
+
+    async def fetch(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        if params is None:
+            result = await self._call(lambda: self._c.exec_driver_sql(self._sql(sql)))
+        else:
+            result = await self._call(
+                lambda: self._c.exec_driver_sql(self._sql(sql), tuple(params))
+            )
+        return [tuple(r) for r in result.fetchall()]
+
+    async def commit(self) -> None:
+        self._failed = False
+        await self._call(self._c.commit)
+
+    async def rollback(self) -> None:
+        self._failed = False
+        await self._call(self._c.rollback)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        tx = self._c.begin_nested() if self._c.in_transaction() else self._c.begin()
+        if self._async:
+            async with tx as t:
+                yield t
+        else:
+            with tx as t:
+                yield t
+
+    async def set_autocommit(self, value: bool) -> None:
+        level = "AUTOCOMMIT" if value else "READ COMMITTED"
+        result = self._c.execution_options(isolation_level=level)
+        if self._async:
+            await result
+
+    @property
+    def driver(self) -> Any:
+        """The driver-level connection under SQLAlchemy (corral's virtual connection)."""
+        dbapi = self._sync().connection.dbapi_connection
+        return getattr(dbapi, "driver_connection", dbapi)
+
+    @property
+    def status(self) -> str:
+        driver = self.driver
+        if hasattr(driver, "info"):
+            return _STATUS[driver.info.transaction_status]
+        if not driver.is_in_transaction():
+            return "idle"
+        return "inerror" if self._failed else "intrans"
+
+    @property
+    def raw(self) -> Any:
+        return self._c
+
+
+class SQLAlchemySync(SQLAlchemyError, Adapter):
+    name = "sqlalchemy_psycopg"
+    is_async = False
+
+    async def open(self, max_size: int = 4) -> None:
+        self.engine = sqlalchemy.create_engine(
+            sqlalchemy_url(self.dsn, "psycopg"), pool_size=max_size, max_overflow=0
+        )
+        self.db = sandbox(self.engine, mode="sandbox", **self.options)
+
+    async def aclose(self) -> None:
+        self.db.close()
+        self.engine.dispose()
+
+    async def create(self, **kwargs: Any) -> None:
+        self.db.create_sandbox(**kwargs)
+
+    async def close(self) -> None:
+        self.db.close_sandbox()
+
+    async def restore(self) -> None:
+        self.db.restore_sandbox()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        with self.engine.connect() as raw:
+            conn = SAConn(raw, is_async=False)
+            try:
+                yield conn
+            except BaseException:
+                raw.rollback()
+                raise
+            raw.commit()
+
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        def run(i: int) -> Any:
+            return asyncio.run(worker(i))  # type: ignore[arg-type]
+
+        with concurrent.futures.ThreadPoolExecutor(n) as ex:
+            return list(ex.map(run, range(n)))
+
+    async def getconn(self) -> Any:
+        return self.engine.connect()
+
+    async def putconn(self, raw: Any) -> None:
+        raw.close()
+
+    async def raw_execute(self, raw: Any, sql: str) -> Any:
+        return raw.exec_driver_sql(sql)
+
+
+class SQLAlchemyAsync(SQLAlchemyError, Adapter):
+    name = "sqlalchemy_psycopg_async"
+    driver = "psycopg"
+    is_async = True
+    cross_loop = False
+
+    async def open(self, max_size: int = 4) -> None:
+        self.engine = create_async_engine(
+            sqlalchemy_url(self.dsn, self.driver), pool_size=max_size, max_overflow=0
+        )
+        self.db = sandbox(self.engine, mode="sandbox", **self.options)
+
+    async def aclose(self) -> None:
+        await self.db.close()
+        await self.engine.dispose()
+
+    async def create(self, **kwargs: Any) -> None:
+        await self.db.create_sandbox(**kwargs)
+
+    async def close(self) -> None:
+        await self.db.close_sandbox()
+
+    async def restore(self) -> None:
+        await self.db.restore_sandbox()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Conn]:
+        async with self.engine.connect() as raw:
+            conn = SAConn(raw, is_async=True)
+            try:
+                yield conn
+            except BaseException:
+                await raw.rollback()
+                raise
+            await raw.commit()
+
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        return list(await asyncio.gather(*(worker(i) for i in range(n))))
+
+    async def getconn(self) -> Any:
+        return await self.engine.connect()
+
+    async def putconn(self, raw: Any) -> None:
+        await raw.close()
+
+    async def raw_execute(self, raw: Any, sql: str) -> Any:
+        return await raw.exec_driver_sql(sql)
+
+
+class SQLAlchemyAsyncpg(SQLAlchemyAsync):
+    name = "sqlalchemy_asyncpg"
+    driver = "asyncpg"
+    scripts = False
+
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    a.name: a
+    for a in (
+        PsycopgSync,
+        PsycopgAsync,
+        Asyncpg,
+        SQLAlchemySync,
+        SQLAlchemyAsync,
+        SQLAlchemyAsyncpg,
+    )
+}
 
 
 def connect_outside(dsn: str) -> psycopg.Connection[Any]:

@@ -193,6 +193,8 @@ async def test_sql_text_transaction_control_becomes_savepoints(
 
 
 async def test_script_with_transaction_control(ad: Adapter, outside: Any) -> None:
+    if not ad.scripts:
+        pytest.skip(f"{ad.name} prepares every statement: scripts fail in production too")
     await ad.create()
     async with ad.connection() as conn:
         await conn.set_autocommit(True)
@@ -250,6 +252,7 @@ async def test_app_sees_production_transaction_status(ad: Adapter) -> None:
         await conn.commit()
         assert conn.status == "idle"
         async with conn.transaction():
+            await conn.execute("SELECT 1")  # SQLAlchemy begins lazily, at the first statement
             assert conn.status == "intrans"
         assert conn.status == "idle"
         await conn.set_autocommit(True)
@@ -276,6 +279,7 @@ async def test_deferred_constraints_are_checked_at_the_app_commit(ad: Adapter) -
         await conn.execute("INSERT INTO child VALUES (3, 77)")
         with ad.raises("23503"):
             await conn.commit()
+        await conn.rollback()  # SQLAlchemy requires it after a failed commit; else a no-op
         assert conn.status == "idle"
         assert await conn.fetchval("SELECT count(*) FROM child") == 1
         await conn.commit()
@@ -348,12 +352,16 @@ async def test_concurrent_users_of_one_sandbox_are_serialised(ad: Adapter) -> No
 
 
 async def test_query_without_a_sandbox_raises_not_active(ad: Adapter, outside: Any) -> None:
-    with pytest.raises(SandboxNotActive, match="allow"):
+    # SQLAlchemy may wrap it in a StatementError: the app's handlers see it either way.
+    with pytest.raises(Exception) as info:
         await ad.execute("INSERT INTO item (name) VALUES ('never')")
+    assert isinstance(ad.original(info.value), SandboxNotActive), info.value
+    assert "allow" in str(info.value)
     await ad.create()
     await ad.close()
-    with pytest.raises(SandboxNotActive):
+    with pytest.raises(Exception) as info:
         await ad.fetchval("SELECT 1")
+    assert isinstance(ad.original(info.value), SandboxNotActive), info.value
     assert count_outside(outside) == 0
 
 

@@ -159,6 +159,13 @@ def sandbox(
             from corral.sandbox._asyncpg import AsyncpgPoolSandbox
 
             return AsyncpgPoolSandbox(handle, mode=mode, **options)
+    if root == "sqlalchemy":
+        from corral.sandbox._sqlalchemy import sandbox_engine
+
+        controller: SandboxController[Any] | AsyncSandboxController[Any] | None
+        controller = sandbox_engine(handle, mode=mode, **options)
+        if controller is not None:
+            return controller
     if root == "psycopg_pool":
         from psycopg_pool import AsyncConnectionPool, ConnectionPool
 

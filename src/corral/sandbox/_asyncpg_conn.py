@@ -124,6 +124,11 @@ class AsyncpgSandboxConnection:
     def is_closed(self) -> bool:
         return self._closed or self._box.closed
 
+    @property
+    def closed(self) -> bool:
+        """Same as :meth:`is_closed` (the attribute every corral proxy has)."""
+        return self.is_closed()
+
     def is_in_transaction(self) -> bool:
         """Whether the application's transaction is open (as asyncpg would report it)."""
         return bool(self._app.frames)

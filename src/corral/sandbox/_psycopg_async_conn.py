@@ -441,7 +441,7 @@ class AsyncSandboxCursor:
         # Server-side cursors take neither option: pass only what the app gave.
         options = {k: v for k, v in (("prepare", prepare), ("binary", binary)) if v is not None}
         await self._conn._run(
-            query, params is None, lambda: real.execute(query, params, **options), real
+            query, not params, lambda: real.execute(query, params, **options), real
         )
         return self
 

@@ -451,7 +451,7 @@ class SandboxCursor:
         real = self._real
         # Server-side cursors take neither option: pass only what the app gave.
         options = {k: v for k, v in (("prepare", prepare), ("binary", binary)) if v is not None}
-        self._conn._run(query, params is None, lambda: real.execute(query, params, **options), real)
+        self._conn._run(query, not params, lambda: real.execute(query, params, **options), real)
         return self
 
     def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:

@@ -1,0 +1,372 @@
+"""The SQLAlchemy 2.x adapter: ``sandbox(engine)`` sandboxes an ``Engine`` or
+``AsyncEngine`` in place, through documented hooks only.
+
+- ``DialectEvents.do_connect`` makes the engine's pool hold virtual connections
+  (:mod:`._sqlalchemy_virtual`) in sandbox mode: a handler may return the DBAPI
+  connection itself (sync), or name the driver-level connection through the
+  ``async_creator_fn`` connect argument (``create_async_engine(async_creator=...)``).
+- ``PoolEvents.checkout`` / ``checkin`` bind a virtual connection to the current
+  context's sandbox and let go of it; a connection of the wrong kind for the mode
+  (real in sandbox mode, virtual in normal mode) raises ``DisconnectionError``, which
+  the pool answers with a fresh connection.
+- The sandboxes' real connections come from ``engine.pool.recreate()``: the same
+  creator, connect arguments and ``connect`` events (the dialect's setup) as the app's.
+
+Everything bound to the engine (``Session(engine)``, ``sessionmaker``, ``AsyncSession``,
+``engine.connect()``/``begin()``) then runs in the sandbox with no change.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import Pool, PoolProxiedConnection
+from sqlalchemy.util import await_, greenlet_spawn
+
+from corral.sandbox import _asyncpg, _psycopg_async, _psycopg_sync
+from corral.sandbox._controller import BaseController
+from corral.sandbox._sqlalchemy_virtual import (
+    AsyncpgVirtual,
+    PsycopgAsyncVirtual,
+    PsycopgVirtual,
+    Virtual,
+)
+
+__all__ = [
+    "AsyncEngineSandbox",
+    "AsyncpgEngineSandbox",
+    "EngineHooks",
+    "EngineSandbox",
+    "PsycopgAsyncEngineSandbox",
+    "sandbox_engine",
+]
+
+logger = logging.getLogger("corral.sandbox.sqlalchemy")
+
+#: Set while corral itself connects a sandbox's real connection (do_connect stays out).
+_REAL: ContextVar[bool] = ContextVar("corral_sqlalchemy_real", default=False)
+
+
+def sandbox_engine(handle: Any, *, mode: str | None = None, **options: Any) -> Any:
+    """The controller for an ``Engine`` / ``AsyncEngine``; None for other SQLAlchemy objects.
+
+    :raises TypeError: the engine's dialect is not one corral supports.
+    """
+    if isinstance(handle, AsyncEngine):
+        engine = handle.sync_engine
+    elif isinstance(handle, Engine):
+        engine = handle
+    else:
+        return None
+    dialect = engine.dialect
+    name = f"{dialect.name}+{dialect.driver}"
+    if dialect.name == "postgresql" and dialect.driver in ("psycopg", "psycopg_async"):
+        if dialect.is_async:
+            return PsycopgAsyncEngineSandbox(handle, mode=mode, **options)
+        return EngineSandbox(handle, mode=mode, **options)
+    if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+        return AsyncpgEngineSandbox(handle, mode=mode, **options)
+    raise TypeError(
+        f"corral cannot sandbox a {name} engine: it supports postgresql+psycopg (sync and "
+        "async) and postgresql+asyncpg. Switch the test URL's driver, e.g. "
+        "postgresql+psycopg://..."
+    )
+
+
+class EngineHooks(BaseController[Any]):
+    """The engine side, shared by the sync and async controllers: events, real pool."""
+
+    _virtual_class: type[Virtual]
+
+    def _hook(self, handle: Engine | AsyncEngine, max_idle: int) -> None:
+        self.engine = handle
+        self.sync_engine: Engine = handle.sync_engine if isinstance(handle, AsyncEngine) else handle
+        self.max_idle = max_idle
+        self._real_pool: Pool | None = None
+        self._idle: list[PoolProxiedConnection] = []
+        self._fairies: dict[int, PoolProxiedConnection] = {}
+        self._installed = False
+        if self.sandboxing:
+            self._install()
+
+    @property
+    def mode(self) -> str:
+        """``"sandbox"`` or ``"normal"``; switching to sandbox mode hooks the engine."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        BaseController.mode.fset(self, value)  # type: ignore[attr-defined]
+        if self.sandboxing:
+            self._install()
+
+    def _install(self) -> None:
+        if self._installed:
+            return
+        engine = self.sync_engine
+        event.listen(engine, "do_connect", self._on_do_connect)
+        event.listen(engine, "checkout", self._on_checkout)
+        event.listen(engine, "checkin", self._on_checkin)
+        event.listen(engine, "engine_disposed", self._on_disposed)
+        self._installed = True
+
+    def remove(self) -> None:
+        """Unhook the engine (and return the kept real connections): normal for good."""
+        if self._installed:
+            engine = self.sync_engine
+            event.remove(engine, "do_connect", self._on_do_connect)
+            event.remove(engine, "checkout", self._on_checkout)
+            event.remove(engine, "checkin", self._on_checkin)
+            event.remove(engine, "engine_disposed", self._on_disposed)
+            self._installed = False
+        self._mode = "normal"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} of {self.sync_engine!r} mode={self.mode}>"
+
+    # ------------------------------------------------------------------ events
+
+    def _on_do_connect(
+        self, dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]
+    ) -> Any:
+        if _REAL.get() or not self.sandboxing:
+            return None
+        if not dialect.is_async:
+            return self._virtual_class(self)
+
+        async def virtual(*args: Any, **kwargs: Any) -> Virtual:
+            return self._virtual_class(self)
+
+        # The documented async_creator mechanism: the dialect wraps what this returns
+        # in its own adapter, exactly as for a real driver connection.
+        cparams["async_creator_fn"] = virtual
+        if dialect.driver == "asyncpg":
+            # SQLAlchemy's per-connection statement cache would outlive the sandbox
+            # that prepared them; corral keeps one per real connection instead.
+            cparams["prepared_statement_cache_size"] = 0
+        return None
+
+    @staticmethod
+    def _virtual_of(dbapi_connection: Any) -> Virtual | None:
+        if isinstance(dbapi_connection, Virtual):
+            return dbapi_connection
+        driver = getattr(dbapi_connection, "driver_connection", None)
+        return driver if isinstance(driver, Virtual) else None
+
+    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if _REAL.get():
+            return
+        virtual = self._virtual_of(dbapi_connection)
+        if not self.sandboxing:
+            if virtual is not None:
+                raise sa_exc.DisconnectionError("corral: sandbox mode ended; reconnecting")
+            return
+        if virtual is None:
+            raise sa_exc.DisconnectionError(
+                "corral: a connection made before sandbox mode; replacing it"
+            )
+        virtual._bind()
+
+    def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
+        virtual = self._virtual_of(dbapi_connection)
+        if virtual is not None:
+            virtual._unbind()
+
+    def _on_disposed(self, conn: Any) -> None:
+        # engine.dispose(): the sandboxes' pool goes too (only idle connections; one a
+        # sandbox holds returns to the discarded pool and is closed there).
+        self.close_idle()
+
+    # ------------------------------------------------------------------ real connections
+
+    def _connect_real(self) -> PoolProxiedConnection:
+        if self._real_pool is None:
+            self._real_pool = self.sync_engine.pool.recreate()
+        while self._idle:
+            fairy = self._idle.pop()
+            if fairy.is_valid:
+                return fairy
+        token = _REAL.set(True)
+        try:
+            return self._real_pool.connect()
+        finally:
+            _REAL.reset(token)
+
+    def _keep_or_return(self, fairy: PoolProxiedConnection, healthy: bool) -> None:
+        token = _REAL.set(True)
+        try:
+            if not healthy:
+                fairy.invalidate()
+                fairy.close()
+            elif len(self._idle) < self.max_idle:
+                self._idle.append(fairy)
+            else:
+                fairy.close()
+        finally:
+            _REAL.reset(token)
+
+    def close_idle(self) -> None:
+        """Close the real connections kept between sandboxes, and their pool."""
+        token = _REAL.set(True)
+        try:
+            while self._idle:
+                self._idle.pop().close()
+            pool, self._real_pool = self._real_pool, None
+            if pool is not None:
+                pool.dispose()
+        finally:
+            _REAL.reset(token)
+
+    # ------------------------------------------------------------------ checkouts
+
+    def checkout_sync(self) -> Any:
+        raise NotImplementedError
+
+    async def checkout_async(self) -> Any:
+        raise NotImplementedError
+
+    def checkin_sync(self, target: Any) -> None:
+        raise NotImplementedError
+
+    async def checkin_async(self, target: Any) -> None:
+        raise NotImplementedError
+
+
+class EngineSandbox(EngineHooks, _psycopg_sync._Controller):
+    """A sandboxed SQLAlchemy ``Engine`` (``postgresql+psycopg``), sandboxed in place.
+
+    :param engine: the application's engine; keep using it (and everything bound to it).
+    :param max_idle: real connections kept between sandboxes (their pool is a copy of
+        the engine's, made by ``engine.pool.recreate()``).
+    :param options: ``mode``, ``lock_timeout``, ``checkout_timeout``,
+        ``isolation_level``, ``check_deferred``: see :class:`corral.sandbox.PoolSandbox`.
+    """
+
+    _virtual_class = PsycopgVirtual
+
+    def __init__(self, engine: Engine, *, max_idle: int = 4, **options: Any) -> None:
+        super().__init__(**options)
+        self._hook(engine, max_idle)
+
+    def _take(self) -> Any:
+        fairy = self._connect_real()
+        real = fairy.dbapi_connection
+        self._fairies[id(real)] = fairy
+        return real
+
+    def _give(self, real: Any) -> None:
+        fairy = self._fairies.pop(id(real))
+        self._keep_or_return(fairy, healthy=not (real.closed or real.broken))
+
+    def checkout_sync(self) -> Any:
+        return self._checkout(None)
+
+    def checkin_sync(self, target: Any) -> None:
+        if not target.closed and target._app.frames and target._box.broken is None:
+            target._end(commit=False)
+        target._checkin()
+
+    def close(self) -> None:
+        """Return the kept real connections (call before ``engine.dispose()``)."""
+        self.close_idle()
+
+
+class AsyncEngineSandbox(EngineHooks):
+    """A sandboxed ``AsyncEngine``; its drivers' subclasses do the work.
+
+    :param engine: the application's ``AsyncEngine``; keep using it, ``AsyncSession``
+        and ``async_sessionmaker`` bound to it unchanged.
+
+    Other parameters as :class:`EngineSandbox`.
+    """
+
+    async def _take_fairy(self) -> PoolProxiedConnection:
+        return await greenlet_spawn(self._connect_real)
+
+    async def _give_fairy(self, fairy: PoolProxiedConnection, healthy: bool) -> None:
+        await greenlet_spawn(self._keep_or_return, fairy, healthy)
+
+    def checkout_sync(self) -> Any:
+        self._route().check()  # no sandbox here: say so, even where nothing can be awaited
+        return await_(self.checkout_async())
+
+    def checkin_sync(self, target: Any) -> None:
+        try:
+            await_(self.checkin_async(target))
+        except sa_exc.MissingGreenlet:
+            # Garbage collection returned the connection outside the event loop: no
+            # I/O possible; the sandbox's close rolls everything back anyway.
+            target._closed = True
+            target._checkin()
+
+    async def close(self) -> None:
+        """Return the kept real connections (call before ``await engine.dispose()``)."""
+        await greenlet_spawn(self.close_idle)
+
+
+class PsycopgAsyncEngineSandbox(AsyncEngineSandbox, _psycopg_async._Controller):
+    """A sandboxed ``AsyncEngine`` on ``postgresql+psycopg``."""
+
+    _virtual_class = PsycopgAsyncVirtual
+
+    def __init__(self, engine: AsyncEngine, *, max_idle: int = 4, **options: Any) -> None:
+        super().__init__(**options)
+        self._hook(engine, max_idle)
+
+    async def _take(self) -> Any:
+        fairy = await self._take_fairy()
+        real = fairy.dbapi_connection.driver_connection  # type: ignore[union-attr]
+        self._fairies[id(real)] = fairy
+        return real
+
+    async def _give(self, real: Any) -> None:
+        fairy = self._fairies.pop(id(real))
+        await self._give_fairy(fairy, healthy=not (real.closed or real.broken))
+
+    async def checkout_async(self) -> Any:
+        return await self._checkout(None)
+
+    async def checkin_async(self, target: Any) -> None:
+        if not target.closed and target._app.frames and target._box.broken is None:
+            await target._end(commit=False)
+        target._checkin()
+
+
+class AsyncpgEngineSandbox(AsyncEngineSandbox, _asyncpg.AsyncpgSandboxBase):
+    """A sandboxed ``AsyncEngine`` on ``postgresql+asyncpg``."""
+
+    _virtual_class = AsyncpgVirtual
+
+    def __init__(self, engine: AsyncEngine, *, max_idle: int = 4, **options: Any) -> None:
+        super().__init__(**options)
+        self._reals: dict[int, _asyncpg._Real] = {}
+        self._hook(engine, max_idle)
+
+    async def _take(self) -> _asyncpg._Real:
+        fairy = await self._take_fairy()
+        driver = fairy.dbapi_connection.driver_connection  # type: ignore[union-attr]
+        real = self._reals.get(id(driver))
+        if real is None or real.conn is not driver:
+            # Kept with the connection, so its prepared statements serve the next tests.
+            real = self._reals[id(driver)] = _asyncpg._Real(driver)
+        self._fairies[id(real)] = fairy
+        return real
+
+    async def _give(self, real: _asyncpg._Real) -> None:
+        fairy = self._fairies.pop(id(real))
+        healthy = not _asyncpg._closed(real.conn)
+        if not healthy:
+            self._reals.pop(id(real.conn), None)
+        await self._give_fairy(fairy, healthy=healthy)
+
+    async def checkout_async(self) -> Any:
+        return await self._checkout(None)
+
+    async def checkin_async(self, target: Any) -> None:
+        await self._checkin(target)

@@ -1,0 +1,184 @@
+"""The driver connections SQLAlchemy's pool holds while an engine is sandboxed.
+
+A pool keeps a DBAPI connection for many checkouts; a sandbox lives for one test. So the
+pool holds a *virtual* connection: at each checkout it binds to the current context's
+sandbox (a corral proxy of the sandbox's one real connection, taking its checkout lock),
+and at checkin it lets go. Its own settings (autocommit, isolation level...) persist across
+checkouts, as a real connection's would.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from corral.sandbox._sqlalchemy import EngineHooks
+
+__all__ = ["AsyncpgVirtual", "PsycopgAsyncVirtual", "PsycopgVirtual", "Virtual"]
+
+
+class Virtual:
+    """What the pool holds instead of a driver connection (never a real connection)."""
+
+    #: settings the app (or SQLAlchemy) makes on the connection, kept across checkouts
+    _SETTINGS: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, hooks: EngineHooks) -> None:
+        object.__setattr__(self, "_hooks", hooks)
+        object.__setattr__(self, "_target", None)
+        object.__setattr__(self, "_settings", {})
+
+    # ------------------------------------------------------------------ binding
+
+    def _live(self) -> Any:
+        target = self._target
+        return None if target is None or target.closed else target
+
+    def _bind(self) -> Any:
+        """The proxy this checkout uses; checked out on first need (sync callers).
+
+        A proxy whose sandbox closed under this checkout stays: its calls say so,
+        rather than silently moving the checkout into another sandbox.
+        """
+        target = self._target
+        if target is None:
+            target = self._hooks.checkout_sync()
+            self._apply(target)
+            object.__setattr__(self, "_target", target)
+        return target
+
+    async def _abind(self) -> Any:
+        """:meth:`_bind` for callers already inside a coroutine."""
+        target = self._target
+        if target is None:
+            target = await self._hooks.checkout_async()
+            self._apply(target)
+            object.__setattr__(self, "_target", target)
+        return target
+
+    def _apply(self, target: Any) -> None:
+        """Carry this connection's settings over to a new checkout's proxy."""
+
+    def _unbind(self) -> None:
+        """The pool took the connection back: end the app's transaction, free the sandbox."""
+        target, self.__dict__["_target"] = self._target, None
+        if target is not None:
+            self._hooks.checkin_sync(target)
+
+    async def _aunbind(self) -> None:
+        target, self.__dict__["_target"] = self._target, None
+        if target is not None:
+            await self._hooks.checkin_async(target)
+
+    # ------------------------------------------------------------------ forwarding
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._SETTINGS and self._live() is None:
+            return self._settings.get(name)
+        return getattr(self._bind(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._SETTINGS:
+            self._settings[name] = value
+        setattr(self._bind(), name, value)
+
+    def __repr__(self) -> str:
+        return f"<corral virtual connection of {self._hooks!r} bound to {self._target!r}>"
+
+
+class PsycopgVirtual(Virtual):
+    """Stands in for a ``psycopg.Connection`` (``postgresql+psycopg``, sync)."""
+
+    _SETTINGS = frozenset({"autocommit", "isolation_level", "read_only", "deferrable"})
+
+    def _apply(self, target: Any) -> None:
+        s = self._settings
+        target._app.autocommit = bool(s.get("autocommit", target._app.autocommit))
+        target._app.read_only = s.get("read_only")
+        target._isolation_level = s.get("isolation_level")
+        target._deferrable = s.get("deferrable")
+
+    @property
+    def closed(self) -> bool:
+        target = self._target
+        return bool(target is not None and target.broken)
+
+    @property
+    def broken(self) -> bool:
+        return self.closed
+
+    def add_notice_handler(self, callback: Any) -> None:
+        # The dialect installs its notice logger on every new connection; the sandbox's
+        # real connection was made by the same engine and already has it.
+        return None
+
+    def close(self) -> None:
+        self._unbind()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        return self._bind().cursor(*args, **kwargs)
+
+    def commit(self) -> None:
+        self._bind().commit()
+
+    def rollback(self) -> None:
+        if self._live() is not None:
+            self._bind().rollback()
+
+
+class PsycopgAsyncVirtual(PsycopgVirtual):
+    """Stands in for a ``psycopg.AsyncConnection`` (``postgresql+psycopg`` async)."""
+
+    async def _set(self, name: str, value: Any) -> None:
+        self._settings[name] = value
+        await getattr(await self._abind(), f"set_{name}")(value)
+
+    async def set_autocommit(self, value: bool) -> None:
+        await self._set("autocommit", value)
+
+    async def set_isolation_level(self, value: Any) -> None:
+        await self._set("isolation_level", value)
+
+    async def set_read_only(self, value: bool | None) -> None:
+        await self._set("read_only", value)
+
+    async def set_deferrable(self, value: bool | None) -> None:
+        await self._set("deferrable", value)
+
+    async def close(self) -> None:  # type: ignore[override]
+        await self._aunbind()
+
+    async def commit(self) -> None:  # type: ignore[override]
+        await (await self._abind()).commit()
+
+    async def rollback(self) -> None:  # type: ignore[override]
+        if self._live() is not None:
+            await (await self._abind()).rollback()
+
+
+class AsyncpgVirtual(Virtual):
+    """Stands in for an ``asyncpg.Connection`` (``postgresql+asyncpg``).
+
+    SQLAlchemy keeps the transaction settings in its own adapter and passes them to
+    ``transaction()``, so nothing needs to persist here.
+    """
+
+    def is_closed(self) -> bool:
+        # A dead sandbox connection reads as a closed one, so SQLAlchemy invalidates
+        # this pool entry and the next checkout reports the broken sandbox clearly.
+        target = self._target
+        return bool(target is not None and target._box.broken is not None)
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        await self._aunbind()
+
+    def terminate(self) -> None:
+        self._unbind()
+
+    async def set_type_codec(self, *args: Any, **kwargs: Any) -> None:
+        # The dialect's codecs were installed on the sandbox's real connection when the
+        # same engine made it; installing them again per checkout costs a query each.
+        return None
+
+    async def reload_schema_state(self) -> None:
+        await (await self._abind()).reload_schema_state()
