@@ -6,6 +6,7 @@ import inspect
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ import pytest
 from corral import AsyncClient, Client
 from corral.broker.redis import AsyncRedisClient, RedisClient
 from corral.errors import BrokerUnavailable, KeyNotFound
-from tests.broker_spec.conftest import Backend, wait_until
+from tests.broker_spec.conftest import Backend, wait_until, waiting
 
 
 def run_id() -> str:
@@ -206,3 +207,28 @@ def test_redis_client_mirrors_the_socket_client_signatures() -> None:
         assert list(inspect.signature(member).parameters) == list(
             inspect.signature(ours).parameters
         ), name
+
+
+def test_a_starved_waiter_queues_again_under_a_new_session(make: Make) -> None:
+    run = run_id()
+    holder, waiter, observer = make(run), make(run), make(run)
+    observer.lease("reaper", "observer", ttl=60)  # a live session whose heartbeat reaps
+    got: list[int] = []
+
+    def wait() -> None:
+        with waiter.lock("l", timeout=30) as token:
+            got.append(token)
+
+    with holder.lock("l") as first_token:
+        thread = threading.Thread(target=wait)
+        thread.start()
+        wait_until(lambda: waiting(observer, "lock", "l") == 1, 5, "the waiter to queue")
+        first = waiter._session.sid
+        waiter._session._stop.set()  # its heartbeat starves: the session expires
+        wait_until(
+            lambda: waiter._session.sid != first and waiting(observer, "lock", "l") == 1,
+            10,
+            "the waiter to queue again under a new session",
+        )
+    thread.join(10)
+    assert got == [first_token + 1]

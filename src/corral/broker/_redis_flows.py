@@ -17,6 +17,7 @@ from typing import Any, Final
 from corral.broker._flows import MISSING
 from corral.errors import (
     BarrierBroken,
+    BrokerRequestError,
     BrokerTimeout,
     OnceFailed,
     ProtocolError,
@@ -258,6 +259,8 @@ def acquire(
         yield cancel
         raise timed_out(kind, name, timeout)
     grant = json.loads(message)
+    if "lost" in grant:
+        raise _session_lost(name, grant["lost"])
     return Grant(kind, name, tid, sid, int(grant["token"]), json.loads(grant["value"]))
 
 
@@ -297,6 +300,8 @@ def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None)
         yield cancel
         raise timed_out("once", key, timeout)
     event = json.loads(message)
+    if "lost" in event:
+        raise _session_lost(key, event["lost"])
     if event.get("elect"):
         return Claim(key, sid, tid)
     if event.get("failed"):
@@ -356,7 +361,17 @@ def barrier(
     event = json.loads(message)
     if "broken" in event:
         raise _broken(name, str(event["broken"]))
+    if "lost" in event:  # this member's own session expired: the barrier broke with it
+        raise _broken(name, str(event["lost"]))
     return index
+
+
+def _session_lost(name: str, reason: Any) -> BrokerRequestError:
+    """This waiter's session expired while it waited (its process was starved or paused);
+    the client renews the session and waits again (see ``RedisClient._owned``)."""
+    return BrokerRequestError(
+        f"session_lost: the wait for {name!r} was dropped: {reason}", code="session_lost", key=name
+    )
 
 
 def _broken(name: str, reason: str) -> BarrierBroken:

@@ -208,7 +208,8 @@ end
 -- ---------------------------------------------------------------- sessions
 
 -- A waiter gave up (timeout, cancellation) or its session ended: it is never granted.
-local function drop_ticket(tid, reason)
+-- With `notify`, the waiter is told (a starved but living process re-queues, renewed).
+local function drop_ticket(tid, reason, notify)
   local t = take_ticket(tid)
   if not t then return false end
   if t.kind == 'lock' or t.kind == 'pool' then
@@ -220,6 +221,7 @@ local function drop_ticket(tid, reason)
     break_barrier(t.name, reason)
   end
   redis.call('DEL', P .. 'w:' .. tid)
+  if notify then wake(tid, enc({lost = reason})) end
   return true
 end
 
@@ -235,7 +237,7 @@ local function end_session(sid, reason)
   local members = redis.call('SMEMBERS', hk)
   -- Tickets first, so nothing this session frees is handed to its own waiters.
   for _, m in ipairs(members) do
-    if string.sub(m, 1, 1) == 'T' then drop_ticket(string.sub(m, 2), reason) end
+    if string.sub(m, 1, 1) == 'T' then drop_ticket(string.sub(m, 2), reason, true) end
   end
   for _, m in ipairs(members) do
     local kind, rest = string.sub(m, 1, 1), string.sub(m, 2)
@@ -417,7 +419,7 @@ return 1
     # ARGV: sid, tid, kind, name: a wait ended without taking its grant (timeout, cancel).
     "cancel": """
 local sid, tid, kind, name = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if drop_ticket(tid, 'a member timed out or was cancelled') then return 'cancelled' end
+if drop_ticket(tid, 'a member timed out or was cancelled', false) then return 'cancelled' end
 -- Decided meanwhile: undo whatever was granted, since nobody will take it.
 redis.call('DEL', P .. 'w:' .. tid)
 local raw = redis.call('HGET', P .. 'hd', tid)
