@@ -4,6 +4,7 @@ throttles, queues, ownership; and a hypothesis state machine checking the invari
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -326,7 +327,7 @@ class CoordinationMachine(RuleBasedStateMachine):
 
 
 CoordinationMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None
+    max_examples=100, stateful_step_count=40, deadline=None
 )
 test_coordination_machine = CoordinationMachine.TestCase
 
@@ -336,3 +337,136 @@ def test_release_owner_is_idempotent_and_fences_keep_growing(store: Store) -> No
     assert store.release_owner(1) == 1
     assert store.release_owner(1) == 0
     assert granted(store.acquire("lock", "L", owner=2))["token"] == 2  # not reset
+
+
+def attempt(fn: Callable[[], Any]) -> tuple[str | None, Any]:
+    """``(None, result)``, or ``(code, None)`` when the store refused."""
+    try:
+        return None, fn()
+    except Refused as exc:
+        return exc.code, None
+
+
+class OnceAndQueueMachine(RuleBasedStateMachine):
+    """Random interleavings of once() callers that compute, fail, die or time out, and of
+    pushes and pops with disconnecting consumers.
+
+    Invariants: at most one caller computes a key at any time; every caller told the
+    value got the one stored value; every pushed item is delivered at most once and none
+    is lost (delivered + still queued == pushed); dead tickets get nothing.
+    """
+
+    OWNERS = st.integers(min_value=1, max_value=5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.store = Store(self.clock, require_ttl=False, default_ttl=10_000.0)
+        self.computing: set[int] = set()  # owners told to compute "k" and not done yet
+        self.values: list[Any] = []
+        self.stored: Any = None
+        self.failed = False
+        self.pushed: list[int] = []
+        self.delivered: list[int] = []
+        self.gone: set[Ticket] = set()
+        self.tickets: list[tuple[int, Ticket]] = []
+        self.next_item = 0
+
+    def _once_answer(self, owner: int, answer: dict[str, Any]) -> None:
+        if answer.get("status") == "compute":
+            self.computing.add(owner)
+        elif answer.get("status") == "done":
+            self.values.append(answer["value"])
+        else:
+            assert answer["error"] in ("once_failed", "timeout")
+
+    @rule(owner=OWNERS, timeout=st.sampled_from([None, 1.0]))
+    def once(self, owner: int, timeout: float | None) -> None:
+        if owner in self.computing:
+            return  # a client does not ask again while it computes
+        code, result = attempt(lambda: self.store.once_begin("k", owner=owner, timeout=timeout))
+        if code is not None:
+            assert code == "once_failed"
+            assert self.failed
+            return
+        if isinstance(result, dict):
+            self._once_answer(owner, result)
+            return
+
+        def done(t: Ticket, owner: int = owner) -> None:
+            assert t not in self.gone, "a dead ticket was answered"
+            assert t.result is not None
+            self._once_answer(owner, t.result)
+
+        result.on_done = done
+        self.tickets.append((owner, result))
+
+    @rule(data=st.data(), fail=st.booleans())
+    def finish(self, data: st.DataObject, fail: bool) -> None:
+        if not self.computing:
+            return
+        owner = data.draw(st.sampled_from(sorted(self.computing)))
+        self.computing.discard(owner)
+        if fail:
+            self.store.once_fail("k", "boom", "RuntimeError", ttl=5)
+            self.failed = True
+        else:
+            answer = self.store.once_done("k", owner)
+            if answer["status"] == "stored":
+                self.stored = owner
+                self.failed = False
+
+    @rule(owner=OWNERS)
+    def disconnect(self, owner: int) -> None:
+        for o, ticket in self.tickets:
+            if o == owner and ticket.waiting:
+                self.gone.add(ticket)
+        self.computing.discard(owner)
+        self.store.release_owner(owner)
+
+    @rule(count=st.integers(min_value=1, max_value=3))
+    def push(self, count: int) -> None:
+        items = list(range(self.next_item, self.next_item + count))
+        self.next_item += count
+        self.pushed += items
+        self.store.push("q", items)
+
+    @rule(owner=OWNERS, timeout=st.sampled_from([None, 0.0, 1.0]))
+    def pop(self, owner: int, timeout: float | None) -> None:
+        code, result = attempt(lambda: self.store.pop("q", owner=owner, timeout=timeout))
+        if code is not None:
+            assert code == "timeout"
+            return
+        if isinstance(result, dict):
+            self.delivered.append(result["value"])
+            return
+
+        def done(t: Ticket) -> None:
+            assert t not in self.gone, "a dead ticket was answered"
+            assert t.result is not None
+            if t.result["ok"]:
+                self.delivered.append(t.result["value"])
+
+        result.on_done = done
+        self.tickets.append((owner, result))
+
+    @rule(seconds=st.sampled_from([0.5, 1.0, 6.0]))
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.store.expire_due()
+
+    @invariant()
+    def one_computer_and_one_value(self) -> None:
+        assert len(self.computing) <= 1
+        assert all(value == self.stored for value in self.values)
+
+    @invariant()
+    def every_item_once(self) -> None:
+        queued = list(self.store._work.get("q", ()))
+        assert sorted(self.delivered + queued) == self.pushed
+
+
+OnceAndQueueMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=40, deadline=None
+)
+test_once_and_queue_machine = OnceAndQueueMachine.TestCase
