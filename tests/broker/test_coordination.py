@@ -266,3 +266,17 @@ def test_corral_status_shows_holders_and_waiters(broker: Broker, client: Client)
     status = json.loads(as_json)
     assert status["holders"][0]["kind"] == "pool"
     assert 0 < status["holders"][0]["ttl_left"] <= 60
+
+
+def test_holdings_and_status_from_the_broker_process(broker: Broker, client: Client) -> None:
+    client.lease("slots", "gw0", ttl=60)
+    with client.lock("migrations", ttl=30) as token:
+        held = broker.holdings()
+        status = broker.status()
+    assert [(h["kind"], h["key"]) for h in held] == [("lease", "slots"), ("lock", "migrations")]
+    lock = held[1]
+    assert lock["value"] == token
+    assert lock["connection"] is not None
+    assert lock["expires"] is not None
+    assert {h["kind"] for h in status["holders"]} == {"lease", "lock"}
+    assert broker.holdings()[1:] == []  # released on exit

@@ -81,10 +81,14 @@ class Client:
     :param compress_threshold: values whose JSON has at least this many characters are
         sent gzip+base64 compressed, as the Node client does (None: never).
 
-    Thread-safe: calls from several threads are serialised on the connection. After
-    ``fork()`` the child opens its own connection. If the broker closed the connection
-    (it restarted), the next request reconnects, but only when that request had
-    certainly not been sent; otherwise :class:`~corral.errors.BrokerUnavailable`.
+    Thread-safe: calls from several threads are serialised on the connection; requests
+    that wait (``lock``, ``acquire``, ``once``, ``barrier``, ``pop``, ``throttle``) run on
+    extra connections of the client, so they never hold up the others. Everything the
+    client holds is released by the broker the moment its connections close (``close()``,
+    process exit, ``kill -9``). After ``fork()`` the child opens its own connections.
+    If the broker closed the connection (it restarted), the next request reconnects,
+    but only when that request had certainly not been sent; otherwise
+    :class:`~corral.errors.BrokerUnavailable`.
     """
 
     # --- Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
