@@ -470,3 +470,17 @@ OnceAndQueueMachine.TestCase.settings = settings(
     max_examples=80, stateful_step_count=40, deadline=None
 )
 test_once_and_queue_machine = OnceAndQueueMachine.TestCase
+
+
+def test_waiters_that_left_are_pruned(store: Store, clock: FakeClock) -> None:
+    for owner in range(50):
+        store.pop("q", owner=owner, timeout=1)
+    live = answers(store.pop("q", owner=99))
+    clock.advance(1)
+    store.expire_due()
+    assert store.prune_waiters() == 50
+    assert len(store._queues["pop\0q"]) == 1
+    store.push("q", ["x"])
+    assert live == [{"ok": True, "value": "x"}]
+    assert store.prune_waiters() == 0
+    assert store._queues == {}

@@ -150,6 +150,22 @@ class Store(Coordination):
                 self._coord_due(kind, ref)
         return done
 
+    def prune_waiters(self) -> int:
+        """Drop tickets that timed out or left from their FIFO queues; how many.
+
+        They are skipped lazily when popped; this bounds a queue nobody serves (pops that
+        keep timing out). Run from the periodic sweep, never inside another operation.
+        """
+        dropped = 0
+        for name, queue in list(self._queues.items()):
+            live = deque(t for t in queue if t.waiting)
+            dropped += len(queue) - len(live)
+            if live:
+                self._queues[name] = live
+            else:
+                del self._queues[name]
+        return dropped
+
     def compact(self) -> None:
         """Drop stale heap entries (replaced keys, released leases) and old tombstones."""
         if self._expired:

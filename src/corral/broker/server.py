@@ -499,6 +499,7 @@ class Broker:
             return
         core.store.expire_due()
         core.store.compact()
+        core.store.prune_waiters()
         self._after_batch()
         self._periodic["sweep"] = self._loop.call_later(self.sweep_interval, self._sweep)
 
