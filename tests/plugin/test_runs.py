@@ -7,8 +7,8 @@ import pytest
 from tests.plugin._checks import assert_nothing_left, facts
 
 # Tests in the sample suite: 12 + 5 + 1 (crash test, harmless without SAMPLE_CRASH)
-# in test_items.py, 11 async, 3 no_sandbox, 3 on module data.
-SAMPLE_TESTS = 35
+# in test_items.py, 11 + 4 async, 3 no_sandbox, 3 on module data.
+SAMPLE_TESTS = 39
 
 
 @pytest.mark.slow

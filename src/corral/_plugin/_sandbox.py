@@ -8,6 +8,7 @@ normal mode and get a fresh database afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -34,6 +35,20 @@ def _closed(controller: AnyController) -> bool:
     # A pool the app closed (or has not opened yet) cannot give a sandbox a connection.
     pool = getattr(controller, "pool", None)
     return bool(getattr(pool, "closed", False)) if pool is not None else False
+
+
+def _on_another_loop(controller: AnyController) -> bool:
+    """Whether an async handle's pool runs on an event loop other than the running one.
+
+    A pool opened by a session-loop fixture cannot serve a test on a function-scoped loop
+    (its checkouts would wait forever); such a test cannot use that pool either, so it
+    gets no sandbox on it. psycopg_pool exposes no loop; its scheduler task knows it.
+    """
+    pool = getattr(controller, "pool", None)
+    task = getattr(pool, "_sched_runner", None)
+    if not isinstance(task, asyncio.Task) or task.done():
+        return False
+    return task.get_loop() is not asyncio.get_running_loop()
 
 
 def _candidates(is_async: bool) -> list[AnyController]:
@@ -184,7 +199,7 @@ class SandboxManager:
         try:
             for ref in item.stash.get(_ASYNC_HANDLES, []):
                 controller = ref()
-                if controller is None or _closed(controller):
+                if controller is None or _closed(controller) or _on_another_loop(controller):
                     continue
                 await controller.create_sandbox()  # type: ignore[misc]
                 opened.append(controller)
@@ -210,9 +225,10 @@ class SandboxManager:
             raise first
 
     async def _refresh_stale(self) -> None:
-        stale = list(self._stale)
-        self._stale.clear()
-        for controller in stale:
+        for controller in list(self._stale):
+            if _on_another_loop(controller):
+                continue  # refreshed later, by a test on its own loop
+            self._stale.discard(controller)
             try:
                 pool = getattr(controller, "pool", None)
                 if pool is not None:
