@@ -61,7 +61,6 @@ class CorralProcess:
     worker_stats: dict[str, Any] = field(default_factory=dict)
     crashed: list[str] = field(default_factory=list)
     held_at_interrupt: list[dict[str, Any]] | None = None
-    _mode_saved: str | None = None
     _mode_set: bool = False
     _stopped: bool = False
 
@@ -96,7 +95,7 @@ class CorralProcess:
         self.client = Client(info.broker_path)
         if info.sandbox and os.environ.get(ENV_SANDBOX_MODE) is None:
             # Handles the application wraps with sandbox(...) at import start in sandbox mode.
-            self._mode_saved, self._mode_set = None, True
+            self._mode_set = True
             os.environ[ENV_SANDBOX_MODE] = "sandbox"
         if info.admin_dsn is not None:
             worker = f"{worker_name()}@{os.getpid()}"
