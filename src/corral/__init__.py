@@ -6,6 +6,7 @@ The public API is re-exported here; everything else lives in private modules.
 from __future__ import annotations
 
 from corral.broker import AsyncClient, Broker, Client
+from corral.broker.redis import AsyncRedisClient, RedisClient
 from corral.errors import (
     BrokerError,
     BrokerTimeout,
@@ -20,6 +21,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AsyncClient",
+    "AsyncRedisClient",
     "Broker",
     "BrokerError",
     "BrokerTimeout",
@@ -27,6 +29,7 @@ __all__ = [
     "Client",
     "CorralError",
     "KeyNotFound",
+    "RedisClient",
     "SandboxError",
     "SandboxNotActive",
     "__version__",

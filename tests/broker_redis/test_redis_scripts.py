@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from corral.broker._redis_scripts import HELPERS, SCRIPTS
+from corral.broker._redis_scripts import helpers, scripts
 from corral.broker.redis import AsyncRedisClient, RedisClient
 from corral.errors import BrokerTimeout
 
@@ -29,25 +29,25 @@ def test_every_script_compiles_in_redis(redis_url: str) -> None:
 
     r = redis.Redis.from_url(redis_url)
     try:
-        for name, source in SCRIPTS.items():
+        for name, source in scripts().items():
             assert r.script_load(source), name  # a Lua syntax error raises here
     finally:
         r.close()
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
+@pytest.mark.parametrize("name", sorted(scripts()))
 def test_every_called_helper_is_defined_before_the_body(name: str) -> None:
-    source = SCRIPTS[name]
+    source = scripts()[name]
     defined = re.findall(r"^local function (\w+)\(", source, re.M)
     assert len(defined) == len(set(defined))
-    for helper in HELPERS:
+    for helper in helpers():
         if re.search(rf"(?<![\w.:]){helper}\(", source):
             assert helper in defined, f"{name} calls {helper} without defining it"
 
 
 def test_key_value_scripts_carry_no_coordination_helpers() -> None:
     for name in ("set", "delete", "keys", "incr", "push", "stats", "throttle"):
-        assert "local function" not in SCRIPTS[name], name
+        assert "local function" not in scripts()[name], name
 
 
 def test_a_computer_interrupted_by_ctrl_c_hands_the_claim_on(redis_url: str, run: str) -> None:

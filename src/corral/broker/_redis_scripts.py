@@ -27,6 +27,7 @@ of :data:`corral.errors.ERROR_CODES`.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Final
 
@@ -552,10 +553,14 @@ return {live, redis.call('HLEN', P .. 'lw'), redis.call('ZCARD', P .. 'sess'),
 """,
 }
 
-_FUNCTION = re.compile(r"^((?:--[^\n]*\n)*)local function (\w+)\(.*?^end\n", re.M | re.S)
-#: helper name -> its Lua source (with the comment above it)
-HELPERS: Final[dict[str, str]] = {m[2]: m[0] for m in _FUNCTION.finditer(_HELPERS)}
+_FUNCTION = r"^((?:--[^\n]*\n)*)local function (\w+)\(.*?^end\n"
 _TIMELESS: Final = ("delete", "push")
+
+
+@functools.cache
+def helpers() -> dict[str, str]:
+    """Helper name -> its Lua source (with the comment above it), in definition order."""
+    return {m[2]: m[0] for m in re.finditer(_FUNCTION, _HELPERS, re.M | re.S)}
 
 
 def _calls(text: str, name: str) -> bool:
@@ -564,19 +569,21 @@ def _calls(text: str, name: str) -> bool:
 
 def assemble(body: str, timeless: bool = False) -> str:
     """The complete source of a script: its preludes and the helpers it needs."""
+    known = helpers()
     needed: set[str] = set()
     pending = [body]
     while pending:
         text = pending.pop()
-        for name, source in HELPERS.items():
+        for name, source in known.items():
             if name not in needed and _calls(text, name):
                 needed.add(name)
                 pending.append(source)
-    helpers = "".join(source for name, source in HELPERS.items() if name in needed)
-    return _KEY + ("" if timeless else _CLOCK) + _LOCALS + helpers + body
+    used = "".join(source for name, source in known.items() if name in needed)
+    return _KEY + ("" if timeless else _CLOCK) + _LOCALS + used + body
 
 
-#: name -> complete Lua source, registered once per client.
-SCRIPTS: Final[dict[str, str]] = {
-    name: assemble(body, name in _TIMELESS) for name, body in _BODIES.items()
-}
+@functools.cache
+def scripts() -> dict[str, str]:
+    """Name -> complete Lua source; built on first use (not at import), registered once
+    per client."""
+    return {name: assemble(body, name in _TIMELESS) for name, body in _BODIES.items()}

@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from corral.broker import _redis_flows as flows
 from corral.broker._flows import MISSING
-from corral.broker._redis_scripts import SCRIPTS
+from corral.broker._redis_scripts import scripts
 from corral.broker._redis_session import (
     AsyncSession,
     SyncSession,
+    is_redis_url,
     prefix_for,
     resolve_run_id,
     resolve_url,
@@ -44,7 +45,7 @@ from corral.errors import (
 if TYPE_CHECKING:
     import redis as redis_py
 
-__all__ = ["AsyncRedisClient", "RedisClient"]
+__all__ = ["AsyncRedisClient", "RedisClient", "is_redis_url"]
 
 log = logging.getLogger("corral.broker.redis")
 T = TypeVar("T")
@@ -184,7 +185,7 @@ class RedisClient(_Base):
         redis = _import_redis()
         self._r: redis_py.Redis = redis.Redis.from_url(self.url, **self._options(False))
         self._rb: redis_py.Redis = redis.Redis.from_url(self.url, **self._options(True))
-        self._scripts = {name: self._r.register_script(src) for name, src in SCRIPTS.items()}
+        self._scripts = {name: self._r.register_script(src) for name, src in scripts().items()}
         self._session = SyncSession(self._beat, self.session_ttl)
         # Ends the session at interpreter exit too, so a worker that forgot close()
         # frees its claims at once instead of after session_ttl.
@@ -534,7 +535,7 @@ class AsyncRedisClient(_Base):
         self._rb: redis_py.asyncio.Redis = redis.asyncio.Redis.from_url(
             self.url, **self._options(True)
         )
-        self._scripts = {name: self._r.register_script(src) for name, src in SCRIPTS.items()}
+        self._scripts = {name: self._r.register_script(src) for name, src in scripts().items()}
         self._session = AsyncSession(self._beat, self.session_ttl)
 
     async def ping(self) -> float:
