@@ -1,0 +1,1 @@
+"""A blog API: users, posts, comments and tags on FastAPI and async SQLAlchemy."""
