@@ -7,6 +7,7 @@ run), does one job and prints JSON lines the test reads.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -63,6 +64,11 @@ def hold_lock(client: Any, name: str) -> None:
         time.sleep(3600)
 
 
+def hold_lease(client: Any, key: str) -> None:
+    say(number=client.lease(key, f"worker-{os.getpid()}", ttl=600))
+    time.sleep(3600)
+
+
 def pause_holder(client: Any, name: str) -> None:
     """Hold a lock across a pause (the test SIGSTOPs us) and report whether it was lost."""
     try:
@@ -100,6 +106,12 @@ def consume(client: Any, queue: str) -> None:
     say(items=got)
 
 
+def consume_one(client: Any, queue: str) -> None:
+    client.ping()  # connected: what is left before blocking is a few microseconds
+    say(waiting=True)
+    say(item=client.pop(queue, timeout=30))
+
+
 def main(argv: list[str]) -> None:
     role, args = argv[0], argv[1:]
     with Client() as client:
@@ -111,12 +123,16 @@ def main(argv: list[str]) -> None:
             pool(client, args[0], int(args[1]))
         elif role == "hold_lock":
             hold_lock(client, args[0])
+        elif role == "hold_lease":
+            hold_lease(client, args[0])
         elif role == "pause_holder":
             pause_holder(client, args[0])
         elif role == "wait_lock":
             wait_lock(client, args[0])
         elif role == "barrier":
             barrier(client, args[0], int(args[1]))
+        elif role == "consume_one":
+            consume_one(client, args[0])
         elif role == "consume":
             consume(client, args[0])
         else:

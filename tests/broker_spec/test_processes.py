@@ -133,3 +133,33 @@ def test_four_consumers_pop_every_item_exactly_once(backend: Backend) -> None:
     producer.push("work", *["STOP"] * 4)
     popped = [item for proc in consumers for item in finish(proc)["items"]]
     assert sorted(popped, key=lambda item: item["n"]) == items
+
+
+@needs("lease", "release")
+def test_kill_9_of_a_lease_holder_frees_its_number(backend: Backend) -> None:
+    observer = backend.client()
+    holder = backend.spawn("hold_lease", "slots")
+    assert line(holder) == {"number": 0}
+    assert observer.lease("slots", "observer", ttl=60) == 1
+    observer.release("observer")
+    holder.kill()
+
+    def zero_is_free() -> bool:
+        if observer.lease("slots", "observer", ttl=60) == 0:
+            return True
+        observer.release("observer")
+        return False
+
+    wait_until(zero_is_free, FREED_WITHIN, "the killed holder's lease to be freed")
+
+
+@needs("push", "pop")
+def test_a_killed_waiting_consumer_takes_nothing_with_it(backend: Backend) -> None:
+    producer = backend.client()
+    consumer = backend.spawn("consume_one", "jobs")
+    assert line(consumer) == {"waiting": True}
+    time.sleep(0.2)  # it is blocked in pop now
+    consumer.kill()
+    consumer.wait()
+    producer.push("jobs", "job-1")
+    assert backend.client().pop("jobs", timeout=5) == "job-1"
