@@ -280,3 +280,18 @@ def test_holdings_and_status_from_the_broker_process(broker: Broker, client: Cli
     assert lock["expires"] is not None
     assert {h["kind"] for h in status["holders"]} == {"lease", "lock"}
     assert broker.holdings()[1:] == []  # released on exit
+
+
+def test_waits_outlast_the_clients_own_timeout(broker: Broker) -> None:
+    with Client(broker.path, timeout=0.1) as impatient, Client(broker.path) as holder:
+        held = holder.lock("slow")
+        held.__enter__()
+        timer = threading.Timer(0.4, lambda: held.__exit__(None, None, None))
+        timer.start()
+        started = time.monotonic()
+        with impatient.lock("slow"):  # timeout=None: waits past the client's 0.1 s
+            assert time.monotonic() - started >= 0.35
+        timer.join()
+        with pytest.raises(WaitTimeout):
+            impatient.pop("nothing", timeout=0.3)  # decided by the broker, not the socket
+        assert impatient.ping() > 0  # the connection is still in sync

@@ -13,6 +13,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -488,18 +489,10 @@ class Client:
         if sock is not None:
             sock.close()
 
-    def _set_timeout(self, sock: socket.socket, timeout: float | None) -> None:
+    def _set_timeout(self, sock: socket.socket, timeout: float) -> None:
         if timeout == self._sock_timeout:
             return
-        if timeout is None:  # a wait the broker ends (lock, pop...): block until it answers
-            if _KERNEL_TIMEOUTS:
-                tv = struct.pack("ll", 0, 0)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-                tv = struct.pack("ll", int(self.timeout), int(self.timeout % 1 * 1e6))
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            else:
-                sock.settimeout(None)
-        elif _KERNEL_TIMEOUTS:
+        if _KERNEL_TIMEOUTS:
             seconds = int(timeout)
             tv = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
@@ -519,7 +512,9 @@ class Client:
         sock = self._sock
         assert sock is not None
         timeout = _timeout_for(call, self.timeout)
-        self._set_timeout(sock, timeout)
+        # A wait keeps the socket's usual timeout (no setsockopt churn per lock) and
+        # _receive retries reads until the wait's own deadline.
+        self._set_timeout(sock, self.timeout if call.wait or timeout is None else timeout)
         try:
             sock.sendall(line)
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
@@ -534,7 +529,7 @@ class Client:
         except (BlockingIOError, TimeoutError) as exc:
             self._drop()
             raise BrokerTimeout(
-                f"could not send to the broker at {self.path} in {timeout} s"
+                f"could not send to the broker at {self.path} in {self.timeout} s"
             ) from exc
         except OSError as exc:
             self._drop()
@@ -544,6 +539,9 @@ class Client:
     def _receive(self, call: Call, timeout: float | None) -> Message:
         proto, sock = self._proto, self._sock
         assert sock is not None
+        deadline = None
+        if call.wait and timeout is not None:
+            deadline = time.monotonic() + timeout
         event = proto.next_event() if proto.has_buffered else NEED_DATA
         while True:
             if isinstance(event, Response):
@@ -557,6 +555,8 @@ class Client:
             try:
                 nbytes = sock.recv_into(self._view)
             except (BlockingIOError, TimeoutError) as exc:
+                if call.wait and (deadline is None or time.monotonic() < deadline):
+                    continue  # the broker ends a wait itself: keep reading
                 # The answer may still come: this connection can no longer be trusted.
                 self._drop()
                 raise BrokerTimeout(
