@@ -244,7 +244,10 @@ def lua_cost(unix: str, n: int) -> list[tuple[str, float, str, float]]:
         with client.lock("l"):
             pass
 
+    noop = r.register_script("return 1")
     rows = [
+        ("EVALSHA of `return 1` (fixed cost)", per_call(lambda: noop(), "evalsha"),
+         "PING", per_call(lambda: r.ping(), "ping")),
         ("set (kv_set)", per_call(lambda: client.set("k", 1, ttl=60), "evalsha"),
          "SET PX", per_call(lambda: r.set("k", "1", px=60_000), "set")),
         ("add (set NX)", per_call(lambda: client.add("a", 1, ttl=60), "evalsha"),
