@@ -62,7 +62,7 @@ def run_example(name: str, dsn: str, *args: str) -> subprocess.CompletedProcess[
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "tests"),
-    [("psycopg_pool", 34), ("fastapi_sqlalchemy", 100)],
+    [("psycopg_pool", 34), ("fastapi_sqlalchemy", 100), ("jest_style", 41)],
 )
 def test_example_suite_passes_in_parallel(name: str, tests: int, postgres_dsn: str) -> None:
     before = _clones(postgres_dsn)
