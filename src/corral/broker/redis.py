@@ -119,7 +119,7 @@ class _Base:
         self.default_ttl = float(default_ttl)
         self._default_ms = flows.ttl_ms(default_ttl, 0)
         self._password = secret.decode() if isinstance(secret, bytes) else secret
-        self._info = session_info(worker_id)
+        self.worker_id = worker_id
         self._tickets = count()
         self._closed = False
 
@@ -140,7 +140,9 @@ class _Base:
         return f"{sid}.{os.getpid()}.{next(self._tickets)}"
 
     def _session_args(self, sid: str, mode: str) -> list[Any]:
-        return [sid, flows.ttl_ms(self.session_ttl, 0), mode, self._info]
+        # Who registers is read now, not at __init__: a forked child is its own pid.
+        info = session_info(self.worker_id) if mode == "register" else ""
+        return [sid, flows.ttl_ms(self.session_ttl, 0), mode, info]
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
