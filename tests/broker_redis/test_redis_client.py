@@ -232,3 +232,33 @@ def test_a_starved_waiter_queues_again_under_a_new_session(make: Make) -> None:
         )
     thread.join(10)
     assert got == [first_token + 1]
+
+
+def test_a_forked_child_gets_its_own_session(make: Make) -> None:
+    import warnings
+
+    client = make()
+    with client.lock("parent"):
+        parent_sid = client._session.sid
+        read, write = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            code = 1
+            try:
+                with client.lock("child", timeout=5):
+                    holders = client.status()["holders"]
+                    mine = [h for h in holders if h["name"] == "child"]
+                    ok = mine[0]["who"]["pid"] == os.getpid() and client._session.sid != parent_sid
+                    os.write(write, b"ok" if ok else b"bad")
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        answer = os.read(read, 16)
+        os.close(read)
+        _, status = os.waitpid(pid, 0)
+    assert answer == b"ok"
+    assert os.WEXITSTATUS(status) == 0
+    assert client._session.sid == parent_sid  # the parent's session is untouched
