@@ -13,7 +13,7 @@ import pytest
 
 from corral.broker._redis_scripts import helpers, scripts
 from corral.broker.redis import AsyncRedisClient, RedisClient
-from corral.errors import BrokerTimeout
+from corral.errors import BrokerTimeout, BrokerUnavailable
 
 
 @pytest.fixture
@@ -121,3 +121,14 @@ def test_lock_timeout_zero_does_not_queue(redis_url: str, run: str) -> None:
         with pytest.raises(BrokerTimeout), b.lock("l", timeout=0):
             pass
         assert a.status()["waiters"] == []
+
+
+@pytest.mark.asyncio
+async def test_a_closed_async_client_says_so(redis_url: str, run: str) -> None:
+    client = AsyncRedisClient(redis_url, run_id=run)
+    await client.set("k", 1)
+    await client.aclose()
+    await client.aclose()  # idempotent
+    for call in (client.ping(), client.get("k"), client.purge()):
+        with pytest.raises(BrokerUnavailable, match="closed"):
+            await call

@@ -666,7 +666,11 @@ class AsyncRedisClient(_Base):
 
     async def purge(self) -> int:
         """Delete every key of this run; returns how many."""
-        keys = [key async for key in self._r.scan_iter(match=self.prefix + "*", count=500)]
+
+        async def collect() -> list[str]:
+            return [key async for key in self._r.scan_iter(match=self.prefix + "*", count=500)]
+
+        keys: list[str] = await self._call(collect())
         deleted = 0
         for start in range(0, len(keys), 500):
             deleted += int(await self._call(self._r.unlink(*keys[start : start + 500])))
@@ -705,6 +709,10 @@ class AsyncRedisClient(_Base):
     async def _call(self, awaitable: Any) -> Any:
         import redis.exceptions as rex
 
+        if self._closed:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # never awaited: no "coroutine was never awaited" warning
+            raise BrokerUnavailable(f"this AsyncRedisClient is closed ({_redact(self.url)})")
         try:
             return await awaitable
         except rex.RedisError as exc:
