@@ -185,6 +185,7 @@ class RedisClient(_Base):
     ) -> None:
         super().__init__(url, secret, timeout, run_id, session_ttl, default_ttl, worker_id)
         redis = _import_redis()
+        self._redis_error: type[Exception] = redis.RedisError
         self._r: redis_py.Redis = redis.Redis.from_url(self.url, **self._options(False))
         self._rb: redis_py.Redis = redis.Redis.from_url(self.url, **self._options(True))
         self._scripts = {name: self._r.register_script(src) for name, src in scripts().items()}
@@ -433,11 +434,9 @@ class RedisClient(_Base):
     def _call(self, fn: Callable[[], T]) -> T:
         if self._closed:
             raise BrokerUnavailable(f"this RedisClient is closed ({_redact(self.url)})")
-        import redis.exceptions as rex
-
         try:
             return fn()
-        except rex.RedisError as exc:
+        except self._redis_error as exc:
             raise _mapped(exc, self.url) from exc
 
     def _execute(self, op: flows.Op) -> Any:
@@ -531,6 +530,7 @@ class AsyncRedisClient(_Base):
     ) -> None:
         super().__init__(url, secret, timeout, run_id, session_ttl, default_ttl, worker_id)
         redis = _import_redis()
+        self._redis_error: type[Exception] = redis.RedisError
         self._r: redis_py.asyncio.Redis = redis.asyncio.Redis.from_url(
             self.url, **self._options(False)
         )
@@ -707,15 +707,13 @@ class AsyncRedisClient(_Base):
         return await self._execute(flows.Script("session", self._session_args(sid, mode)))
 
     async def _call(self, awaitable: Any) -> Any:
-        import redis.exceptions as rex
-
         if self._closed:
             if inspect.iscoroutine(awaitable):
                 awaitable.close()  # never awaited: no "coroutine was never awaited" warning
             raise BrokerUnavailable(f"this AsyncRedisClient is closed ({_redact(self.url)})")
         try:
             return await awaitable
-        except rex.RedisError as exc:
+        except self._redis_error as exc:
             raise _mapped(exc, self.url) from exc
 
     async def _execute(self, op: flows.Op) -> Any:
