@@ -66,7 +66,7 @@ class SandboxIsolationError(SandboxError, pgexc.InterfaceError):  # type: ignore
     """
 
     def __init__(self, message: str) -> None:
-        SandboxError.__init__(self, message)
+        pgexc.InterfaceError.__init__(self, message)
 
 
 def _emulated(err: EmulatedServerError) -> Exception:

@@ -30,7 +30,7 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 from sqlalchemy.util import await_, greenlet_spawn
 
 from corral.sandbox import _asyncpg, _psycopg_async, _psycopg_sync
-from corral.sandbox._controller import BaseController
+from corral.sandbox._controller import AsyncSandboxController, BaseController
 from corral.sandbox._sqlalchemy_virtual import (
     AsyncpgVirtual,
     PsycopgAsyncVirtual,
@@ -277,7 +277,7 @@ class EngineSandbox(EngineHooks, _psycopg_sync._Controller):
         self.close_idle()
 
 
-class AsyncEngineSandbox(EngineHooks):
+class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
     """A sandboxed ``AsyncEngine``; its drivers' subclasses do the work.
 
     :param engine: the application's ``AsyncEngine``; keep using it, ``AsyncSession``
