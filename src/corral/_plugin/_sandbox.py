@@ -31,10 +31,21 @@ log = logging.getLogger("corral.pytest")
 AnyController = _sandbox.SandboxController[Any] | _sandbox.AsyncSandboxController[Any]
 
 
+def _own_pool(controller: AnyController) -> Any:
+    """The driver pool a controller wraps (its own attribute: never one it forwards)."""
+    return vars(controller).get("pool")
+
+
 def _closed(controller: AnyController) -> bool:
     # A pool the app closed (or has not opened yet) cannot give a sandbox a connection.
-    pool = getattr(controller, "pool", None)
-    return bool(getattr(pool, "closed", False)) if pool is not None else False
+    pool = _own_pool(controller)
+    if pool is None:
+        return False
+    closed = getattr(pool, "closed", None)  # psycopg_pool
+    if isinstance(closed, bool):
+        return closed
+    is_closing = getattr(pool, "is_closing", None)  # asyncpg
+    return bool(is_closing()) if callable(is_closing) else False
 
 
 def _on_another_loop(controller: AnyController) -> bool:
@@ -44,8 +55,7 @@ def _on_another_loop(controller: AnyController) -> bool:
     (its checkouts would wait forever); such a test cannot use that pool either, so it
     gets no sandbox on it. psycopg_pool exposes no loop; its scheduler task knows it.
     """
-    pool = getattr(controller, "pool", None)
-    task = getattr(pool, "_sched_runner", None)
+    task = getattr(_own_pool(controller), "_sched_runner", None)
     if not isinstance(task, asyncio.Task) or task.done():
         return False
     return task.get_loop() is not asyncio.get_running_loop()
@@ -149,15 +159,15 @@ class SandboxManager:
         """Drop idle connections to the database that was just replaced."""
         for controller in controllers:
             if controller.is_async:
-                self._stale.add(controller)
+                self._stale.add(controller)  # on its own loop, by the next async test
                 continue
             try:
-                pool = getattr(controller, "pool", None)
+                pool = _own_pool(controller)
                 if pool is not None:
-                    if not pool.closed:
+                    if not _closed(controller):
                         pool.check()  # psycopg_pool: test each idle connection, replace dead
                 else:
-                    controller.close()  # type: ignore[union-attr]  # factory: idle ones
+                    controller.close()  # type: ignore[union-attr]  # factories, engines: idle ones
             except Exception as exc:
                 log.warning("refreshing %r after recreating the database: %s", controller, exc)
 
@@ -230,11 +240,14 @@ class SandboxManager:
                 continue  # refreshed later, by a test on its own loop
             self._stale.discard(controller)
             try:
-                pool = getattr(controller, "pool", None)
-                if pool is not None:
-                    if not pool.closed:
-                        await pool.check()
+                pool = _own_pool(controller)
+                if pool is None:
+                    await controller.close()  # factories, engines: their idle connections
+                elif _closed(controller):
+                    pass
+                elif hasattr(pool, "expire_connections"):
+                    await pool.expire_connections()  # asyncpg: replaced on next acquire
                 else:
-                    await controller.close()
+                    await pool.check()  # psycopg_pool
             except Exception as exc:
                 log.warning("refreshing %r after recreating the database: %s", controller, exc)
