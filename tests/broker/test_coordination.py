@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from corral.broker import AsyncClient, Broker, Client
-from corral.errors import BrokerTimeout, ClaimLost, InvalidRequest, OnceFailed, WaitTimeout
+from corral.errors import (
+    BrokerTimeout,
+    BrokerUnavailable,
+    ClaimLost,
+    InvalidRequest,
+    OnceFailed,
+    WaitTimeout,
+)
 from tests.broker._raw import Raw
 from tests.broker.test_cli import corral
 
@@ -62,22 +69,24 @@ def _waiters(client: Client, name: str) -> int:
     return sum(1 for w in client.status()["waiters"] if w["name"] == name)
 
 
-def _poll(condition: Any, timeout: float = 10.0) -> None:
+def _poll(condition: Any, timeout: float = 10.0, why: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, "timed out"
+        assert time.monotonic() < deadline, f"timed out: {why() if why else ''}"
         time.sleep(0.005)
 
 
 def test_kill_9_of_a_lock_holder_hands_over_within_a_fraction_of_a_second(
     broker: Broker, client: Client
 ) -> None:
-    holder = _spawn(HOLDER, broker.path)
-    waiter = _spawn(WAITER, broker.path)
+    procs = [_spawn(HOLDER, broker.path)]
     try:
+        holder = procs[0]
         held = _line(holder)
+        waiter = _spawn(WAITER, broker.path)  # only now: it must queue behind the holder
+        procs.append(waiter)
         assert _line(waiter) == {"ready": True}
-        _poll(lambda: _waiters(client, "shared") == 1)
+        _poll(lambda: _waiters(client, "shared") == 1, why=client.status)
         entry = next(w for w in client.status()["waiters"] if w["name"] == "shared")
         assert entry["who"]["worker"] == "gw7"
         assert entry["who"]["pid"] == waiter.pid
@@ -88,7 +97,7 @@ def test_kill_9_of_a_lock_holder_hands_over_within_a_fraction_of_a_second(
         assert got["token"] > held["token"]
         assert waiter.wait(10) == 0
     finally:
-        for proc in (holder, waiter):
+        for proc in procs:
             proc.kill()
             proc.wait()
             assert proc.stdout is not None
@@ -273,13 +282,13 @@ def test_holdings_and_status_from_the_broker_process(broker: Broker, client: Cli
     with client.lock("migrations", ttl=30) as token:
         held = broker.holdings()
         status = broker.status()
-    assert [(h["kind"], h["key"]) for h in held] == [("lease", "slots"), ("lock", "migrations")]
-    lock = held[1]
+    assert {(h["kind"], h["key"]) for h in held} == {("lease", "slots"), ("lock", "migrations")}
+    lock = next(h for h in held if h["kind"] == "lock")
     assert lock["value"] == token
     assert lock["connection"] is not None
     assert lock["expires"] is not None
     assert {h["kind"] for h in status["holders"]} == {"lease", "lock"}
-    assert broker.holdings()[1:] == []  # released on exit
+    assert [h["kind"] for h in broker.holdings()] == ["lease"]  # the lock: released on exit
 
 
 def test_waits_outlast_the_clients_own_timeout(broker: Broker) -> None:
@@ -295,3 +304,36 @@ def test_waits_outlast_the_clients_own_timeout(broker: Broker) -> None:
         with pytest.raises(WaitTimeout):
             impatient.pop("nothing", timeout=0.3)  # decided by the broker, not the socket
         assert impatient.ping() > 0  # the connection is still in sync
+
+
+def test_closing_a_client_ends_its_waits(broker: Broker) -> None:
+    client = Client(broker.path)
+    errors: list[BaseException] = []
+
+    def pop() -> None:
+        try:
+            client.pop("never")
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=pop)
+    thread.start()
+    with Client(broker.path) as observer:
+        _poll(lambda: _waiters(observer, "never") == 1)
+        client.close()
+        thread.join(5)
+        assert not thread.is_alive()
+        assert isinstance(errors[0], BrokerUnavailable)
+        _poll(lambda: _waiters(observer, "never") == 0)
+
+    async def main() -> None:
+        aclient = AsyncClient(broker.path)
+        task = asyncio.create_task(aclient.pop("never"))
+        async with AsyncClient(broker.path) as observer:
+            while not [w for w in (await observer.status())["waiters"] if w["name"] == "never"]:
+                await asyncio.sleep(0.005)
+        await aclient.aclose()
+        with pytest.raises(BrokerUnavailable):
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())

@@ -131,6 +131,7 @@ class Client:
         # connections of this client, so a wait never holds up other threads' requests
         # (or the release of a lock another thread holds). Kept for reuse.
         self._spares: list[Client] = []
+        self._busy: set[Client] = set()  # checked out: waiting, or holding a grant
         self._spare_lock = threading.Lock()
 
     # ------------------------------------------------------------------ API
@@ -344,7 +345,11 @@ class Client:
     def close(self) -> None:
         """Close the connection; anything it owned on the broker is released. Idempotent."""
         with self._spare_lock:
+            self._closed = True
             spares, self._spares = self._spares, []
+            busy = list(self._busy)
+        for spare in busy:
+            spare._abort()  # a thread waiting on it gets BrokerUnavailable now
         for spare in spares:
             spare.close()
         with self._lock:
@@ -409,18 +414,33 @@ class Client:
         connection until given back, so the connection is not reused meanwhile.
         """
         with self._spare_lock:
-            if self._spares:
-                return self._spares.pop()
-        return Client(
-            self.path, self._secret, self.timeout, compress_threshold=self.compress_threshold
-        )
+            if self._closed:
+                raise BrokerUnavailable("this Client is closed")
+            spare = self._spares.pop() if self._spares else None
+            if spare is None:
+                spare = Client(
+                    self.path,
+                    self._secret,
+                    self.timeout,
+                    compress_threshold=self.compress_threshold,
+                )
+            self._busy.add(spare)
+            return spare
 
     def _checkin(self, spare: Client) -> None:
         with self._spare_lock:
+            self._busy.discard(spare)
             if self._closed or len(self._spares) >= _MAX_SPARES:
                 spare.close()
             else:
                 self._spares.append(spare)
+
+    def _abort(self) -> None:
+        """Cut the connection under a thread that waits on it (without its lock)."""
+        sock = self._sock
+        if sock is not None and self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     @contextlib.contextmanager
     def _hold(

@@ -82,6 +82,7 @@ class AsyncClient:
         # Requests that wait run on extra connections (see Client._checkout): a wait
         # never holds up other tasks, and cancelling it closes only its own connection.
         self._spares: list[AsyncClient] = []
+        self._busy: set[AsyncClient] = set()  # checked out: waiting, or holding a grant
 
     # ------------------------------------------------------------------ API
 
@@ -234,6 +235,8 @@ class AsyncClient:
         """Close the connection; anything it owned on the broker is released. Idempotent."""
         self._closed = True
         spares, self._spares = self._spares, []
+        for spare in list(self._busy):
+            spare._forget()  # a task waiting on it gets BrokerUnavailable now
         for spare in spares:
             await spare.aclose()
         await self._drop()
@@ -283,13 +286,18 @@ class AsyncClient:
         return await self._drive(flow, call)
 
     def _checkout(self) -> AsyncClient:
-        if self._spares:
-            return self._spares.pop()
-        return AsyncClient(
-            self.path, self._secret, self.timeout, compress_threshold=self.compress_threshold
-        )
+        if self._closed:
+            raise BrokerUnavailable("this AsyncClient is closed")
+        spare = self._spares.pop() if self._spares else None
+        if spare is None:
+            spare = AsyncClient(
+                self.path, self._secret, self.timeout, compress_threshold=self.compress_threshold
+            )
+        self._busy.add(spare)
+        return spare
 
     async def _checkin(self, spare: AsyncClient) -> None:
+        self._busy.discard(spare)
         if self._closed or len(self._spares) >= _MAX_SPARES:
             await spare.aclose()
         else:
