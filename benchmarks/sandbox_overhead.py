@@ -5,7 +5,10 @@ Without ``--dsn`` (or ``CORRAL_BENCH_DSN``) it starts corral's throwaway Postgre
 All strategies run in one process against the same server and database, in blocks of
 consecutive runs cycled so that drift in machine load hits them alike. Medians; ratios
 against the bare driver's ``BEGIN``/``ROLLBACK`` on one connection, block by block.
-Target (issue 3): sandbox create+close <= 1.5x.
+Target (issue 3): sandbox create+close <= 1.5x. Issue 6 adds every other adapter
+(asyncpg, SQLAlchemy sync and asyncio on psycopg and asyncpg) next to its own driver's
+bare ``BEGIN``/``ROLLBACK``, and the SQLAlchemy ORM next to SQLAlchemy's documented
+"join a Session into an external transaction" recipe (``--only drivers`` runs just those).
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import psycopg
 import psycopg_pool
+import sqlalchemy
 from psycopg import conninfo
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from corral.sandbox import sandbox
 
@@ -200,19 +208,290 @@ def run_async(dsn: str, rounds: int) -> dict[str, list[float]]:
     return asyncio.run(main())
 
 
+# --------------------------------------------------------------------------- other drivers
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str]
+
+
+def orm_body(session: Session) -> None:
+    """Two ORM commits and a query: what a small test of a SQLAlchemy app does."""
+    n = next(_counter)
+    session.add(User(email=f"o{n}@x"))
+    session.commit()
+    session.add(User(email=f"p{n}@x"))
+    session.commit()
+    session.scalar(select(func.count()).select_from(User))
+
+
+async def async_orm_body(session: AsyncSession) -> None:
+    n = next(_counter)
+    session.add(User(email=f"o{n}@x"))
+    await session.commit()
+    session.add(User(email=f"p{n}@x"))
+    await session.commit()
+    await session.scalar(select(func.count()).select_from(User))
+
+
+def alternate(strategies: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Time each strategy in blocks, cycling through them (see :func:`measure`)."""
+    out: dict[str, list[float]] = {k: [] for k in strategies}
+    block = max(1, min(20, rounds // 10))
+    for _ in range(max(1, rounds // block)):
+        for name, fn in strategies.items():
+            fn()  # warm
+            out[name].extend(timed(fn) for _ in range(block))
+    return out
+
+
+async def aalternate(
+    strategies: dict[str, Callable[[], Awaitable[object]]], rounds: int
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {k: [] for k in strategies}
+    block = max(1, min(20, rounds // 10))
+    for _ in range(max(1, rounds // block)):
+        for name, fn in strategies.items():
+            await fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                await fn()
+                out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def sa_url(dsn: str, driver: str) -> sqlalchemy.engine.URL:
+    info = conninfo.conninfo_to_dict(dsn)
+    host = str(info.get("host") or "")
+    return sqlalchemy.engine.URL.create(
+        f"postgresql+{driver}",
+        username=str(info.get("user") or "") or None,
+        password=str(info.get("password") or "") or None,
+        host=None if host.startswith("/") else host or None,
+        port=int(str(info["port"])) if info.get("port") else None,
+        database=str(info.get("dbname") or "") or None,
+        query={"host": host} if host.startswith("/") else {},
+    )
+
+
+def run_sqlalchemy_sync(dsn: str, rounds: int) -> dict[str, list[float]]:
+    raw = psycopg.Connection.connect(dsn, autocommit=True)
+    engine = sqlalchemy.create_engine(sa_url(dsn, "psycopg"))  # the sandboxed app engine
+    recipe_engine = sqlalchemy.create_engine(sa_url(dsn, "psycopg"))  # an untouched one
+    db: Any = sandbox(engine, mode="sandbox")
+
+    def bare() -> None:
+        raw.execute(b"BEGIN")
+        raw.execute(b"ROLLBACK")
+
+    def corral(body: bool) -> None:
+        db.create_sandbox()
+        if body:
+            with Session(engine) as session:
+                orm_body(session)
+        db.close_sandbox()
+
+    def recipe(body: bool) -> None:
+        # docs.sqlalchemy.org "Joining a Session into an External Transaction"
+        with recipe_engine.connect() as conn:
+            trans = conn.begin()
+            session = Session(bind=conn, join_transaction_mode="create_savepoint")
+            if body:
+                orm_body(session)
+            session.close()
+            trans.rollback()
+
+    try:
+        return alternate(
+            {
+                "sqlalchemy: bare psycopg BEGIN/ROLLBACK": bare,
+                "sqlalchemy: join-session recipe (empty)": lambda: recipe(False),
+                "sqlalchemy: corral sandbox(engine) (empty)": lambda: corral(False),
+                "sqlalchemy: join-session recipe + ORM body": lambda: recipe(True),
+                "sqlalchemy: corral sandbox(engine) + ORM body": lambda: corral(True),
+            },
+            rounds,
+        )
+    finally:
+        db.close()
+        db.remove()
+        engine.dispose()
+        recipe_engine.dispose()
+        raw.close()
+
+
+def run_async_drivers(dsn: str, rounds: int) -> dict[str, list[float]]:
+    import asyncpg
+
+    async def main() -> dict[str, list[float]]:
+        info = conninfo.conninfo_to_dict(dsn)
+        params: dict[str, Any] = {
+            "host": info.get("host"),
+            "port": int(str(info.get("port") or 5432)),
+            "user": info.get("user"),
+            "database": info.get("dbname"),
+        }
+        out: dict[str, list[float]] = {}
+        # asyncpg: sandbox(pool) next to BEGIN/ROLLBACK on a raw connection.
+        raw = await asyncpg.connect(**params)
+        pool = await asyncpg.create_pool(min_size=1, max_size=2, **params)
+        db: Any = sandbox(pool, mode="sandbox")
+
+        async def bare() -> None:
+            await raw.execute("BEGIN")
+            await raw.execute("ROLLBACK")
+
+        async def corral_pool() -> None:
+            await db.create_sandbox()
+            await db.close_sandbox()
+
+        async def corral_pool_body() -> None:
+            await db.create_sandbox()
+            async with db.acquire() as conn, conn.transaction():
+                await conn.execute("INSERT INTO users (email) VALUES ($1)", f"a{next(_counter)}")
+            await db.fetchval("SELECT count(*) FROM users")
+            await db.close_sandbox()
+
+        async def bare_body() -> None:
+            outer = raw.transaction()  # the test's transaction; the app's nests as a savepoint
+            await outer.start()
+            async with raw.transaction():
+                await raw.execute("INSERT INTO users (email) VALUES ($1)", f"a{next(_counter)}")
+            await raw.fetchval("SELECT count(*) FROM users")
+            await outer.rollback()
+
+        try:
+            out.update(
+                await aalternate(
+                    {
+                        "asyncpg: bare BEGIN/ROLLBACK": bare,
+                        "asyncpg: corral sandbox(pool)": corral_pool,
+                        "asyncpg: bare BEGIN/ROLLBACK + body": bare_body,
+                        "asyncpg: corral sandbox(pool) + body": corral_pool_body,
+                    },
+                    rounds,
+                )
+            )
+        finally:
+            await db.close()
+        praw = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+
+        async def bare_psycopg() -> None:
+            await praw.execute(b"BEGIN")
+            await praw.execute(b"ROLLBACK")
+
+        bares = {"asyncpg": bare, "psycopg": bare_psycopg}
+
+        # SQLAlchemy asyncio on each async driver: corral vs the join-session recipe.
+        for driver in ("asyncpg", "psycopg"):
+            engine = create_async_engine(sa_url(dsn, driver))
+            recipe_engine = create_async_engine(sa_url(dsn, driver))
+            adb: Any = sandbox(engine, mode="sandbox")
+            p = f"sqlalchemy async ({driver})"
+
+            async def corral(body: bool, engine: Any = engine, adb: Any = adb) -> None:
+                await adb.create_sandbox()
+                if body:
+                    async with AsyncSession(engine) as session:
+                        await async_orm_body(session)
+                await adb.close_sandbox()
+
+            async def recipe(body: bool, recipe_engine: Any = recipe_engine) -> None:
+                async with recipe_engine.connect() as conn:
+                    trans = await conn.begin()
+                    session = AsyncSession(bind=conn, join_transaction_mode="create_savepoint")
+                    if body:
+                        await async_orm_body(session)
+                    await session.close()
+                    await trans.rollback()
+
+            try:
+                out.update(
+                    await aalternate(
+                        {
+                            f"{p}: bare {driver} BEGIN/ROLLBACK": bares[driver],
+                            f"{p}: join-session recipe (empty)": functools.partial(recipe, False),
+                            f"{p}: corral sandbox(engine) (empty)": functools.partial(
+                                corral, False
+                            ),
+                            f"{p}: join-session recipe + ORM body": functools.partial(recipe, True),
+                            f"{p}: corral sandbox(engine) + ORM body": functools.partial(
+                                corral, True
+                            ),
+                        },
+                        rounds,
+                    )
+                )
+            finally:
+                await adb.close()
+                adb.remove()
+                await engine.dispose()
+                await recipe_engine.dispose()
+        await raw.close()
+        await praw.close()
+        return out
+
+    return asyncio.run(main())
+
+
+DRIVER_GROUPS = [
+    ("asyncpg, per test (empty)", "asyncpg: bare BEGIN/ROLLBACK",
+     ["asyncpg: bare BEGIN/ROLLBACK", "asyncpg: corral sandbox(pool)"]),
+    ("asyncpg, per test with a body", "asyncpg: bare BEGIN/ROLLBACK + body",
+     ["asyncpg: bare BEGIN/ROLLBACK + body", "asyncpg: corral sandbox(pool) + body"]),
+    ("SQLAlchemy (psycopg), per test (empty) vs the bare driver",
+     "sqlalchemy: bare psycopg BEGIN/ROLLBACK",
+     ["sqlalchemy: bare psycopg BEGIN/ROLLBACK", "sqlalchemy: join-session recipe (empty)",
+      "sqlalchemy: corral sandbox(engine) (empty)"]),
+    ("SQLAlchemy ORM (psycopg), per test vs the join-session recipe",
+     "sqlalchemy: join-session recipe + ORM body",
+     ["sqlalchemy: join-session recipe + ORM body",
+      "sqlalchemy: corral sandbox(engine) + ORM body"]),
+    *[
+        (f"SQLAlchemy asyncio ({d}), per test (empty) vs the bare driver",
+         f"sqlalchemy async ({d}): bare {d} BEGIN/ROLLBACK",
+         [f"sqlalchemy async ({d}): bare {d} BEGIN/ROLLBACK",
+          f"sqlalchemy async ({d}): join-session recipe (empty)",
+          f"sqlalchemy async ({d}): corral sandbox(engine) (empty)"])
+        for d in ("asyncpg", "psycopg")
+    ],
+    *[
+        (f"SQLAlchemy asyncio ORM ({d}), per test vs the join-session recipe",
+         f"sqlalchemy async ({d}): join-session recipe + ORM body",
+         [f"sqlalchemy async ({d}): join-session recipe + ORM body",
+          f"sqlalchemy async ({d}): corral sandbox(engine) + ORM body"])
+        for d in ("asyncpg", "psycopg")
+    ],
+]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--slow-rounds", type=int, default=20, help="for CREATE DATABASE etc.")
     parser.add_argument("--dsn", default=os.environ.get("CORRAL_BENCH_DSN"))
     parser.add_argument("--png", help="also draw the per-test table as a bar chart")
+    parser.add_argument(
+        "--only", choices=["psycopg", "drivers"], help="run one half (default: both)"
+    )
     args = parser.parse_args(argv)
 
+    rows: dict[str, list[float]] = {}
     with server(args.dsn) as admin_dsn:
         bench = Bench(admin_dsn)
         try:
-            rows = measure(bench, args.rounds, args.slow_rounds)
-            rows.update(run_async(bench.dsn(bench.db), args.rounds))
+            if args.only != "drivers":
+                rows.update(measure(bench, args.rounds, args.slow_rounds))
+                rows.update(run_async(bench.dsn(bench.db), args.rounds))
+            if args.only != "psycopg":
+                rows.update(run_sqlalchemy_sync(bench.dsn(bench.db), args.rounds))
+                rows.update(run_async_drivers(bench.dsn(bench.db), args.rounds))
         finally:
             bench.close()
     report(rows, args.png)
@@ -323,13 +602,17 @@ def report(rows: dict[str, list[float]], png: str | None) -> None:
             "autocommit statement, bare", "autocommit statement, sandbox",
             "autocommit statement, sandbox, deferred check"]),
     ]  # fmt: skip
+    groups += DRIVER_GROUPS
     for title, base, names in groups:
+        if base not in med:
+            continue
         print(f"\n{title}")
-        print(f"  {'strategy':<48} {'median':>12} {'ratio':>8} {'n':>5}")
+        width = max(48, *(len(n) for n in names))
+        print(f"  {'strategy':<{width}} {'median':>12} {'ratio':>8} {'n':>5}")
         for name in names:
             if name in med:
                 ratio = paired_ratio(rows, name, base)
-                print(f"  {name:<48} {med[name]:>9.0f} us {ratio:>7.2f}x {len(rows[name]):>5}")
+                print(f"  {name:<{width}} {med[name]:>9.0f} us {ratio:>7.2f}x {len(rows[name]):>5}")
     if png:
         import matplotlib
 
@@ -337,6 +620,8 @@ def report(rows: dict[str, list[float]], png: str | None) -> None:
         import matplotlib.pyplot as plt
 
         names = [n for _, _, ns in groups[2:3] for n in ns if n in med]
+        if not names:
+            return
         fig, ax = plt.subplots(figsize=(9, 4))
         ax.barh(names, [med[n] / 1000 for n in names])
         ax.set_xscale("log")

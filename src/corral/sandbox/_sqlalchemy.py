@@ -287,9 +287,16 @@ class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
     """
 
     async def _take_fairy(self) -> PoolProxiedConnection:
+        while self._idle:  # the common case: no I/O, so no greenlet either
+            fairy = self._idle.pop()
+            if fairy.is_valid:
+                return fairy
         return await greenlet_spawn(self._connect_real)
 
     async def _give_fairy(self, fairy: PoolProxiedConnection, healthy: bool) -> None:
+        if healthy and len(self._idle) < self.max_idle:
+            self._idle.append(fairy)
+            return
         await greenlet_spawn(self._keep_or_return, fairy, healthy)
 
     def checkout_sync(self) -> Any:
