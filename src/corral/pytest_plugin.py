@@ -14,7 +14,7 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from corral._plugin._process import STATE, CorralProcess, worker_name
-from corral._plugin._report import report
+from corral._plugin._report import report, snapshot
 from corral._plugin._run import RunInfo
 from corral._plugin._settings import add_options
 from corral.broker import AsyncClient, Client
@@ -113,8 +113,7 @@ class _ControllerHooks:
     def pytest_keyboard_interrupt(self) -> None:
         # Snapshot what is held while the workers still hold it: the answer to "why did
         # my run hang" when someone presses Ctrl-C.
-        if self.process.run is not None:
-            self.process.held_at_interrupt = self.process.run.holdings()
+        self.process.held_at_interrupt = snapshot(self.process)
 
 
 def pytest_terminal_summary(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,15 +64,23 @@ def test_ctrl_c_leaves_nothing_and_reports_holdings(
     inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The throwaway server this time: Ctrl-C must take it down too.
-    started = inner.path / "started"
+    started, waiting = inner.path / "started", inner.path / "waiting"
     inner.makepyfile(
         test_hang=f"""
         import pathlib, time
 
         def test_hangs(corral):
             corral.lease("printers", "test_hangs", ttl=600)
-            pathlib.Path({str(started)!r}).write_text("x")
-            time.sleep(60)
+            with corral.lock("migrations"):
+                pathlib.Path({str(started)!r}).write_text("x")
+                time.sleep(60)
+
+        def test_waits(corral):
+            while not pathlib.Path({str(started)!r}).exists():
+                time.sleep(0.02)
+            pathlib.Path({str(waiting)!r}).write_text("x")
+            with corral.lock("migrations", timeout=60):
+                pass
         """
     )
     monkeypatch.setenv("SAMPLE_FACTS", str(inner.path / "facts.json"))
@@ -87,10 +96,11 @@ def test_ctrl_c_leaves_nothing_and_reports_holdings(
     )
     try:
         deadline = time.monotonic() + 60
-        while not started.exists():
+        while not waiting.exists():
             assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "the hanging test never started"
+            assert time.monotonic() < deadline, "the hanging tests never started"
             time.sleep(0.05)
+        time.sleep(0.5)  # the waiter's lock request reaches the broker
         os.kill(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -99,6 +109,9 @@ def test_ctrl_c_leaves_nothing_and_reports_holdings(
     assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
     assert "corral warning: still held in the broker" in out, out
     assert "lease 'printers' #0 held by 'test_hangs' for" in out
+    # Who holds the lock everyone waits for, and who waits: why the run hung.
+    assert re.search(r"lock 'migrations' \(\d+\) held by 'gw\d' for [\d.]+ s", out), out
+    assert re.search(r"lock 'migrations' waited for by 'gw\d' for [\d.]+ s", out), out
     assert_nothing_left(facts(inner.path / "facts.json"), None)
 
 

@@ -60,7 +60,7 @@ class CorralProcess:
     timings: dict[str, float] = field(default_factory=dict)
     worker_stats: dict[str, Any] = field(default_factory=dict)
     crashed: list[str] = field(default_factory=list)
-    held_at_interrupt: list[dict[str, Any]] | None = None
+    held_at_interrupt: dict[str, list[dict[str, Any]]] | None = None
     _mode_set: bool = False
     _stopped: bool = False
 

@@ -14,18 +14,57 @@ import pytest
 from corral._plugin._database import SLOT_KEY
 from corral._plugin._process import CorralProcess
 
-__all__ = ["report", "user_holdings"]
+__all__ = ["report", "snapshot"]
 
 
-def user_holdings(process: CorralProcess) -> list[dict[str, Any]]:
-    """What is held in the run's broker, except the plugin's own database slots."""
-    if process.held_at_interrupt is not None:
-        held = process.held_at_interrupt
+def snapshot(process: CorralProcess) -> dict[str, list[dict[str, Any]]]:
+    """``{"holders": [...], "waiters": [...]}`` in the run's broker, in one shape.
+
+    Asked over the wire (``status``), so it works for a broker the plugin reuses from
+    ``corral run`` too; a broker without ``status`` (the Node one) gives what the
+    in-process broker knows, if it is ours. The plugin's own database slots are left out.
+    """
+    held: list[dict[str, Any]] = []
+    waiting: list[dict[str, Any]] = []
+    status = None
+    if process.client is not None:
+        try:
+            status = process.client.status()
+        except Exception:  # an older or foreign broker: no status action
+            status = None
+    if status is not None:
+        held = [_entry(h) for h in status.get("holders", [])]
+        waiting = [_entry(w) for w in status.get("waiters", [])]
     elif process.run is not None:
         held = process.run.holdings()
-    else:
-        held = []
-    return [h for h in held if h.get("key") != SLOT_KEY]
+    return {
+        "holders": [h for h in held if h.get("key") != SLOT_KEY],
+        "waiters": [w for w in waiting if w.get("key") != SLOT_KEY],
+    }
+
+
+def _entry(entry: dict[str, Any]) -> dict[str, Any]:
+    who = entry.get("who") or {}
+    kind = entry.get("kind", "?")
+    holder = entry.get("worker") or who.get("worker")
+    if not holder:
+        holder = f"pid {who['pid']}" if who.get("pid") else "a one-shot client"
+    value = {"lease": entry.get("item"), "lock": entry.get("token")}.get(kind, entry.get("value"))
+    return {
+        "kind": kind,
+        "key": entry.get("name"),
+        "holder": holder,
+        "value": value,
+        "since": float(entry.get("since") or time.time()),
+        "connection": who.get("session") if entry.get("owned", True) else None,
+    }
+
+
+def _describe(h: dict[str, Any]) -> str:
+    what = f"{h['kind']} {h['key']!r}"
+    if h.get("value") is not None:
+        what += f" #{h['value']}" if h["kind"] == "lease" else f" ({h['value']!r})"
+    return what
 
 
 def _age(since: float) -> str:
@@ -35,14 +74,18 @@ def _age(since: float) -> str:
 
 def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None:
     """Write corral's part of the terminal summary."""
-    held = user_holdings(process)
-    if held:
+    found = process.held_at_interrupt or snapshot(process)
+    held, waiting = found["holders"], found["waiters"]
+    if held or waiting:
         terminal.write_sep("=", "corral warning: still held in the broker", yellow=True, bold=True)
         for h in held:
             terminal.write_line(
-                f"{h['kind']} {h['key']!r} #{h['value']} held by {h['holder']!r} "
-                f"for {_age(h['since'])}"
+                f"{_describe(h)} held by {h['holder']!r} for {_age(h['since'])}"
                 + ("" if h.get("connection") is not None else " (one-shot client: TTL only)")
+            )
+        for w in waiting:
+            terminal.write_line(
+                f"{_describe(w)} waited for by {w['holder']!r} for {_age(w['since'])}"
             )
         terminal.write_line(
             "A test or fixture took these and never gave them back; anyone waiting for "
