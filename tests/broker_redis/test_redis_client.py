@@ -262,3 +262,27 @@ def test_a_forked_child_gets_its_own_session(make: Make) -> None:
     assert answer == b"ok"
     assert os.WEXITSTATUS(status) == 0
     assert client._session.sid == parent_sid  # the parent's session is untouched
+
+
+def test_closing_during_a_wait_registers_no_new_session(make: Make) -> None:
+    run = run_id()
+    holder, waiter = make(run), make(run)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with waiter.lock("l", timeout=30):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    with holder.lock("l"):
+        thread = threading.Thread(target=wait)
+        thread.start()
+        wait_until(lambda: waiting(holder, "lock", "l") == 1, 5, "the waiter to queue")
+        waiter.close()
+        thread.join(10)
+    assert [type(e) for e in errors] == [BrokerUnavailable]
+    time.sleep(1.0)  # longer than a heartbeat interval
+    assert holder.stats()["sessions"] == 1
+    assert waiter._session._thread is None  # no heartbeat revived for the closed client

@@ -12,6 +12,7 @@ import pytest
 from corral.errors import (
     BarrierBroken,
     BrokerTimeout,
+    BrokerUnavailable,
     ClaimLost,
     InvalidRequest,
     KeyNotFound,
@@ -334,3 +335,31 @@ def test_status_shows_holders_and_waiters(backend: Backend) -> None:
     status = observer.status()
     assert [h["kind"] for h in status["holders"]] == ["lease"]
     assert status["waiters"] == []
+
+
+@needs("lock", "status")
+def test_close_ends_a_wait_in_progress_and_leaves_nothing(backend: Backend) -> None:
+    holder, waiter = backend.client(), backend.client()
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            with waiter.lock("l", timeout=30):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    with holder.lock("l"):
+        thread = threading.Thread(target=wait)
+        thread.start()
+        wait_until(lambda: waiting(holder, "lock", "l") == 1, 5, "the waiter to queue")
+        waiter.close()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert len(errors) == 1
+        assert isinstance(errors[0], BrokerUnavailable)
+        wait_until(lambda: waiting(holder, "lock", "l") == 0, 5, "the ticket to go")
+    with holder.lock("l", timeout=0):
+        pass
+    time.sleep(0.2)  # nothing came back to life behind the closed client's back
+    assert [h for h in holder.status()["holders"] if h["kind"] == "lock"] == []

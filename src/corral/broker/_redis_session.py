@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from corral.errors import BrokerError
+from corral.errors import BrokerError, BrokerUnavailable
 
 log = logging.getLogger("corral.broker.redis")
 
@@ -99,10 +99,15 @@ class SyncSession:
         self._pid = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._ended = False
 
     def current(self) -> str:
-        """This process's session id, registering it (and the heartbeat) on first use."""
+        """This process's session id, registering it (and the heartbeat) on first use.
+
+        :raises BrokerUnavailable: the session was ended (the client is closed).
+        """
         with self._lock:
+            _check_open(self._ended)
             if self.sid is None or self._pid != os.getpid():
                 self._register()
             assert self.sid is not None
@@ -111,6 +116,7 @@ class SyncSession:
     def renew(self, lost: str) -> str:
         """Replace session *lost*, which Redis reports expired, with a new one."""
         with self._lock:
+            _check_open(self._ended)
             if self.sid == lost or self.sid is None or self._pid != os.getpid():
                 _warn_lost(lost)
                 self._register()
@@ -147,6 +153,7 @@ class SyncSession:
         """Stop the heartbeat and free everything the session holds. Idempotent."""
         with self._lock:
             sid, self.sid = self.sid, None
+            self._ended = True
             self._stop.set()
             thread, self._thread = self._thread, None
             mine = self._pid == os.getpid()
@@ -157,6 +164,11 @@ class SyncSession:
                 self._beat(sid, "end")
             except BrokerError as exc:
                 log.warning("could not end Redis session %s (%s); it expires by itself", sid, exc)
+
+
+def _check_open(ended: bool) -> None:
+    if ended:
+        raise BrokerUnavailable("this Redis client is closed: its session was ended")
 
 
 def _warn_lost(sid: str) -> None:
@@ -181,6 +193,7 @@ class AsyncSession:
         self._lock: asyncio.Lock | None = None
         self.sid: str | None = None
         self._task: asyncio.Task[None] | None = None
+        self._ended = False
 
     def _get_lock(self) -> asyncio.Lock:
         if self._lock is None:
@@ -189,6 +202,7 @@ class AsyncSession:
 
     async def current(self) -> str:
         async with self._get_lock():
+            _check_open(self._ended)
             if self.sid is None:
                 await self._register()
             assert self.sid is not None
@@ -197,6 +211,7 @@ class AsyncSession:
     async def renew(self, lost: str) -> str:
         """Replace session *lost*, which Redis reports expired, with a new one."""
         async with self._get_lock():
+            _check_open(self._ended)
             if self.sid == lost or self.sid is None:
                 _warn_lost(lost)
                 await self._register()
@@ -230,6 +245,7 @@ class AsyncSession:
 
     async def end(self) -> None:
         sid, self.sid = self.sid, None
+        self._ended = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
