@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from corral.errors import BrokerTimeout, KeyNotFound, OnceFailed
+from corral.errors import BrokerTimeout, BrokerUnavailable, KeyNotFound, OnceFailed
 from tests.broker_spec.conftest import (
     BACKENDS,
     Backend,
@@ -117,3 +117,26 @@ async def test_async_pool_queue_barrier(backend: Backend) -> None:
         assert await b.add("once-only", 2) is False
         status: dict[str, Any] = await a.status()
         assert status["holders"] == []
+
+
+@needs("lock", "status")
+@pytest.mark.asyncio
+async def test_aclose_ends_a_wait_in_progress(backend: Backend) -> None:
+    async with backend.async_client() as holder:
+        waiter = backend.async_client()
+        async with holder.lock("l"):
+
+            async def wait() -> None:
+                async with waiter.lock("l", timeout=30):
+                    pass
+
+            task = asyncio.ensure_future(wait())
+            for _ in range(500):
+                if [w for w in (await holder.status())["waiters"] if w["name"] == "l"]:
+                    break
+                await asyncio.sleep(0.01)
+            await waiter.aclose()
+            with pytest.raises(BrokerUnavailable):
+                await asyncio.wait_for(task, 10)
+        async with holder.lock("l", timeout=0):
+            pass
