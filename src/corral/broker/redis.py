@@ -687,8 +687,10 @@ class AsyncRedisClient(_Base):
             return
         await self._session.end()
         self._closed = True
-        await self._r.aclose()
-        await self._rb.aclose()
+        for connection in (self._r, self._rb):
+            # aclose() since redis-py 5.0.1; close() (deprecated since) before it.
+            closer = getattr(connection, "aclose", None) or connection.close
+            await closer()
 
     async def __aenter__(self) -> AsyncRedisClient:
         return self
