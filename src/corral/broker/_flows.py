@@ -344,8 +344,8 @@ class Grant:
 def take(kind: str, name: str, ttl: float | None, timeout: float | None) -> Flow[Grant]:
     """Take lock *name* (``kind="lock"``) or an item of pool *name*, waiting FIFO."""
     _check_key(name, f"{kind} name")
-    if ttl is not None and not (isinstance(ttl, int | float) and ttl > 0):
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    if ttl is not None and not (_ttl_ms(ttl) or 0) > 0:  # TypeError for a non-number
+        raise error_from_code("invalid_ttl", key=name, detail=f"a {kind} ttl must be > 0")
     action = "lock" if kind == "lock" else "acquire"
     request = _with_ttl({"action": action, "name": name}, ttl)
     response = _ok((yield _waiting(request, timeout, name)), name)
