@@ -17,9 +17,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from corral.errors import SandboxNotActive
+from corral.errors import SandboxError, SandboxNotActive
 from corral.sandbox import sandbox
-from corral.sandbox._sqlalchemy import AsyncEngineSandbox, EngineSandbox
+from corral.sandbox._sqlalchemy import AsyncEngineSandbox
+from corral.sandbox._sqlalchemy_psycopg import EngineSandbox
 from tests.sandbox._adapters import sqlalchemy_url
 
 
@@ -242,6 +243,24 @@ def test_switching_modes_replaces_pooled_connections(
         outside.execute("DELETE FROM item")
         ctl.close()
         ctl.remove()
+
+
+def test_an_engine_with_its_own_creator_is_refused_clearly(sandbox_dsn: str, outside: Any) -> None:
+    import psycopg
+
+    eng = sqlalchemy.create_engine(
+        "postgresql+psycopg://", creator=lambda: psycopg.connect(sandbox_dsn)
+    )
+    ctl: Any = sandbox(eng, mode="sandbox")
+    try:
+        with ctl.sandboxed():
+            with pytest.raises(SandboxError, match="creator="), eng.begin() as conn:
+                conn.execute(text("INSERT INTO item (name) VALUES ('never')"))
+            assert count_outside(outside) == 0
+    finally:
+        ctl.close()
+        ctl.remove()
+        eng.dispose()
 
 
 def test_other_dialects_are_refused() -> None:

@@ -19,6 +19,8 @@ from corral.sandbox._controller import (
 
 if TYPE_CHECKING:
     import psycopg_pool
+    import sqlalchemy
+    import sqlalchemy.ext.asyncio
 
     from corral.sandbox._asyncpg import AsyncpgPoolSandbox
     from corral.sandbox._asyncpg_conn import AsyncpgSandboxConnection
@@ -26,9 +28,12 @@ if TYPE_CHECKING:
     from corral.sandbox._psycopg_async_conn import AsyncSandboxConnection, AsyncSandboxCursor
     from corral.sandbox._psycopg_sync import ConnectSandbox, PoolSandbox
     from corral.sandbox._psycopg_sync_conn import SandboxConnection, SandboxCursor
+    from corral.sandbox._sqlalchemy import AsyncEngineSandbox
+    from corral.sandbox._sqlalchemy_psycopg import EngineSandbox
 
 __all__ = [
     "AsyncConnectSandbox",
+    "AsyncEngineSandbox",
     "AsyncPoolSandbox",
     "AsyncSandboxConnection",
     "AsyncSandboxController",
@@ -36,6 +41,7 @@ __all__ = [
     "AsyncpgPoolSandbox",
     "AsyncpgSandboxConnection",
     "ConnectSandbox",
+    "EngineSandbox",
     "PoolSandbox",
     "SandboxConnection",
     "SandboxController",
@@ -46,6 +52,8 @@ __all__ = [
 
 _LAZY = {
     "AsyncConnectSandbox": "corral.sandbox._psycopg_async",
+    "AsyncEngineSandbox": "corral.sandbox._sqlalchemy",
+    "EngineSandbox": "corral.sandbox._sqlalchemy_psycopg",
     "AsyncpgPoolSandbox": "corral.sandbox._asyncpg",
     "AsyncpgSandboxConnection": "corral.sandbox._asyncpg_conn",
     "AsyncPoolSandbox": "corral.sandbox._psycopg_async",
@@ -83,6 +91,26 @@ def sandbox(
     is_async: bool | None = ...,
     **options: Any,
 ) -> PoolSandbox: ...
+
+
+@overload
+def sandbox(
+    handle: sqlalchemy.ext.asyncio.AsyncEngine,
+    *,
+    mode: str | None = ...,
+    is_async: bool | None = ...,
+    **options: Any,
+) -> AsyncEngineSandbox: ...
+
+
+@overload
+def sandbox(
+    handle: sqlalchemy.Engine,
+    *,
+    mode: str | None = ...,
+    is_async: bool | None = ...,
+    **options: Any,
+) -> EngineSandbox: ...
 
 
 @overload
@@ -135,8 +163,10 @@ def sandbox(
     """Wrap the application's database handle; the app then uses the result instead.
 
     :param handle: a ``psycopg_pool.ConnectionPool`` or ``AsyncConnectionPool``; a
-        conninfo string; or a callable returning a new psycopg connection (a coroutine
-        function for ``AsyncConnection``).
+        conninfo string; a callable returning a new psycopg connection (a coroutine
+        function for ``AsyncConnection``); an ``asyncpg.Pool``; or a SQLAlchemy
+        ``Engine`` / ``AsyncEngine`` (``postgresql+psycopg`` or ``+asyncpg``), which is
+        sandboxed in place: keep using the engine itself.
     :param mode: ``"sandbox"`` or ``"normal"`` (transparent pass-through). None reads
         ``$CORRAL_SANDBOX_MODE`` and defaults to ``"normal"``, so production code can
         wrap its handle unconditionally and the test run (the corral pytest plugin sets
@@ -145,7 +175,8 @@ def sandbox(
         the app uses ``psycopg.AsyncConnection``.
     :param options: ``lock_timeout`` (seconds, default 5), ``checkout_timeout``
         (seconds, default 30), ``isolation_level``, ``check_deferred``, ``max_idle``
-        (factories); see :class:`PoolSandbox` and :class:`ConnectSandbox`.
+        (factories, asyncpg pools, engines); see :class:`PoolSandbox`,
+        :class:`ConnectSandbox`, :class:`AsyncpgPoolSandbox`, :class:`EngineSandbox`.
     :returns: the controller: the handle's API plus ``create_sandbox()``,
         ``close_sandbox()``, ``restore_sandbox()``, ``sandboxed()``, ``allow()``,
         ``share()``.

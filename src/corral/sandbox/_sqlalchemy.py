@@ -29,28 +29,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, PoolProxiedConnection
 from sqlalchemy.util import await_, greenlet_spawn
 
-from corral.sandbox import _asyncpg, _psycopg_async, _psycopg_sync
+from corral.errors import SandboxError
 from corral.sandbox._controller import AsyncSandboxController, BaseController
-from corral.sandbox._sqlalchemy_virtual import (
-    AsyncpgVirtual,
-    PsycopgAsyncVirtual,
-    PsycopgVirtual,
-    Virtual,
-)
+from corral.sandbox._sqlalchemy_virtual import Virtual
 
-__all__ = [
-    "AsyncEngineSandbox",
-    "AsyncpgEngineSandbox",
-    "EngineHooks",
-    "EngineSandbox",
-    "PsycopgAsyncEngineSandbox",
-    "sandbox_engine",
-]
+__all__ = ["AsyncEngineSandbox", "EngineHooks", "sandbox_engine"]
 
 logger = logging.getLogger("corral.sandbox.sqlalchemy")
 
 #: Set while corral itself connects a sandbox's real connection (do_connect stays out).
 _REAL: ContextVar[bool] = ContextVar("corral_sqlalchemy_real", default=False)
+#: ``record.info`` key: a real connection made in sandbox mode (do_connect was bypassed).
+_BYPASSED = "corral_bypassed_do_connect"
 
 
 def sandbox_engine(handle: Any, *, mode: str | None = None, **options: Any) -> Any:
@@ -66,11 +56,16 @@ def sandbox_engine(handle: Any, *, mode: str | None = None, **options: Any) -> A
         return None
     dialect = engine.dialect
     name = f"{dialect.name}+{dialect.driver}"
+    # Each driver's module imports that driver: only the engine's own is needed.
     if dialect.name == "postgresql" and dialect.driver in ("psycopg", "psycopg_async"):
+        from corral.sandbox import _sqlalchemy_psycopg
+
         if dialect.is_async:
-            return PsycopgAsyncEngineSandbox(handle, mode=mode, **options)
-        return EngineSandbox(handle, mode=mode, **options)
+            return _sqlalchemy_psycopg.PsycopgAsyncEngineSandbox(handle, mode=mode, **options)
+        return _sqlalchemy_psycopg.EngineSandbox(handle, mode=mode, **options)
     if dialect.name == "postgresql" and dialect.driver == "asyncpg":
+        from corral.sandbox._sqlalchemy_asyncpg import AsyncpgEngineSandbox
+
         return AsyncpgEngineSandbox(handle, mode=mode, **options)
     raise TypeError(
         f"corral cannot sandbox a {name} engine: it supports postgresql+psycopg (sync and "
@@ -114,6 +109,7 @@ class EngineHooks(BaseController[Any]):
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "engine_disposed", self._on_disposed)
+        event.listen(engine, "connect", self._on_connect)
         self._installed = True
 
     def remove(self) -> None:
@@ -124,6 +120,7 @@ class EngineHooks(BaseController[Any]):
             event.remove(engine, "checkout", self._on_checkout)
             event.remove(engine, "checkin", self._on_checkin)
             event.remove(engine, "engine_disposed", self._on_disposed)
+            event.remove(engine, "connect", self._on_connect)
             self._installed = False
         self._mode = "normal"
 
@@ -168,10 +165,22 @@ class EngineHooks(BaseController[Any]):
                 raise sa_exc.DisconnectionError("corral: sandbox mode ended; reconnecting")
             return
         if virtual is None:
+            if record is not None and record.info.get(_BYPASSED):
+                raise SandboxError(
+                    f"{self.sync_engine!r} makes its connections with creator= or "
+                    "async_creator=, which bypasses the do_connect event corral sandboxes "
+                    "an engine through, so this connection would commit for real. Create "
+                    "the test engine from a URL (create_engine(url)), or sandbox the "
+                    "driver-level pool that creator draws from instead."
+                )
             raise sa_exc.DisconnectionError(
                 "corral: a connection made before sandbox mode; replacing it"
             )
         virtual._bind()
+
+    def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
+        if self.sandboxing and not _REAL.get() and self._virtual_of(dbapi_connection) is None:
+            record.info[_BYPASSED] = True  # made in sandbox mode, yet real: a custom creator
 
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
         virtual = self._virtual_of(dbapi_connection)
@@ -238,45 +247,6 @@ class EngineHooks(BaseController[Any]):
         raise NotImplementedError
 
 
-class EngineSandbox(EngineHooks, _psycopg_sync._Controller):
-    """A sandboxed SQLAlchemy ``Engine`` (``postgresql+psycopg``), sandboxed in place.
-
-    :param engine: the application's engine; keep using it (and everything bound to it).
-    :param max_idle: real connections kept between sandboxes (their pool is a copy of
-        the engine's, made by ``engine.pool.recreate()``).
-    :param options: ``mode``, ``lock_timeout``, ``checkout_timeout``,
-        ``isolation_level``, ``check_deferred``: see :class:`corral.sandbox.PoolSandbox`.
-    """
-
-    _virtual_class = PsycopgVirtual
-
-    def __init__(self, engine: Engine, *, max_idle: int = 4, **options: Any) -> None:
-        super().__init__(**options)
-        self._hook(engine, max_idle)
-
-    def _take(self) -> Any:
-        fairy = self._connect_real()
-        real = fairy.dbapi_connection
-        self._fairies[id(real)] = fairy
-        return real
-
-    def _give(self, real: Any) -> None:
-        fairy = self._fairies.pop(id(real))
-        self._keep_or_return(fairy, healthy=not (real.closed or real.broken))
-
-    def checkout_sync(self) -> Any:
-        return self._checkout(None)
-
-    def checkin_sync(self, target: Any) -> None:
-        if not target.closed and target._app.frames and target._box.broken is None:
-            target._end(commit=False)
-        target._checkin()
-
-    def close(self) -> None:
-        """Return the kept real connections (call before ``engine.dispose()``)."""
-        self.close_idle()
-
-
 class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
     """A sandboxed ``AsyncEngine``; its drivers' subclasses do the work.
 
@@ -315,65 +285,3 @@ class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
     async def close(self) -> None:
         """Return the kept real connections (call before ``await engine.dispose()``)."""
         await greenlet_spawn(self.close_idle)
-
-
-class PsycopgAsyncEngineSandbox(AsyncEngineSandbox, _psycopg_async._Controller):
-    """A sandboxed ``AsyncEngine`` on ``postgresql+psycopg``."""
-
-    _virtual_class = PsycopgAsyncVirtual
-
-    def __init__(self, engine: AsyncEngine, *, max_idle: int = 4, **options: Any) -> None:
-        super().__init__(**options)
-        self._hook(engine, max_idle)
-
-    async def _take(self) -> Any:
-        fairy = await self._take_fairy()
-        real = fairy.dbapi_connection.driver_connection  # type: ignore[union-attr]
-        self._fairies[id(real)] = fairy
-        return real
-
-    async def _give(self, real: Any) -> None:
-        fairy = self._fairies.pop(id(real))
-        await self._give_fairy(fairy, healthy=not (real.closed or real.broken))
-
-    async def checkout_async(self) -> Any:
-        return await self._checkout(None)
-
-    async def checkin_async(self, target: Any) -> None:
-        if not target.closed and target._app.frames and target._box.broken is None:
-            await target._end(commit=False)
-        target._checkin()
-
-
-class AsyncpgEngineSandbox(AsyncEngineSandbox, _asyncpg.AsyncpgSandboxBase):
-    """A sandboxed ``AsyncEngine`` on ``postgresql+asyncpg``."""
-
-    _virtual_class = AsyncpgVirtual
-
-    def __init__(self, engine: AsyncEngine, *, max_idle: int = 4, **options: Any) -> None:
-        super().__init__(**options)
-        self._reals: dict[int, _asyncpg._Real] = {}
-        self._hook(engine, max_idle)
-
-    async def _take(self) -> _asyncpg._Real:
-        fairy = await self._take_fairy()
-        driver = fairy.dbapi_connection.driver_connection  # type: ignore[union-attr]
-        real = self._reals.get(id(driver))
-        if real is None or real.conn is not driver:
-            # Kept with the connection, so its prepared statements serve the next tests.
-            real = self._reals[id(driver)] = _asyncpg._Real(driver)
-        self._fairies[id(real)] = fairy
-        return real
-
-    async def _give(self, real: _asyncpg._Real) -> None:
-        fairy = self._fairies.pop(id(real))
-        healthy = not _asyncpg._closed(real.conn)
-        if not healthy:
-            self._reals.pop(id(real.conn), None)
-        await self._give_fairy(fairy, healthy=healthy)
-
-    async def checkout_async(self) -> Any:
-        return await self._checkout(None)
-
-    async def checkin_async(self, target: Any) -> None:
-        await self._checkin(target)
