@@ -1,6 +1,6 @@
 """Lock handoff between processes: release in one, acquire in another, side by side.
 
-Run: ``python -m benchmarks.lock_handoff [--handoffs 200] [--hold-ms 2]``.
+Run: ``python -m benchmarks.lock_handoff [--handoffs 200] [--hold-ms 2] [--rows corral,flock]``.
 
 Two worker processes take turns on one lock: each holds it ``--hold-ms`` (so the other
 is surely waiting), stamps the time and releases; the other records how long after the
@@ -196,6 +196,9 @@ def main() -> None:
     parser.add_argument("--handoffs", type=int, default=200, help="takes per process")
     parser.add_argument("--hold-ms", type=float, default=2.0, help="time each take holds")
     parser.add_argument("--polling-handoffs", type=int, default=40, help="for 50/100 ms pollers")
+    parser.add_argument(
+        "--rows", default=",".join(LABELS), help=f"comma-separated subset of {','.join(LABELS)}"
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -203,35 +206,35 @@ def main() -> None:
         worker(kind, address, stamp, int(n), float(hold), float(start))
         return
     hold = args.hold_ms / 1000
+    rows = set(args.rows.split(",")) | {"corral"}
     results: dict[str, list[float]] = {}
+
+    def takes(kind: str) -> int:  # the slow pollers take 50-100 ms per handoff
+        return int(args.polling_handoffs if kind in ("filelock", "redis-py") else args.handoffs)
+
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as directory:
         with corral_broker() as path:
             results["corral"] = run_pair("corral", path, args.handoffs, hold, directory)
-        results["flock"] = run_pair(
-            "flock", os.path.join(directory, "flock"), args.handoffs, hold, directory
-        )
+        if "flock" in rows:
+            lockfile = os.path.join(directory, "flock")
+            results["flock"] = run_pair("flock", lockfile, args.handoffs, hold, directory)
         try:
             import filelock  # noqa: F401
         except ImportError:
             print("filelock not installed: skipping its rows", file=sys.stderr)
         else:
             lockfile = os.path.join(directory, "file.lock")
-            results["filelock-1ms"] = run_pair(
-                "filelock-1ms", lockfile, args.handoffs, hold, directory
-            )
-            results["filelock"] = run_pair(
-                "filelock", lockfile, args.polling_handoffs, hold, directory
-            )
-        with redis_server(directory) as redis_path:
-            if redis_path is None:
-                print("redis-server or redis-py not available: skipping", file=sys.stderr)
-            else:
-                results["redis-py-1ms"] = run_pair(
-                    "redis-py-1ms", redis_path, args.handoffs, hold, directory
-                )
-                results["redis-py"] = run_pair(
-                    "redis-py", redis_path, args.polling_handoffs, hold, directory
-                )
+            for kind in ("filelock-1ms", "filelock"):
+                if kind in rows:
+                    results[kind] = run_pair(kind, lockfile, takes(kind), hold, directory)
+        if rows & {"redis-py", "redis-py-1ms"}:
+            with redis_server(directory) as redis_path:
+                if redis_path is None:
+                    print("redis-server or redis-py not available: skipping", file=sys.stderr)
+                else:
+                    for kind in ("redis-py-1ms", "redis-py"):
+                        if kind in rows:
+                            results[kind] = run_pair(kind, redis_path, takes(kind), hold, directory)
     corral = statistics.median(results["corral"])
     print(f"lock handoff between two processes (release -> acquire), milliseconds; "
           f"holds of {args.hold_ms} ms, strict turns")  # fmt: skip
