@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Final
 
+from corral.broker._coord import describe
 from corral.broker._core import Session
 from corral.broker._store import Ticket
 from corral.broker.messages import Rejected, Request, TooLarge
@@ -98,7 +99,7 @@ class Connection(asyncio.BufferedProtocol):
         broker._connections.pop(session.id, None)
         self.core.sessions.pop(session.id, None)
         broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
-        reason = f"member {_describe(session)} disconnected (it exited or died)"
+        reason = f"member {describe(session.who())} disconnected (it exited or died)"
         store = self.core.store
         if self.waiting is not None:
             store.cancel(self.waiting, reason)  # never granted; a barrier breaks
@@ -206,10 +207,3 @@ class Connection(asyncio.BufferedProtocol):
     def _resume(self) -> None:
         if not (self.finished or self.paused or self.waiting is not None):
             self._process()
-
-
-def _describe(session: Session) -> str:
-    text = f"pid {session.pid}" if session.pid is not None else f"session {session.id}"
-    if session.worker:
-        text += f" (worker {session.worker})"
-    return text

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral.broker._ticket import ALARM, HOLD, ONCE, TICKET, Clock, Owner, Refused, Ticket
 
-__all__ = ["Coordination"]
+__all__ = ["Coordination", "describe"]
 
 Who = dict[str, Any] | None
 
@@ -89,10 +89,11 @@ class _Barrier:
         self.broken: str | None = None
 
 
-def _who_text(who: Who) -> str:
+def describe(who: Who) -> str:
+    """``pid 123 (worker gw1)`` for a status ``who``; for reasons and messages."""
     if not who:
         return "a one-shot client"
-    text = f"pid {who.get('pid')}"
+    text = f"session {who.get('session')}" if who.get("pid") is None else f"pid {who['pid']}"
     if who.get("worker"):
         text += f" (worker {who['worker']})"
     return text
@@ -400,7 +401,7 @@ class Coordination:
             bar.generation += 1
             return {"ok": True, "index": index}
         if timeout == 0:
-            self._break(bar, f"member {_who_text(who)} would not wait (timeout=0)")
+            self._break(bar, f"member {describe(who)} would not wait (timeout=0)")
             raise Refused("timeout", f"barrier {name!r}: not all parties arrived and timeout=0")
         bar.count += 1
         ticket = self._wait(qname, "barrier", name, owner, who, timeout, data=index)

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Hashable, Iterator
 from typing import Any, Final
 
-from corral.broker._coord import Coordination
+from corral.broker._coord import Coordination, describe
 from corral.broker._ticket import KV as _KV
 from corral.broker._ticket import LEASE as _LEASE
 from corral.broker._ticket import TICKET as _TICKET
@@ -503,7 +503,7 @@ class Store(Coordination):
         if ticket.fail("timeout", f"gave up waiting for {ticket.kind} {ticket.label!r}") and (
             ticket.abandon is not None
         ):
-            ticket.abandon(ticket, "a member timed out")
+            ticket.abandon(ticket, f"member {describe(ticket.who)} timed out")
 
     # ------------------------------------------------------------------ ownership
 
