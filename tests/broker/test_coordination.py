@@ -337,3 +337,31 @@ def test_closing_a_client_ends_its_waits(broker: Broker) -> None:
             await asyncio.wait_for(task, 5)
 
     asyncio.run(main())
+
+
+def test_large_values_are_compressed_through_once_and_add(broker: Broker) -> None:
+    big = {"rows": ["x" * 50] * 2000}  # ~100 KB of JSON, sent gzip+base64
+    with Client(broker.path) as a, Client(broker.path) as b:
+        started = threading.Event()
+        release = threading.Event()
+        got: list[Any] = []
+
+        def compute() -> Any:
+            started.set()
+            release.wait(10)
+            return big
+
+        thread = threading.Thread(target=lambda: got.append(a.once("big", compute, ttl=60)))
+        thread.start()
+        assert started.wait(10)
+        waiter = threading.Thread(target=lambda: got.append(b.once("big", lambda: None)))
+        waiter.start()
+        _poll(lambda: _waiters(b, "big") == 1)
+        release.set()
+        thread.join(10)
+        waiter.join(10)
+        assert got == [big, big]  # the waiter decoded the compressed answer
+        assert b.once("big", lambda: None) == big
+        assert b.get("big") == big
+        assert a.add("big-too", big, ttl=60) is True
+        assert b.get("big-too") == big
