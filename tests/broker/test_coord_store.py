@@ -484,3 +484,79 @@ def test_waiters_that_left_are_pruned(store: Store, clock: FakeClock) -> None:
     assert live == [{"ok": True, "value": "x"}]
     assert store.prune_waiters() == 0
     assert store._queues == {}
+
+
+class BarrierMachine(RuleBasedStateMachine):
+    """Arrivals, departures and timeouts at a barrier of 3: each round that passes hands
+    out indexes 0, 1, 2 exactly once; once broken, every waiter got the error, nobody
+    passes again, and a member that left is never answered."""
+
+    OWNERS = st.integers(min_value=1, max_value=6)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = FakeClock()
+        self.store = Store(self.clock, require_ttl=False)
+        self.waiting: dict[int, Ticket] = {}
+        self.round: list[int] = []  # indexes answered in the current round
+        self.rounds: list[list[int]] = []
+        self.broken = False
+        self.errors = 0
+        self.gone: set[Ticket] = set()
+
+    def _passed(self, index: int) -> None:
+        assert not self.broken
+        self.round.append(index)
+        if len(self.round) == 3:
+            self.rounds.append(sorted(self.round))
+            self.round = []
+
+    @rule(owner=OWNERS, timeout=st.sampled_from([None, 1.0]))
+    def arrive(self, owner: int, timeout: float | None) -> None:
+        if owner in self.waiting:
+            return
+        code, result = attempt(lambda: self.store.barrier("b", 3, owner=owner, timeout=timeout))
+        if code is not None:
+            assert code == "barrier_broken"
+            assert self.broken
+            return
+        if isinstance(result, dict):
+            self._passed(result["index"])
+            return
+
+        def done(t: Ticket, owner: int = owner) -> None:
+            assert t not in self.gone
+            assert t.result is not None
+            self.waiting.pop(owner, None)
+            if t.result["ok"]:
+                self._passed(t.result["index"])
+            else:
+                if t.result["error"] == "barrier_broken":
+                    self.errors += 1
+                self.broken = True
+
+        result.on_done = done
+        self.waiting[owner] = result
+
+    @rule(owner=OWNERS)
+    def leave(self, owner: int) -> None:
+        ticket = self.waiting.pop(owner, None)
+        if ticket is not None:
+            self.gone.add(ticket)
+            self.broken = True
+        self.store.release_owner(owner, f"member {owner} left")
+
+    @rule()
+    def advance(self) -> None:
+        self.clock.advance(1.0)
+        self.store.expire_due()
+
+    @invariant()
+    def rounds_are_whole(self) -> None:
+        assert all(r == [0, 1, 2] for r in self.rounds)
+        if self.broken:
+            assert not self.waiting or all(not t.waiting for t in self.waiting.values())
+
+
+BarrierMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)
+test_barrier_machine = BarrierMachine.TestCase
