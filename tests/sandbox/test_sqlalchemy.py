@@ -349,3 +349,24 @@ async def test_ddl_in_one_sandbox_does_not_leave_stale_statements(
     await adb.close_sandbox()  # the DDL is rolled back
     async with adb.sandboxed(), aengine.connect() as conn:
         assert len((await conn.execute(query)).keys()) == 3
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_pool_pre_ping_engines(sandbox_dsn: str, driver: str, outside: Any) -> None:
+    # The dialect pings before the checkout event, from inside its own coroutines.
+    eng = create_async_engine(sqlalchemy_url(sandbox_dsn, driver), pool_pre_ping=True)
+    ctl: Any = sandbox(eng, mode="sandbox")
+    try:
+        async with ctl.sandboxed():
+            for i in range(3):
+                async with AsyncSession(eng) as session:
+                    session.add(Item(name=f"p{i}"))
+                    await session.commit()
+            async with AsyncSession(eng) as session:
+                assert len((await session.scalars(select(Item))).all()) == 3
+        assert count_outside(outside) == 0
+    finally:
+        await ctl.close()
+        ctl.remove()
+        await eng.dispose()

@@ -182,3 +182,56 @@ class AsyncpgVirtual(Virtual):
 
     async def reload_schema_state(self) -> None:
         await (await self._abind()).reload_schema_state()
+
+    # The dialect calls these from coroutines it awaits (e.g. its pre-ping runs before the
+    # checkout event), where a sync bind could not wait for the sandbox: bind here.
+
+    def transaction(self, **options: Any) -> _LazyTransaction:
+        target = self._target
+        if target is not None:
+            return target.transaction(**options)  # type: ignore[no-any-return]
+        return _LazyTransaction(self, options)
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await (await self._abind()).execute(*args, **kwargs)
+
+    async def executemany(self, *args: Any, **kwargs: Any) -> Any:
+        return await (await self._abind()).executemany(*args, **kwargs)
+
+    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+        return await (await self._abind()).fetch(*args, **kwargs)
+
+    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
+        return await (await self._abind()).fetchrow(*args, **kwargs)
+
+    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
+        return await (await self._abind()).fetchval(*args, **kwargs)
+
+    async def prepare(self, *args: Any, **kwargs: Any) -> Any:
+        return await (await self._abind()).prepare(*args, **kwargs)
+
+
+class _LazyTransaction:
+    """``transaction()`` of a not yet bound virtual connection: binds when started."""
+
+    def __init__(self, virtual: AsyncpgVirtual, options: dict[str, Any]) -> None:
+        self._virtual = virtual
+        self._options = options
+        self._real: Any = None
+
+    async def start(self) -> None:
+        self._real = (await self._virtual._abind()).transaction(**self._options)
+        await self._real.start()
+
+    async def commit(self) -> None:
+        await self._real.commit()
+
+    async def rollback(self) -> None:
+        await self._real.rollback()
+
+    async def __aenter__(self) -> _LazyTransaction:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: Any, e: Any, tb: Any) -> None:
+        await self._real.__aexit__(et, e, tb)
