@@ -162,3 +162,12 @@ async def test_normal_mode_is_the_pool(pool: Any, outside: Any) -> None:
         await conn.execute("INSERT INTO item (name) VALUES ('real')")
     assert count_outside(outside) == 1
     outside.execute("DELETE FROM item")
+
+
+async def test_session_advisory_locks_do_not_outlive_the_sandbox(db: AsyncpgPoolSandbox) -> None:
+    held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    await db.fetchval("SELECT pg_advisory_lock(4242)")  # session-level: survives ROLLBACK
+    assert await db.fetchval(held) == 1
+    await db.close_sandbox()
+    async with db.sandboxed():  # the same connection, kept between sandboxes
+        assert await db.fetchval(held) == 0

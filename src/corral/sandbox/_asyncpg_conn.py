@@ -150,6 +150,8 @@ class AsyncpgSandboxConnection:
         None (``fetchval("BEGIN")`` is None in asyncpg too).
         """
         self._usable()
+        if "advisory" in query or "ADVISORY" in query:
+            self._box.advisory = True
         stmts = _classify_script(query)
         if len(stmts) == 1 and stmts[0].kind is Kind.OTHER:
             return await self._statement(stmts[0], query, run)
