@@ -17,9 +17,10 @@ from typing import Any
 
 from asyncpg import exceptions as pgexc
 
-from corral.errors import SandboxBroken, SandboxBusy, SandboxError
+from corral.errors import SandboxBroken, SandboxError
 from corral.sandbox._asyncpg_conn import AsyncpgSandboxConnection
-from corral.sandbox._controller import AsyncSandboxController, BoxBase
+from corral.sandbox._boxes import AsyncBoxController
+from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._messages import LOST_NOTE
 from corral.sandbox._plan import DEFERRABLE_QUERY, Step
@@ -28,7 +29,6 @@ __all__ = ["AsyncpgPoolSandbox", "AsyncpgSandboxBase"]
 
 logger = logging.getLogger("corral.sandbox.asyncpg")
 
-_OPEN_ATTEMPTS = 3
 #: Prepared statements kept per connection (asyncpg's own statement cache default).
 _STATEMENTS = 100
 #: Errors that mean the connection itself is gone.
@@ -164,6 +164,17 @@ class _Box(BoxBase):
 
     # ------------------------------------------------------------------ closing
 
+    async def abort(self) -> None:
+        """Kill the connection (a checkout never came back; the sandbox closes anyway)."""
+        if not _closed(self.real):
+            self.real.terminate()
+
+    async def rolled_back(self) -> None:
+        """After a ROLLBACK TO of a sandbox level: not failed, and DDL undone."""
+        self.inerror = False
+        if self.schema_changed:
+            await self.reload_schema()
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -191,8 +202,10 @@ class _Box(BoxBase):
         await self.controller._give(self.holder)
 
 
-class AsyncpgSandboxBase(AsyncSandboxController[_Box]):
+class AsyncpgSandboxBase(AsyncBoxController[_Box]):
     """Sandbox operations over asyncpg connections, wherever they come from."""
+
+    _dead_errors = _DEAD
 
     async def _take(self) -> _Real:
         raise NotImplementedError
@@ -200,78 +213,12 @@ class AsyncpgSandboxBase(AsyncSandboxController[_Box]):
     async def _give(self, real: _Real) -> None:
         raise NotImplementedError
 
-    async def _open_box(self) -> _Box:
-        last: BaseException | None = None
-        for _ in range(_OPEN_ATTEMPTS):
-            real = await self._take()
-            box = _Box(self, real)
-            try:
-                await box.open()
-            except _DEAD as exc:
-                # A connection that died while idle: discard it, take another.
-                last = exc
-                logger.info("discarding a dead connection while opening a sandbox: %s", exc)
-                if not _closed(real.conn):
-                    real.conn.terminate()
-                await self._give(real)
-                continue
-            self._learn(box.plan)
-            return box
-        raise SandboxBroken(
-            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
-        ) from last
+    def _new_box(self, real: _Real) -> _Box:
+        return _Box(self, real)
 
-    async def create_sandbox(self, *, nest: bool = True) -> None:
-        if not self.sandboxing:
-            return
-        outer = self._router.owned()
-        if outer is not None and nest:
-            await outer.lock.acquire(self.checkout_timeout)
-            try:
-                await outer.run(outer.plan.push_sandbox())
-            finally:
-                outer.lock.release()
-            return
-        box = await self._open_box()
-        box.previous = outer
-        self._router.set(box)
-
-    async def close_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box = self._owned()
-        busy: SandboxBusy | None = None
-        try:
-            await box.lock.acquire(self.checkout_timeout)
-        except SandboxBusy as exc:
-            busy = exc  # close anyway: a leaked checkout must not leak the sandbox
-            if not _closed(box.real):
-                box.real.terminate()
-        try:
-            if box.plan.depth > 1 and busy is None and box.broken is None:
-                await box.run(box.plan.pop_sandbox())
-                if box.schema_changed:
-                    await box.reload_schema()
-                return
-            await box.close()
-            self._forget(box)
-        finally:
-            box.lock.release()
-        if busy is not None:
-            raise busy
-
-    async def restore_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box = self._owned()
-        await box.lock.acquire(self.checkout_timeout)
-        try:
-            await box.run(box.plan.restore())
-            box.inerror = False
-            if box.schema_changed:
-                await box.reload_schema()
-        finally:
-            box.lock.release()
+    async def _discard(self, real: _Real) -> None:
+        if not _closed(real.conn):
+            real.conn.terminate()
 
     async def _checkout(self, timeout: float | None, *, pooled: bool = True) -> Any:
         box = self._route()

@@ -16,8 +16,9 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
-from corral.errors import SandboxBroken, SandboxBusy, SandboxError
-from corral.sandbox._controller import AsyncSandboxController, BoxBase
+from corral.errors import SandboxBroken, SandboxError
+from corral.sandbox._boxes import AsyncBoxController
+from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._plan import Step
 from corral.sandbox._psycopg_async_conn import AsyncSandboxConnection
@@ -29,8 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("corral.sandbox.psycopg")
-
-_OPEN_ATTEMPTS = 3
 
 
 class _Box(BoxBase):
@@ -105,6 +104,13 @@ class _Box(BoxBase):
 
     # ------------------------------------------------------------------ closing
 
+    async def abort(self) -> None:
+        """Kill the connection (a checkout never came back; the sandbox closes anyway)."""
+        await self.real.close()
+
+    async def rolled_back(self) -> None:
+        """After a ROLLBACK TO of a sandbox level: nothing to refresh for psycopg."""
+
     async def close(self) -> None:
         if self.closed:
             return
@@ -124,7 +130,7 @@ class _Box(BoxBase):
         await self.controller._give(real)
 
 
-class _Controller(AsyncSandboxController[_Box]):
+class _Controller(AsyncBoxController[_Box]):
     """Sandbox operations common to the async pool and factory adapters."""
 
     async def _take(self) -> psycopg.AsyncConnection[Any]:
@@ -133,71 +139,14 @@ class _Controller(AsyncSandboxController[_Box]):
     async def _give(self, real: psycopg.AsyncConnection[Any]) -> None:
         raise NotImplementedError
 
-    async def _open_box(self) -> _Box:
-        last: BaseException | None = None
-        for _ in range(_OPEN_ATTEMPTS):
-            real = await self._take()
-            box = _Box(self, real)
-            try:
-                await box.open()
-            except psycopg.OperationalError as exc:
-                last = exc
-                logger.info("discarding a dead connection while opening a sandbox: %s", exc)
-                if not real.closed:
-                    await real.close()
-                await self._give(real)
-                continue
-            self._learn(box.plan)
-            return box
-        raise SandboxBroken(
-            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
-        ) from last
+    _dead_errors = (psycopg.OperationalError,)
 
-    async def create_sandbox(self, *, nest: bool = True) -> None:
-        if not self.sandboxing:
-            return
-        outer = self._router.owned()
-        if outer is not None and nest:
-            await outer.lock.acquire(self.checkout_timeout)
-            try:
-                await outer.run(outer.plan.push_sandbox())
-            finally:
-                outer.lock.release()
-            return
-        box = await self._open_box()
-        box.previous = outer
-        self._router.set(box)
+    def _new_box(self, real: psycopg.AsyncConnection[Any]) -> _Box:
+        return _Box(self, real)
 
-    async def close_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box = self._owned()
-        busy: SandboxBusy | None = None
-        try:
-            await box.lock.acquire(self.checkout_timeout)
-        except SandboxBusy as exc:
-            busy = exc  # close anyway: a leaked checkout must not leak the sandbox
-            await box.real.close()
-        try:
-            if box.plan.depth > 1 and busy is None and box.broken is None:
-                await box.run(box.plan.pop_sandbox())
-                return
-            await box.close()
-            self._forget(box)
-        finally:
-            box.lock.release()
-        if busy is not None:
-            raise busy
-
-    async def restore_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box = self._owned()
-        await box.lock.acquire(self.checkout_timeout)
-        try:
-            await box.run(box.plan.restore())
-        finally:
-            box.lock.release()
+    async def _discard(self, real: psycopg.AsyncConnection[Any]) -> None:
+        if not real.closed:
+            await real.close()
 
     async def _checkout(self, timeout: float | None, **options: Any) -> AsyncSandboxConnection:
         box = self._route()

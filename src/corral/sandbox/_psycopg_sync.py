@@ -16,8 +16,9 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
-from corral.errors import SandboxBroken, SandboxBusy, SandboxError
-from corral.sandbox._controller import BoxBase, SandboxController
+from corral.errors import SandboxBroken, SandboxError
+from corral.sandbox._boxes import BoxController
+from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import OwnerLock
 from corral.sandbox._plan import Step
 from corral.sandbox._psycopg_common import lost_note
@@ -26,8 +27,6 @@ from corral.sandbox._psycopg_sync_conn import SandboxConnection
 __all__ = ["ConnectSandbox", "PoolSandbox"]
 
 logger = logging.getLogger("corral.sandbox.psycopg")
-
-_OPEN_ATTEMPTS = 3
 
 
 class _Box(BoxBase):
@@ -102,6 +101,13 @@ class _Box(BoxBase):
 
     # ------------------------------------------------------------------ closing
 
+    def abort(self) -> None:
+        """Kill the connection (a checkout never came back; the sandbox closes anyway)."""
+        self.real.close()
+
+    def rolled_back(self) -> None:
+        """After a ROLLBACK TO of a sandbox level: nothing to refresh for psycopg."""
+
     def close(self) -> None:
         if self.closed:
             return
@@ -121,7 +127,7 @@ class _Box(BoxBase):
         self.controller._give(real)
 
 
-class _Controller(SandboxController[_Box]):
+class _Controller(BoxController[_Box]):
     """Sandbox operations common to the pool and the factory adapters."""
 
     def _take(self) -> psycopg.Connection[Any]:
@@ -130,72 +136,14 @@ class _Controller(SandboxController[_Box]):
     def _give(self, real: psycopg.Connection[Any]) -> None:
         raise NotImplementedError
 
-    def _open_box(self) -> _Box:
-        last: BaseException | None = None
-        for _ in range(_OPEN_ATTEMPTS):
-            real = self._take()
-            box = _Box(self, real)
-            try:
-                box.open()
-            except psycopg.OperationalError as exc:
-                # A connection that died while idle in the pool: discard it, take another.
-                last = exc
-                logger.info("discarding a dead connection while opening a sandbox: %s", exc)
-                if not real.closed:
-                    real.close()
-                self._give(real)
-                continue
-            self._learn(box.plan)
-            return box
-        raise SandboxBroken(
-            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
-        ) from last
+    _dead_errors = (psycopg.OperationalError,)
 
-    def create_sandbox(self, *, nest: bool = True) -> None:
-        if not self.sandboxing:
-            return
-        outer = self._router.owned()
-        if outer is not None and nest:
-            outer.lock.acquire(self.checkout_timeout)
-            try:
-                outer.run(outer.plan.push_sandbox())
-            finally:
-                outer.lock.release()
-            return
-        box = self._open_box()
-        box.previous = outer
-        self._router.set(box)
+    def _new_box(self, real: psycopg.Connection[Any]) -> _Box:
+        return _Box(self, real)
 
-    def close_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box = self._owned()
-        busy: SandboxBusy | None = None
-        try:
-            box.lock.acquire(self.checkout_timeout)
-        except SandboxBusy as exc:
-            busy = exc  # close anyway: a leaked checkout must not leak the sandbox
-            box.real.close()
-        try:
-            if box.plan.depth > 1 and busy is None and box.broken is None:
-                box.run(box.plan.pop_sandbox())
-                return
-            box.close()
-            self._forget(box)
-        finally:
-            box.lock.release()
-        if busy is not None:
-            raise busy
-
-    def restore_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box = self._owned()
-        box.lock.acquire(self.checkout_timeout)
-        try:
-            box.run(box.plan.restore())
-        finally:
-            box.lock.release()
+    def _discard(self, real: psycopg.Connection[Any]) -> None:
+        if not real.closed:
+            real.close()
 
     def _checkout(self, timeout: float | None, **options: Any) -> SandboxConnection:
         box = self._route()

@@ -1,0 +1,198 @@
+"""The sandbox lifecycle every adapter shares: open (retrying dead connections), nest,
+close, restore — written once, sync and async twins, over each driver's box.
+
+A driver adapter supplies its box (``open``, ``run``, ``close``, ``abort`` — kill the
+connection —, and ``rolled_back``, told after each ROLLBACK TO of a sandbox level) and
+where connections come from (``_take``/``_give``/``_discard``); the order of
+operations, the locking and the error handling live here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, TypeVar
+
+from corral.errors import SandboxBroken, SandboxBusy
+from corral.sandbox._controller import AsyncSandboxController, BoxBase, SandboxController
+
+__all__ = ["AsyncBoxController", "BoxController"]
+
+logger = logging.getLogger("corral.sandbox")
+
+_OPEN_ATTEMPTS = 3
+
+
+B = TypeVar("B", bound=BoxBase)
+
+
+class BoxController(SandboxController[B]):
+    """:class:`SandboxController` operations over boxes of one driver (synchronous)."""
+
+    #: what opening a box on a connection that died while idle raises
+    _dead_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def _take(self) -> Any:
+        raise NotImplementedError
+
+    def _give(self, real: Any) -> None:
+        raise NotImplementedError
+
+    def _new_box(self, real: Any) -> B:
+        raise NotImplementedError
+
+    def _discard(self, real: Any) -> None:
+        """Close a connection found dead (it then goes back through :meth:`_give`)."""
+        raise NotImplementedError
+
+    def _open_box(self) -> B:
+        last: BaseException | None = None
+        for _ in range(_OPEN_ATTEMPTS):
+            real = self._take()
+            box = self._new_box(real)
+            try:
+                box.open()  # type: ignore[attr-defined]
+            except self._dead_errors as exc:
+                # A connection that died while idle in the pool: discard it, take another.
+                last = exc
+                logger.info("discarding a dead connection while opening a sandbox: %s", exc)
+                self._discard(real)
+                self._give(real)
+                continue
+            self._learn(box.plan)
+            return box
+        raise SandboxBroken(
+            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
+        ) from last
+
+    def create_sandbox(self, *, nest: bool = True) -> None:
+        if not self.sandboxing:
+            return
+        outer: Any = self._router.owned()
+        if outer is not None and nest:
+            outer.lock.acquire(self.checkout_timeout)
+            try:
+                outer.run(outer.plan.push_sandbox())
+            finally:
+                outer.lock.release()
+            return
+        box = self._open_box()
+        box.previous = outer
+        self._router.set(box)
+
+    def close_sandbox(self) -> None:
+        if not self.sandboxing:
+            return
+        box: Any = self._owned()
+        busy: SandboxBusy | None = None
+        try:
+            box.lock.acquire(self.checkout_timeout)
+        except SandboxBusy as exc:
+            busy = exc  # close anyway: a leaked checkout must not leak the sandbox
+            box.abort()
+        try:
+            if box.plan.depth > 1 and busy is None and box.broken is None:
+                box.run(box.plan.pop_sandbox())
+                box.rolled_back()
+                return
+            box.close()
+            self._forget(box)
+        finally:
+            box.lock.release()
+        if busy is not None:
+            raise busy
+
+    def restore_sandbox(self) -> None:
+        if not self.sandboxing:
+            return
+        box: Any = self._owned()
+        box.lock.acquire(self.checkout_timeout)
+        try:
+            box.run(box.plan.restore())
+            box.rolled_back()
+        finally:
+            box.lock.release()
+
+
+class AsyncBoxController(AsyncSandboxController[B]):
+    """:class:`AsyncSandboxController` operations over boxes of one driver (asyncio)."""
+
+    _dead_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    async def _take(self) -> Any:
+        raise NotImplementedError
+
+    async def _give(self, real: Any) -> None:
+        raise NotImplementedError
+
+    def _new_box(self, real: Any) -> B:
+        raise NotImplementedError
+
+    async def _discard(self, real: Any) -> None:
+        raise NotImplementedError
+
+    async def _open_box(self) -> B:
+        last: BaseException | None = None
+        for _ in range(_OPEN_ATTEMPTS):
+            real = await self._take()
+            box = self._new_box(real)
+            try:
+                await box.open()  # type: ignore[attr-defined]
+            except self._dead_errors as exc:
+                last = exc
+                logger.info("discarding a dead connection while opening a sandbox: %s", exc)
+                await self._discard(real)
+                await self._give(real)
+                continue
+            self._learn(box.plan)
+            return box
+        raise SandboxBroken(
+            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
+        ) from last
+
+    async def create_sandbox(self, *, nest: bool = True) -> None:
+        if not self.sandboxing:
+            return
+        outer: Any = self._router.owned()
+        if outer is not None and nest:
+            await outer.lock.acquire(self.checkout_timeout)
+            try:
+                await outer.run(outer.plan.push_sandbox())
+            finally:
+                outer.lock.release()
+            return
+        box = await self._open_box()
+        box.previous = outer
+        self._router.set(box)
+
+    async def close_sandbox(self) -> None:
+        if not self.sandboxing:
+            return
+        box: Any = self._owned()
+        busy: SandboxBusy | None = None
+        try:
+            await box.lock.acquire(self.checkout_timeout)
+        except SandboxBusy as exc:
+            busy = exc  # close anyway: a leaked checkout must not leak the sandbox
+            await box.abort()
+        try:
+            if box.plan.depth > 1 and busy is None and box.broken is None:
+                await box.run(box.plan.pop_sandbox())
+                await box.rolled_back()
+                return
+            await box.close()
+            self._forget(box)
+        finally:
+            box.lock.release()
+        if busy is not None:
+            raise busy
+
+    async def restore_sandbox(self) -> None:
+        if not self.sandboxing:
+            return
+        box: Any = self._owned()
+        await box.lock.acquire(self.checkout_timeout)
+        try:
+            await box.run(box.plan.restore())
+            await box.rolled_back()
+        finally:
+            box.lock.release()
