@@ -1,5 +1,6 @@
-"""Coordination that survives crashes, as pure store logic: once, locks, pools, throttles,
-barriers and queues. Mixed into :class:`~corral.broker._store.Store`.
+"""Coordination that survives crashes, as pure store logic: once, throttles, barriers
+and queues, on top of :mod:`~corral.broker._holds` (locks, pools). Mixed into
+:class:`~corral.broker._store.Store`.
 
 Everything held belongs to an owner (a persistent connection) and is freed by
 ``release_owner``; waiters are FIFO :class:`~corral.broker._ticket.Ticket` objects decided
@@ -8,57 +9,13 @@ exactly once; every timer is an entry in the store's one deadline heap.
 
 from __future__ import annotations
 
-import json
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from corral.broker._ticket import ALARM, HOLD, ONCE, TICKET, Clock, Owner, Refused, Ticket
+from corral.broker._holds import Holds, Who, _Hold, describe
+from corral.broker._ticket import ALARM, HOLD, ONCE, TICKET, Owner, Refused, Ticket
 
 __all__ = ["Coordination", "describe"]
-
-Who = dict[str, Any] | None
-
-
-class _Hold:
-    """A lock or a pool item held by someone; ``token`` is its fencing token."""
-
-    __slots__ = ("deadline", "item", "kind", "name", "owner", "seq", "since", "token", "who")
-
-    def __init__(
-        self,
-        kind: str,
-        name: str,
-        item: int,
-        token: int,
-        owner: Owner,
-        who: Who,
-        since: float,
-        deadline: float | None,
-    ) -> None:
-        self.kind = kind
-        self.name = name
-        self.item = item
-        self.token = token
-        self.owner = owner
-        self.who = who
-        self.since = since
-        self.deadline = deadline
-        self.seq = 0
-
-
-class _Resource:
-    """A lock (one anonymous item) or a declared pool: items, free list, holders."""
-
-    __slots__ = ("canonical", "free", "holds", "items", "kind", "name", "qname")
-
-    def __init__(self, kind: str, name: str, items: list[Any], canonical: str) -> None:
-        self.kind = kind
-        self.name = name
-        self.items = items
-        self.canonical = canonical
-        self.free: deque[int] = deque(range(len(items)))
-        self.holds: dict[int, _Hold] = {}  # token -> hold
-        self.qname = f"{kind}\0{name}"
 
 
 class _Once:
@@ -89,185 +46,17 @@ class _Barrier:
         self.broken: str | None = None
 
 
-def describe(who: Who) -> str:
-    """``pid 123 (worker gw1)`` for a status ``who``; for reasons and messages."""
-    if not who:
-        return "a one-shot client"
-    text = f"session {who.get('session')}" if who.get("pid") is None else f"pid {who['pid']}"
-    if who.get("worker"):
-        text += f" (worker {who['worker']})"
-    return text
-
-
-class Coordination:
-    """The coordination half of the store (a mixin: the base provides the heap, the
-    tickets, ownership and keys)."""
-
-    if TYPE_CHECKING:  # provided by Store
-        clock: Clock
-        wall: Clock
-        default_ttl: float
-        max_items: int
-        max_value_size: int
-        _owned: dict[Owner, set[tuple[int, Any]]]
-        _queues: dict[str, deque[Ticket]]
-        _data: dict[str, Any]
-
-        def _push(self, deadline: float, kind: int, ref: Any) -> int: ...
-        def _retire(self, ref: Any) -> None: ...
-        def enqueue(self, ticket: Ticket, timeout: float | None = None) -> None: ...
-        def next_waiter(self, name: str) -> Ticket | None: ...
-        def waiters(self, name: str) -> list[Ticket]: ...
-        def live_entry(self, key: str) -> Any: ...
-        def set(
-            self,
-            key: str,
-            value: Any,
-            *,
-            ttl: float | None = None,
-            compressed: bool = False,
-            size: int = 0,
-        ) -> None: ...
+class Coordination(Holds):
+    """The coordination half of the store: locks and pools (:class:`Holds`), once,
+    barriers, throttles, work queues, and their status."""
 
     def _reset_coordination(self) -> None:
-        self._resources: dict[tuple[str, str], _Resource] = {}
-        self._fences: dict[tuple[str, str], int] = {}
+        self._reset_holds()
         self._onces: dict[str, _Once] = {}
         self._barriers: dict[str, _Barrier] = {}
         self._throttles: dict[str, deque[float]] = {}
         self._work: dict[str, deque[Any]] = {}
         self._alarms: dict[Ticket, None] = {}  # throttle waiters, granted by the clock
-
-    def _own(self, owner: Owner, kind: int, ref: Any) -> None:
-        if owner is not None:
-            self._owned.setdefault(owner, set()).add((kind, ref))
-
-    def _disown(self, owner: Owner, kind: int, ref: Any) -> None:
-        if owner is not None:
-            held = self._owned.get(owner)
-            if held is not None:
-                held.discard((kind, ref))
-
-    def _wait(
-        self,
-        qname: str,
-        kind: str,
-        label: str,
-        owner: Owner,
-        who: Who,
-        timeout: float | None,
-        data: Any = None,
-    ) -> Ticket:
-        if timeout == 0:
-            raise Refused("timeout", f"{kind} {label!r} is not available and timeout=0")
-        ticket = Ticket(qname, owner, self.clock(), kind=kind, label=label, who=who, data=data)
-        self.enqueue(ticket, timeout)
-        return ticket
-
-    def _has_waiters(self, qname: str) -> bool:
-        queue = self._queues.get(qname)
-        while queue:
-            if queue[0].waiting:
-                return True
-            queue.popleft()
-        return False
-
-    # ------------------------------------------------------------------ locks, pools
-
-    def declare_pool(self, name: str, items: list[Any]) -> bool:
-        """Declare pool *name* of JSON *items*; True when this call created it.
-
-        :raises Refused: ``pool_conflict`` (declared before with other items),
-            ``bad_request`` (no items).
-        """
-        if not items:
-            raise Refused("bad_request", f"pool {name!r} needs at least one item")
-        canonical = json.dumps(items, sort_keys=True, separators=(",", ":"))
-        current = self._resources.get(("pool", name))
-        if current is not None:
-            if current.canonical == canonical:
-                return False
-            raise Refused(
-                "pool_conflict",
-                f"pool {name!r} was declared with {current.canonical}, not {canonical}",
-            )
-        self._resources[("pool", name)] = _Resource("pool", name, list(items), canonical)
-        return True
-
-    def acquire(
-        self,
-        kind: str,
-        name: str,
-        *,
-        owner: Owner = None,
-        who: Who = None,
-        ttl: float | None = None,
-        timeout: float | None = None,
-    ) -> dict[str, Any] | Ticket:
-        """Take the lock *name* (``kind="lock"``) or a free item of pool *name*.
-
-        Granted at once when free and nobody queues before us (FIFO: a newcomer never
-        overtakes a waiter), else a :class:`Ticket` granted later.
-
-        :param ttl: seconds after which the claim is freed even if still held; None
-            means until released, or until *owner* disconnects (for a one-shot client,
-            which owns nothing, the default TTL).
-        :param timeout: seconds to wait (0: do not wait; None: forever).
-        :raises Refused: ``not_found`` (undeclared pool), ``timeout`` (busy, timeout=0).
-        """
-        res = self._resources.get((kind, name))
-        if res is None:
-            if kind != "lock":
-                raise Refused(
-                    "not_found", f"pool {name!r} was never declared: call pool(name, items) first"
-                )
-            res = self._resources[(kind, name)] = _Resource(kind, name, [None], "lock")
-        if res.free and not self._has_waiters(res.qname):
-            return self._grant_item(res, res.free.popleft(), owner, who, ttl)
-        return self._wait(res.qname, kind, name, owner, who, timeout, data=ttl)
-
-    def _grant_item(
-        self, res: _Resource, item: int, owner: Owner, who: Who, ttl: float | None
-    ) -> dict[str, Any]:
-        key = (res.kind, res.name)
-        token = self._fences[key] = self._fences.get(key, 0) + 1
-        now = self.clock()
-        if ttl is None and owner is None:
-            ttl = self.default_ttl  # nobody would free it on disconnect: TTL-only semantics
-        hold = _Hold(res.kind, res.name, item, token, owner, who, now, None)
-        if ttl is not None:
-            hold.deadline = now + ttl
-            hold.seq = self._push(hold.deadline, HOLD, hold)
-        res.holds[token] = hold
-        self._own(owner, HOLD, hold)
-        return {"ok": True, "token": token, "item": item, "value": res.items[item]}
-
-    def unhold(self, kind: str, name: str, token: int) -> bool:
-        """Free the claim with fencing *token*; False when it was not held any more."""
-        res = self._resources.get((kind, name))
-        hold = res.holds.get(token) if res is not None else None
-        if hold is None:
-            return False
-        self._drop_hold(hold)
-        return True
-
-    def _drop_hold(self, hold: _Hold) -> None:
-        res = self._resources[(hold.kind, hold.name)]
-        del res.holds[hold.token]
-        self._disown(hold.owner, HOLD, hold)
-        if hold.seq:
-            self._retire(hold)
-        # Hand the item to the first waiter still waiting, else back to the free list.
-        while True:
-            ticket = self.next_waiter(res.qname)
-            if ticket is None:
-                break
-            grant = self._grant_item(res, hold.item, ticket.owner, ticket.who, ticket.data)
-            ticket.set(grant)  # a waiting ticket: always decided here
-            return
-        res.free.append(hold.item)
-        if res.kind == "lock" and not res.holds:
-            del self._resources[(res.kind, res.name)]  # the fence counter stays
 
     # ------------------------------------------------------------------ once
 
