@@ -52,10 +52,32 @@ def test_same_names_and_parameters(sync: type, async_: type) -> None:
             assert list(sig_s.parameters) == list(sig_a.parameters), name
 
 
-@pytest.mark.parametrize("cls", [AsyncPoolSandbox, AsyncConnectSandbox], ids=lambda c: c.__name__)
+def _async_controllers() -> list[type]:
+    from corral.sandbox import AsyncpgPoolSandbox
+    from corral.sandbox._sqlalchemy_asyncpg import AsyncpgEngineSandbox
+    from corral.sandbox._sqlalchemy_psycopg import PsycopgAsyncEngineSandbox
+
+    return [
+        AsyncPoolSandbox,
+        AsyncConnectSandbox,
+        AsyncpgPoolSandbox,
+        PsycopgAsyncEngineSandbox,
+        AsyncpgEngineSandbox,
+    ]
+
+
+@pytest.mark.parametrize("cls", _async_controllers(), ids=lambda c: c.__name__)
 def test_async_controllers_are_awaited(cls: type) -> None:
     assert cls.is_async  # type: ignore[attr-defined]
     for name in ("create_sandbox", "close_sandbox", "restore_sandbox"):
         assert inspect.iscoroutinefunction(getattr(cls, name)), name
     for name in ("allow", "share", "unshare"):  # routing never does I/O
         assert not inspect.iscoroutinefunction(getattr(cls, name)), name
+
+
+def test_the_engine_controllers_keep_the_plugin_contract() -> None:
+    from corral.sandbox import EngineSandbox
+
+    assert not EngineSandbox.is_async
+    for name in ("create_sandbox", "close_sandbox", "restore_sandbox", "sandboxed"):
+        assert not inspect.iscoroutinefunction(getattr(EngineSandbox, name)), name
