@@ -263,9 +263,13 @@ def test_an_engine_with_its_own_creator_is_refused_clearly(sandbox_dsn: str, out
         eng.dispose()
 
 
-def test_other_dialects_are_refused() -> None:
+def test_other_dialects_and_sessions_are_refused(engine: sqlalchemy.Engine) -> None:
     with pytest.raises(TypeError, match=r"postgresql\+psycopg"):
         sandbox(sqlalchemy.create_engine("sqlite://"), mode="sandbox")
+    with pytest.raises(TypeError, match=r"sandbox\(engine\)"):
+        sandbox(sessionmaker(bind=engine), mode="sandbox")
+    with pytest.raises(TypeError, match="engine your sessions are bound to"):
+        sandbox(Session(engine), mode="sandbox")
 
 
 # --------------------------------------------------------------------------- async ORM

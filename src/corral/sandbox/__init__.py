@@ -193,10 +193,9 @@ def sandbox(
     if root == "sqlalchemy":
         from corral.sandbox._sqlalchemy import sandbox_engine
 
-        controller: SandboxController[Any] | AsyncSandboxController[Any] | None
+        controller: SandboxController[Any] | AsyncSandboxController[Any]
         controller = sandbox_engine(handle, mode=mode, **options)
-        if controller is not None:
-            return controller
+        return controller
     if root == "psycopg_pool":
         from psycopg_pool import AsyncConnectionPool, ConnectionPool
 

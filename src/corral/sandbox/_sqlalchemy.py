@@ -44,16 +44,23 @@ _BYPASSED = "corral_bypassed_do_connect"
 
 
 def sandbox_engine(handle: Any, *, mode: str | None = None, **options: Any) -> Any:
-    """The controller for an ``Engine`` / ``AsyncEngine``; None for other SQLAlchemy objects.
+    """The controller for an ``Engine`` / ``AsyncEngine``, sandboxed in place.
 
-    :raises TypeError: the engine's dialect is not one corral supports.
+    :raises TypeError: another SQLAlchemy object (a session, a sessionmaker...), or an
+        engine whose dialect corral does not support.
     """
     if isinstance(handle, AsyncEngine):
         engine = handle.sync_engine
     elif isinstance(handle, Engine):
         engine = handle
     else:
-        return None
+        bind = getattr(handle, "bind", None) or getattr(handle, "kw", {}).get("bind")
+        hint = f" (here: sandbox({bind!r}))" if bind is not None else ""
+        raise TypeError(
+            f"corral sandboxes SQLAlchemy engines, not a {type(handle).__qualname__}: "
+            f"call sandbox(engine) on the engine your sessions are bound to{hint}; "
+            "sessions and sessionmakers bound to it then need no change"
+        )
     dialect = engine.dialect
     name = f"{dialect.name}+{dialect.driver}"
     # Each driver's module imports that driver: only the engine's own is needed.
