@@ -365,3 +365,32 @@ def test_large_values_are_compressed_through_once_and_add(broker: Broker) -> Non
         assert b.get("big") == big
         assert a.add("big-too", big, ttl=60) is True
         assert b.get("big-too") == big
+
+
+def test_an_interrupted_compute_hands_the_claim_to_a_waiter(broker: Broker) -> None:
+    with Client(broker.path) as a, Client(broker.path) as b:
+        started, stop = threading.Event(), threading.Event()
+        outcome: list[Any] = []
+
+        def interrupted() -> Any:
+            started.set()
+            stop.wait(10)
+            raise KeyboardInterrupt  # Ctrl-C: not a failure of compute
+
+        def first() -> None:
+            try:
+                a.once("k", interrupted, ttl=60)
+            except KeyboardInterrupt:
+                outcome.append("interrupted")
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        assert started.wait(10)
+        second = threading.Thread(target=lambda: outcome.append(b.once("k", lambda: "b")))
+        second.start()
+        _poll(lambda: _waiters(a, "k") == 1)
+        stop.set()
+        thread.join(10)
+        second.join(10)
+        assert outcome == ["interrupted", "b"]  # elected, not failed
+        assert a.once("k", lambda: "never") == "b"
