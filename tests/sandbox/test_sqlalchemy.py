@@ -263,6 +263,15 @@ def test_an_engine_with_its_own_creator_is_refused_clearly(sandbox_dsn: str, out
         eng.dispose()
 
 
+def test_one_controller_per_engine(engine: sqlalchemy.Engine) -> None:
+    first: Any = sandbox(engine, mode="normal")
+    with pytest.raises(SandboxError, match="already sandboxed"):
+        sandbox(engine, mode="sandbox")
+    first.remove()
+    second: Any = sandbox(engine, mode="sandbox")
+    second.remove()
+
+
 def test_other_dialects_and_sessions_are_refused(engine: sqlalchemy.Engine) -> None:
     with pytest.raises(TypeError, match=r"postgresql\+psycopg"):
         sandbox(sqlalchemy.create_engine("sqlite://"), mode="sandbox")

@@ -19,6 +19,7 @@ Everything bound to the engine (``Session(engine)``, ``sessionmaker``, ``AsyncSe
 from __future__ import annotations
 
 import logging
+import weakref
 from contextvars import ContextVar
 from typing import Any
 
@@ -41,6 +42,8 @@ logger = logging.getLogger("corral.sandbox.sqlalchemy")
 _REAL: ContextVar[bool] = ContextVar("corral_sqlalchemy_real", default=False)
 #: ``record.info`` key: a real connection made in sandbox mode (do_connect was bypassed).
 _BYPASSED = "corral_bypassed_do_connect"
+#: engine -> its controller: two controllers hooking one engine would fight over it.
+_ENGINES: weakref.WeakKeyDictionary[Engine, EngineHooks] = weakref.WeakKeyDictionary()
 
 
 def sandbox_engine(handle: Any, *, mode: str | None = None, **options: Any) -> Any:
@@ -89,6 +92,14 @@ class EngineHooks(BaseController[Any]):
     def _hook(self, handle: Engine | AsyncEngine, max_idle: int) -> None:
         self.engine = handle
         self.sync_engine: Engine = handle.sync_engine if isinstance(handle, AsyncEngine) else handle
+        existing = _ENGINES.get(self.sync_engine)
+        if existing is not None:
+            raise SandboxError(
+                f"{self.sync_engine!r} is already sandboxed by {existing!r}: keep using that "
+                "controller (create it once, e.g. at conftest import), or call its remove() "
+                "first"
+            )
+        _ENGINES[self.sync_engine] = self
         self.max_idle = max_idle
         self._real_pool: Pool | None = None
         self._idle: list[PoolProxiedConnection] = []
@@ -120,7 +131,9 @@ class EngineHooks(BaseController[Any]):
         self._installed = True
 
     def remove(self) -> None:
-        """Unhook the engine (and return the kept real connections): normal for good."""
+        """Unhook the engine: it is a plain engine again (close() the kept connections)."""
+        if _ENGINES.get(self.sync_engine) is self:
+            del _ENGINES[self.sync_engine]
         if self._installed:
             engine = self.sync_engine
             event.remove(engine, "do_connect", self._on_do_connect)
