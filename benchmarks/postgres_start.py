@@ -9,6 +9,7 @@ Targets: warm start <= 0.5 s, stop <= 0.5 s, clone <= 50 ms (medians).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import statistics
@@ -110,7 +111,8 @@ def bench_pgserver(rounds: int) -> dict[str, list[float]] | None:
         return None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from pgserver import get_server  # type: ignore[attr-defined]
+        # Through importlib: pgserver is optional and its stubs differ by version.
+        get_server = importlib.import_module("pgserver").get_server
 
     results: dict[str, list[float]] = {"start (cold)": [], "stop": [], "start (warm)": []}
     base = Path(tempfile.mkdtemp(prefix="bench-pgserver-", dir="/tmp"))
