@@ -73,6 +73,7 @@ class AsyncOwnerLock:
         self._lock = asyncio.Lock()
         self._holder: asyncio.Task[object] | None = None
         self._depth = 0
+        self._waiting = 0
 
     @property
     def holder(self) -> asyncio.Task[object] | None:
@@ -83,12 +84,20 @@ class AsyncOwnerLock:
         if me is not None and self._holder is me:
             self._depth += 1
             return
-        try:
-            async with asyncio.timeout(timeout):
-                await self._lock.acquire()
-        except TimeoutError:
-            assert timeout is not None
-            raise _busy(self._holder, timeout) from None
+        if not self._lock.locked() and not self._waiting:
+            # Free and nobody queued: the acquire cannot wait, so it needs no timer
+            # (an asyncio.timeout costs more than the rest of a checkout).
+            await self._lock.acquire()
+        else:
+            self._waiting += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._lock.acquire()
+            except TimeoutError:
+                assert timeout is not None
+                raise _busy(self._holder, timeout) from None
+            finally:
+                self._waiting -= 1
         self._holder = me
         self._depth = 1
 
