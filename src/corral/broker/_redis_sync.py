@@ -1,0 +1,407 @@
+"""The blocking Redis client: executes the flows of :mod:`corral.broker._redis_flows`.
+
+A daemon thread keeps its session alive; waits block in BLPOP on a second connection pool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import weakref
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from corral.broker import _redis_flows as flows
+from corral.broker._flows import MISSING
+from corral.broker._redis_base import (
+    RedisBase,
+    T,
+    health,
+    import_redis,
+    log,
+    lost,
+    mapped,
+    metrics,
+    redact,
+)
+from corral.broker._redis_scripts import scripts
+from corral.broker._redis_session import SyncSession
+from corral.errors import BrokerError, BrokerRequestError, BrokerUnavailable
+
+if TYPE_CHECKING:
+    import redis as redis_py
+
+__all__ = ["RedisClient"]
+
+
+class RedisClient(RedisBase):
+    """A blocking client of a corral run on Redis: the full broker client API.
+
+    :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS) or
+        ``unix:///path/redis.sock``; default ``$CORRAL_BROKER_URL``.
+    :param secret: the Redis password when the URL carries none.
+    :param timeout: seconds to wait for each answer (and to connect).
+    :param run_id: the run's name, shared by every machine of the run; default
+        ``$CORRAL_RUN_ID``. Keys live under ``corral:{RUN_ID}:``.
+    :param session_ttl: seconds after which a client that stopped heartbeating (killed,
+        frozen) loses what it holds; the heartbeat runs every ``session_ttl / 3``.
+        Default ``$CORRAL_SESSION_TTL``, else 5.
+    :param default_ttl: TTL of keys and leases set without one (the broker's 30 minutes).
+    :param worker_id: shown by :meth:`status`; default ``$PYTEST_XDIST_WORKER``.
+    :param compress_threshold: accepted for parity with :class:`~corral.broker.Client`;
+        Redis stores values as plain JSON.
+    :raises ValueError: no Redis URL or no run id.
+
+    Thread-safe (one session per process, shared by its threads) and fork-aware (a child
+    gets its own session).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        secret: str | bytes | None = None,
+        timeout: float = 5.0,
+        *,
+        run_id: str | None = None,
+        session_ttl: float | None = None,
+        default_ttl: float = 1800.0,
+        worker_id: str | None = None,
+        compress_threshold: int | None = None,
+    ) -> None:
+        super().__init__(url, secret, timeout, run_id, session_ttl, default_ttl, worker_id)
+        redis = import_redis()
+        self._redis_error: type[Exception] = redis.RedisError
+        self._r: redis_py.Redis = redis.Redis.from_url(self.url, **self._options(False))
+        self._rb: redis_py.Redis = redis.Redis.from_url(self.url, **self._options(True))
+        self._scripts = {name: self._r.register_script(src) for name, src in scripts().items()}
+        self._session = SyncSession(self._beat, self.session_ttl)
+        # Ends the session at interpreter exit too, so a worker that forgot close()
+        # frees its claims at once instead of after session_ttl.
+        self._finalizer = weakref.finalize(self, self._session.end)
+
+    # ------------------------------------------------------------------ key/value
+
+    def ping(self) -> float:
+        """Round-trip latency to Redis, in milliseconds."""
+        started = time.perf_counter()
+        self._call(lambda: self._r.ping())
+        return (time.perf_counter() - started) * 1000.0
+
+    def get(self, key: str, default: Any = MISSING) -> Any:
+        """The value of *key*, or *default* when it is missing or expired.
+
+        :raises KeyNotFound: no *default* and the key never existed or expired.
+        """
+        return self._run(flows.get(self.prefix, key, default))
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
+        """Store a JSON value under *key* for *ttl* seconds (``default_ttl`` if None).
+
+        :raises TypeError: *value* is not JSON-serialisable (nothing was sent).
+        :raises InvalidTTL: *ttl* is not a positive number.
+        """
+        self._run(flows.set_(key, value, ttl, self._default_ms))
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        """Set *key* only if it is absent, atomically; True when this call set it."""
+        return bool(self._run(flows.set_(key, value, ttl, self._default_ms, nx=True)))
+
+    def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        """Add *amount* to the integer at *key* (created at 0) and return the result.
+
+        A new counter gets *ttl* or ``default_ttl``; an existing one keeps its TTL unless
+        *ttl* is given. :raises InvalidRequest: the value is not an integer.
+        """
+        return int(self._run(flows.incr(key, amount, ttl, self._default_ms)))
+
+    def delete(self, key: str) -> bool:
+        """Remove *key*; True when it existed."""
+        return bool(self._run(flows.delete(key)))
+
+    def keys(self) -> list[str]:
+        """The run's live keys."""
+        return list(self._run(flows.keys()))
+
+    # ------------------------------------------------------------------ leases
+
+    def lease(self, key: str, worker_id: str, ttl: float | None = None) -> int:
+        """Lease the smallest free integer under *key* for *worker_id* (renews its own).
+
+        Freed by :meth:`release`, when its TTL passes, or when this client's session ends.
+
+        :raises LeaseError: *worker_id* already leases under another key.
+        """
+        return int(self._owned(lambda sid: flows.lease(sid, key, worker_id, ttl, self._default_ms)))
+
+    def release(self, worker_id: str) -> bool:
+        """Free *worker_id*'s lease; True when it held one."""
+        return bool(self._run(flows.release(worker_id)))
+
+    # ------------------------------------------------------------------ coordination
+
+    def once(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The value of *key*, computed by exactly one caller in the whole run.
+
+        The others wait for it (up to *timeout* seconds). The value is stored under *key*
+        for *ttl* seconds (``get(key)`` reads it). If *compute* raises, that caller gets
+        its exception and every other caller :class:`~corral.errors.OnceFailed` with its
+        message; if the computing process dies, one waiter is elected to compute instead.
+
+        :raises OnceFailed: the computing caller's *compute* raised.
+        :raises BrokerTimeout: the value was not ready within *timeout*.
+        """
+        if not callable(compute):
+            raise TypeError("compute must be callable")
+        result = self._owned(
+            lambda sid: flows.once_begin(self.prefix, sid, self._tid(sid), key, timeout)
+        )
+        if not isinstance(result, flows.Claim):
+            return result
+        try:
+            value = compute()
+            return self._run(flows.once_done(result, value, ttl, self._default_ms))
+        except Exception as exc:
+            self._run(flows.once_fail(result, exc, ttl, self._default_ms))
+            raise
+        except BaseException:  # Ctrl-C: not a failure of compute; let another caller try
+            with contextlib.suppress(BrokerError):
+                self._execute(flows.give_up(result))
+            raise
+
+    def lock(
+        self, name: str, ttl: float | None = None, timeout: float | None = None
+    ) -> AbstractContextManager[int]:
+        """``with client.lock(name) as token:`` run-wide mutual exclusion, FIFO-fair.
+
+        :param ttl: free the lock after this many seconds even if still held (a safety net
+            for a holder that hangs); None: held until released or the session ends.
+        :param timeout: give up waiting after this many seconds (0: do not wait).
+        :returns: a context manager yielding the fencing token (increasing per name).
+        :raises BrokerTimeout: not acquired within *timeout*.
+        :raises ClaimLost: on exit, when the lock had already been freed (TTL, session).
+        """
+        return self._hold("lock", name, ttl, timeout)
+
+    def pool(self, name: str, items: Sequence[Any]) -> bool:
+        """Declare pool *name* of JSON *items* (idempotent); True when this call created it.
+
+        :raises PoolConflict: it was declared before with different items.
+        """
+        return bool(self._run(flows.pool(name, items)))
+
+    def acquire(
+        self, name: str, timeout: float | None = None, ttl: float | None = None
+    ) -> AbstractContextManager[Any]:
+        """``with client.acquire(name) as item:`` take a free item of a pool, FIFO-fair.
+
+        :raises KeyNotFound: the pool was never declared.
+        :raises BrokerTimeout: no item freed up within *timeout*.
+        :raises ClaimLost: on exit, when the item had already been freed (TTL, session).
+        """
+        return self._hold("pool", name, ttl, timeout)
+
+    def throttle(
+        self, name: str, rate: float, per: float = 1.0, timeout: float | None = None
+    ) -> None:
+        """Block until the run-wide rate of *rate* calls per *per* seconds allows a call.
+
+        Calls are served in arrival order: each reserves the next free slot in Redis
+        and sleeps until it starts.
+
+        :raises BrokerTimeout: the next slot starts later than *timeout* seconds from now
+            (nothing is reserved then).
+        """
+        self._run(flows.throttle(name, rate, per, timeout))
+
+    def barrier(self, name: str, parties: int, timeout: float | None = None) -> int:
+        """Wait until *parties* callers reached barrier *name*; returns this arrival's index.
+
+        The barrier is reusable (the next *parties* callers form the next round). If a
+        waiting member dies or times out, it is broken for every member, for good.
+
+        :raises BarrierBroken: a member died or timed out.
+        :raises BrokerTimeout: the others did not arrive within *timeout* (this breaks it).
+        """
+        return int(
+            self._owned(
+                lambda sid: flows.barrier(self.prefix, sid, self._tid(sid), name, parties, timeout)
+            )
+        )
+
+    def push(self, queue: str, *items: Any) -> int:
+        """Append JSON *items* to *queue*; returns its new length."""
+        return int(self._run(flows.push(queue, items)))
+
+    def pop(self, queue: str, timeout: float | None = None) -> Any:
+        """Take the first item of *queue*, waiting for one up to *timeout* seconds.
+
+        Every item is popped by exactly one caller.
+
+        :raises BrokerTimeout: the queue stayed empty.
+        """
+        return self._run(flows.pop(self.prefix, queue, timeout))
+
+    # ------------------------------------------------------------------ observability
+
+    def status(self) -> dict[str, Any]:
+        """Holders, waiters and sessions of the run: what, who, since when, TTL left.
+
+        ``{"holders": [...], "waiters": [...], "sessions": [...], "time": EPOCH_S}``; each
+        entry has ``kind``, ``name``, ``who`` (``pid``, ``host``, ``worker``, ``session``),
+        ``since`` (epoch seconds) and, for holders, ``ttl_left`` (seconds or None).
+        """
+        return dict(self._run(flows.status()))
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for the run: items, leases, sessions, holders, waiters."""
+        return dict(self._run(flows.stats()))
+
+    def health(self) -> dict[str, Any]:
+        """``status`` (``healthy``), Redis version and uptime, and the ping latency."""
+        latency = self.ping()
+        info = self._call(lambda: self._r.info("server"))
+        return health(info, latency)
+
+    def metrics(self) -> str:
+        """Prometheus text with the run's counts (the socket broker's ``corral_broker_*``)."""
+        return metrics(self.stats(), self.run_id)
+
+    def purge(self) -> int:
+        """Delete every key of this run (end of a CI pipeline); returns how many.
+
+        Do not call it while other clients of the run still work.
+        """
+        keys = self._call(lambda: list(self._r.scan_iter(match=self.prefix + "*", count=500)))
+        deleted = 0
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            deleted += int(self._call(lambda: self._r.unlink(*chunk)))  # noqa: B023
+        return deleted
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def connect(self) -> RedisClient:
+        """Check now that Redis answers (instead of on the first request)."""
+        self.ping()
+        return self
+
+    def close(self) -> None:
+        """End the session (everything it holds is released at once), close. Idempotent."""
+        if self._closed:
+            return
+        self._finalizer()
+        self._closed = True
+        self._r.close()
+        self._rb.close()
+
+    def __enter__(self) -> RedisClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ driver
+
+    def _beat(self, sid: str, mode: str) -> Any:
+        return self._execute(flows.Script("session", self._session_args(sid, mode)))
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise BrokerUnavailable(f"this RedisClient is closed ({redact(self.url)})")
+        try:
+            return fn()
+        except self._redis_error as exc:
+            if self._closed:  # close() from another thread pulled the connection away
+                raise BrokerUnavailable(
+                    f"this RedisClient was closed ({redact(self.url)})"
+                ) from exc
+            raise mapped(exc, self.url) from exc
+        except Exception as exc:
+            if self._closed:  # redis-py can trip over a connection closed under it
+                raise BrokerUnavailable(
+                    f"this RedisClient was closed ({redact(self.url)})"
+                ) from exc
+            raise
+
+    def _execute(self, op: flows.Op) -> Any:
+        if isinstance(op, flows.Script):
+            script = self._scripts[op.name]
+            try:
+                return self._call(lambda: script(keys=[self.prefix], args=op.args, client=self._r))
+            except BaseException:
+                # Interrupted (Ctrl-C, a lost connection) with the outcome unknown: the
+                # script may have queued a ticket or granted a claim nobody would take.
+                if op.cancel is not None:
+                    with contextlib.suppress(BrokerError):
+                        self._execute(op.cancel)
+                raise
+        if isinstance(op, flows.Command):
+            command = self._r.execute_command
+            return self._call(lambda: command(*op.args))  # type: ignore[no-untyped-call]
+        if isinstance(op, flows.Wait):
+            try:
+                reply = self._call(lambda: self._rb.blpop([op.key], timeout=op.timeout))
+            except BaseException:
+                if op.cancel is not None:  # interrupted: never leave a grant behind
+                    with contextlib.suppress(BrokerError):
+                        self._execute(op.cancel)
+                raise
+            return None if reply is None else reply[1]
+        time.sleep(op.seconds)
+        return None
+
+    def _run(self, flow: Generator[flows.Op, Any, T]) -> T:
+        if self._closed:
+            raise BrokerUnavailable(f"this RedisClient is closed ({redact(self.url)})")
+        try:
+            op = next(flow)
+            while True:
+                op = flow.send(self._execute(op))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _owned(self, build: Callable[[str], Generator[flows.Op, Any, T]]) -> T:
+        """Run the flow *build(sid)* that takes claims for this client's session; if Redis
+        says the session expired meanwhile, run it once more under a new session."""
+        sid = self._session.current()
+        try:
+            return self._run(build(sid))
+        except BrokerRequestError as exc:
+            if exc.code != "session_lost":
+                raise
+        return self._run(build(self._session.renew(sid)))
+
+    @contextlib.contextmanager
+    def _hold(
+        self, kind: str, name: str, ttl: float | None, timeout: float | None
+    ) -> Iterator[Any]:
+        grant: flows.Grant = self._owned(
+            lambda sid: flows.acquire(self.prefix, sid, self._tid(sid), kind, name, ttl, timeout)
+        )
+        try:
+            yield grant.token if kind == "lock" else grant.value
+        except BaseException:
+            try:
+                released = self._run(flows.unhold(grant))
+            except BrokerError as exc:
+                if not self._closed:  # closing ended the session, which freed it
+                    log.warning("could not release %s %r: %s", kind, name, exc)
+            else:
+                if not released:
+                    log.warning("%s %r was already freed when its holder failed", kind, name)
+            raise
+        if not self._run(flows.unhold(grant)):
+            raise lost(grant)
