@@ -138,7 +138,8 @@ def test_once_elects_a_waiter_when_the_computer_leaves(store: Store) -> None:
 def test_once_failure_reaches_waiters_and_later_callers(store: Store, clock: FakeClock) -> None:
     store.once_begin("k", owner=1)
     waiter = answers(store.once_begin("k", owner=2))
-    store.once_fail("k", "boom", "RuntimeError", ttl=10)
+    assert store.once_fail("k", "late", "E", owner=9) == {"ok": True, "status": "superseded"}
+    store.once_fail("k", "boom", "RuntimeError", ttl=10, owner=1)
     assert waiter[0]["error"] == "once_failed"
     assert waiter[0]["message"] == "boom"
     assert waiter[0]["errorType"] == "RuntimeError"
@@ -408,7 +409,7 @@ class OnceAndQueueMachine(RuleBasedStateMachine):
         owner = data.draw(st.sampled_from(sorted(self.computing)))
         self.computing.discard(owner)
         if fail:
-            self.store.once_fail("k", "boom", "RuntimeError", ttl=5)
+            self.store.once_fail("k", "boom", "RuntimeError", ttl=5, owner=owner)
             self.failed = True
         else:
             answer = self.store.once_done("k", owner)

@@ -113,13 +113,31 @@ class Coordination(Holds):
         return {"ok": True, "status": "stored"}
 
     def once_fail(
-        self, key: str, message: str, error_type: str, *, ttl: float | None = None
+        self,
+        key: str,
+        message: str,
+        error_type: str,
+        *,
+        ttl: float | None = None,
+        owner: Owner = None,
     ) -> dict[str, Any]:
         """Record that computing *key* raised; every waiter (and later caller, for *ttl*
-        seconds) gets ``once_failed`` with the original message."""
+        seconds) gets ``once_failed`` with the original message.
+
+        A caller that lost its claim meanwhile (its connection broke, a waiter was
+        elected and computes now) does not fail the others: ``superseded``.
+        """
         entry = self.live_entry(key)
         if entry is not None:
             return _done(entry.value, entry.compressed)
+        current = self._onces.get(key)
+        if (
+            current is not None
+            and current.state == "computing"
+            and current.owner is not None
+            and current.owner != owner
+        ):
+            return {"ok": True, "status": "superseded"}
         self._end_once(key)
         state = self._onces[key] = _Once(key, None, None, self.clock())
         state.state, state.message, state.etype = "failed", message, error_type

@@ -293,7 +293,9 @@ class Core:
         message, etype = obj.get("message", ""), obj.get("errorType", "")
         if type(message) is not str or type(etype) is not str:
             raise Refused("bad_request", "'message' and 'errorType' must be strings")
-        return self.store.once_fail(_key(obj), message[:10_000], etype[:200], ttl=_ttl_seconds(obj))
+        return self.store.once_fail(
+            _key(obj), message[:10_000], etype[:200], ttl=_ttl_seconds(obj), owner=session.owner
+        )
 
     def _once_cancel(self, session: Session, obj: Message, raw: bytes) -> Message:
         return {"ok": True, "cancelled": self.store.once_cancel(_key(obj), session.owner)}

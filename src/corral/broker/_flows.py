@@ -6,6 +6,7 @@ broker's answer; the blocking and the asyncio client only move the bytes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -16,11 +17,12 @@ from dataclasses import dataclass
 from hmac import compare_digest
 from typing import Any, Final, TypeVar
 
-from corral.broker.messages import Call, Message
+from corral.broker.messages import COMPUTE, Call, Compute, Message
 from corral.broker.protocol import COMPRESS_THRESHOLD, auth_proof, decode_value, encode_value
 from corral.errors import (
     AuthFailed,
     BarrierBroken,
+    BrokerError,
     ClaimLost,
     OnceFailed,
     ProtocolError,
@@ -302,6 +304,37 @@ def once_begin(key: str, timeout: float | None) -> Flow[Any]:
     if response.get("status") == "compute":
         return Claim(key)
     return decode_value(response.get("value"), response.get("compressed") is True)
+
+
+def once(
+    key: str, ttl: float | None, timeout: float | None, threshold: int | None
+) -> Generator[Call | Compute, Any, Any]:
+    """``once(key, compute)`` as one flow: the stored value, or this caller computes it.
+
+    Yields :data:`~corral.broker.messages.COMPUTE` when this caller holds the claim; the
+    driver calls ``compute()`` and resumes the flow with its result or throws its error
+    in. A failure is reported to every other caller (``once_fail``), an interruption
+    (Ctrl-C, task cancellation) hands the claim to a waiter (``once_cancel``); either way
+    the caller gets its own exception.
+    """
+    begun = yield from once_begin(key, timeout)
+    if not isinstance(begun, Claim):
+        return begun
+    try:
+        value = yield COMPUTE
+        return (yield from once_done(begun, value, ttl, threshold))
+    except GeneratorExit:
+        raise
+    except Exception as exc:  # compute raised, or its result is not JSON, or too large
+        # The original error matters more than a failure to report it (the claim then
+        # dies with the connection, and a waiter is elected).
+        with contextlib.suppress(BrokerError):
+            yield from once_fail(begun, exc, ttl)
+        raise
+    except BaseException:  # Ctrl-C / cancellation is not a failure of compute
+        with contextlib.suppress(BrokerError):
+            yield from once_cancel(begun)
+        raise
 
 
 def once_done(claim: Claim, value: Any, ttl: float | None, threshold: int | None) -> Flow[Any]:

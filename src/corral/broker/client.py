@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from corral.broker import _flows
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
-from corral.broker.messages import CLOSED, NEED_DATA, Call, Message, Response
+from corral.broker.messages import CLOSED, NEED_DATA, Call, Compute, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable
 
@@ -221,23 +221,10 @@ class Client:
         """
         if not callable(compute):
             raise TypeError("compute must be callable")
+        flow = _flows.once(key, ttl, timeout, self.compress_threshold)
         spare = self._checkout()  # owns the compute claim until the value is stored
         try:
-            begun = spare._run(_flows.once_begin(key, timeout), here=True)
-            if not isinstance(begun, _flows.Claim):
-                return begun
-            try:
-                value = compute()
-                done = _flows.once_done(begun, value, ttl, self.compress_threshold)
-                return spare._run(done, here=True)
-            except Exception as exc:
-                with contextlib.suppress(BrokerError):
-                    spare._run(_flows.once_fail(begun, exc, ttl), here=True)
-                raise
-            except BaseException:  # Ctrl-C is not a failure of compute: let another try
-                with contextlib.suppress(BrokerError):
-                    spare._run(_flows.once_cancel(begun), here=True)
-                raise
+            return spare._run(flow, here=True, compute=compute)
         finally:
             self._checkin(spare)
 
@@ -373,35 +360,57 @@ class Client:
 
     # ------------------------------------------------------------------ driver
 
-    def _run(self, flow: Generator[Call, Message, T], here: bool = False) -> T:
+    def _run(
+        self,
+        flow: Generator[Call | Compute, Any, T],
+        here: bool = False,
+        compute: Callable[[], Any] | None = None,
+    ) -> T:
         if self._closed:
             raise BrokerUnavailable("this Client is closed")
         try:
             call = next(flow)  # validates arguments before anything is sent
         except StopIteration as stop:  # pragma: no cover - every flow sends something
             return stop.value  # type: ignore[no-any-return]
-        if call.wait and not here:
+        if isinstance(call, Call) and call.wait and not here:
             spare = self._checkout()
             try:
                 return spare._drive(flow, call)
             finally:
                 self._checkin(spare)
-        return self._drive(flow, call)
+        return self._drive(flow, call, compute)
 
-    def _drive(self, flow: Generator[Call, Message, T], call: Call) -> T:
+    def _drive(
+        self,
+        flow: Generator[Call | Compute, Any, T],
+        call: Call | Compute,
+        compute: Callable[[], Any] | None = None,
+    ) -> T:
+        """Run *flow* from *call* on this connection; errors are thrown into the flow,
+        which may answer them (a failed ``once`` reports its error) or let them out."""
         with self._lock:
             if self._closed:
                 raise BrokerUnavailable("this Client is closed")
             try:
-                self._ensure()
                 while True:
+                    if isinstance(call, Compute):
+                        assert compute is not None
+                        try:
+                            value = compute()
+                        except BaseException as exc:
+                            call = flow.throw(exc)
+                        else:
+                            call = flow.send(value)
+                        continue
                     try:
+                        self._ensure()
                         response = self._roundtrip(call)
-                    except BaseException:
-                        # Interrupted mid-request (Ctrl-C): a late answer would be taken
-                        # for the next request's, so this connection is done.
+                    except BaseException as exc:
+                        # Failed or interrupted mid-request (Ctrl-C): a late answer would
+                        # be taken for the next request's, so this connection is done.
                         self._drop()
-                        raise
+                        call = flow.throw(exc)
+                        continue
                     call = flow.send(response)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]

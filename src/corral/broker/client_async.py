@@ -20,7 +20,7 @@ from corral.broker import _flows
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
 from corral.broker.client import _timeout_for, resolve_path, resolve_secret, unavailable
-from corral.broker.messages import CLOSED, Call, Message, Response
+from corral.broker.messages import CLOSED, Call, Compute, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable
 
@@ -145,25 +145,10 @@ class AsyncClient:
         """
         if not callable(compute):
             raise TypeError("compute must be callable")
+        flow = _flows.once(key, ttl, timeout, self.compress_threshold)
         spare = self._checkout()  # owns the compute claim until the value is stored
         try:
-            begun = await spare._run(_flows.once_begin(key, timeout), here=True)
-            if not isinstance(begun, _flows.Claim):
-                return begun
-            try:
-                value = compute()
-                if inspect.isawaitable(value):
-                    value = await value
-                done = _flows.once_done(begun, value, ttl, self.compress_threshold)
-                return await spare._run(done, here=True)
-            except Exception as exc:
-                with contextlib.suppress(BrokerError):
-                    await spare._run(_flows.once_fail(begun, exc, ttl), here=True)
-                raise
-            except BaseException:  # cancelled: not a failure of compute; let another try
-                with contextlib.suppress(BrokerError, RuntimeError):
-                    await asyncio.shield(spare._run(_flows.once_cancel(begun), here=True))
-                raise
+            return await spare._run(flow, here=True, compute=compute)
         finally:
             await self._checkin(spare)
 
@@ -270,20 +255,25 @@ class AsyncClient:
             self._loop = loop
         return self._lock
 
-    async def _run(self, flow: Generator[Call, Message, T], here: bool = False) -> T:
+    async def _run(
+        self,
+        flow: Generator[Call | Compute, Any, T],
+        here: bool = False,
+        compute: Callable[[], Any] | None = None,
+    ) -> T:
         if self._closed:
             raise BrokerUnavailable("this AsyncClient is closed")
         try:
             call = next(flow)  # validates arguments before anything is sent
         except StopIteration as stop:  # pragma: no cover - every flow sends something
             return stop.value  # type: ignore[no-any-return]
-        if call.wait and not here:
+        if isinstance(call, Call) and call.wait and not here:
             spare = self._checkout()
             try:
                 return await spare._drive(flow, call)
             finally:
                 await self._checkin(spare)
-        return await self._drive(flow, call)
+        return await self._drive(flow, call, compute)
 
     def _checkout(self) -> AsyncClient:
         if self._closed:
@@ -303,14 +293,37 @@ class AsyncClient:
         else:
             self._spares.append(spare)
 
-    async def _drive(self, flow: Generator[Call, Message, T], call: Call) -> T:
+    async def _drive(
+        self,
+        flow: Generator[Call | Compute, Any, T],
+        call: Call | Compute,
+        compute: Callable[[], Any] | None = None,
+    ) -> T:
+        """Run *flow* from *call* on this connection (see ``Client._drive``); an async
+        *compute* is awaited."""
         if self._closed:
             raise BrokerUnavailable("this AsyncClient is closed")
         async with self._get_lock():
-            await self._ensure()
             try:
                 while True:
-                    call = flow.send(await self._roundtrip(call))
+                    if isinstance(call, Compute):
+                        assert compute is not None
+                        try:
+                            value = compute()
+                            if inspect.isawaitable(value):
+                                value = await value
+                        except BaseException as exc:
+                            call = flow.throw(exc)
+                        else:
+                            call = flow.send(value)
+                        continue
+                    try:
+                        await self._ensure()
+                        response = await self._roundtrip(call)
+                    except BaseException as exc:
+                        call = flow.throw(exc)  # the flow may answer it, or let it out
+                        continue
+                    call = flow.send(response)
             except StopIteration as stop:
                 return stop.value  # type: ignore[no-any-return]
 

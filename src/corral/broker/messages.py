@@ -87,3 +87,16 @@ class Call:
     timeout: float | None = None
     key: str | None = None
     wait: bool = False
+
+
+@dataclass(slots=True)
+class Compute:
+    """What the ``once`` flow yields to have the client call the user's ``compute()``.
+
+    The flow is resumed with the result (awaited when it is awaitable, by the asyncio
+    client), or the exception ``compute()`` raised is thrown into it.
+    """
+
+
+#: The one :class:`Compute` instruction.
+COMPUTE: Final = Compute()
