@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import inspect
 import itertools
 import re
 import threading
@@ -129,6 +130,22 @@ class Adapter(abc.ABC):
         """The driver's exception inside what the app caught (SQLAlchemy wraps it)."""
         return exc
 
+    def track(self) -> None:
+        """Remember the sandbox just opened (see :meth:`close_leaked`)."""
+        box = self.db._router.owned()
+        opened: list[Any] = self.__dict__.setdefault("_opened", [])
+        if box is not None and all(b is not box for b in opened):
+            opened.append(box)
+
+    async def close_leaked(self) -> None:
+        """Roll back sandboxes a failed test left open: the fixture's teardown runs in
+        another context and cannot see them, and their locks would fail later tests."""
+        for box in self.__dict__.pop("_opened", []):
+            if not box.closed:
+                result = box.close()
+                if inspect.isawaitable(result):
+                    await result
+
     def sqlstate(self, exc: BaseException) -> str | None:
         found: str | None = getattr(self.original(exc), "sqlstate", None)
         return found
@@ -227,10 +244,12 @@ class PsycopgSync(Adapter):
         self.db = sandbox(self.pool, mode="sandbox", **self.options)
 
     async def aclose(self) -> None:
+        await self.close_leaked()
         self.pool.close()
 
     async def create(self, **kwargs: Any) -> None:
         self.db.create_sandbox(**kwargs)
+        self.track()
 
     async def close(self) -> None:
         self.db.close_sandbox()
@@ -308,10 +327,12 @@ class PsycopgAsync(Adapter):
         self.db = sandbox(self.pool, mode="sandbox", **self.options)
 
     async def aclose(self) -> None:
+        await self.close_leaked()
         await self.pool.close()
 
     async def create(self, **kwargs: Any) -> None:
         await self.db.create_sandbox(**kwargs)
+        self.track()
 
     async def close(self) -> None:
         await self.db.close_sandbox()
@@ -435,10 +456,12 @@ class Asyncpg(Adapter):
         self.db = sandbox(self.pool, mode="sandbox", **self.options)
 
     async def aclose(self) -> None:
+        await self.close_leaked()
         await self.db.close()
 
     async def create(self, **kwargs: Any) -> None:
         await self.db.create_sandbox(**kwargs)
+        self.track()
 
     async def close(self) -> None:
         await self.db.close_sandbox()
@@ -600,11 +623,13 @@ class SQLAlchemySync(SQLAlchemyError, Adapter):
         self.db = sandbox(self.engine, mode="sandbox", **self.options)
 
     async def aclose(self) -> None:
+        await self.close_leaked()
         self.db.close()
         self.engine.dispose()
 
     async def create(self, **kwargs: Any) -> None:
         self.db.create_sandbox(**kwargs)
+        self.track()
 
     async def close(self) -> None:
         self.db.close_sandbox()
@@ -653,11 +678,13 @@ class SQLAlchemyAsync(SQLAlchemyError, Adapter):
         self.db = sandbox(self.engine, mode="sandbox", **self.options)
 
     async def aclose(self) -> None:
+        await self.close_leaked()
         await self.db.close()
         await self.engine.dispose()
 
     async def create(self, **kwargs: Any) -> None:
         await self.db.create_sandbox(**kwargs)
+        self.track()
 
     async def close(self) -> None:
         await self.db.close_sandbox()
