@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from corral.broker import _flows
+from corral.broker._address import resolve_path, resolve_secret, timeout_for, unavailable
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Compute, Message, Response
@@ -38,39 +39,6 @@ _RECV = 64 * 1024
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 # Idle extra connections a client keeps for requests that wait (see Client._checkout).
 _MAX_SPARES = 4
-
-
-def resolve_path(path: str | os.PathLike[str] | None) -> str:
-    """*path*, else ``$EPHEMERAL_PIPE``.
-
-    :raises BrokerUnavailable: neither is set.
-    """
-    if path is not None:
-        return os.fspath(path)
-    env = os.environ.get("EPHEMERAL_PIPE")
-    if not env:
-        raise BrokerUnavailable(
-            "no broker path: pass path= or set EPHEMERAL_PIPE "
-            "(run your command under `corral run -- CMD`, or start a Broker)"
-        )
-    return env
-
-
-def resolve_secret(secret: str | bytes | None) -> bytes | None:
-    """*secret*, else ``$EPHEMERAL_SECRET``, as bytes (None when neither is set)."""
-    if secret is None:
-        secret = os.environ.get("EPHEMERAL_SECRET") or None
-    if isinstance(secret, str):
-        return secret.encode()
-    return secret
-
-
-def unavailable(path: str, exc: BaseException) -> BrokerUnavailable:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return BrokerUnavailable(
-        f"cannot reach the broker at {path}: {reason}. Is it running? "
-        "(`corral run -- CMD` starts one and sets EPHEMERAL_PIPE)"
-    )
 
 
 class Client:
@@ -540,7 +508,7 @@ class Client:
         line = self._encode(call.request)
         sock = self._sock
         assert sock is not None
-        timeout = _timeout_for(call, self.timeout)
+        timeout = timeout_for(call, self.timeout)
         # A wait keeps the socket's usual timeout (no setsockopt churn per lock) and
         # _receive retries reads until the wait's own deadline.
         self._set_timeout(sock, self.timeout if call.wait or timeout is None else timeout)
@@ -597,14 +565,3 @@ class Client:
                 raise unavailable(self.path, exc) from exc
             proto.receive_data(self._view[:nbytes])
             event = proto.next_event()
-
-
-def _timeout_for(call: Call, default: float) -> float | None:
-    """Seconds to wait for *call*'s answer; None: until the broker answers.
-
-    A waiting call (``call.wait``) is ended by the broker, which answers ``timeout``
-    itself; the client allows its own timeout on top for the answer to arrive.
-    """
-    if call.wait:
-        return None if call.timeout is None else call.timeout + default
-    return default if call.timeout is None else call.timeout

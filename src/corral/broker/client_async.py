@@ -17,9 +17,9 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from corral.broker import _flows
+from corral.broker._address import resolve_path, resolve_secret, timeout_for, unavailable
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
-from corral.broker.client import _timeout_for, resolve_path, resolve_secret, unavailable
 from corral.broker.messages import CLOSED, Call, Compute, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable
@@ -403,7 +403,7 @@ class AsyncClient:
         line = self._encode(call.request)
         link = self._link
         assert link is not None
-        timeout = _timeout_for(call, self.timeout)
+        timeout = timeout_for(call, self.timeout)
         if link.lost:
             # Closed by the broker before this request went out: safe to send afresh.
             self._forget()
