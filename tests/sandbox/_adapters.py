@@ -173,6 +173,48 @@ class Adapter(abc.ABC):
         return Event(threaded=not self.is_async)
 
 
+class SyncAdapter(Adapter):
+    """A sync driver's adapter: sandbox operations called directly, workers in threads."""
+
+    is_async = False
+
+    async def create(self, **kwargs: Any) -> None:
+        self.db.create_sandbox(**kwargs)
+        self.track()
+
+    async def close(self) -> None:
+        self.db.close_sandbox()
+
+    async def restore(self) -> None:
+        self.db.restore_sandbox()
+
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        def run(i: int) -> Any:
+            return asyncio.run(worker(i))  # type: ignore[arg-type]
+
+        with concurrent.futures.ThreadPoolExecutor(n) as ex:
+            return list(ex.map(run, range(n)))
+
+
+class AsyncAdapter(Adapter):
+    """An async driver's adapter: sandbox operations awaited, workers as gathered tasks."""
+
+    is_async = True
+
+    async def create(self, **kwargs: Any) -> None:
+        await self.db.create_sandbox(**kwargs)
+        self.track()
+
+    async def close(self) -> None:
+        await self.db.close_sandbox()
+
+    async def restore(self) -> None:
+        await self.db.restore_sandbox()
+
+    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
+        return list(await asyncio.gather(*(worker(i) for i in range(n))))
+
+
 class Event:
     """``set()`` / ``await wait()`` across threads (sync adapters) or tasks (async ones)."""
 
@@ -233,9 +275,8 @@ class PsycopgSyncConn(Conn):
         return self._c
 
 
-class PsycopgSync(Adapter):
+class PsycopgSync(SyncAdapter):
     name = "psycopg-sync"
-    is_async = False
 
     async def open(self, max_size: int = 4) -> None:
         self.pool = psycopg_pool.ConnectionPool(
@@ -246,16 +287,6 @@ class PsycopgSync(Adapter):
     async def aclose(self) -> None:
         await self.close_leaked()
         self.pool.close()
-
-    async def create(self, **kwargs: Any) -> None:
-        self.db.create_sandbox(**kwargs)
-        self.track()
-
-    async def close(self) -> None:
-        self.db.close_sandbox()
-
-    async def restore(self) -> None:
-        self.db.restore_sandbox()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
@@ -270,13 +301,6 @@ class PsycopgSync(Adapter):
 
     async def raw_execute(self, raw: Any, sql: str) -> Any:
         return raw.execute(sql)
-
-    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
-        def run(i: int) -> Any:
-            return asyncio.run(worker(i))  # type: ignore[arg-type]
-
-        with concurrent.futures.ThreadPoolExecutor(n) as ex:
-            return list(ex.map(run, range(n)))
 
 
 # --------------------------------------------------------------------------- psycopg async
@@ -315,9 +339,8 @@ class PsycopgAsyncConn(Conn):
         return self._c
 
 
-class PsycopgAsync(Adapter):
+class PsycopgAsync(AsyncAdapter):
     name = "psycopg-async"
-    is_async = True
 
     async def open(self, max_size: int = 4) -> None:
         self.pool = psycopg_pool.AsyncConnectionPool(
@@ -329,16 +352,6 @@ class PsycopgAsync(Adapter):
     async def aclose(self) -> None:
         await self.close_leaked()
         await self.pool.close()
-
-    async def create(self, **kwargs: Any) -> None:
-        await self.db.create_sandbox(**kwargs)
-        self.track()
-
-    async def close(self) -> None:
-        await self.db.close_sandbox()
-
-    async def restore(self) -> None:
-        await self.db.restore_sandbox()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
@@ -353,9 +366,6 @@ class PsycopgAsync(Adapter):
 
     async def raw_execute(self, raw: Any, sql: str) -> Any:
         return await raw.execute(sql)
-
-    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
-        return list(await asyncio.gather(*(worker(i) for i in range(n))))
 
 
 # --------------------------------------------------------------------------- asyncpg
@@ -442,9 +452,8 @@ class AsyncpgConn(Conn):
         return self._c
 
 
-class Asyncpg(Adapter):
+class Asyncpg(AsyncAdapter):
     name = "asyncpg"
-    is_async = True
     cross_loop = False
     db_error = asyncpg.PostgresError
     disconnect_error = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
@@ -459,16 +468,6 @@ class Asyncpg(Adapter):
         await self.close_leaked()
         await self.db.close()
 
-    async def create(self, **kwargs: Any) -> None:
-        await self.db.create_sandbox(**kwargs)
-        self.track()
-
-    async def close(self) -> None:
-        await self.db.close_sandbox()
-
-    async def restore(self) -> None:
-        await self.db.restore_sandbox()
-
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
         async with self.db.acquire() as raw:
@@ -479,9 +478,6 @@ class Asyncpg(Adapter):
                 await conn.rollback()
                 raise
             await conn.commit()
-
-    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
-        return list(await asyncio.gather(*(worker(i) for i in range(n))))
 
     async def getconn(self) -> Any:
         return await self.db.acquire()
@@ -612,9 +608,8 @@ class SAConn(Conn):
         return self._c
 
 
-class SQLAlchemySync(SQLAlchemyError, Adapter):
+class SQLAlchemySync(SQLAlchemyError, SyncAdapter):
     name = "sqlalchemy_psycopg"
-    is_async = False
 
     async def open(self, max_size: int = 4) -> None:
         self.engine = sqlalchemy.create_engine(
@@ -627,16 +622,6 @@ class SQLAlchemySync(SQLAlchemyError, Adapter):
         self.db.close()
         self.engine.dispose()
 
-    async def create(self, **kwargs: Any) -> None:
-        self.db.create_sandbox(**kwargs)
-        self.track()
-
-    async def close(self) -> None:
-        self.db.close_sandbox()
-
-    async def restore(self) -> None:
-        self.db.restore_sandbox()
-
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
         with self.engine.connect() as raw:
@@ -648,13 +633,6 @@ class SQLAlchemySync(SQLAlchemyError, Adapter):
                 raise
             raw.commit()
 
-    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
-        def run(i: int) -> Any:
-            return asyncio.run(worker(i))  # type: ignore[arg-type]
-
-        with concurrent.futures.ThreadPoolExecutor(n) as ex:
-            return list(ex.map(run, range(n)))
-
     async def getconn(self) -> Any:
         return self.engine.connect()
 
@@ -665,10 +643,9 @@ class SQLAlchemySync(SQLAlchemyError, Adapter):
         return raw.exec_driver_sql(sql)
 
 
-class SQLAlchemyAsync(SQLAlchemyError, Adapter):
+class SQLAlchemyAsync(SQLAlchemyError, AsyncAdapter):
     name = "sqlalchemy_psycopg_async"
     driver = "psycopg"
-    is_async = True
     cross_loop = False
 
     async def open(self, max_size: int = 4) -> None:
@@ -682,16 +659,6 @@ class SQLAlchemyAsync(SQLAlchemyError, Adapter):
         await self.db.close()
         await self.engine.dispose()
 
-    async def create(self, **kwargs: Any) -> None:
-        await self.db.create_sandbox(**kwargs)
-        self.track()
-
-    async def close(self) -> None:
-        await self.db.close_sandbox()
-
-    async def restore(self) -> None:
-        await self.db.restore_sandbox()
-
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Conn]:
         async with self.engine.connect() as raw:
@@ -702,9 +669,6 @@ class SQLAlchemyAsync(SQLAlchemyError, Adapter):
                 await raw.rollback()
                 raise
             await raw.commit()
-
-    async def concurrently(self, n: int, worker: Callable[[int], Awaitable[Any]]) -> list[Any]:
-        return list(await asyncio.gather(*(worker(i) for i in range(n))))
 
     async def getconn(self) -> Any:
         return await self.engine.connect()

@@ -17,7 +17,6 @@ from typing import Any
 
 from asyncpg import exceptions as pgexc
 
-from corral.errors import SandboxBroken, SandboxError
 from corral.sandbox._asyncpg_conn import AsyncpgSandboxConnection
 from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._controller import BoxBase
@@ -90,15 +89,6 @@ class _Box(BoxBase):
             self.plan.opened(bool(await real.fetchval(DEFERRABLE_QUERY)))
 
     # ------------------------------------------------------------------ sending
-
-    def check(self) -> None:
-        if self.broken is not None:
-            raise SandboxBroken(
-                "the sandbox's connection was lost (backend terminated?); this test's "
-                "data is gone. Close this sandbox; the next one gets a healthy connection."
-            ) from self.broken
-        if self.closed:
-            raise SandboxError("the sandbox this connection belonged to is closed")
 
     def note(self, exc: BaseException) -> None:
         if self.broken is None and (_closed(self.real) or isinstance(exc, _DEAD)):

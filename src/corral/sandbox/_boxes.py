@@ -25,6 +25,10 @@ _OPEN_ATTEMPTS = 3
 B = TypeVar("B", bound=BoxBase)
 
 
+def _open_failed() -> SandboxBroken:
+    return SandboxBroken(f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed")
+
+
 class BoxController(SandboxController[B]):
     """:class:`SandboxController` operations over boxes of one driver (synchronous)."""
 
@@ -60,9 +64,7 @@ class BoxController(SandboxController[B]):
                 continue
             self._learn(box.plan)
             return box
-        raise SandboxBroken(
-            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
-        ) from last
+        raise _open_failed() from last
 
     def create_sandbox(self, *, nest: bool = True) -> None:
         if not self.sandboxing:
@@ -145,9 +147,7 @@ class AsyncBoxController(AsyncSandboxController[B]):
                 continue
             self._learn(box.plan)
             return box
-        raise SandboxBroken(
-            f"could not open a sandbox: {_OPEN_ATTEMPTS} connections in a row failed"
-        ) from last
+        raise _open_failed() from last
 
     async def create_sandbox(self, *, nest: bool = True) -> None:
         if not self.sandboxing:

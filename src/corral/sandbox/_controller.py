@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import Any, ClassVar, Generic, TypeVar
 
-from corral.errors import SandboxError, SandboxNotActive
+from corral.errors import SandboxBroken, SandboxError, SandboxNotActive
 from corral.sandbox._context import Router, current_owner
 from corral.sandbox._plan import Plan
 
@@ -65,6 +65,20 @@ class BoxBase:
         self.broken: BaseException | None = None
         self.owner = current_owner()
         self.previous: BoxBase | None = None
+
+    def check(self) -> None:
+        """Raise unless the sandbox is usable: its connection was lost, or it is closed.
+
+        :raises SandboxBroken: the connection died; the test's data is gone.
+        :raises SandboxError: the sandbox was closed.
+        """
+        if self.broken is not None:
+            raise SandboxBroken(
+                "the sandbox's connection was lost (backend terminated?); this test's "
+                "data is gone. Close this sandbox; the next one gets a healthy connection."
+            ) from self.broken
+        if self.closed:
+            raise SandboxError("the sandbox this connection belonged to is closed")
 
 
 B = TypeVar("B", bound=BoxBase)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Generic, TypeVar
 
 from corral.errors import SandboxBusy
 from corral.sandbox._context import owner_name
 
 __all__ = ["AsyncOwnerLock", "OwnerLock"]
+
+H = TypeVar("H")
+L = TypeVar("L", threading.Lock, asyncio.Lock)
 
 
 def _busy(holder: object, timeout: float) -> SandboxBusy:
@@ -25,30 +29,18 @@ def _busy(holder: object, timeout: float) -> SandboxBusy:
     )
 
 
-class OwnerLock:
-    """A reentrant lock owned by a thread, with bounded waits."""
+class _Reentrant(Generic[H, L]):
+    """Holder, depth and release of a reentrant lock over *L*; acquiring is the shells'."""
 
     __slots__ = ("_depth", "_holder", "_lock")
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holder: threading.Thread | None = None
-        self._depth = 0
+    _lock: L
+    _holder: H | None
+    _depth: int
 
     @property
-    def holder(self) -> threading.Thread | None:
+    def holder(self) -> H | None:
         return self._holder
-
-    def acquire(self, timeout: float | None) -> None:
-        me = threading.current_thread()
-        if self._holder is me:  # only this thread can have set it to itself
-            self._depth += 1
-            return
-        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            assert timeout is not None
-            raise _busy(self._holder, timeout)
-        self._holder = me
-        self._depth = 1
 
     def release(self) -> None:
         if self._depth == 0:
@@ -66,18 +58,36 @@ class OwnerLock:
             self._lock.release()
 
 
-class AsyncOwnerLock:
+class OwnerLock(_Reentrant[threading.Thread, threading.Lock]):
+    """A reentrant lock owned by a thread, with bounded waits."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder = None
+        self._depth = 0
+
+    def acquire(self, timeout: float | None) -> None:
+        me = threading.current_thread()
+        if self._holder is me:  # only this thread can have set it to itself
+            self._depth += 1
+            return
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            assert timeout is not None
+            raise _busy(self._holder, timeout)
+        self._holder = me
+        self._depth = 1
+
+
+class AsyncOwnerLock(_Reentrant["asyncio.Task[object]", asyncio.Lock]):
     """A reentrant lock owned by an asyncio task, with bounded waits."""
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
-        self._holder: asyncio.Task[object] | None = None
+        self._holder = None
         self._depth = 0
         self._waiting = 0
-
-    @property
-    def holder(self) -> asyncio.Task[object] | None:
-        return self._holder
 
     async def acquire(self, timeout: float | None) -> None:
         me = asyncio.current_task()
@@ -100,17 +110,3 @@ class AsyncOwnerLock:
                 self._waiting -= 1
         self._holder = me
         self._depth = 1
-
-    def release(self) -> None:
-        if self._depth == 0:
-            return
-        self._depth -= 1
-        if self._depth == 0:
-            self._holder = None
-            self._lock.release()
-
-    def force_release(self) -> None:
-        if self._depth:
-            self._depth = 0
-            self._holder = None
-            self._lock.release()

@@ -16,7 +16,6 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
-from corral.errors import SandboxBroken, SandboxError
 from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import AsyncOwnerLock
@@ -61,15 +60,6 @@ class _Box(BoxBase):
             self.plan.opened(bool(row and row[0]))
 
     # ------------------------------------------------------------------ sending
-
-    def check(self) -> None:
-        if self.broken is not None:
-            raise SandboxBroken(
-                "the sandbox's connection was lost (backend terminated?); this test's "
-                "data is gone. Close this sandbox; the next one gets a healthy connection."
-            ) from self.broken
-        if self.closed:
-            raise SandboxError("the sandbox this connection belonged to is closed")
 
     def note(self, exc: BaseException) -> None:
         if self.broken is None and (self.real.closed or self.real.broken):
