@@ -10,6 +10,7 @@ import atexit
 import inspect
 import os
 from collections.abc import Generator, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -18,6 +19,9 @@ from corral._plugin._report import report, snapshot
 from corral._plugin._run import RunInfo
 from corral._plugin._settings import add_options
 from corral.broker import AsyncClient, Client
+
+if TYPE_CHECKING:
+    from corral.broker.redis import AsyncRedisClient, RedisClient
 
 __all__ = [
     "corral",
@@ -167,16 +171,24 @@ def _corral_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def corral(request: pytest.FixtureRequest) -> Iterator[Client]:
-    """A blocking client of the run's broker (one connection for the session)."""
-    with Client(_process(request).info.broker_path) as client:  # type: ignore[union-attr]
+def corral(request: pytest.FixtureRequest) -> Iterator[Client | RedisClient]:
+    """A blocking client of the run's broker (one connection for the session); a
+    ``RedisClient`` of the run when it coordinates through Redis."""
+    with _process(request).open_client() as client:
         yield client
 
 
 @pytest.fixture
-def corral_async(request: pytest.FixtureRequest) -> AsyncClient:
+def corral_async(request: pytest.FixtureRequest) -> AsyncClient | AsyncRedisClient:
     """An asyncio client of the run's broker, for async tests (closed on the test's loop)."""
-    return AsyncClient(_process(request).info.broker_path)  # type: ignore[union-attr]
+    process = _process(request)
+    info = process.info
+    assert info is not None  # _process() fails the test otherwise
+    if info.broker_url:
+        from corral.broker.redis import AsyncRedisClient
+
+        return AsyncRedisClient(info.broker_url, run_id=info.run_id, worker_id=process.identity)
+    return AsyncClient(info.broker_path)
 
 
 @pytest.fixture(scope="session")
@@ -194,5 +206,6 @@ def corral_database_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(scope="session")
 def corral_worker_id() -> str:
-    """``gw0``, ``gw1``... under xdist; ``main`` in a run without workers."""
+    """``gw0``, ``gw1``... under xdist; ``main`` in a run without workers (the same on
+    every machine of a Redis run: ``corral_worker_id`` names a process on its machine)."""
     return worker_name()

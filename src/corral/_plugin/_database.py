@@ -12,9 +12,8 @@ import os
 import time
 from collections.abc import Iterable
 
-from corral._plugin._run import RunInfo
+from corral._plugin._run import AnyClient, RunInfo
 from corral._plugin._settings import ENV_DATABASE_URL
-from corral.broker import Client
 from corral.postgres import clone_database, database_dsn, drop_database
 
 __all__ = ["SLOT_KEY", "WorkerDatabase"]
@@ -33,11 +32,13 @@ class WorkerDatabase:
     """The clone one process (xdist worker, or the only process) runs its tests on.
 
     :param info: the run's shared facts (admin DSN, template, controller pid).
-    :param client: this process's broker connection; it owns the slot's lease.
-    :param worker: a name unique in the run, e.g. ``"gw0@1234"``.
+    :param client: this process's broker connection (or Redis session); it owns the
+        slot's lease.
+    :param worker: a name unique in the run, e.g. ``"gw0@1234"`` (``"runner-3/gw0@1234"``
+        when the run spans machines).
     """
 
-    def __init__(self, info: RunInfo, client: Client, worker: str) -> None:
+    def __init__(self, info: RunInfo, client: AnyClient, worker: str) -> None:
         assert info.admin_dsn is not None
         assert info.template is not None
         self.info = info

@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from corral._plugin._database import WorkerDatabase
-from corral._plugin._run import Run, RunInfo
+from corral._plugin._run import AnyClient, Run, RunInfo, open_client
 from corral._plugin._sandbox import SandboxManager
 from corral._plugin._settings import ENV_RUN, ENV_SANDBOX_MODE, Settings
-from corral.broker import Client
-from corral.errors import CorralError
+from corral.errors import BrokerError, CorralError
 
 __all__ = ["STATE", "CorralProcess", "worker_name"]
 
@@ -54,7 +53,7 @@ class CorralProcess:
     settings: Settings
     run: Run | None = None
     info: RunInfo | None = None
-    client: Client | None = None
+    client: AnyClient | None = None
     database: WorkerDatabase | None = None
     manager: SandboxManager | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -91,14 +90,35 @@ class CorralProcess:
             raise
         return process
 
+    @property
+    def identity(self) -> str:
+        """This process in the run's shared names: ``gw0``, host-qualified with Redis
+        (``runner-3/gw0``), since every machine has a ``gw0``."""
+        if self.info is not None and self.info.broker_url:
+            return f"{self.settings.host}/{worker_name()}"
+        return worker_name()
+
+    def open_client(self) -> AnyClient:
+        """A new blocking client of the run's broker, named after this process.
+
+        :raises RuntimeError: the process has not joined a run.
+        """
+        if self.info is None:
+            raise RuntimeError("corral: this process is not part of a run")
+        return open_client(self.info, self.identity)
+
     def _join(self, info: RunInfo) -> None:
-        self.client = Client(info.broker_path)
+        try:
+            self.client = self.open_client()
+        except (BrokerError, ValueError) as exc:
+            raise pytest.UsageError(f"corral: cannot reach the run's broker: {exc}") from exc
         if info.sandbox and os.environ.get(ENV_SANDBOX_MODE) is None:
             # Handles the application wraps with sandbox(...) at import start in sandbox mode.
             self._mode_set = True
             os.environ[ENV_SANDBOX_MODE] = "sandbox"
         if info.admin_dsn is not None:
-            worker = f"{worker_name()}@{os.getpid()}"
+            # Unique in the run across machines: the lease of the database slot names it.
+            worker = f"{self.identity}@{os.getpid()}"
             self.database = WorkerDatabase(info, self.client, worker)
             started = time.perf_counter()
             try:

@@ -21,8 +21,9 @@ def snapshot(process: CorralProcess) -> dict[str, list[dict[str, Any]]]:
     """``{"holders": [...], "waiters": [...]}`` in the run's broker, in one shape.
 
     Asked over the wire (``status``), so it works for a broker the plugin reuses from
-    ``corral run`` too; a broker without ``status`` (the Node one) gives what the
-    in-process broker knows, if it is ours. The plugin's own database slots are left out.
+    ``corral run`` too, and for a Redis run (holders on every machine, host-qualified); a
+    broker without ``status`` (the Node one) gives what the in-process broker knows, if it
+    is ours. The plugin's own database slots are left out.
     """
     held: list[dict[str, Any]] = []
     waiting: list[dict[str, Any]] = []
@@ -32,9 +33,11 @@ def snapshot(process: CorralProcess) -> dict[str, list[dict[str, Any]]]:
             status = process.client.status()
         except Exception:  # an older or foreign broker: no status action
             status = None
+    # With Redis the run spans machines, and every machine has a gw0: say which one.
+    multi = process.info is not None and bool(process.info.broker_url)
     if status is not None:
-        held = [_entry(h) for h in status.get("holders", [])]
-        waiting = [_entry(w) for w in status.get("waiters", [])]
+        held = [_entry(h, multi) for h in status.get("holders", [])]
+        waiting = [_entry(w, multi) for w in status.get("waiters", [])]
     elif process.run is not None:
         held = process.run.holdings()
     return {
@@ -43,12 +46,17 @@ def snapshot(process: CorralProcess) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _entry(entry: dict[str, Any]) -> dict[str, Any]:
+def _entry(entry: dict[str, Any], multi: bool = False) -> dict[str, Any]:
     who = entry.get("who") or {}
     kind = entry.get("kind", "?")
-    holder = entry.get("worker") or who.get("worker")
+    # A lease names its holder itself; otherwise the client's process is the holder.
+    holder = entry.get("worker")
+    host = who.get("host") if multi else None
+    if not holder and who.get("worker"):
+        holder = who["worker"] if not host or "/" in who["worker"] else f"{host}/{who['worker']}"
     if not holder:
         holder = f"pid {who['pid']}" if who.get("pid") else "a one-shot client"
+        holder += f" on {host}" if host and who.get("pid") else ""
     value = {"lease": entry.get("item"), "lock": entry.get("token")}.get(kind, entry.get("value"))
     return {
         "kind": kind,
@@ -77,7 +85,9 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
     found = process.held_at_interrupt or snapshot(process)
     held, waiting = found["holders"], found["waiters"]
     if held or waiting:
-        terminal.write_sep("=", "corral warning: still held in the broker", yellow=True, bold=True)
+        multi = process.info is not None and bool(process.info.broker_url)
+        where = "the Redis run (all machines)" if multi else "the broker"
+        terminal.write_sep("=", f"corral warning: still held in {where}", yellow=True, bold=True)
         for h in held:
             terminal.write_line(
                 f"{_describe(h)} held by {h['holder']!r} for {_age(h['since'])}"
@@ -90,6 +100,11 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
         terminal.write_line(
             "A test or fixture took these and never gave them back; anyone waiting for "
             "them waits until the holder's connection closes or the TTL passes."
+            + (
+                " Holders on other machines may simply still be running their tests."
+                if multi
+                else ""
+            )
         )
     if process.crashed:
         terminal.write_sep("=", "corral: crashed workers", yellow=True)
@@ -126,6 +141,13 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
         except Exception as exc:  # the report must never fail the run
             terminal.write_line(f"broker stats unavailable: {exc}")
         else:
+            if process.info is not None and process.info.broker_url:
+                terminal.write_line(
+                    f"broker: Redis run {process.info.run_id!r}: {broker.get('items', '?')} "
+                    f"keys, {broker.get('leases', '?')} leases, "
+                    f"{broker.get('sessions', '?')} sessions now (all machines)"
+                )
+                return
             terminal.write_line(
                 f"broker: {broker.get('requests', '?')} requests, "
                 f"{broker.get('items', '?')} keys, {broker.get('leases', '?')} leases, "

@@ -1,30 +1,50 @@
 """The controlling process's run-wide resources: broker, database server, template.
 
 Started once before any worker exists (xdist's controller, or the only process) and
-stopped after the last worker; what workers need travels as :class:`RunInfo`.
+stopped after the last worker; what workers need travels as :class:`RunInfo`. With a
+Redis broker the run may span machines: each machine's controller joins it by name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import secrets
+import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
-from corral._plugin._settings import ENV_RUN, Settings
+from corral._plugin._settings import ENV_BROKER_URL, ENV_RUN, ENV_RUN_ID, Settings
 from corral.broker import Broker, Client
 from corral.errors import BrokerError, CorralError, TemplateBuildError
-from corral.postgres import EphemeralPostgres, drop_stale_databases, ensure_template
+from corral.postgres import (
+    EphemeralPostgres,
+    drop_database,
+    drop_stale_databases,
+    ensure_template,
+    list_databases,
+)
 
-__all__ = ["Run", "RunInfo"]
+if TYPE_CHECKING:
+    from corral.broker.redis import RedisClient
+
+__all__ = ["FINISHED_KEY", "AnyClient", "Run", "RunInfo", "open_client"]
 
 log = logging.getLogger("corral.pytest")
+
+#: Counts the pytest invocations of a Redis run that have finished (``--corral-machines``).
+FINISHED_KEY = "corral:plugin:finished"
+_DAY = 24 * 3600.0
+# PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), which could merge two names.
+_MAX_NAME = 63
+
+AnyClient: TypeAlias = "Client | RedisClient"
 
 
 @dataclass(frozen=True)
@@ -34,6 +54,10 @@ class RunInfo:
     :ivar controller_pid: the process that owns the run; clones are marked with it.
     :ivar admin_dsn: superuser DSN of the database server (None: database part off).
     :ivar template: the template database every clone copies.
+    :ivar broker_url: the Redis URL of a run that may span machines (else None, and
+        *broker_path* is the local broker's socket).
+    :ivar clone_tag: with Redis, a token of this machine's controller in its clones'
+        names: each machine creates and drops only databases of its own.
     """
 
     run_id: str
@@ -43,6 +67,8 @@ class RunInfo:
     template: str | None = None
     sandbox: bool = True
     database_env: tuple[str, ...] = ()
+    broker_url: str | None = None
+    clone_tag: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -54,7 +80,26 @@ class RunInfo:
         return cls(**data)
 
     def clone_name(self, slot: int) -> str:
-        return f"corral_{self.run_id}_{slot}"
+        """``corral_<run>_<slot>`` (``corral_<run>_<tag>_<slot>`` with Redis), <= 63 bytes."""
+        tail = f"_{self.clone_tag}_{slot}" if self.clone_tag else f"_{slot}"
+        run = self.run_id
+        if len("corral_") + len(run) + len(tail) > _MAX_NAME:
+            digest = hashlib.sha1(run.encode()).hexdigest()[:8]
+            run = run[: _MAX_NAME - len("corral_") - len(tail) - 9] + "-" + digest
+        return f"corral_{run}{tail}"
+
+
+def open_client(info: RunInfo, worker: str | None = None) -> AnyClient:
+    """A blocking client of *info*'s broker: the local socket one, or Redis.
+
+    :param worker: the name :meth:`~corral.broker.redis.RedisClient.status` shows for
+        this client (host-qualified: every machine has a ``gw0``).
+    """
+    if info.broker_url:
+        from corral.broker.redis import RedisClient
+
+        return RedisClient(info.broker_url, run_id=info.run_id, worker_id=worker)
+    return Client(info.broker_path)
 
 
 @dataclass
@@ -67,6 +112,7 @@ class Run:
     server: EphemeralPostgres | None = None
     timings: dict[str, float] = field(default_factory=dict)
     reused_broker: bool = False
+    redis: RedisClient | None = None
     _env_saved: dict[str, str | None] = field(default_factory=dict)
 
     def start(self) -> RunInfo:
@@ -83,8 +129,13 @@ class Run:
 
     def _start(self) -> RunInfo:
         settings = self.settings
-        run_id = secrets.token_hex(4)
-        path = self._broker()
+        if settings.broker_url:
+            assert settings.run_id is not None  # Settings requires it with a Redis URL
+            run_id, path, tag = settings.run_id, "", secrets.token_hex(3)
+            self._redis(settings.broker_url, run_id)
+        else:
+            run_id, tag = settings.run_id or secrets.token_hex(4), ""
+            path = self._broker()
         admin_dsn: str | None = None
         template: str | None = None
         if settings.database:
@@ -98,10 +149,31 @@ class Run:
             template=template,
             sandbox=settings.sandbox,
             database_env=settings.database_env,
+            broker_url=settings.broker_url,
+            clone_tag=tag,
         )
         self._setenv(ENV_RUN, self.info.to_json())
-        self._setenv("CORRAL_RUN_ID", run_id)
+        self._setenv(ENV_RUN_ID, run_id)
+        if settings.broker_url:
+            # Every Client() of every process (workers, the app, helper scripts) is then a
+            # RedisClient of this run: CORRAL_BROKER_URL wins over EPHEMERAL_PIPE.
+            self._setenv(ENV_BROKER_URL, settings.broker_url)
         return self.info
+
+    def _redis(self, url: str, run_id: str) -> None:
+        """Check that Redis answers; the run itself exists as soon as someone uses it."""
+        from corral.broker.redis import RedisClient
+
+        started = time.perf_counter()
+        try:
+            self.redis = RedisClient(url, run_id=run_id, worker_id=f"{self.settings.host}/main")
+            self.redis.ping()
+        except (BrokerError, ValueError, ImportError) as exc:
+            raise pytest.UsageError(
+                f"corral: cannot use the Redis broker (--corral-broker / corral_broker / "
+                f"CORRAL_BROKER_URL): {exc}"
+            ) from exc
+        self.timings["redis connect"] = time.perf_counter() - started
 
     def _broker(self) -> str:
         inherited = os.environ.get("EPHEMERAL_PIPE")
@@ -176,22 +248,55 @@ class Run:
         os.environ[name] = value
 
     def drop_clones(self) -> list[str]:
-        """Drop every clone of this run (on a server corral did not start)."""
+        """Drop this controller's clones (on a server corral did not start).
+
+        Only its own: other machines of a Redis run share the run id and the server, and
+        may still be testing on theirs. Clones are marked with the controller's pid.
+        """
         info = self.info
         if info is None or info.admin_dsn is None or self.server is not None:
             return []
         started = time.perf_counter()
+        host = socket.gethostname()
+        dropped: list[str] = []
         try:
-            dropped = drop_stale_databases(info.admin_dsn, run_id=info.run_id)
+            for db in list_databases(info.admin_dsn):
+                mine = db.pid == info.controller_pid and db.host == host
+                ours = db.kind == "clone" and db.run == info.run_id and mine
+                if ours and drop_database(info.admin_dsn, db.name):
+                    dropped.append(db.name)
         except Exception as exc:  # never let clean-up hide the run's own result
             log.warning("could not drop this run's databases: %s", exc)
-            return []
+            return dropped
         self.timings["drop clones"] = time.perf_counter() - started
         return dropped
+
+    def leave_redis(self) -> int:
+        """Count this invocation out of the Redis run; the last of ``--corral-machines``
+        deletes the run's keys. Returns how many keys it deleted (0: not the last)."""
+        client, self.redis = self.redis, None
+        if client is None:
+            return 0
+        deleted = 0
+        try:
+            machines = self.settings.machines
+            if machines is not None:
+                finished = client.incr(FINISHED_KEY, ttl=_DAY)
+                if finished >= machines:
+                    # Every invocation of the run has ended its workers: nobody uses the
+                    # keys any more (a late extra one would start from an empty run).
+                    deleted = client.purge()
+                    log.info("last of %d machines: deleted %d Redis keys", machines, deleted)
+        except BrokerError as exc:
+            log.warning("could not finish the Redis run (its keys expire by themselves): %s", exc)
+        finally:
+            client.close()
+        return deleted
 
     def stop(self) -> None:
         """Drop this run's clones, stop the server and the broker. Idempotent."""
         self.drop_clones()
+        self.leave_redis()
         server, self.server = self.server, None
         if server is not None:
             with contextlib.suppress(Exception):
@@ -207,7 +312,8 @@ class Run:
         self._env_saved.clear()
 
     def holdings(self) -> list[dict[str, Any]]:
-        """What clients still hold in the broker (empty when the broker is not ours)."""
+        """What clients still hold in the local broker (empty when it is not ours; the
+        report asks ``status()`` first, which also covers Redis)."""
         broker = self.broker
         if broker is None or not broker.running:
             return []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,9 +19,13 @@ from typing import Any
 import pytest
 
 __all__ = [
+    "ENV_BROKER_URL",
     "ENV_DATABASE_URL",
     "ENV_DSN",
+    "ENV_HOST",
+    "ENV_MACHINES",
     "ENV_RUN",
+    "ENV_RUN_ID",
     "ENV_SANDBOX_MODE",
     "Settings",
     "add_options",
@@ -34,8 +40,18 @@ ENV_DATABASE_URL = "CORRAL_DATABASE_URL"
 ENV_SANDBOX_MODE = "CORRAL_SANDBOX_MODE"
 #: What the controlling process hands to its xdist workers (JSON; internal).
 ENV_RUN = "CORRAL_PLUGIN_RUN"
+#: A Redis URL: the run's broker is Redis, shared by every machine of the run.
+ENV_BROKER_URL = "CORRAL_BROKER_URL"
+#: The run's name, the same on every machine of a multi-machine run.
+ENV_RUN_ID = "CORRAL_RUN_ID"
+#: How many pytest invocations share a Redis run (the last one out deletes its keys).
+ENV_MACHINES = "CORRAL_MACHINES"
+#: This machine's name in a multi-machine run (default: the host name).
+ENV_HOST = "CORRAL_HOST"
 
 _SWITCH = ("auto", "on", "off")
+# Stricter than the Redis client's 128: the id also goes into database names (63 bytes).
+_RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -63,7 +79,36 @@ def add_options(parser: pytest.Parser) -> None:
         default=False,
         help="do not open sandboxes around tests (ini corral_sandbox = false)",
     )
+    group.addoption(
+        "--corral-broker",
+        dest="corral_broker",
+        default=None,
+        metavar="URL",
+        help="a Redis URL (redis://, rediss://, unix://) to coordinate through instead of a "
+        "local broker, so pytest runs on several machines share one run (ini corral_broker, "
+        "env CORRAL_BROKER_URL)",
+    )
+    group.addoption(
+        "--corral-run-id",
+        dest="corral_run_id",
+        default=None,
+        metavar="ID",
+        help="the run's name, the same on every machine of the run, e.g. the CI pipeline id "
+        "(ini corral_run_id, env CORRAL_RUN_ID); required with a Redis broker",
+    )
+    group.addoption(
+        "--corral-machines",
+        dest="corral_machines",
+        default=None,
+        type=int,
+        metavar="N",
+        help="how many pytest invocations share the Redis run; the last one to finish "
+        "deletes the run's keys (ini corral_machines, env CORRAL_MACHINES)",
+    )
     parser.addini("corral_dsn", "admin DSN of the PostgreSQL server to use", default="")
+    parser.addini("corral_broker", "a Redis URL to coordinate through", default="")
+    parser.addini("corral_run_id", "the run's name (--corral-run-id)", default="")
+    parser.addini("corral_machines", "pytest invocations sharing the Redis run", default="")
     parser.addini(
         "corral_schema",
         "SQL files/directories (relative to the rootdir), or one module:function "
@@ -99,6 +144,10 @@ class Settings:
     :ivar dsn: the user's admin DSN, or None for corral's throwaway server.
     :ivar schema: SQL paths (absolute) or ``"module:function"`` entries.
     :ivar database: whether each process gets its own database.
+    :ivar broker_url: a Redis URL (the run spans machines), or None for a local broker.
+    :ivar run_id: the run's name given by the user (required with *broker_url*).
+    :ivar machines: pytest invocations sharing the Redis run, when the user says.
+    :ivar host: this machine's name in the run's shared names.
     """
 
     dsn: str | None
@@ -109,6 +158,10 @@ class Settings:
     sandbox: bool
     rootpath: Path
     extra_paths: tuple[Path, ...] = field(default=())
+    broker_url: str | None = None
+    run_id: str | None = None
+    machines: int | None = None
+    host: str = field(default_factory=socket.gethostname)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -140,7 +193,21 @@ class Settings:
         database = bool(schema or dsn or env_names) if switch == "auto" else switch == "on"
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
         extra = tuple(dict.fromkeys([base, config.rootpath]))
-        return cls(dsn, schema, watch, env_names, database, sandbox, config.rootpath, extra)
+        broker_url, run_id, machines = _broker_settings(config)
+        return cls(
+            dsn,
+            schema,
+            watch,
+            env_names,
+            database,
+            sandbox,
+            config.rootpath,
+            extra,
+            broker_url=broker_url,
+            run_id=run_id,
+            machines=machines,
+            host=_host_name(),
+        )
 
     def schema_source(self) -> Sequence[str] | Callable[[str], Any]:
         """What :func:`corral.postgres.ensure_template` takes: paths, or the callable.
@@ -156,6 +223,78 @@ class Settings:
 
 def empty_schema(dsn: str) -> None:
     """The schema of ``corral_database = on`` without ``corral_schema``: nothing."""
+
+
+def _first(config: pytest.Config, name: str, env: str) -> tuple[str | None, str]:
+    """The value of option / ini / environment *name* (that order), and where it came from."""
+    option = _option(config, name)
+    if option is not None and str(option).strip():
+        return str(option).strip(), "--" + name.replace("_", "-")
+    ini = str(config.getini(name)).strip()
+    if ini:
+        return ini, f"ini {name}"
+    value = os.environ.get(env, "").strip()
+    return (value, env) if value else (None, "")
+
+
+def _broker_settings(config: pytest.Config) -> tuple[str | None, str | None, int | None]:
+    """``(redis_url, run_id, machines)`` from options, ini and environment, validated.
+
+    A ``CORRAL_BROKER_URL`` in the environment alone makes every ``Client()`` a Redis
+    client, so it selects the Redis broker for the plugin too: the two always agree.
+
+    :raises pytest.UsageError: not a Redis URL, no or a malformed run id, a bad count.
+    """
+    from corral.broker.redis import is_redis_url
+
+    url, url_from = _first(config, "corral_broker", ENV_BROKER_URL)
+    if url is not None and not is_redis_url(url):
+        raise pytest.UsageError(
+            f"{url_from}: {url!r} is not a Redis URL (redis://, rediss:// or unix://). "
+            "Without one corral starts its own broker for the run; to share a broker "
+            "started by `corral run`, set EPHEMERAL_PIPE instead"
+        )
+    run_id, run_from = _first(config, "corral_run_id", ENV_RUN_ID)
+    text, machines_from = _first(config, "corral_machines", ENV_MACHINES)
+    if url is None:
+        # A local run names itself: an inherited CORRAL_RUN_ID may be an outer run's
+        # (the plugin exports it), and clone names must never collide with that run's.
+        explicit = run_from.startswith(("--", "ini"))
+        if text is not None and machines_from != ENV_MACHINES:
+            raise pytest.UsageError(
+                f"{machines_from} needs a Redis broker (--corral-broker / CORRAL_BROKER_URL)"
+            )
+        return None, (_check_run_id(run_id, run_from) if explicit else None), None
+    if run_id is None:
+        raise pytest.UsageError(
+            f"corral: a Redis broker ({url_from}) needs the run's name: pass --corral-run-id "
+            "(ini corral_run_id, env CORRAL_RUN_ID) with a value every machine of this run "
+            "shares and no other run uses, e.g. the CI pipeline id and attempt "
+            "(gh-$GITHUB_RUN_ID-$GITHUB_RUN_ATTEMPT, gl-$CI_PIPELINE_ID)"
+        )
+    machines: int | None = None
+    if text is not None:
+        try:
+            machines = int(text)
+        except ValueError:
+            machines = 0
+        if machines < 1:
+            raise pytest.UsageError(f"{machines_from} must be a positive integer, got {text!r}")
+    return url, _check_run_id(run_id, run_from), machines
+
+
+def _check_run_id(run_id: str | None, source: str) -> str | None:
+    if run_id is not None and not _RUN_ID.fullmatch(run_id):
+        raise pytest.UsageError(
+            f"{source}: a run id is 1-64 characters of A-Za-z0-9._- (it names Redis keys "
+            f"and databases), got {run_id!r}"
+        )
+    return run_id
+
+
+def _host_name() -> str:
+    """This machine's name in the run: ``$CORRAL_HOST``, else the host name."""
+    return os.environ.get(ENV_HOST, "").strip() or socket.gethostname()
 
 
 def _option(config: pytest.Config, name: str) -> Any:

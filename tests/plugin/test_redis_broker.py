@@ -1,0 +1,307 @@
+"""The plugin on a Redis broker: two pytest invocations ("machines") share one run.
+
+Each inner invocation runs ``-n 2`` on this session's PostgreSQL and a real redis-server;
+they are told apart by ``CORRAL_HOST`` (and their pids), as runners on two hosts would be.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from corral.postgres import clone_database, drop_database, list_databases
+from tests.plugin.conftest import _INHERITED
+
+pytestmark = pytest.mark.slow
+
+# The schema is a function whose module source carries a fresh token: a template of its
+# own for every test, so "built once" is observable (the build appends to a log).
+_SCHEMA = """
+import os
+import psycopg
+
+TOKEN = "{token}"
+
+
+def build(dsn):
+    with open(os.environ["BUILD_LOG"], "a") as log:
+        log.write(f"{{os.getpid()}}\\n")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE item (id serial PRIMARY KEY, name text UNIQUE NOT NULL)")
+"""
+
+_CONFTEST = """
+import os
+
+import pytest
+from psycopg_pool import ConnectionPool
+
+from corral.sandbox import sandbox
+
+# The application's pool, on this process's database (exported before conftest import).
+pool = sandbox(ConnectionPool(os.environ["CORRAL_DATABASE_URL"], min_size=1, max_size=2, open=True))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def all_workers_meet(corral):
+    # Every worker of both machines arrives once: proof that they share one run, live.
+    corral.barrier("all-workers", int(os.environ["EXPECTED_WORKERS"]), timeout=60)
+"""
+
+_TESTS = """
+import json
+import os
+
+import psycopg
+import pytest
+from conftest import pool
+
+from corral import Client
+
+
+@pytest.mark.parametrize("n", range(8))
+def test_shared_run(n, corral, corral_database_url):
+    # The same unique name in every test: the sandbox rolls each one back.
+    with pool.connection() as conn:
+        conn.execute("INSERT INTO item (name) VALUES ('only-one')")
+        assert conn.execute("SELECT count(*) FROM item").fetchone()[0] == 1
+    plain = Client()  # what an application's own code gets
+    try:
+        facts = {
+            "host": os.environ["CORRAL_HOST"],
+            "pid": os.getpid(),
+            "worker": os.environ.get("PYTEST_XDIST_WORKER"),
+            "database": psycopg.conninfo.conninfo_to_dict(corral_database_url)["dbname"],
+            "fixture_client": type(corral).__name__,
+            "plain_client": type(plain).__name__,
+            "pipe": os.environ.get("EPHEMERAL_PIPE"),
+            "run": json.loads(os.environ["CORRAL_PLUGIN_RUN"]),
+            "first": corral.once("first-machine", lambda: os.environ["CORRAL_HOST"]),
+        }
+    finally:
+        plain.close()
+    with open(os.environ["FACTS"], "a") as out:
+        out.write(json.dumps(facts) + "\\n")
+"""
+
+
+def _write_suite(path: Path) -> None:
+    (path / "schema_fn.py").write_text(_SCHEMA.format(token=secrets.token_hex(8)))
+    (path / "conftest.py").write_text(_CONFTEST)
+    (path / "test_shared.py").write_text(_TESTS)
+    (path / "pytest.ini").write_text(
+        "[pytest]\ncorral_schema = schema_fn:build\nfilterwarnings = error\n"
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
+    env.update(extra)
+    return env
+
+
+def _pytest(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _redis_keys(url: str, run_id: str) -> list[bytes]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match=f"corral:{{{run_id}}}:*"))
+    finally:
+        client.close()
+
+
+def test_two_machines_share_one_run(
+    pytester: pytest.Pytester, redis_url: str, postgres_dsn: str
+) -> None:
+    _write_suite(pytester.path)
+    run_id = f"ci-{secrets.token_hex(4)}"
+    facts_file = pytester.path / "facts.jsonl"
+    build_log = pytester.path / "builds.log"
+    common = {
+        "CORRAL_DSN": postgres_dsn,
+        "FACTS": str(facts_file),
+        "BUILD_LOG": str(build_log),
+        "EXPECTED_WORKERS": "4",
+    }
+    # Machine A passes options; machine B only has the environment a CI job would set.
+    a = _pytest(
+        pytester.path,
+        ["-n", "2", "--corral-broker", redis_url, "--corral-run-id", run_id,
+         "--corral-machines", "2", "-v"],
+        _env(CORRAL_HOST="machine-a", **common),
+    )  # fmt: skip
+    b = _pytest(
+        pytester.path,
+        ["-n", "2"],
+        _env(
+            CORRAL_HOST="machine-b",
+            CORRAL_BROKER_URL=redis_url,
+            CORRAL_RUN_ID=run_id,
+            CORRAL_MACHINES="2",
+            **common,
+        ),
+    )
+    out_a, _ = a.communicate(timeout=100)
+    out_b, _ = b.communicate(timeout=100)
+    assert a.returncode == 0, out_a
+    assert b.returncode == 0, out_b
+    assert "8 passed" in out_a
+    assert "8 passed" in out_b
+    assert f"broker: Redis run '{run_id}'" in out_a  # the -v report reads Redis
+
+    facts: list[dict[str, Any]] = [json.loads(line) for line in facts_file.read_text().splitlines()]
+    assert len(facts) == 16
+    assert {f["fixture_client"] for f in facts} == {"RedisClient"}
+    assert {f["plain_client"] for f in facts} == {"RedisClient"}
+    assert {f["pipe"] for f in facts} == {None}  # no socket broker anywhere
+    assert len({f["first"] for f in facts}) == 1  # one `once` for the whole run
+    # Every worker process (2 per machine) has a database of its own, named after the run.
+    by_process = {(f["host"], f["pid"]): f["database"] for f in facts}
+    assert len(by_process) == 4
+    assert {h for h, _ in by_process} == {"machine-a", "machine-b"}
+    assert len(set(by_process.values())) == 4
+    assert all(run_id in name for name in by_process.values())
+    runs = {json.dumps(f["run"], sort_keys=True) for f in facts}
+    assert len(runs) == 2  # one controller per machine...
+    infos = [json.loads(r) for r in runs]
+    assert {i["run_id"] for i in infos} == {run_id}
+    assert len({i["controller_pid"] for i in infos}) == 2
+    assert len({i["template"] for i in infos}) == 1  # ...one template
+    assert len(build_log.read_text().split()) == 1, "the schema was built more than once"
+
+    assert [
+        db.name for db in list_databases(postgres_dsn) if db.run == run_id and db.kind == "clone"
+    ] == []
+    assert _redis_keys(redis_url, run_id) == []  # the last machine out deleted the run
+    drop_database(postgres_dsn, infos[0]["template"])
+
+
+def test_a_machine_drops_only_its_own_clones(
+    pytester: pytest.Pytester, redis_url: str, postgres_dsn: str
+) -> None:
+    # A machine that finishes while another still tests leaves that one's database alone
+    # and does not delete the run's keys (it is not the last of --corral-machines 2).
+    _write_suite(pytester.path)
+    run_id = f"ci-{secrets.token_hex(4)}"
+    common = {
+        "CORRAL_DSN": postgres_dsn,
+        "FACTS": str(pytester.path / "facts.jsonl"),
+        "BUILD_LOG": str(pytester.path / "builds.log"),
+        "EXPECTED_WORKERS": "1",
+        "CORRAL_BROKER_URL": redis_url,
+        "CORRAL_RUN_ID": run_id,
+        "CORRAL_MACHINES": "2",
+    }
+    other = f"corral_{run_id}_elsewhere"
+    first = _pytest(pytester.path, ["-n", "0"], _env(CORRAL_HOST="machine-a", **common))
+    out, _ = first.communicate(timeout=100)
+    assert first.returncode == 0, out
+    template = json.loads((pytester.path / "facts.jsonl").read_text().splitlines()[0])["run"][
+        "template"
+    ]
+    # "Another machine's" clone of the same run, created by a live process (this one).
+    clone_database(postgres_dsn, template, other, run_id=run_id)
+    try:
+        again = _pytest(pytester.path, ["-n", "0"], _env(CORRAL_HOST="machine-a", **common))
+        out, _ = again.communicate(timeout=100)
+        assert again.returncode == 0, out
+        names = [
+            db.name
+            for db in list_databases(postgres_dsn)
+            if db.run == run_id and db.kind == "clone"
+        ]
+        assert names == [other]
+    finally:
+        drop_database(postgres_dsn, other)
+        drop_database(postgres_dsn, template)
+    # Two invocations counted out of two: the second deleted the run's keys.
+    assert _redis_keys(redis_url, run_id) == []
+
+
+def test_report_lists_what_is_held_in_the_redis_run(
+    pytester: pytest.Pytester, redis_url: str
+) -> None:
+    pytester.makepyfile(
+        test_leak="""
+        import os
+
+        from corral import Client
+
+        LEAKED = []
+
+        def test_takes_and_keeps(corral):
+            client = Client()
+            assert type(client).__name__ == "RedisClient"
+            client.lease("api-keys", "test_takes_and_keeps", ttl=600)
+            held = client.lock("migrations", ttl=600)
+            held.__enter__()
+            LEAKED.append((client, held))  # never released: the run's end must say so
+        """
+    )
+    run_id = f"leak-{secrets.token_hex(4)}"
+    env = _env(CORRAL_HOST="machine-a")
+    args = ["-n", "0", "--corral-broker", redis_url, "--corral-run-id", run_id]
+    proc = _pytest(pytester.path, args, env)
+    out, _ = proc.communicate(timeout=60)
+    try:
+        assert proc.returncode == 0, out
+        lines = pytest.LineMatcher(out.splitlines())
+        lines.fnmatch_lines(["*corral warning: still held in the Redis run (all machines)*"])
+        # Read from Redis: a lease names its holder; a lock's holder is a process on a host.
+        lines.fnmatch_lines(["lease 'api-keys' #0 held by 'test_takes_and_keeps' for * s"])
+        lines.fnmatch_lines(["lock 'migrations' (1) held by 'pid * on *' for * s"])
+        lines.fnmatch_lines(["*Holders on other machines may simply still be running*"])
+    finally:
+        from corral.broker.redis import RedisClient
+
+        with RedisClient(redis_url, run_id=run_id) as client:
+            client.purge()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--corral-broker", "{redis}"], {}, "*needs the run's name: pass --corral-run-id*"),
+        ([], {"CORRAL_BROKER_URL": "{redis}"}, "*CI pipeline id*"),
+        (["--corral-broker", "/tmp/x.sock"], {}, "*is not a Redis URL*"),
+        (
+            ["--corral-broker", "{redis}", "--corral-run-id", "a b"],
+            {},
+            "*a run id is 1-64 characters*",
+        ),
+        (["--corral-machines", "2"], {}, "*--corral-machines needs a Redis broker*"),
+    ],
+    ids=["option-no-run-id", "env-no-run-id", "not-redis", "bad-run-id", "machines-no-redis"],
+)
+def test_usage_errors(
+    pytester: pytest.Pytester,
+    redis_url: str,
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    pytester.makepyfile("def test_never(): pass")
+    full_env = _env(**{k: v.format(redis=redis_url) for k, v in env.items()})
+    proc = _pytest(pytester.path, [a.format(redis=redis_url) for a in args], full_env)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, out
+    assert "test_never" not in out
+    pytest.LineMatcher(out.splitlines()).fnmatch_lines([message])
