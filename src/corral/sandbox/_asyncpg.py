@@ -217,7 +217,7 @@ class AsyncpgSandboxBase(AsyncBoxController[_Box]):
         return AsyncpgSandboxConnection(box, pooled=pooled)
 
     async def _checkin(self, conn: AsyncpgSandboxConnection) -> None:
-        if not conn.is_closed() and conn._app.frames and conn._box.broken is None:
+        if conn._open_work():
             logger.warning("rolling back returned connection: %s", conn)
             await conn._end(commit=False)
         conn._top = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from asyncpg import exceptions as pgexc
 
@@ -26,6 +26,7 @@ from corral.sandbox._plan import (
     Step,
 )
 from corral.sandbox._plan import classify_script as _classify_script
+from corral.sandbox._proxy import ProxyBase
 
 if TYPE_CHECKING:
     from corral.sandbox._asyncpg import _Box
@@ -90,44 +91,29 @@ def _translate(exc: Exception, text: str | None, lock_timeout: float | None) -> 
     return exc
 
 
-class AsyncpgSandboxConnection:
+class AsyncpgSandboxConnection(ProxyBase["_Box"]):
     """The application's view of the sandbox's connection: an ``asyncpg.Connection``
     look-alike. Anything not about statements or transactions is the real connection's
     (``__getattr__`` forwards: type codecs, server version, settings, ...).
     """
 
+    _get_another: ClassVar[str] = "acquire a new"
+
     def __init__(self, box: _Box, *, pooled: bool = True) -> None:
-        self._box = box
-        self._real = box.real
-        self._app = AppState(autocommit=True)
-        self._pooled = pooled
-        self._closed = False
-        self._returned = False
         self._top: AsyncpgSandboxTransaction | None = None
-        box.proxies.add(self)
+        super().__init__(box, AppState(autocommit=True), pooled=pooled)
 
     # ------------------------------------------------------------------ state
 
-    def _detach(self) -> None:
-        self._closed = True
-
-    def _usable(self) -> None:
-        if self._closed:
-            if self._box.closed and not self._returned:
-                raise SandboxError(
-                    "this connection belonged to a sandbox that is now closed; acquire a "
-                    "new connection inside the current sandbox"
-                )
-            raise pgexc.InterfaceError("cannot call Connection methods: connection is closed")
-        self._box.check()
+    def _closed_error(self) -> Exception:
+        error: Exception = pgexc.InterfaceError(
+            "cannot call Connection methods: connection is closed"
+        )
+        return error
 
     def is_closed(self) -> bool:
-        return self._closed or self._box.closed
-
-    @property
-    def closed(self) -> bool:
-        """Same as :meth:`is_closed` (the attribute every corral proxy has)."""
-        return self.is_closed()
+        """Same as :attr:`closed` (the attribute every corral proxy has)."""
+        return self.closed
 
     def is_in_transaction(self) -> bool:
         """Whether the application's transaction is open (as asyncpg would report it)."""
@@ -361,30 +347,19 @@ class AsyncpgSandboxConnection:
 
     async def reset(self, *, timeout: float | None = None) -> None:
         """What the pool does at release, minus RESET ALL / UNLISTEN (see module doc)."""
-        if not self.is_closed() and self._app.frames and self._box.broken is None:
+        if self._open_work():
             await self._end(commit=False)
         self._top = None
 
     async def close(self, *, timeout: float | None = None) -> None:
         if self._closed:
             return
-        if not self._box.closed and self._box.broken is None and self._app.frames:
+        if self._open_work():
             await self._end(commit=False)  # closing a connection discards its transaction
-        self._closed = True
-        if not self._pooled:
-            self._checkin()
+        self._closed_now()
 
     def terminate(self) -> None:
-        self._closed = True
-        if not self._pooled:
-            self._checkin()
-
-    def _checkin(self) -> None:
-        if not self._returned:
-            self._returned = True
-            self._closed = True
-            if not self._box.closed:
-                self._box.lock.release()
+        self._closed_now()
 
 
 class AsyncpgSandboxTransaction:

@@ -17,11 +17,10 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from corral.sandbox._boxes import AsyncBoxController
-from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._plan import Step
 from corral.sandbox._psycopg_async_conn import AsyncSandboxConnection
-from corral.sandbox._psycopg_common import lost_note
+from corral.sandbox._psycopg_common import PsycopgBoxBase
 
 __all__ = [
     "AsyncConnectSandbox",
@@ -31,17 +30,14 @@ __all__ = [
 logger = logging.getLogger("corral.sandbox.psycopg")
 
 
-class _Box(BoxBase):
+class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
     """One open sandbox on a psycopg async connection."""
 
     def __init__(self, controller: _Controller, real: psycopg.AsyncConnection[Any]) -> None:
-        super().__init__(controller._new_plan())
+        super().__init__(controller._new_plan(), real)
         self.controller = controller
-        self.real = real
         self.lock = AsyncOwnerLock()
         self.proxies: weakref.WeakSet[AsyncSandboxConnection] = weakref.WeakSet()
-        self.app_autocommit = real.autocommit
-        self.app_row_factory = real.row_factory
         self._cur: psycopg.AsyncCursor[Any] | None = None
 
     async def open(self) -> None:
@@ -60,11 +56,6 @@ class _Box(BoxBase):
             self.plan.opened(bool(row and row[0]))
 
     # ------------------------------------------------------------------ sending
-
-    def note(self, exc: BaseException) -> None:
-        if self.broken is None and (self.real.closed or self.real.broken):
-            self.broken = exc
-            exc.add_note(lost_note())
 
     async def run(self, step: Step | None, cursor: psycopg.AsyncCursor[Any] | None = None) -> None:
         if step is None:
@@ -86,11 +77,6 @@ class _Box(BoxBase):
     async def send(self, sql: str | None) -> None:
         if sql:
             await self.run(Step(sql))
-
-    def real_status(self) -> TransactionStatus:
-        if self.broken is not None or self.real.closed:
-            return TransactionStatus.UNKNOWN
-        return self.real.info.transaction_status
 
     # ------------------------------------------------------------------ closing
 
@@ -200,7 +186,7 @@ class AsyncPoolSandbox(_Controller):
         if not isinstance(conn, AsyncSandboxConnection):
             await self.pool.putconn(conn)
             return
-        if not conn.closed and conn._app.frames and conn._box.broken is None:
+        if conn._open_work():
             logger.warning("rolling back returned connection: %s", conn)
             await conn._end(commit=False)
         conn._checkin()

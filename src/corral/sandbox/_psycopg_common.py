@@ -1,11 +1,11 @@
 """What the sync and async psycopg adapters share: query text, error mapping, the
-transaction status the application sees. No I/O here.
+transaction status the application sees, the boxes' state. No I/O here.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -13,10 +13,12 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from corral.errors import SandboxLockTimeout
+from corral.sandbox._controller import BoxBase
 from corral.sandbox._messages import LOST_NOTE, lock_contention, refused
-from corral.sandbox._plan import AppState, EmulatedServerError
+from corral.sandbox._plan import AppState, EmulatedServerError, Plan
 
 __all__ = [
+    "PsycopgBoxBase",
     "PsycopgLockTimeout",
     "app_status",
     "emulated",
@@ -77,3 +79,29 @@ def app_status(app: AppState, real: TransactionStatus) -> TransactionStatus:
 
 def lost_note() -> str:
     return LOST_NOTE
+
+
+C = TypeVar("C", "psycopg.Connection[Any]", "psycopg.AsyncConnection[Any]")
+
+
+class PsycopgBoxBase(BoxBase, Generic[C]):
+    """One open sandbox on a psycopg connection *C* (sync or async): what needs no I/O."""
+
+    def __init__(self, plan: Plan, real: C) -> None:
+        super().__init__(plan)
+        self.real: C = real
+        self.app_autocommit: bool = real.autocommit
+        self.app_row_factory: Any = real.row_factory
+
+    def note(self, exc: BaseException) -> None:
+        """Mark the box broken if *exc* came with the loss of its connection."""
+        if self.broken is None and (self.real.closed or self.real.broken):
+            self.broken = exc
+            exc.add_note(lost_note())
+
+    def real_status(self) -> TransactionStatus:
+        """The real connection's transaction status (UNKNOWN once lost or closed)."""
+        if self.broken is not None or self.real.closed:
+            return TransactionStatus.UNKNOWN
+        status: TransactionStatus = self.real.info.transaction_status
+        return status

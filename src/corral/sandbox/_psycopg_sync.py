@@ -17,10 +17,9 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from corral.sandbox._boxes import BoxController
-from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import OwnerLock
 from corral.sandbox._plan import Step
-from corral.sandbox._psycopg_common import lost_note
+from corral.sandbox._psycopg_common import PsycopgBoxBase
 from corral.sandbox._psycopg_sync_conn import SandboxConnection
 
 __all__ = ["ConnectSandbox", "PoolSandbox"]
@@ -28,17 +27,14 @@ __all__ = ["ConnectSandbox", "PoolSandbox"]
 logger = logging.getLogger("corral.sandbox.psycopg")
 
 
-class _Box(BoxBase):
+class _Box(PsycopgBoxBase["psycopg.Connection[Any]"]):
     """One open sandbox on a psycopg connection."""
 
     def __init__(self, controller: _Controller, real: psycopg.Connection[Any]) -> None:
-        super().__init__(controller._new_plan())
+        super().__init__(controller._new_plan(), real)
         self.controller = controller
-        self.real = real
         self.lock = OwnerLock()
         self.proxies: weakref.WeakSet[SandboxConnection] = weakref.WeakSet()
-        self.app_autocommit = real.autocommit
-        self.app_row_factory = real.row_factory
         self._cur: psycopg.Cursor[Any] | None = None
 
     def open(self) -> None:
@@ -57,11 +53,6 @@ class _Box(BoxBase):
             self.plan.opened(bool(row and row[0]))
 
     # ------------------------------------------------------------------ sending
-
-    def note(self, exc: BaseException) -> None:
-        if self.broken is None and (self.real.closed or self.real.broken):
-            self.broken = exc
-            exc.add_note(lost_note())
 
     def run(self, step: Step | None, cursor: psycopg.Cursor[Any] | None = None) -> None:
         if step is None:
@@ -83,11 +74,6 @@ class _Box(BoxBase):
     def send(self, sql: str | None) -> None:
         if sql:
             self.run(Step(sql))
-
-    def real_status(self) -> TransactionStatus:
-        if self.broken is not None or self.real.closed:
-            return TransactionStatus.UNKNOWN
-        return self.real.info.transaction_status
 
     # ------------------------------------------------------------------ closing
 
@@ -206,7 +192,7 @@ class PoolSandbox(_Controller):
         if not isinstance(conn, SandboxConnection):
             self.pool.putconn(conn)
             return
-        if not conn.closed and conn._app.frames and conn._box.broken is None:
+        if conn._open_work():
             logger.warning("rolling back returned connection: %s", conn)
             conn._end(commit=False)
         conn._checkin()

@@ -46,7 +46,7 @@ class EngineSandbox(EngineHooks, _psycopg_sync._Controller):
         return self._checkout(None)
 
     def checkin_sync(self, target: Any) -> None:
-        if not target.closed and target._app.frames and target._box.broken is None:
+        if target._open_work():
             target._end(commit=False)
         target._checkin()
 
@@ -78,6 +78,6 @@ class PsycopgAsyncEngineSandbox(AsyncEngineSandbox, _psycopg_async._Controller):
         return await self._checkout(None)
 
     async def checkin_async(self, target: Any) -> None:
-        if not target.closed and target._app.frames and target._box.broken is None:
+        if target._open_work():
             await target._end(commit=False)
         target._checkin()
