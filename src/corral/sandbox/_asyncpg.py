@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections import OrderedDict
 from collections.abc import Generator
 from types import TracebackType
@@ -64,7 +63,6 @@ class _Box(BoxBase):
         self.holder = real
         self.real = real.conn
         self.lock = AsyncOwnerLock()
-        self.proxies: weakref.WeakSet[AsyncpgSandboxConnection] = weakref.WeakSet()
         #: the real transaction is failed until a ROLLBACK (TO) (asyncpg does not say)
         self.inerror = False
         self.schema_changed = False
@@ -166,11 +164,8 @@ class _Box(BoxBase):
             await self.reload_schema()
 
     async def close(self) -> None:
-        if self.closed:
+        if not self._start_closing():
             return
-        self.closed = True
-        for proxy in list(self.proxies):
-            proxy._detach()
         real = self.real
         if self.broken is None and not _closed(real):
             try:

@@ -65,6 +65,8 @@ class BoxBase:
         self.broken: BaseException | None = None
         self.owner = current_owner()
         self.previous: BoxBase | None = None
+        #: the application's live checkouts of this sandbox's connection (its proxies)
+        self.proxies: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def check(self) -> None:
         """Raise unless the sandbox is usable: its connection was lost, or it is closed.
@@ -79,6 +81,15 @@ class BoxBase:
             ) from self.broken
         if self.closed:
             raise SandboxError("the sandbox this connection belonged to is closed")
+
+    def _start_closing(self) -> bool:
+        """Mark the sandbox closed and its proxies unusable; False if it already was."""
+        if self.closed:
+            return False
+        self.closed = True
+        for proxy in list(self.proxies):
+            proxy._detach()
+        return True
 
 
 B = TypeVar("B", bound=BoxBase)

@@ -7,7 +7,6 @@ modules are kept line-for-line parallel so a fix in one is a fix in both.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,7 +36,6 @@ class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
         super().__init__(controller._new_plan(), real)
         self.controller = controller
         self.lock = AsyncOwnerLock()
-        self.proxies: weakref.WeakSet[AsyncSandboxConnection] = weakref.WeakSet()
         self._cur: psycopg.AsyncCursor[Any] | None = None
 
     async def open(self) -> None:
@@ -88,11 +86,8 @@ class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
         """After a ROLLBACK TO of a sandbox level: nothing to refresh for psycopg."""
 
     async def close(self) -> None:
-        if self.closed:
+        if not self._start_closing():
             return
-        self.closed = True
-        for proxy in list(self.proxies):
-            proxy._detach()
         real = self.real
         if self.broken is None and not real.closed:
             try:

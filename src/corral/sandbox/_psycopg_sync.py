@@ -7,7 +7,6 @@ connection; every transaction operation goes through the :class:`~._plan.Plan`.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,7 +33,6 @@ class _Box(PsycopgBoxBase["psycopg.Connection[Any]"]):
         super().__init__(controller._new_plan(), real)
         self.controller = controller
         self.lock = OwnerLock()
-        self.proxies: weakref.WeakSet[SandboxConnection] = weakref.WeakSet()
         self._cur: psycopg.Cursor[Any] | None = None
 
     def open(self) -> None:
@@ -85,11 +83,8 @@ class _Box(PsycopgBoxBase["psycopg.Connection[Any]"]):
         """After a ROLLBACK TO of a sandbox level: nothing to refresh for psycopg."""
 
     def close(self) -> None:
-        if self.closed:
+        if not self._start_closing():
             return
-        self.closed = True
-        for proxy in list(self.proxies):
-            proxy._detach()
         real = self.real
         if self.broken is None and not real.closed:
             try:
