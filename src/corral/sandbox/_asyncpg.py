@@ -192,12 +192,6 @@ class AsyncpgSandboxBase(AsyncBoxController[_Box]):
 
     _dead_errors = _DEAD
 
-    async def _take(self) -> _Real:
-        raise NotImplementedError
-
-    async def _give(self, real: _Real) -> None:
-        raise NotImplementedError
-
     def _new_box(self, real: _Real) -> _Box:
         return _Box(self, real)
 
@@ -205,10 +199,7 @@ class AsyncpgSandboxBase(AsyncBoxController[_Box]):
         if not _closed(real.conn):
             real.conn.terminate()
 
-    async def _checkout(self, timeout: float | None, *, pooled: bool = True) -> Any:
-        box = self._route()
-        box.check()
-        await box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
+    def _new_proxy(self, box: _Box, *, pooled: bool = True) -> AsyncpgSandboxConnection:  # type: ignore[override]
         return AsyncpgSandboxConnection(box, pooled=pooled)
 
     async def _checkin(self, conn: AsyncpgSandboxConnection) -> None:

@@ -48,6 +48,17 @@ class BoxController(SandboxController[B]):
         """Close a connection found dead (it then goes back through :meth:`_give`)."""
         raise NotImplementedError
 
+    def _new_proxy(self, box: B, **options: Any) -> Any:
+        """The application's proxy of *box*'s connection (the checkout is taken)."""
+        raise NotImplementedError
+
+    def _checkout(self, timeout: float | None, **options: Any) -> Any:
+        """A proxy of this context's sandbox connection, once no other user has it."""
+        box: Any = self._route()
+        box.check()
+        box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
+        return self._new_proxy(box, **options)
+
     def _open_box(self) -> B:
         last: BaseException | None = None
         for _ in range(_OPEN_ATTEMPTS):
@@ -131,6 +142,15 @@ class AsyncBoxController(AsyncSandboxController[B]):
 
     async def _discard(self, real: Any) -> None:
         raise NotImplementedError
+
+    def _new_proxy(self, box: B, **options: Any) -> Any:
+        raise NotImplementedError
+
+    async def _checkout(self, timeout: float | None, **options: Any) -> Any:
+        box: Any = self._route()
+        box.check()
+        await box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
+        return self._new_proxy(box, **options)
 
     async def _open_box(self) -> B:
         last: BaseException | None = None

@@ -104,12 +104,6 @@ class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
 class _Controller(AsyncBoxController[_Box]):
     """Sandbox operations common to the async pool and factory adapters."""
 
-    async def _take(self) -> psycopg.AsyncConnection[Any]:
-        raise NotImplementedError
-
-    async def _give(self, real: psycopg.AsyncConnection[Any]) -> None:
-        raise NotImplementedError
-
     _dead_errors = (psycopg.OperationalError,)
 
     def _new_box(self, real: psycopg.AsyncConnection[Any]) -> _Box:
@@ -119,10 +113,7 @@ class _Controller(AsyncBoxController[_Box]):
         if not real.closed:
             await real.close()
 
-    async def _checkout(self, timeout: float | None, **options: Any) -> AsyncSandboxConnection:
-        box = self._route()
-        box.check()
-        await box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
+    def _new_proxy(self, box: _Box, **options: Any) -> AsyncSandboxConnection:
         return AsyncSandboxConnection(box, **options)
 
 

@@ -101,12 +101,6 @@ class _Box(PsycopgBoxBase["psycopg.Connection[Any]"]):
 class _Controller(BoxController[_Box]):
     """Sandbox operations common to the pool and the factory adapters."""
 
-    def _take(self) -> psycopg.Connection[Any]:
-        raise NotImplementedError
-
-    def _give(self, real: psycopg.Connection[Any]) -> None:
-        raise NotImplementedError
-
     _dead_errors = (psycopg.OperationalError,)
 
     def _new_box(self, real: psycopg.Connection[Any]) -> _Box:
@@ -116,10 +110,7 @@ class _Controller(BoxController[_Box]):
         if not real.closed:
             real.close()
 
-    def _checkout(self, timeout: float | None, **options: Any) -> SandboxConnection:
-        box = self._route()
-        box.check()
-        box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
+    def _new_proxy(self, box: _Box, **options: Any) -> SandboxConnection:
         return SandboxConnection(box, **options)
 
 
