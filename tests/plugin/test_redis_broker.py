@@ -241,7 +241,7 @@ def test_report_lists_what_is_held_in_the_redis_run(
 ) -> None:
     pytester.makepyfile(
         test_leak="""
-        import os
+        import pytest
 
         from corral import Client
 
@@ -254,7 +254,17 @@ def test_report_lists_what_is_held_in_the_redis_run(
             held = client.lock("migrations", ttl=600)
             held.__enter__()
             LEAKED.append((client, held))  # never released: the run's end must say so
+
+
+        @pytest.mark.asyncio
+        async def test_async_fixture_is_a_redis_client(corral_async):
+            assert type(corral_async).__name__ == "AsyncRedisClient"
+            assert await corral_async.incr("async-counter") == 1
         """
+    )
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+        "filterwarnings = error\n"
     )
     run_id = f"leak-{secrets.token_hex(4)}"
     env = _env(CORRAL_HOST="machine-a")
@@ -263,6 +273,7 @@ def test_report_lists_what_is_held_in_the_redis_run(
     out, _ = proc.communicate(timeout=60)
     try:
         assert proc.returncode == 0, out
+        assert "2 passed" in out
         lines = pytest.LineMatcher(out.splitlines())
         lines.fnmatch_lines(["*corral warning: still held in the Redis run (all machines)*"])
         # Read from Redis: a lease names its holder; a lock's holder is a process on a host.
