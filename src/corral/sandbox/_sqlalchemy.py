@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -122,25 +123,27 @@ class EngineHooks(BaseController[Any]):
     def _install(self) -> None:
         if self._installed:
             return
-        engine = self.sync_engine
-        event.listen(engine, "do_connect", self._on_do_connect)
-        event.listen(engine, "checkout", self._on_checkout)
-        event.listen(engine, "checkin", self._on_checkin)
-        event.listen(engine, "engine_disposed", self._on_disposed)
-        event.listen(engine, "connect", self._on_connect)
+        for name, handler in self._events():
+            event.listen(self.sync_engine, name, handler)
         self._installed = True
+
+    def _events(self) -> list[tuple[str, Callable[..., Any]]]:
+        """The engine events this handle hooks: installed and removed as one list."""
+        return [
+            ("do_connect", self._on_do_connect),
+            ("checkout", self._on_checkout),
+            ("checkin", self._on_checkin),
+            ("engine_disposed", self._on_disposed),
+            ("connect", self._on_connect),
+        ]
 
     def remove(self) -> None:
         """Unhook the engine: it is a plain engine again (close() the kept connections)."""
         if _ENGINES.get(self.sync_engine) is self:
             del _ENGINES[self.sync_engine]
         if self._installed:
-            engine = self.sync_engine
-            event.remove(engine, "do_connect", self._on_do_connect)
-            event.remove(engine, "checkout", self._on_checkout)
-            event.remove(engine, "checkin", self._on_checkin)
-            event.remove(engine, "engine_disposed", self._on_disposed)
-            event.remove(engine, "connect", self._on_connect)
+            for name, handler in self._events():
+                event.remove(self.sync_engine, name, handler)
             self._installed = False
         self._mode = "normal"
 
