@@ -52,7 +52,8 @@ pool = sandbox(ConnectionPool(os.environ["CORRAL_DATABASE_URL"], min_size=1, max
 @pytest.fixture(scope="session", autouse=True)
 def all_workers_meet(corral):
     # Every worker of both machines arrives once: proof that they share one run, live.
-    corral.barrier("all-workers", int(os.environ["EXPECTED_WORKERS"]), timeout=60)
+    if os.environ.get("EXPECTED_WORKERS"):
+        corral.barrier("all-workers", int(os.environ["EXPECTED_WORKERS"]), timeout=60)
 """
 
 _TESTS = """
@@ -69,6 +70,10 @@ from corral import Client
 @pytest.mark.parametrize("n", range(8))
 def test_shared_run(n, corral, corral_database_url):
     # The same unique name in every test: the sandbox rolls each one back.
+    crash_marker = os.environ.get("CRASH_ONCE")
+    if crash_marker and n == 3 and not os.path.exists(crash_marker):
+        open(crash_marker, "w").close()
+        os._exit(3)  # a worker dies mid-test (segfault, OOM kill)
     with pool.connection() as conn:
         conn.execute("INSERT INTO item (name) VALUES ('only-one')")
         assert conn.execute("SELECT count(*) FROM item").fetchone()[0] == 1
@@ -214,6 +219,7 @@ def test_a_machine_drops_only_its_own_clones(
     first = _pytest(pytester.path, ["-n", "0"], _env(CORRAL_HOST="machine-a", **common))
     out, _ = first.communicate(timeout=100)
     assert first.returncode == 0, out
+    assert _redis_keys(redis_url, run_id) != []  # one of two: the run goes on
     template = json.loads((pytester.path / "facts.jsonl").read_text().splitlines()[0])["run"][
         "template"
     ]
@@ -234,6 +240,36 @@ def test_a_machine_drops_only_its_own_clones(
         drop_database(postgres_dsn, template)
     # Two invocations counted out of two: the second deleted the run's keys.
     assert _redis_keys(redis_url, run_id) == []
+
+
+def test_a_crashed_worker_on_redis(
+    pytester: pytest.Pytester, redis_url: str, postgres_dsn: str
+) -> None:
+    # Its Redis session expires (1.5 s here), its slot frees; xdist replaces it and the
+    # run completes; the controller drops the dead worker's clone with its own.
+    _write_suite(pytester.path)
+    run_id = f"crash-{secrets.token_hex(4)}"
+    env = _env(
+        CORRAL_DSN=postgres_dsn,
+        FACTS=str(pytester.path / "facts.jsonl"),
+        BUILD_LOG=str(pytester.path / "builds.log"),
+        CRASH_ONCE=str(pytester.path / "crashed"),
+        CORRAL_SESSION_TTL="1.5",
+        CORRAL_HOST="machine-a",
+    )
+    args = ["-n", "2", "--corral-broker", redis_url, "--corral-run-id", run_id]
+    proc = _pytest(pytester.path, [*args, "--corral-machines", "1"], env)
+    out, _ = proc.communicate(timeout=100)
+    assert proc.returncode == pytest.ExitCode.TESTS_FAILED, out
+    assert "7 passed" in out
+    assert "1 failed" in out
+    pytest.LineMatcher(out.splitlines()).fnmatch_lines(["*corral: crashed workers*"])
+    facts = [json.loads(line) for line in (pytester.path / "facts.jsonl").read_text().splitlines()]
+    assert {f["run"]["run_id"] for f in facts} == {run_id}
+    clones = [db for db in list_databases(postgres_dsn) if db.run == run_id]
+    assert [db.name for db in clones if db.kind == "clone"] == []
+    assert _redis_keys(redis_url, run_id) == []
+    drop_database(postgres_dsn, facts[0]["run"]["template"])
 
 
 def test_report_lists_what_is_held_in_the_redis_run(
