@@ -1,10 +1,11 @@
 """The sandbox lifecycle every adapter shares: open (retrying dead connections), nest,
-close, restore — written once, sync and async twins, over each driver's box.
+close, restore, checkout — written once, sync and async twins, over each driver's box.
 
 A driver adapter supplies its box (``open``, ``run``, ``close``, ``abort`` — kill the
-connection —, and ``rolled_back``, told after each ROLLBACK TO of a sandbox level) and
-where connections come from (``_take``/``_give``/``_discard``); the order of
-operations, the locking and the error handling live here.
+connection —, and ``rolled_back``, told after each ROLLBACK TO of a sandbox level),
+where connections come from (``_take``/``_give``/``_discard``) and the proxy the app
+gets (``_new_proxy``); the order of operations, the locking and the error handling
+live here.
 """
 
 from __future__ import annotations
