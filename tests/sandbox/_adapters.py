@@ -241,10 +241,22 @@ class Event:
 # --------------------------------------------------------------------------- psycopg sync
 
 
-class PsycopgSyncConn(Conn):
+class _PsycopgConn(Conn):
+    """What the sync and async psycopg connections share: the status psycopg reports."""
+
     def __init__(self, conn: Any) -> None:
         self._c = conn
 
+    @property
+    def status(self) -> str:
+        return _STATUS[self._c.info.transaction_status]
+
+    @property
+    def raw(self) -> Any:
+        return self._c
+
+
+class PsycopgSyncConn(_PsycopgConn):
     async def execute(self, sql: str, params: Any = None) -> None:
         self._c.execute(sql, params)
 
@@ -265,14 +277,6 @@ class PsycopgSyncConn(Conn):
 
     async def set_autocommit(self, value: bool) -> None:
         self._c.autocommit = value
-
-    @property
-    def status(self) -> str:
-        return _STATUS[self._c.info.transaction_status]
-
-    @property
-    def raw(self) -> Any:
-        return self._c
 
 
 class PsycopgSync(SyncAdapter):
@@ -306,10 +310,7 @@ class PsycopgSync(SyncAdapter):
 # --------------------------------------------------------------------------- psycopg async
 
 
-class PsycopgAsyncConn(Conn):
-    def __init__(self, conn: Any) -> None:
-        self._c = conn
-
+class PsycopgAsyncConn(_PsycopgConn):
     async def execute(self, sql: str, params: Any = None) -> None:
         await self._c.execute(sql, params)
 
@@ -329,14 +330,6 @@ class PsycopgAsyncConn(Conn):
 
     async def set_autocommit(self, value: bool) -> None:
         await self._c.set_autocommit(value)
-
-    @property
-    def status(self) -> str:
-        return _STATUS[self._c.info.transaction_status]
-
-    @property
-    def raw(self) -> Any:
-        return self._c
 
 
 class PsycopgAsync(AsyncAdapter):
