@@ -47,9 +47,8 @@ def test_last_failed_reruns_only_the_failure(
 
 @pytest.mark.slow
 def test_with_pytest_randomly(inner: pytest.Pytester, shared_server: str) -> None:
-    # Not a dev dependency: installed, it would reorder every test run of this project.
-    # The shuffled runs above cover reordering; this runs where pytest-randomly exists.
-    pytest.importorskip("pytest_randomly")
+    # A dev dependency, switched off for the project's own runs (addopts: -p no:randomly)
+    # and switched on here, in the inner runs.
     for workers, seed in (("0", "1"), ("2", "2")):
         result = inner.runpytest_subprocess(
             "-n", workers, "-p", "randomly", f"--randomly-seed={seed}"
