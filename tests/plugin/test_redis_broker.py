@@ -102,7 +102,10 @@ def _write_suite(path: Path) -> None:
     (path / "conftest.py").write_text(_CONFTEST)
     (path / "test_shared.py").write_text(_TESTS)
     (path / "pytest.ini").write_text(
+        # The loop scope set: pytest-asyncio warns at start-up when it is unset, and
+        # pytest >= 9.1 makes that warning a start-up error under filterwarnings = error.
         "[pytest]\ncorral_schema = schema_fn:build\nfilterwarnings = error\n"
+        "asyncio_default_fixture_loop_scope = function\n"
     )
 
 
