@@ -177,7 +177,10 @@ def _command(*argv: str) -> str | None:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def machine() -> dict[str, str]:

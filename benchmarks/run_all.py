@@ -430,7 +430,7 @@ def _anchor(title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (~3 min instead of ~10)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a quick look")
     parser.add_argument(
         "--only", help="comma-separated benchmark names (others are left out of the page)"
     )
