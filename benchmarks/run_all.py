@@ -203,6 +203,7 @@ def render_roundtrip(page: Page, result: Result) -> None:
         if corral and other:
             lines.append(f"- corral `GET` = **{corral / other:.2f}x** the time of {what}")
     page.add("\n".join(lines))
+    page.add("Where the time goes: [the broker's speed notes](broker.md#speed).")
     memory = next((n for n in table.notes if "memory per small item" in n), None)
     if memory:
         page.add(memory[0].upper() + memory[1:] + ".")
@@ -285,6 +286,7 @@ def render_isolation(page: Page, result: Result) -> None:
                 "the sandbox per test"
             )
     page.add("\n".join(lines))
+    page.add("What each row costs and why: [the sandbox's speed notes](sandbox.md#speed).")
     rest = [s for s in sections if s is not main and s.header]
     if rest:
         page.add("The other tables of the same run (empty tests, app transactions, other drivers):")
@@ -331,6 +333,12 @@ def render_suite(page: Page, result: Result) -> None:
         "Bar chart: wall time of the whole suite in seconds, serially and with xdist workers",
     )  # fmt: skip
     page.add("\n".join(f"- {note}" for note in table.notes if note.startswith("targets")))
+    page.add(
+        "Each xdist worker pays a start-up cost (Python, pytest and its plugins, its own "
+        "clone) on the same cores the database server uses, so workers pay off on long "
+        "suites and on machines with more cores than the database needs; see "
+        "[the plugin's numbers](pytest.md#numbers) for longer suites."
+    )
 
 
 def render_postgres(page: Page, result: Result) -> None:
