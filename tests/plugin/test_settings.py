@@ -56,6 +56,23 @@ def test_callable_is_imported_from_the_ini_directory(
     sys.modules.pop("corral_settings_probe", None)
 
 
+def test_callable_module_failing_at_import_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The common case: the module reads its URL at import, before corral has set it.
+    (tmp_path / "corral_settings_env_probe.py").write_text(
+        "import os\nURL = os.environ['CORRAL_SETTINGS_PROBE_URL']\ndef upgrade(dsn):\n    pass\n"
+    )
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv("CORRAL_SETTINGS_PROBE_URL", raising=False)
+    with pytest.raises(pytest.UsageError) as info:
+        load_schema_callable("corral_settings_env_probe:upgrade", [tmp_path])
+    message = str(info.value)
+    assert "raised KeyError: 'CORRAL_SETTINGS_PROBE_URL'" in message
+    assert "not at import time" in message
+    sys.modules.pop("corral_settings_env_probe", None)
+
+
 def test_schema_source_kinds(tmp_path: Path) -> None:
     def settings(*schema: str) -> Settings:
         return Settings(None, schema, (), (), True, True, tmp_path, (tmp_path,))

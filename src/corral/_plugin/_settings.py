@@ -339,6 +339,15 @@ def load_schema_callable(ref: str, extra_paths: Sequence[Path] = ()) -> Callable
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise pytest.UsageError(f"corral_schema: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:
+        # Typically the module reads its database URL at import: the controller imports it
+        # before any clone (and so any CORRAL_DATABASE_URL) exists.
+        raise pytest.UsageError(
+            f"corral_schema: importing {module_name!r} raised {type(exc).__name__}: {exc}. "
+            "corral imports it once, before any test database exists, so "
+            "CORRAL_DATABASE_URL and the corral_database_env names are not set yet: read "
+            "them inside the function (it gets the template's DSN), not at import time"
+        ) from exc
     func = getattr(module, func_name, None)
     if not callable(func):
         raise pytest.UsageError(f"corral_schema: {module_name} has no function {func_name!r}")
