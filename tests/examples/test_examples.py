@@ -16,24 +16,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+from tests._inner import RUN_VARIABLES
 
-# Variables the example's run must not inherit from this run (it starts its own).
-_INHERITED = (
-    "EPHEMERAL_PIPE",
-    "EPHEMERAL_SECRET",
-    "CORRAL_PLUGIN_RUN",
-    "CORRAL_RUN_ID",
-    "CORRAL_BROKER_URL",
-    "CORRAL_DATABASE_URL",
-    "CORRAL_SANDBOX_MODE",
-    "DATABASE_URL",
-    "PYTEST_XDIST_WORKER",
-    "PYTEST_XDIST_WORKER_COUNT",
-    "PYTEST_XDIST_TESTRUNUID",
-    "PYTEST_ADDOPTS",
-    "PYTEST_CURRENT_TEST",
-)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _clones(dsn: str) -> set[str]:
@@ -46,7 +31,7 @@ def _clones(dsn: str) -> set[str]:
 
 
 def run_example(name: str, dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
+    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}
     env["CORRAL_DSN"] = dsn
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", *args],

@@ -12,36 +12,19 @@ import shutil
 import pytest
 
 from corral.postgres import default_cache_dir
+from tests._inner import RUN_VARIABLES
 from tests.plugin._checks import SAMPLE
 
 collect_ignore = ["sample"]
 
 # pytester points HOME at its temporary directory: keep corral's real initdb cache.
 _CACHE_DIR = str(default_cache_dir())
-# Variables an inner run must not inherit from this one (or from an outer xdist worker).
-_INHERITED = (
-    "EPHEMERAL_PIPE",
-    "EPHEMERAL_SECRET",
-    "CORRAL_PLUGIN_RUN",
-    "CORRAL_RUN_ID",
-    "CORRAL_BROKER_URL",
-    "CORRAL_MACHINES",
-    "CORRAL_HOST",
-    "CORRAL_DATABASE_URL",
-    "CORRAL_SANDBOX_MODE",
-    "CORRAL_DSN",
-    "DATABASE_URL",
-    "PYTEST_XDIST_WORKER",
-    "PYTEST_XDIST_WORKER_COUNT",
-    "PYTEST_XDIST_TESTRUNUID",
-    "PYTEST_ADDOPTS",
-)
 
 
 @pytest.fixture
 def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
     """A pytester directory holding a copy of the sample suite, with a clean environment."""
-    for name in _INHERITED:
+    for name in RUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CORRAL_PG_CACHE_DIR", os.environ.get("CORRAL_PG_CACHE_DIR", _CACHE_DIR))
     for item in SAMPLE.iterdir():

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from corral.postgres import clone_database, drop_database, list_databases
-from tests.plugin.conftest import _INHERITED
+from tests._inner import RUN_VARIABLES
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ def _write_suite(path: Path) -> None:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
+    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}
     env.update(extra)
     return env
 

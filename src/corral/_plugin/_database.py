@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 
 from corral._plugin._run import AnyClient, RunInfo
-from corral._plugin._settings import ENV_DATABASE_URL
+from corral._plugin._settings import ENV_DATABASE_URL, restore_env
 from corral.postgres import clone_database, database_dsn, drop_database
 
 __all__ = ["SLOT_KEY", "WorkerDatabase"]
@@ -84,12 +84,7 @@ class WorkerDatabase:
 
     def release(self) -> None:
         """Give the slot back; the controller drops the databases at the end of the run."""
-        for name, value in self._env_saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._env_saved.clear()
+        restore_env(self._env_saved)
         if self.slot is not None:
             self.slot = None
             try:

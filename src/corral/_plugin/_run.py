@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
-from corral._plugin._settings import ENV_BROKER_URL, ENV_RUN, ENV_RUN_ID, Settings
+from corral._plugin._settings import (
+    ENV_BROKER_URL,
+    ENV_RUN,
+    ENV_RUN_ID,
+    Settings,
+    restore_env,
+)
 from corral.broker import Broker, Client
 from corral.errors import BrokerError, CorralError, TemplateBuildError
 from corral.postgres import (
@@ -304,12 +310,7 @@ class Run:
         broker, self.broker = self.broker, None
         if broker is not None:
             broker.stop()
-        for name, value in self._env_saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._env_saved.clear()
+        restore_env(self._env_saved)
 
     def holdings(self) -> list[dict[str, Any]]:
         """What clients still hold in the local broker (empty when it is not ours; the

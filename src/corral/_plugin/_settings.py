@@ -326,6 +326,16 @@ def _schema_entry(line: str, base: Path) -> str:
     return str(path)
 
 
+def restore_env(saved: dict[str, str | None]) -> None:
+    """Put back the variables a run exported (``None``: it was unset) and forget them."""
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    saved.clear()
+
+
 def load_schema_callable(ref: str, extra_paths: Sequence[Path] = ()) -> Callable[[str], Any]:
     """Import ``module:function``; the rootdir is importable, as for conftest files.
 

@@ -79,7 +79,8 @@ def _ttl_ms(ttl: float | None) -> int | float | None:
     return ms
 
 
-def _check_key(key: str, what: str = "key") -> str:
+def check_name(key: str, what: str = "key") -> str:
+    """The key or name of a request: a non-empty str (TypeError / ValueError before sending)."""
     if not isinstance(key, str):
         raise TypeError(f"{what} must be a str, got {type(key).__name__}")
     if not key:
@@ -140,7 +141,7 @@ def ping() -> Flow[float]:
 
 
 def get(key: str, default: Any = MISSING) -> Flow[Any]:
-    response = yield Call({"action": "get", "key": _check_key(key)}, key=key)
+    response = yield Call({"action": "get", "key": check_name(key)}, key=key)
     missing = response.get("ok") is not True and response.get("error") in ("not_found", "expired")
     if missing and default is not MISSING:
         return default
@@ -151,7 +152,7 @@ def get(key: str, default: Any = MISSING) -> Flow[Any]:
 def set_(
     key: str, value: Any, ttl: float | None, threshold: int | None = COMPRESS_THRESHOLD
 ) -> Flow[None]:
-    request: Message = {"action": "set", "key": _check_key(key)}
+    request: Message = {"action": "set", "key": check_name(key)}
     # Serialising here raises TypeError for non-JSON values before anything is sent.
     wire, compressed, size = encode_value(value, threshold)
     request["value"] = wire
@@ -166,7 +167,7 @@ def set_(
 
 
 def delete(key: str) -> Flow[bool]:
-    response = check((yield Call({"action": "del", "key": _check_key(key)}, key=key)), key)
+    response = check((yield Call({"action": "del", "key": check_name(key)}, key=key)), key)
     return bool(response.get("deleted", True))
 
 
@@ -178,7 +179,7 @@ def keys() -> Flow[list[str]]:
 
 
 def lease(key: str, worker_id: str, ttl: float | None) -> Flow[int]:
-    _check_key(key)
+    check_name(key)
     if not isinstance(worker_id, str | int) or isinstance(worker_id, bool):  # type: ignore[unreachable,unused-ignore]
         raise TypeError(f"worker_id must be a str, got {type(worker_id).__name__}")
     request: Message = {"action": "lease", "key": key, "workerId": worker_id}
@@ -273,7 +274,7 @@ def _ok(response: Message, key: str | None) -> Message:
 
 
 def add(key: str, value: Any, ttl: float | None, threshold: int | None) -> Flow[bool]:
-    request = _with_ttl({"action": "add", "key": _check_key(key)}, ttl)
+    request = _with_ttl({"action": "add", "key": check_name(key)}, ttl)
     wire, compressed, _ = encode_value(value, threshold)
     request["value"] = wire
     if compressed:
@@ -284,7 +285,7 @@ def add(key: str, value: Any, ttl: float | None, threshold: int | None) -> Flow[
 def incr(key: str, amount: int, ttl: float | None) -> Flow[int]:
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise TypeError(f"amount must be an int, got {type(amount).__name__}")
-    request = _with_ttl({"action": "incr", "key": _check_key(key), "amount": amount}, ttl)
+    request = _with_ttl({"action": "incr", "key": check_name(key), "amount": amount}, ttl)
     value = _ok((yield Call(request, key=key)), key).get("value")
     if type(value) is not int:
         raise ProtocolError(f"incr answered a non-integer {value!r}")
@@ -300,7 +301,7 @@ class Claim:
 
 def once_begin(key: str, timeout: float | None) -> Flow[Any]:
     """The stored value, or a :class:`Claim` when this caller must compute it."""
-    response = _ok((yield _waiting({"action": "once", "key": _check_key(key)}, timeout, key)), key)
+    response = _ok((yield _waiting({"action": "once", "key": check_name(key)}, timeout, key)), key)
     if response.get("status") == "compute":
         return Claim(key)
     return decode_value(response.get("value"), response.get("compressed") is True)
@@ -376,7 +377,7 @@ class Grant:
 
 def take(kind: str, name: str, ttl: float | None, timeout: float | None) -> Flow[Grant]:
     """Take lock *name* (``kind="lock"``) or an item of pool *name*, waiting FIFO."""
-    _check_key(name, f"{kind} name")
+    check_name(name, f"{kind} name")
     if ttl is not None and not (_ttl_ms(ttl) or 0) > 0:  # TypeError for a non-number
         raise error_from_code("invalid_ttl", key=name, detail=f"a {kind} ttl must be > 0")
     action = "lock" if kind == "lock" else "acquire"
@@ -409,7 +410,7 @@ def claim_lost(grant: Grant) -> ClaimLost:
 
 
 def pool(name: str, items: Sequence[Any]) -> Flow[bool]:
-    _check_key(name, "pool name")
+    check_name(name, "pool name")
     if isinstance(items, str | bytes) or not isinstance(items, Sequence):
         raise TypeError("items must be a list of JSON values")
     if not items:
@@ -421,7 +422,7 @@ def pool(name: str, items: Sequence[Any]) -> Flow[bool]:
 
 def throttle(name: str, rate: float, per: float, timeout: float | None) -> Flow[None]:
     """Wait until the run-wide rate of *rate* calls per *per* seconds allows a call."""
-    _check_key(name, "throttle name")
+    check_name(name, "throttle name")
     for label, number in (("rate", rate), ("per", per)):
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise TypeError(f"{label} must be a number, got {type(number).__name__}")
@@ -436,7 +437,7 @@ def throttle(name: str, rate: float, per: float, timeout: float | None) -> Flow[
 
 
 def barrier(name: str, parties: int, timeout: float | None) -> Flow[int]:
-    _check_key(name, "barrier name")
+    check_name(name, "barrier name")
     if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
         raise ValueError(f"parties must be a positive int, got {parties!r}")
     request: Message = {"action": "barrier", "name": name, "parties": parties}
@@ -447,7 +448,7 @@ def barrier(name: str, parties: int, timeout: float | None) -> Flow[int]:
 
 
 def push(queue: str, items: tuple[Any, ...]) -> Flow[int]:
-    _check_key(queue, "queue name")
+    check_name(queue, "queue name")
     if not items:
         raise ValueError("push needs at least one item")
     values = [encode_value(item, None)[0] for item in items]  # TypeError before sending
@@ -459,7 +460,7 @@ def push(queue: str, items: tuple[Any, ...]) -> Flow[int]:
 
 
 def pop(queue: str, timeout: float | None) -> Flow[Any]:
-    _check_key(queue, "queue name")
+    check_name(queue, "queue name")
     request: Message = {"action": "pop", "queue": queue}
     return _ok((yield _waiting(request, timeout, queue)), queue).get("value")
 

@@ -14,7 +14,7 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from corral.broker._flows import MISSING
+from corral.broker._flows import MISSING, check_name
 from corral.errors import (
     BarrierBroken,
     BrokerRequestError,
@@ -101,14 +101,6 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (ValueError, RecursionError) as exc:
         raise TypeError(f"value is not JSON-serialisable: {exc}") from exc
-
-
-def check_name(name: str, what: str = "key") -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"{what} must be a str, got {type(name).__name__}")
-    if not name:
-        raise ValueError(f"{what} must not be empty")
-    return name
 
 
 def ttl_ms(ttl: float | None, default_ms: int) -> int:
