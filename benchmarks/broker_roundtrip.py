@@ -1,12 +1,15 @@
 """Broker round trips from a separate process, side by side with the floor and the usual ways.
 
 Run: ``python -m benchmarks.broker_roundtrip [--ops 5000] [--rounds 3] [--items 50000]``.
-Rows: a raw Unix-socket ping-pong (the floor: blocking echo, no parsing), the same raw
+Rows: a raw Unix-socket ping-pong (the floor: blocking echo, no parsing), the same with
+both sides polling before they block (the floor for corral's busy-polling, see
+``corral.broker._spin``), the same raw
 client against an asyncio echo server (what the event loop alone costs), Redis via redis-py
 over a Unix socket (a redis-server started on a temporary socket, when the binary exists),
 one connection per NDJSON request to corral's broker (how the Node client talks), and
-corral's sync ``Client`` (one persistent connection). Each client runs in its own process;
-rounds are interleaved so machine noise hits every row alike. Then broker memory per item.
+corral's sync ``Client`` (one persistent connection), with polling off and on. Each client
+runs in its own process; rounds are interleaved so machine noise hits every row alike.
+Then broker memory per item.
 Targets: corral GET median <= 0.5 x redis-py's and <= 2.5 x the floor; >= 20k sequential
 GETs/s; <= 1 KiB of broker memory per small item.
 """
@@ -61,6 +64,31 @@ def worker_raw(path: str, n: int) -> dict[str, list[float]]:
     return _time_ops({"ping": roundtrip, "get": roundtrip, "set": roundtrip}, n)
 
 
+def worker_raw_polling(path: str, n: int) -> dict[str, list[float]]:
+    """The floor with the trick corral uses: poll up to the spin budget, then block."""
+    from corral.broker._spin import budget_from_env
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+    line = b'{"action":"get","key":"k"}\n'
+    budget = budget_from_env()
+    clock = time.perf_counter
+
+    def roundtrip() -> None:
+        sock.sendall(line)
+        end = clock() + budget
+        while True:
+            try:
+                sock.recv(65536, socket.MSG_DONTWAIT)
+                return
+            except BlockingIOError:
+                if clock() >= end:
+                    break
+        sock.recv(65536)
+
+    return _time_ops({"ping": roundtrip, "get": roundtrip, "set": roundtrip}, n)
+
+
 def worker_redis(path: str, n: int) -> dict[str, list[float]]:
     import redis
 
@@ -105,10 +133,12 @@ def worker_corral(path: str, n: int) -> dict[str, list[float]]:
 
 WORKERS = {
     "raw": worker_raw,
+    "raw_polling": worker_raw_polling,
     "echo": worker_raw,
     "redis": worker_redis,
     "oneshot": worker_oneshot,
     "corral": worker_corral,
+    "corral_blocking": worker_corral,
 }
 
 
@@ -131,6 +161,34 @@ while True:
     conn, _ = server.accept()
     with conn:
         while conn.recv(65536):
+            conn.sendall(answer)
+"""
+
+
+RAW_POLLING_ECHO = """
+import socket, sys, time
+from corral.broker._spin import budget_from_env
+server = socket.socket(socket.AF_UNIX)
+server.bind(sys.argv[1])
+server.listen(8)
+print("ready", flush=True)
+answer = b'{"ok":true,"value":"value","compressed":false}\\n'
+budget = budget_from_env()
+clock = time.perf_counter
+while True:
+    conn, _ = server.accept()
+    with conn:
+        while True:
+            end = clock() + budget
+            data = None
+            while data is None:
+                try:
+                    data = conn.recv(65536, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if clock() >= end:
+                        data = conn.recv(65536)
+            if not data:
+                break
             conn.sendall(answer)
 """
 
@@ -166,9 +224,9 @@ class Server:
     CLI process; redis-server is its own process), so no row shares a process with another.
     """
 
-    def __init__(self, args: list[str], path: str) -> None:
+    def __init__(self, args: list[str], path: str, env: dict[str, str] | None = None) -> None:
         self.path = path
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         self.proc.stdout.readline()  # "ready" / the socket path
 
@@ -220,12 +278,14 @@ def start_redis(directory: str) -> tuple[subprocess.Popen[bytes], str] | None:
 
 
 def run_worker(kind: str, path: str, n: int) -> dict[str, list[float]]:
+    env = dict(os.environ, CORRAL_SPIN_US="0") if kind == "corral_blocking" else None
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.broker_roundtrip", "--worker", kind, path, str(n)],
         capture_output=True,
         text=True,
         check=True,
         cwd=Path(__file__).resolve().parent.parent,
+        env=env,
     )
     result: dict[str, list[float]] = json.loads(out.stdout)
     return result
@@ -281,14 +341,25 @@ def main() -> None:
     )
     raw_path = os.path.join(directory, "raw.sock")
     raw = Server([sys.executable, "-c", RAW_ECHO, raw_path], raw_path)
+    polling_path = os.path.join(directory, "polling.sock")
+    polling = Server([sys.executable, "-c", RAW_POLLING_ECHO, polling_path], polling_path)
+    blocking_path = os.path.join(directory, "blocking.sock")
+    argv = [sys.executable, "-m", "corral.cli", "broker", "--no-require-ttl", "--socket"]
+    blocking = Server(
+        [*argv, blocking_path],
+        blocking_path,
+        env=dict(os.environ, CORRAL_SPIN_US="0"),
+    )
     echo_path = os.path.join(directory, "echo.sock")
     echo = Server([sys.executable, "-c", ASYNCIO_ECHO, echo_path], echo_path)
     redis_server = start_redis(directory)
     rows: dict[str, tuple[str, str]] = {
         "raw": ("raw socket ping-pong (floor)", raw.path),
+        "raw_polling": ("raw ping-pong, both sides polling", polling.path),
         "echo": ("raw client, asyncio echo server", echo.path),
         "redis": ("redis-py, unix socket", redis_server[1] if redis_server else ""),
         "oneshot": ("NDJSON, connection per request", broker.path),
+        "corral_blocking": ("corral, polling off (SPIN_US=0)", blocking.path),
         "corral": ("corral Client (persistent)", broker.path),
     }
     if redis_server is None:
@@ -302,8 +373,8 @@ def main() -> None:
                     samples[kind][op].extend(values)
     finally:
         broker.close()
-        raw.close()
-        echo.close()
+        for server in (raw, polling, blocking, echo):
+            server.close()
         if redis_server is not None:
             redis_server[0].terminate()
             redis_server[0].wait()
@@ -342,6 +413,13 @@ def main() -> None:
         print(f"  GET <= 0.5 x redis-py     {ratio:5.2f}x  {'met' if ratio <= 0.5 else 'MISSED'}")
     floor = corral["get"] / median["raw"]["get"]
     print(f"  GET <= 2.5 x raw floor    {floor:5.2f}x  {'met' if floor <= 2.5 else 'MISSED'}")
+    like = corral["get"] / median["raw_polling"]["get"]
+    verdict = "met" if like <= 2.5 else "MISSED"
+    print(f"    (x polling floor        {like:5.2f}x  {verdict}: like for like)")
+    still = median["corral_blocking"]["get"]
+    if "redis" in median:
+        still_ratio = still / median["redis"]["get"]
+        print(f"    (polling off: {still:.1f} us, {still_ratio:.2f}x redis-py)")
     print(f"  >= 20k GETs/s             {get_s:7,.0f}  {'met' if get_s >= 20_000 else 'MISSED'}")
     print(f"  <= 1 KiB per item         {rss:7.0f}  {'met' if rss <= 1024 else 'MISSED'}")
 

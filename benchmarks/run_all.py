@@ -187,9 +187,12 @@ def render_roundtrip(page: Page, result: Result) -> None:
         return
     page.add(
         "Sequential requests from a separate process, each server in its own process, rounds "
-        "interleaved. The floor is a blocking Unix-socket ping-pong with no parsing; "
-        '"connection per request" is how the Node client talks to its broker; redis-py '
-        "talks to a redis-server on a Unix socket. Median microseconds per request."
+        "interleaved. The floor is a blocking Unix-socket ping-pong with no parsing; the "
+        "polling floor is the same with both sides busy-polling for up to 50 µs before they "
+        "sleep, as corral's client and broker do across processes (`CORRAL_SPIN_US=0` turns "
+        'it off: the "polling off" row); "connection per request" is how the Node client '
+        "talks to its broker; redis-py talks to a redis-server on a Unix socket. Median "
+        "microseconds per request."
     )
     page.add(markdown_table(table))
     corral = table.value("get", "corral Client (persistent)")
@@ -198,6 +201,7 @@ def render_roundtrip(page: Page, result: Result) -> None:
         ("redis-py, unix socket", "redis-py"),
         ("NDJSON, connection per request", "a connection per request"),
         ("raw socket ping-pong (floor)", "the blocking floor"),
+        ("raw ping-pong, both sides polling", "the polling floor (like for like)"),
     ):
         other = table.value("get", label)
         if corral and other:

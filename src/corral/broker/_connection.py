@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final
 
 from corral.broker._coord import describe
 from corral.broker._core import Session
+from corral.broker._spin import peer_in_other_process
 from corral.broker._store import Ticket
 from corral.broker.messages import Rejected, Request, TooLarge
 from corral.broker.protocol import ServerConnection
@@ -45,6 +46,7 @@ class Connection(asyncio.BufferedProtocol):
         self.proto = ServerConnection(broker.max_request_size)
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
+        self.local_fd = -1
         # A request that waits (a Ticket): the requests behind it run after it, in order,
         # as Redis blocks a connection on BLPOP. Reading goes on so a disconnect is seen
         # at once (the ticket dies with its connection).
@@ -64,6 +66,11 @@ class Connection(asyncio.BufferedProtocol):
         self.session = Session(broker._next_session, time.time())
         broker._connections[self.session.id] = self
         self.core.sessions[self.session.id] = self.session
+        sock = transport.get_extra_info("socket")
+        self.local_fd = -1
+        if sock is not None and not peer_in_other_process(sock):
+            self.local_fd = sock.fileno()  # never spin for a client in this process
+            broker._local_fds.add(self.local_fd)
         if self.core.draining:
             transport.write(_encode({"ok": False, "error": "draining"}))
             transport.close()
@@ -97,6 +104,7 @@ class Connection(asyncio.BufferedProtocol):
         if session is None:
             return
         broker._connections.pop(session.id, None)
+        broker._local_fds.discard(self.local_fd)
         self.core.sessions.pop(session.id, None)
         broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
         reason = f"member {describe(session.who())} disconnected (it exited or died)"

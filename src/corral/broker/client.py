@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from corral.broker import _flows
 from corral.broker._address import resolve_path, resolve_secret, timeout_for, unavailable
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
+from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Compute, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable
@@ -39,6 +40,7 @@ _RECV = 64 * 1024
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 # Idle extra connections a client keeps for requests that wait (see Client._checkout).
 _MAX_SPARES = 4
+_DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)  # peer_in_other_process checks it
 
 
 class Client:
@@ -78,6 +80,7 @@ class Client:
         timeout: float = 5.0,
         *,
         compress_threshold: int | None = COMPRESS_THRESHOLD,
+        spin: float | None = None,
     ) -> None:
         self.path = resolve_path(path)
         self._secret = resolve_secret(secret)
@@ -95,6 +98,8 @@ class Client:
         self._instance: str | None = None
         self._closed = False
         self.reconnects = 0
+        self._spin_budget = budget_from_env(spin)
+        self._spin = SpinPolicy(0.0)  # set per connection: see _connect
         # Requests that wait (lock, acquire, once, barrier, pop...) run on extra
         # connections of this client, so a wait never holds up other threads' requests
         # (or the release of a lock another thread holds). Kept for reuse.
@@ -455,6 +460,8 @@ class Client:
             sock.close()
             raise unavailable(self.path, exc) from exc
         self._sock, self._pid = sock, os.getpid()
+        # Spin only for a broker in another process: one in this process needs our GIL.
+        self._spin = SpinPolicy(self._spin_budget if peer_in_other_process(sock) else 0.0)
         self._proto = ClientConnection()
         self._sock_timeout = None
         self._handshake = Handshake(legacy=False)  # hello itself goes out unsigned
@@ -533,6 +540,25 @@ class Client:
             raise unavailable(self.path, exc) from exc
         return self._receive(call, timeout)
 
+    def _spin_recv(self, sock: socket.socket) -> int:
+        policy = self._spin
+        if not policy.should_spin():
+            return 0
+        clock = time.perf_counter
+        end = clock() + policy.budget
+        view = self._view
+        recv_into = sock.recv_into
+        while True:
+            try:
+                nbytes = recv_into(view, 0, _DONTWAIT)
+            except BlockingIOError:
+                if clock() >= end:
+                    policy.miss()
+                    return 0
+                continue
+            policy.hit()
+            return nbytes
+
     def _receive(self, call: Call, timeout: float | None) -> Message:
         proto, sock = self._proto, self._sock
         assert sock is not None
@@ -550,7 +576,9 @@ class Client:
                     f"{call.request.get('action')!r}; it may have stopped"
                 )
             try:
-                nbytes = sock.recv_into(self._view)
+                nbytes = self._spin_recv(sock) if not call.wait else 0
+                if not nbytes:
+                    nbytes = sock.recv_into(self._view)
             except (BlockingIOError, TimeoutError) as exc:
                 if call.wait and (deadline is None or time.monotonic() < deadline):
                     continue  # the broker ends a wait itself: keep reading

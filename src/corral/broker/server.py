@@ -22,6 +22,7 @@ from typing import Any
 from corral.broker._connection import Connection
 from corral.broker._core import Core
 from corral.broker._socketfile import bind_at, bind_private, cleanup_files
+from corral.broker._spin import SpinningSelector, budget_from_env
 from corral.broker._store import Store
 from corral.errors import BrokerError
 
@@ -83,6 +84,7 @@ class Broker:
         *,
         legacy_hmac: bool = True,
         drain_timeout: float = 5.0,
+        spin: float | None = None,
     ) -> None:
         for name, number in (("default_ttl", default_ttl), ("sweep_interval", sweep_interval)):
             if not number > 0:
@@ -112,6 +114,7 @@ class Broker:
         self.socket_path = os.fspath(socket_path) if socket_path is not None else None
         self.legacy_hmac = legacy_hmac
         self.drain_timeout = drain_timeout
+        self.spin = budget_from_env(spin)
 
         self._lifecycle = threading.Lock()
         self._path: str | None = None
@@ -124,6 +127,7 @@ class Broker:
         self._finished.set()
         self._core: Core | None = None
         self._connections: dict[int, Connection] = {}
+        self._local_fds: set[int] = set()  # connections from this process: never spin
         self._next_session = 0
         self._started_at = 0.0
         self._last_activity = 0.0
@@ -368,7 +372,9 @@ class Broker:
     def _serve(
         self, sock: socket.socket, ready: threading.Event, failure: list[BaseException]
     ) -> None:
-        loop = asyncio.new_event_loop()
+        selector = SpinningSelector(self.spin)
+        self._local_fds = selector.local
+        loop = asyncio.SelectorEventLoop(selector)
         self._loop = loop
         try:
             loop.run_until_complete(self._main(sock, ready, failure))
