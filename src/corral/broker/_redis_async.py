@@ -171,8 +171,15 @@ class AsyncRedisClient(RedisBase):
         return int(await self._run(flows.push(queue, items)))
 
     async def pop(self, queue: str, timeout: float | None = None) -> Any:
-        """Take the first item of *queue*, waiting up to *timeout* seconds."""
-        return await self._run(flows.pop(self.prefix, queue, timeout))
+        """Take the first item of *queue*, waiting up to *timeout* seconds.
+
+        Cancellation-safe: a pop cancelled at any point, even as Redis hands it the item,
+        leaves the item at the head of the queue. Delivery is at least once across a
+        crash of the popper (see :meth:`RedisClient.pop`).
+        """
+        return await self._owned(
+            lambda sid: flows.pop(self.prefix, sid, self._tid(sid), queue, timeout)
+        )
 
     async def status(self) -> dict[str, Any]:
         """Holders, waiters and sessions of the run (see :meth:`RedisClient.status`)."""
@@ -269,6 +276,10 @@ class AsyncRedisClient(RedisBase):
             return await self._call(self._r.execute_command(*op.args))  # type: ignore[no-untyped-call]
         if isinstance(op, flows.Wait):
             try:
+                if op.into is not None:
+                    # Fractional seconds are fine (Redis >= 6); redis-py types it int.
+                    moved = self._rb.blmove(op.key, op.into, op.timeout)  # type: ignore[arg-type]
+                    return await self._call(moved)
                 reply = await self._call(self._rb.blpop([op.key], timeout=op.timeout))
             except BaseException:
                 if op.cancel is not None:

@@ -59,11 +59,14 @@ class Wait:
 
     :ivar cancel: the script that undoes the wait when it is interrupted (Ctrl-C, task
         cancellation, a broken connection): the driver runs it before re-raising.
+    :ivar into: BLMOVE instead: the element moves from the head of *key* to the tail of
+        this list in the same step, so it is never only in flight to the client.
     """
 
     key: str
     timeout: float
     cancel: Script | None = None
+    into: str | None = None
 
 
 @dataclass(slots=True)
@@ -137,8 +140,11 @@ def timed_out(what: str, name: str, timeout: float | None) -> BrokerTimeout:
     return exc
 
 
-def wait_for(key: str, deadline: float | None, cancel: Script) -> Generator[Op, Any, str | None]:
-    """Block until Redis pushes a wake-up to *key*, or *deadline* (monotonic) passes."""
+def wait_for(
+    key: str, deadline: float | None, cancel: Script, into: str | None = None
+) -> Generator[Op, Any, str | None]:
+    """Block until Redis pushes a wake-up (or an item) to *key*, or *deadline* (monotonic)
+    passes; with *into*, the element is moved there (BLMOVE) rather than popped."""
     while True:
         if deadline is None:
             slice_ = WAIT_SLICE
@@ -147,7 +153,7 @@ def wait_for(key: str, deadline: float | None, cancel: Script) -> Generator[Op, 
             if remaining <= 0:
                 return None
             slice_ = max(_MIN_BLOCK, min(remaining, WAIT_SLICE))
-        message = yield Wait(key, slice_, cancel)
+        message = yield Wait(key, slice_, cancel, into)
         if message is not None:
             return str(message)
 
@@ -409,25 +415,35 @@ def push(queue: str, items: tuple[Any, ...]) -> Flow:
     return int(length)
 
 
-def pop(prefix: str, queue: str, timeout: float | None) -> Flow:
-    key = prefix + "qu:" + check_name(queue, "queue name")
+def pop(prefix: str, sid: str, tid: str, queue: str, timeout: float | None) -> Flow:
+    """Take the first item of *queue* as a reliable queue does.
+
+    The item moves atomically into the pop's in-flight list (recorded under session
+    *sid*) and is removed from there (acknowledged) only once it has reached this client;
+    an interrupted pop puts it back at the head of the queue, and so does the reaper when
+    the popping process dies. The ack is the last step, so the caller holds the item as
+    soon as Redis counts it delivered.
+    """
+    check_name(queue, "queue name")
     timeout = check_timeout(timeout)
-    if timeout == 0:
-        raw = yield Command(("LPOP", key))
-    else:
-        deadline = _deadline(timeout)
-        raw = None
-        while raw is None:
-            if deadline is None:
-                slice_ = WAIT_SLICE
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                slice_ = max(_MIN_BLOCK, min(remaining, WAIT_SLICE))
-            raw = yield Wait(key, slice_)
-    if raw is None:
+    deadline = _deadline(timeout)
+    cancel = Script("unpop", [sid, tid, queue, "", 0])
+    wait = 0 if timeout == 0 else 1
+    reply = checked((yield Script("pop", [sid, tid, queue, wait], cancel)), queue)
+    if reply[0] == "empty":
         raise timed_out("pop", queue, timeout)
+    if reply[0] == "ok":
+        raw = str(reply[1])
+    else:
+        moved = yield from wait_for(prefix + "qu:" + queue, deadline, cancel, prefix + "qi:" + tid)
+        if moved is None:  # BLMOVE timed out in Redis: nothing can arrive any more
+            yield Script("unpop", [sid, tid, queue, "", 1])
+            raise timed_out("pop", queue, timeout)
+        raw = moved
+    if not (yield Script("ack", [sid, tid, queue], Script("unpop", [sid, tid, queue, raw, 1]))):
+        # This session was reaped while the item was in flight (a paused process): it
+        # went back to the queue, so another pop may deliver it. Pop again, renewed.
+        raise _session_lost(queue, "the session expired while the item was in flight")
     return json.loads(raw)
 
 

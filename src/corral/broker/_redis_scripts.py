@@ -8,7 +8,8 @@ other key is derived from it.
 Key layout under the prefix (``sid`` = a client session, ``tid`` = a ticket / holding id)::
 
     sess  zset sid -> session deadline (ms)     sinfo hash sid -> {pid, host, worker, since}
-    h:SID set  what the session owns: H<tid> holding, T<tid> ticket, L<worker> lease, O<key> once
+    h:SID set  what the session owns: H<tid> holding, T<tid> ticket, L<worker> lease, O<key> once,
+               Q<tid>:<queue> a pop in flight
     tk    hash tid -> waiting ticket {kind, name, sid, since, ttl}
     hd    hash tid -> holding {kind, name, item, sid, since, token, exp}; dl zset tid -> TTL
     w:TID list wake-up messages for one waiter (BLPOP'd by it)
@@ -19,6 +20,8 @@ Key layout under the prefix (``sid`` = a client session, ``tid`` = a ticket / ho
     b:NAME / bq:NAME     barrier: {parties, count, gen, broken}; waiting tickets
     th:NAME              throttle: the last `rate` scheduled call times
     qu:NAME              push/pop work queue (JSON items)
+    qi:TID               a pop's in-flight list: a '' sentinel, then the item taken but
+                         not yet delivered (h:SID has Q<tid>:<queue> until it is)
 
 Time is Redis's ``TIME`` (one clock for every machine of the run). Scripts answer arrays
 whose first element is a status; errors are ``{"err", CODE, DETAIL}`` with the wire codes
@@ -206,6 +209,33 @@ local function lease_expire()
   end
 end
 
+-- ---------------------------------------------------------------- queues
+
+-- What a pop took but did not deliver goes back to the head of its queue, in order.
+-- `keep` leaves the emptied in-flight list (its sentinel) and the session's record of
+-- it, so that an item a late BLMOVE still moves in is requeued when the session ends.
+local function requeue(tid, queue, sid, keep)
+  local f = P .. 'qi:' .. tid
+  local q = P .. 'qu:' .. queue
+  local items = redis.call('LRANGE', f, 0, -1)
+  local n = 0
+  for i = #items, 1, -1 do
+    if items[i] ~= '' then
+      redis.call('LPUSH', q, items[i])
+      n = n + 1
+    end
+  end
+  if n > 0 then touch(q) end
+  redis.call('DEL', f)
+  if keep then
+    redis.call('RPUSH', f, '')
+    redis.call('PEXPIRE', f, RUN_TTL)
+  else
+    redis.call('SREM', P .. 'h:' .. sid, 'Q' .. tid .. ':' .. queue)
+  end
+  return n
+end
+
 -- ---------------------------------------------------------------- sessions
 
 -- A waiter gave up (timeout, cancellation) or its session ended: it is never granted.
@@ -245,6 +275,9 @@ local function end_session(sid, reason)
     if kind == 'H' then unhold(rest)
     elseif kind == 'L' then lease_drop(rest)
     elseif kind == 'O' then once_giveup(rest, sid)
+    elseif kind == 'Q' then
+      local at = string.find(rest, ':', 1, true)
+      requeue(string.sub(rest, 1, at - 1), string.sub(rest, at + 1), sid, false)
     end
   end
   redis.call('DEL', hk)
@@ -530,6 +563,45 @@ local n = redis.call('RPUSH', q, unpack(ARGV, 2))
 redis.call('PEXPIRE', q, @RUN_TTL@)
 return n
 """.replace("@RUN_TTL@", str(RUN_TTL_MS)),
+    # ARGV: sid, tid, queue, wait (1/0). The first item moves into the pop's in-flight
+    # list qi:TID, recorded under the session -> {'ok', item}; else {'wait'} with the
+    # list ready for BLMOVE (and recorded), or {'empty'} with nothing written.
+    "pop": """
+local sid, tid, queue = ARGV[1], ARGV[2], ARGV[3]
+local gone = lost(sid)
+if gone then return gone end
+local q = P .. 'qu:' .. queue
+if ARGV[4] ~= '1' and redis.call('LLEN', q) == 0 then return {'empty'} end
+local f = P .. 'qi:' .. tid
+redis.call('RPUSH', f, '')
+redis.call('PEXPIRE', f, RUN_TTL)
+redis.call('SADD', P .. 'h:' .. sid, 'Q' .. tid .. ':' .. queue)
+local item = redis.call('LMOVE', q, f, 'LEFT', 'RIGHT')
+if item then return {'ok', item} end
+return {'wait'}
+""",
+    # ARGV: sid, tid, queue -> 1: the item was still in flight and is now delivered;
+    # 0: it is not there any more (the session was reaped and the item requeued).
+    "ack": """
+local f = P .. 'qi:' .. ARGV[2]
+redis.call('LREM', f, 1, '')
+redis.call('SREM', P .. 'h:' .. ARGV[1], 'Q' .. ARGV[2] .. ':' .. ARGV[3])
+return redis.call('DEL', f)
+""",
+    # ARGV: sid, tid, queue, raw, done (1/0): a pop ended without delivering its item.
+    # raw '': the reply never arrived: requeue what is in flight; done=1 when nothing
+    # can arrive any more (BLMOVE timed out), else the record stays for a late move.
+    # raw: the item arrived but was not delivered, and its ack may have run: put it back.
+    "unpop": """
+local sid, tid, queue, raw = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if raw == '' then return requeue(tid, queue, sid, ARGV[5] ~= '1') end
+redis.call('DEL', P .. 'qi:' .. tid)
+redis.call('SREM', P .. 'h:' .. sid, 'Q' .. tid .. ':' .. queue)
+local q = P .. 'qu:' .. queue
+redis.call('LPUSH', q, raw)
+touch(q)
+return 1
+""",
     "status": """
 local function all(key) return redis.call('HGETALL', P .. key) end
 local once = {}
@@ -554,7 +626,7 @@ return {live, redis.call('HLEN', P .. 'lw'), redis.call('ZCARD', P .. 'sess'),
 }
 
 _FUNCTION = r"^((?:--[^\n]*\n)*)local function (\w+)\(.*?^end\n"
-_TIMELESS: Final = ("delete", "push")
+_TIMELESS: Final = ("delete", "push", "pop", "ack", "unpop")
 
 
 @functools.cache

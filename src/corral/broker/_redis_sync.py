@@ -243,11 +243,19 @@ class RedisClient(RedisBase):
     def pop(self, queue: str, timeout: float | None = None) -> Any:
         """Take the first item of *queue*, waiting for one up to *timeout* seconds.
 
-        Every item is popped by exactly one caller.
+        A reliable queue: the item moves into this client's in-flight list in Redis and
+        is removed from there only once it has reached this process. A pop that fails
+        before that (a Ctrl-C, a lost connection) puts the item back at the head of the
+        queue; so does the end of this client's session (``close()``, or ``session_ttl``
+        after the process died). While poppers live, every item is returned by exactly
+        one call. Delivery is *at least once*: an item is never lost when a popper
+        crashes, but one can be returned twice when a popper's session expired while it
+        was paused in the middle of a pop. An item is not returned again once ``pop`` has
+        returned it, even if the caller then dies: requeue unfinished work yourself.
 
         :raises BrokerTimeout: the queue stayed empty.
         """
-        return self._run(flows.pop(self.prefix, queue, timeout))
+        return self._owned(lambda sid: flows.pop(self.prefix, sid, self._tid(sid), queue, timeout))
 
     # ------------------------------------------------------------------ observability
 
@@ -352,7 +360,12 @@ class RedisClient(RedisBase):
             command = self._r.execute_command
             return self._call(lambda: command(*op.args))  # type: ignore[no-untyped-call]
         if isinstance(op, flows.Wait):
+            into = op.into
             try:
+                if into is not None:
+                    # Fractional seconds are fine (Redis >= 6); redis-py types it int.
+                    move = self._rb.blmove
+                    return self._call(lambda: move(op.key, into, op.timeout))  # type: ignore[arg-type]
                 reply = self._call(lambda: self._rb.blpop([op.key], timeout=op.timeout))
             except BaseException:
                 if op.cancel is not None:  # interrupted: never leave a grant behind
