@@ -75,14 +75,20 @@ def pytest_configure(config: pytest.Config) -> None:
     process = config.stash[STATE]
     if process.is_controller:
         config.pluginmanager.register(_ControllerHooks(process), "corral-controller")
-    if config.pluginmanager.hasplugin("asyncio"):
+    if _has_plugin(config, "asyncio", "pytest_asyncio.plugin"):
         from corral._plugin import _asyncio
 
         config.pluginmanager.register(_asyncio, "corral-asyncio")
-    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+    if _has_plugin(config, "xdist", "xdist.plugin") and not hasattr(config, "workerinput"):
         from corral._plugin._xdist import XdistHooks
 
         config.pluginmanager.register(XdistHooks(config), "corral-xdist")
+
+
+def _has_plugin(config: pytest.Config, *names: str) -> bool:
+    """Whether a plugin is loaded: by its entry-point name (autoload) or, under
+    ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``, by the module name ``-p`` loaded it as."""
+    return any(config.pluginmanager.hasplugin(name) for name in names)
 
 
 def _quiet_benchmark_under_xdist(config: pytest.Config) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from corral._plugin._colocate import Colocation
 from corral._plugin._database import WorkerDatabase
 from corral._plugin._run import AnyClient, Run, RunInfo, open_client
 from corral._plugin._sandbox import SandboxManager
@@ -56,6 +57,8 @@ class CorralProcess:
     client: AnyClient | None = None
     database: WorkerDatabase | None = None
     manager: SandboxManager | None = None
+    colocation: Colocation | None = None
+    colocate_off: str = ""  # why there is no co-location (for -v)
     timings: dict[str, float] = field(default_factory=dict)
     worker_stats: dict[str, Any] = field(default_factory=dict)
     crashed: list[str] = field(default_factory=list)
@@ -84,7 +87,7 @@ class CorralProcess:
                 info = process.run.start()
                 process.timings.update(process.run.timings)
             process.info = info
-            process._join(info)
+            process._join(info, config)
         except BaseException:
             process.stop()
             raise
@@ -107,7 +110,27 @@ class CorralProcess:
             raise RuntimeError("corral: this process is not part of a run")
         return open_client(self.info, self.identity)
 
-    def _join(self, info: RunInfo) -> None:
+    def _colocate(self, config: pytest.Config) -> None:
+        database = self.database
+        assert database is not None
+        assert self.info is not None
+        assert self.info.admin_dsn is not None
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+        colocation, self.colocate_off = Colocation.plan(
+            self.settings.colocate,
+            self.info.admin_dsn,
+            database.name,
+            os.environ.get("PYTEST_XDIST_WORKER"),
+            workers,
+            generation=lambda: len(database.timings["recreate"]),
+        )
+        if colocation is None:
+            log.debug("no co-location: %s", self.colocate_off)
+            return
+        self.colocation = colocation  # it pins before the first test this process runs
+        config.pluginmanager.register(colocation, "corral-colocate")
+
+    def _join(self, info: RunInfo, config: pytest.Config) -> None:
         try:
             self.client = self.open_client()
         except (BrokerError, ValueError) as exc:
@@ -128,6 +151,7 @@ class CorralProcess:
                     f"corral: cannot create this process's database: {exc}"
                 ) from exc
             self.timings["own database"] = time.perf_counter() - started
+            self._colocate(config)
         self.manager = SandboxManager(self.database, enabled=info.sandbox)
 
     def stats(self) -> dict[str, Any]:
@@ -140,6 +164,15 @@ class CorralProcess:
             out["clone"] = list(self.database.timings["clone"])
             out["recreate"] = list(self.database.timings["recreate"])
             out["recycled"] = self.database.recycled
+        colocation = self.colocation
+        if colocation is not None and colocation.pinned:
+            out["colocated"] = {
+                "process": worker_name(),
+                "cpu": colocation.cpu,
+                "pinned": len(colocation.pinned),
+            }
+        elif self.colocate_off:
+            out["colocate_off"] = self.colocate_off
         return out
 
     def stop(self) -> None:
@@ -151,6 +184,9 @@ class CorralProcess:
         if self._stopped:
             return
         self._stopped = True
+        if self.colocation is not None:
+            self.colocation.stop()
+            self.colocation = None
         if self.database is not None:
             self.database.release()
             self.database = None

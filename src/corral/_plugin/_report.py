@@ -128,6 +128,18 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
             f"{len(recreates)} recreated after no_sandbox tests"
             + (f" (mean {1000 * sum(recreates) / len(recreates):.0f} ms)" if recreates else "")
         )
+    placed = [s["colocated"] for s in stats if s.get("colocated")]
+    if placed:
+        terminal.write_line(
+            "co-located (corral_colocate): "
+            + ", ".join(
+                f"{p['process']} on CPU {p['cpu']} with {p['pinned']} backends" for p in placed
+            )
+        )
+    else:
+        why = next((s["colocate_off"] for s in stats if s.get("colocate_off")), None)
+        if why:
+            terminal.write_line(f"not co-located: {why}")
     opened = sum(int(s.get("sandboxes", 0)) for s in stats)
     seconds = sum(float(s.get("sandbox_seconds", 0.0)) for s in stats)
     if opened:

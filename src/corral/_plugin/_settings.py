@@ -20,6 +20,7 @@ import pytest
 
 __all__ = [
     "ENV_BROKER_URL",
+    "ENV_COLOCATE",
     "ENV_DATABASE_URL",
     "ENV_DSN",
     "ENV_HOST",
@@ -48,6 +49,8 @@ ENV_RUN_ID = "CORRAL_RUN_ID"
 ENV_MACHINES = "CORRAL_MACHINES"
 #: This machine's name in a multi-machine run (default: the host name).
 ENV_HOST = "CORRAL_HOST"
+#: ``auto``, ``on`` or ``off``: pin each test process and its backends to one CPU.
+ENV_COLOCATE = "CORRAL_COLOCATE"
 
 _SWITCH = ("auto", "on", "off")
 # Stricter than the Redis client's 128: the id also goes into database names (63 bytes).
@@ -78,6 +81,15 @@ def add_options(parser: pytest.Parser) -> None:
         action="store_true",
         default=False,
         help="do not open sandboxes around tests (ini corral_sandbox = false)",
+    )
+    group.addoption(
+        "--corral-colocate",
+        dest="corral_colocate",
+        default=None,
+        choices=_SWITCH,
+        help="pin each test process and its database backends to one CPU of their own: "
+        "auto (when the server is local and each process can have a CPU), on, off "
+        "(ini corral_colocate, env CORRAL_COLOCATE)",
     )
     group.addoption(
         "--corral-broker",
@@ -129,6 +141,7 @@ def add_options(parser: pytest.Parser) -> None:
         default=[],
     )
     parser.addini("corral_database", "auto, on or off (see --corral-database)", default="auto")
+    parser.addini("corral_colocate", "auto, on or off (see --corral-colocate)", default="")
     parser.addini(
         "corral_sandbox",
         "open a sandbox around every test (default true)",
@@ -148,6 +161,8 @@ class Settings:
     :ivar run_id: the run's name given by the user (required with *broker_url*).
     :ivar machines: pytest invocations sharing the Redis run, when the user says.
     :ivar host: this machine's name in the run's shared names.
+    :ivar colocate: ``auto``, ``on`` or ``off``: pin each test process and its backends
+        to one CPU (see :mod:`corral._plugin._colocate`).
     """
 
     dsn: str | None
@@ -162,6 +177,7 @@ class Settings:
     run_id: str | None = None
     machines: int | None = None
     host: str = field(default_factory=socket.gethostname)
+    colocate: str = "auto"
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -194,6 +210,10 @@ class Settings:
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
         extra = tuple(dict.fromkeys([base, config.rootpath]))
         broker_url, run_id, machines = _broker_settings(config)
+        colocate, source = _first(config, "corral_colocate", ENV_COLOCATE)
+        colocate = (colocate or "auto").lower()
+        if colocate not in _SWITCH:
+            raise pytest.UsageError(f"{source} must be auto, on or off, not {colocate!r}")
         return cls(
             dsn,
             schema,
@@ -207,6 +227,7 @@ class Settings:
             run_id=run_id,
             machines=machines,
             host=_host_name(),
+            colocate=colocate,
         )
 
     def schema_source(self) -> Sequence[str] | Callable[[str], Any]:

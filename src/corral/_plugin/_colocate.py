@@ -1,0 +1,253 @@
+"""Each test process and its database backends on one CPU of their own.
+
+A database test is a chain of round trips: the test process sends a statement and sleeps,
+its PostgreSQL backend wakes, answers and sleeps, the test process wakes. On virtual
+machines (most CI runners) a wake-up on another vCPU costs tens of microseconds, paid twice
+per statement, and the scheduler does not keep the pair together by itself: on the 2-core
+VM corral is developed on, a 15-statement test takes 5.5 ms with the pair floating and
+2.5 ms with both on one CPU. So when corral runs the database server on this machine, each
+test process is pinned to a CPU of its own (xdist worker *n* to the *n*-th allowed CPU) and
+its backends are pinned to the same CPU as they appear.
+
+When: ini ``corral_colocate`` / ``--corral-colocate`` = ``auto`` (the default: on when the
+server is local and verifiable and every test process can have its own CPU), ``on``
+(also when processes must share CPUs), ``off``. Only on Linux, and only for backends whose
+parent is the postmaster found through the server's Unix-socket lock file: a pid from a
+server in a container or on another host is never touched. The pin covers the test
+process's main thread and what it starts later (threads, subprocesses): a suite whose
+tests run CPU-heavy work in parallel subprocesses should say ``off``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["MODES", "Colocation", "checks_at", "choose_cpu", "decide", "postmaster_pid"]
+
+log = logging.getLogger("corral.pytest")
+
+MODES = ("auto", "on", "off")
+_EVERY_TEST_UNTIL = 8  # backends appear early (pools open at import): look at each test,
+_THEN_EVERY = 16  # then now and then, for pools that grow later
+
+
+def checks_at(test_number: int) -> bool:
+    """Whether to look for new backends before the *test_number*-th test (from 1) since
+    the database was (re)created."""
+    return test_number <= _EVERY_TEST_UNTIL or test_number % _THEN_EVERY == 0
+
+
+def choose_cpu(allowed: Iterable[int], worker_index: int) -> int:
+    """The CPU of the *worker_index*-th test process among the *allowed* ones."""
+    cpus = sorted(allowed)
+    if not cpus:
+        raise ValueError("no CPU allowed")
+    return cpus[worker_index % len(cpus)]
+
+
+def decide(
+    mode: str, *, supported: bool, postmaster: int | None, processes: int, cpus: int
+) -> tuple[bool, str]:
+    """Whether to co-locate, and why not when not (for ``-v`` and the log)."""
+    if mode == "off":
+        return False, "corral_colocate = off"
+    if not supported:
+        return False, "CPU affinity is Linux-only"
+    if postmaster is None:
+        return False, "the server's postmaster is not visible from here (remote, TCP or container)"
+    if cpus < 2:
+        return False, "one CPU: nothing to gain"
+    if mode == "auto" and processes > cpus:
+        return False, f"{processes} test processes for {cpus} CPUs (corral_colocate = on forces it)"
+    return True, ""
+
+
+def postmaster_pid(dsn_params: dict[str, Any]) -> int | None:
+    """The pid of the server's postmaster, read from its Unix socket's lock file.
+
+    None unless the DSN connects through a socket directory on this machine whose lock
+    file names a live ``postgres`` process.
+    """
+    host = str(dsn_params.get("host") or "")
+    port = str(dsn_params.get("port") or "5432")
+    directory = next((h for h in host.split(",") if h.startswith("/")), None)
+    if directory is None or not port.isdigit():
+        return None
+    try:
+        first = (Path(directory) / f".s.PGSQL.{port}.lock").read_text().split("\n", 1)[0]
+        pid = int(first.strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _command(pid) in ("postgres", "postmaster") else None
+
+
+def _command(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    match = re.match(r".*\) \S+ (\d+)", stat, re.DOTALL)
+    return int(match.group(1)) if match else None
+
+
+class Colocation:
+    """Pins this test process and the backends of its database to one CPU.
+
+    Registered as a pytest plugin by the process that owns it: before each test it may
+    look up the database's backends (``pg_stat_activity``, on an admin connection of its
+    own) and pin the new ones. ``stop()`` gives the process its CPUs back.
+
+    :param admin_dsn: where to ask for the database's backends.
+    :param database: the test process's own database.
+    :param cpu: the CPU to share.
+    :param postmaster: the server's postmaster pid (backends must be its children).
+    :param connect: opens an autocommit connection to *admin_dsn* (psycopg by default).
+    :param generation: changes whenever the database is recreated (a ``no_sandbox`` test).
+    """
+
+    def __init__(
+        self,
+        admin_dsn: str,
+        database: str,
+        cpu: int,
+        postmaster: int,
+        connect: Callable[[str], Any] | None = None,
+        generation: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.admin_dsn = admin_dsn
+        self.database = database
+        self.cpu = cpu
+        self.postmaster = postmaster
+        self.pinned: set[int] = set()
+        self.failed = ""
+        self._connect = connect or _psycopg_connect
+        self._conn: Any = None
+        self._saved: set[int] | None = None
+        self._tests = 0
+        self.generation = generation
+        self._generation = generation()
+
+    @classmethod
+    def plan(
+        cls,
+        mode: str,
+        admin_dsn: str,
+        database: str,
+        worker: str | None,
+        workers: int,
+        generation: Callable[[], int] = lambda: 0,
+    ) -> tuple[Colocation | None, str]:
+        """A Colocation for this process, or None and the reason."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        supported = hasattr(os, "sched_setaffinity") and Path("/proc/self/stat").exists()
+        postmaster = postmaster_pid(conninfo_to_dict(admin_dsn)) if supported else None
+        allowed = os.sched_getaffinity(0) if supported else set()
+        on, why = decide(
+            mode, supported=supported, postmaster=postmaster, processes=workers, cpus=len(allowed)
+        )
+        if not on:
+            return None, why
+        assert postmaster is not None
+        index = int(worker[2:]) if worker and re.fullmatch(r"gw\d+", worker) else 0
+        cpu = choose_cpu(allowed, index)
+        return cls(admin_dsn, database, cpu, postmaster, generation=generation), ""
+
+    def start(self) -> None:
+        """Pin this (the main) thread; what it starts later inherits the CPU.
+
+        Called before the first test this process runs (an xdist controller runs none,
+        so it is never pinned).
+        """
+        if self._saved is not None or self.failed:
+            return
+        try:
+            self._saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, {self.cpu})
+        except OSError as exc:
+            self._give_up(f"cannot pin this process to CPU {self.cpu}: {exc}")
+            return
+        log.debug("co-located on CPU %d with database %s", self.cpu, self.database)
+
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        if self.failed:
+            return
+        if self._saved is None:
+            self.start()
+        generation = self.generation()
+        if generation != self._generation:  # the database was recreated: new backends
+            self._generation = generation
+            self._tests = 0
+        self._tests += 1
+        if checks_at(self._tests):
+            self.pin_backends()
+
+    def pin_backends(self) -> int:
+        """Pin the database's backends not pinned yet; how many were pinned now."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = self._connect(self.admin_dsn)
+            rows = self._conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s "
+                "AND backend_type = 'client backend'",
+                [self.database],
+            ).fetchall()
+        except Exception as exc:  # never fail a test over a speed-up
+            self._give_up(f"cannot list the database's backends: {exc}")
+            return 0
+        pinned = 0
+        for (pid,) in rows:
+            if pid in self.pinned or _parent(pid) != self.postmaster:
+                continue
+            try:
+                os.sched_setaffinity(pid, {self.cpu})
+            except ProcessLookupError:
+                continue  # it ended meanwhile
+            except OSError as exc:
+                self._give_up(f"cannot pin backend {pid}: {exc}")
+                return pinned
+            self.pinned.add(pid)
+            pinned += 1
+        return pinned
+
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        log.warning("corral_colocate: %s; running without co-location", why)
+        self.stop()
+
+    def stop(self) -> None:
+        """Give the process its CPUs back and close the admin connection. Idempotent."""
+        self.failed = self.failed or "stopped"
+        if self._saved is not None:
+            try:
+                os.sched_setaffinity(0, self._saved)
+            except OSError as exc:
+                log.debug("restoring the CPU affinity: %s", exc)
+            self._saved = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception as exc:
+                log.debug("closing the co-location connection: %s", exc)
+
+
+def _psycopg_connect(dsn: str) -> Any:
+    import psycopg
+
+    return psycopg.connect(dsn, autocommit=True, connect_timeout=10)

@@ -1,0 +1,257 @@
+"""Co-location: a test process and its database backends pinned to one CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from corral._plugin._colocate import Colocation, checks_at, choose_cpu, decide, postmaster_pid
+from corral._plugin._settings import empty_schema
+from corral.postgres import clone_database, database_dsn, drop_database, ensure_template
+
+linux = pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only"
+)
+
+
+def _cpus() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+
+
+two_cpus = pytest.mark.skipif(len(_cpus()) < 2, reason="co-location needs 2 CPUs")
+
+
+# ---------------------------------------------------------------------- decisions
+
+
+def test_checks_every_test_at_first_then_every_sixteenth() -> None:
+    assert [n for n in range(1, 70) if checks_at(n)] == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 48, 64]
+
+
+def test_choose_cpu_spreads_workers_over_the_allowed_cpus() -> None:
+    assert [choose_cpu({4, 2, 7}, i) for i in range(5)] == [2, 4, 7, 2, 4]
+    with pytest.raises(ValueError, match="no CPU"):
+        choose_cpu(set(), 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "supported", "postmaster", "processes", "cpus", "on", "why"),
+    [
+        ("auto", True, 10, 1, 2, True, ""),
+        ("auto", True, 10, 2, 2, True, ""),
+        ("auto", True, 10, 4, 2, False, "4 test processes for 2 CPUs"),
+        ("on", True, 10, 4, 2, True, ""),
+        ("off", True, 10, 1, 2, False, "corral_colocate = off"),
+        ("on", False, 10, 1, 2, False, "Linux-only"),
+        ("on", True, None, 1, 2, False, "postmaster is not visible"),
+        ("on", True, 10, 1, 1, False, "one CPU"),
+    ],
+)
+def test_decide(
+    mode: str,
+    supported: bool,
+    postmaster: int | None,
+    processes: int,
+    cpus: int,
+    on: bool,
+    why: str,
+) -> None:
+    got, reason = decide(
+        mode, supported=supported, postmaster=postmaster, processes=processes, cpus=cpus
+    )
+    assert got is on
+    assert why in reason
+
+
+# ---------------------------------------------------------------------- against a server
+
+
+def test_postmaster_pid_of_a_local_server(postgres_dsn: str) -> None:
+    params = conninfo_to_dict(postgres_dsn)
+    if not str(params.get("host", "")).startswith("/"):
+        pytest.skip("CORRAL_TEST_DSN connects over TCP: no lock file to read")
+    pid = postmaster_pid(params)
+    assert pid is not None
+    with open(f"/proc/{pid}/comm") as f:
+        assert f.read().strip() in ("postgres", "postmaster")
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"host": "127.0.0.1", "port": "5432"},  # TCP: nothing to verify a pid with
+        {"host": "/nonexistent/dir", "port": "5432"},
+        {"host": "/tmp", "port": "not-a-port"},
+        {},
+    ],
+)
+def test_no_postmaster_without_a_readable_lock_file(params: dict[str, str]) -> None:
+    assert postmaster_pid(params) is None
+
+
+@pytest.fixture
+def scratch_db(postgres_dsn: str) -> Iterator[tuple[str, str]]:
+    template = ensure_template(postgres_dsn, empty_schema)
+    name = clone_database(postgres_dsn, template)
+    try:
+        yield name, database_dsn(postgres_dsn, name)
+    finally:
+        drop_database(postgres_dsn, name)
+
+
+@linux
+@two_cpus
+def test_backends_of_the_database_are_pinned_and_the_process_restored(
+    postgres_dsn: str, scratch_db: tuple[str, str]
+) -> None:
+    params = conninfo_to_dict(postgres_dsn)
+    postmaster = postmaster_pid(params)
+    if postmaster is None:
+        pytest.skip("the test server is not local through a Unix socket")
+    name, url = scratch_db
+    cpu = max(_cpus())
+    before = os.sched_getaffinity(0)
+    with psycopg.connect(url) as app, psycopg.connect(postgres_dsn) as other:
+        colocation = Colocation(postgres_dsn, name, cpu, postmaster)
+        try:
+            colocation.start()
+            assert os.sched_getaffinity(0) == {cpu}
+            seen: list[set[int]] = []
+            thread = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+            thread.start()
+            thread.join()
+            assert seen == [{cpu}]  # threads started later inherit the pin
+            assert colocation.pin_backends() == 1
+            assert os.sched_getaffinity(app.info.backend_pid) == {cpu}
+            assert os.sched_getaffinity(other.info.backend_pid) != {cpu}  # other database
+            assert colocation.pin_backends() == 0  # already pinned
+        finally:
+            colocation.stop()
+        assert os.sched_getaffinity(0) == before
+        colocation.stop()  # idempotent
+        assert colocation.failed == "stopped"
+
+
+@linux
+def test_a_failing_lookup_gives_up_without_failing(postgres_dsn: str) -> None:
+    def broken(dsn: str) -> psycopg.Connection:
+        raise psycopg.OperationalError("no server here")
+
+    before = os.sched_getaffinity(0)
+    colocation = Colocation(postgres_dsn, "nothing", min(_cpus()), 1, connect=broken)
+    colocation.start()
+    assert colocation.pin_backends() == 0
+    assert "cannot list the database's backends" in colocation.failed
+    assert os.sched_getaffinity(0) == before  # giving up gave the CPUs back
+
+
+# ---------------------------------------------------------------------- in a pytest run
+
+_AFFINITY_TEST = """
+import json, os
+
+import psycopg
+
+
+def test_where(corral_database_url):
+    with psycopg.connect(corral_database_url) as conn:
+        conn.execute("SELECT 1")
+        backend = conn.info.backend_pid
+        first = os.sched_getaffinity(backend)
+    # a backend that appeared during this test is pinned before the next one
+    with open(os.environ["AFFINITY_OUT"], "a") as out:
+        out.write(json.dumps({
+            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+            "me": sorted(os.sched_getaffinity(0)),
+            "backend_at_start": sorted(first),
+        }) + "\\n")
+
+
+def test_app_backend(corral_database_url):
+    import app
+    backend = app.conn.info.backend_pid
+    with open(os.environ["AFFINITY_OUT"], "a") as out:
+        out.write(json.dumps({
+            "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+            "me": sorted(os.sched_getaffinity(0)),
+            "app_backend": sorted(os.sched_getaffinity(backend)),
+        }) + "\\n")
+"""
+
+_APP = """
+import os
+
+import psycopg
+
+conn = psycopg.connect(os.environ["CORRAL_DATABASE_URL"], autocommit=True)
+"""
+
+
+@pytest.fixture
+def affinity_suite(
+    pytester: pytest.Pytester, shared_server: str, monkeypatch: pytest.MonkeyPatch
+) -> pytest.Pytester:
+    if postmaster_pid(conninfo_to_dict(shared_server)) is None:
+        pytest.skip("the test server is not local through a Unix socket")
+    from tests._inner import RUN_VARIABLES
+
+    for name in (*RUN_VARIABLES, "CORRAL_COLOCATE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CORRAL_DSN", shared_server)
+    monkeypatch.setenv("AFFINITY_OUT", str(pytester.path / "affinity.jsonl"))
+    pytester.makeini("[pytest]\ncorral_database = on\n")
+    pytester.makepyfile(app=_APP, test_affinity=_AFFINITY_TEST)
+    pytester.makeconftest("import app  # the app connects at import, as apps do\n")
+    return pytester
+
+
+def _records(pytester: pytest.Pytester) -> list[dict[str, list[int] | str]]:
+    lines = (pytester.path / "affinity.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+@linux
+@two_cpus
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_each_test_process_shares_its_cpu_with_its_backends(
+    affinity_suite: pytest.Pytester, workers: str
+) -> None:
+    result = affinity_suite.runpytest_subprocess("-n", workers, "-p", "no:randomly", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*co-located (corral_colocate): *on CPU * with * backends*"])
+    records = _records(affinity_suite)
+    assert len(records) == 2
+    for record in records:
+        assert len(record["me"]) == 1, record
+        if "app_backend" in record:
+            assert record["app_backend"] == record["me"], record
+    if workers == "2" and len({r["worker"] for r in records}) == 2:
+        assert records[0]["me"] != records[1]["me"]  # a CPU of its own each
+
+
+@linux
+@two_cpus
+@pytest.mark.slow
+def test_colocate_off_pins_nothing(affinity_suite: pytest.Pytester) -> None:
+    result = affinity_suite.runpytest_subprocess("-n", "0", "--corral-colocate=off", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*not co-located: corral_colocate = off*"])
+    for record in _records(affinity_suite):
+        assert set(record["me"]) == _cpus()
+        if "app_backend" in record:
+            assert len(record["app_backend"]) > 1
+
+
+@pytest.mark.slow
+def test_a_bad_value_is_a_usage_error(affinity_suite: pytest.Pytester) -> None:
+    affinity_suite.makeini("[pytest]\ncorral_database = on\ncorral_colocate = sometimes\n")
+    result = affinity_suite.runpytest_subprocess("-n", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*ini corral_colocate must be auto, on or off, not 'sometimes'*"])
