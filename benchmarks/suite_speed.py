@@ -8,7 +8,12 @@ each test (what database-cleaner style suites do), serial under corral (one sand
 test), and corral with ``-n 2`` / ``-n 4``. The schema has the blog's 8 tables plus
 ``--extra-tables`` (default 24: a mid-sized app has ~30 tables, and a truncating suite
 truncates all of them, not just those a test touched); ``--extra-tables 0`` measures the
-blog alone. All runs use one throwaway PostgreSQL server started here (or ``--dsn``).
+blog alone. All runs use one throwaway PostgreSQL server started here (or ``--dsn``). corral runs
+with its defaults, so each test process shares a CPU with its database backends
+(``corral_colocate``); the ``colocate off`` rows show what that is worth. The suite loads
+only the plugins it uses (xdist, corral): a development environment has more installed
+(hypothesis, pytest-benchmark, pytest-asyncio...) whose hooks cost 1-2 ms per test in every
+mode alike, which says nothing about clean-up strategies; ``--all-plugins`` loads them.
 Targets (issue 7): serial corral >= 5x faster than serial TRUNCATE; ``-n 2`` >= 1.6x
 faster than serial corral (on 2 cores, which the database shares).
 """
@@ -178,20 +183,19 @@ def generate(root: Path, tests: int, extra_tables: int = 24, per_file: int = 50)
         index += 1
 
 
-def run_pytest(root: Path, args: list[str], env: dict[str, str]) -> float:
+def run_pytest(root: Path, args: list[str], env: dict[str, str], all_plugins: bool) -> float:
+    if all_plugins:
+        plugins = ["-p", "no:randomly"] + (["-p", "no:corral"] if "no:corral" in args else [])
+    else:
+        # The suite loads what it uses and nothing else installed here (see the docstring).
+        env = {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+        plugins = ["-p", "xdist.plugin"]
+        if "no:corral" not in args:
+            plugins += ["-p", "corral.pytest_plugin"]
+    args = [a for a in args if a not in ("-p", "no:corral")]
     started = time.perf_counter()
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:randomly",
-            *args,
-        ],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugins, *args],
         cwd=root,
         env=env,
         capture_output=True,
@@ -212,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="2,4", help="comma-separated -n values")
     parser.add_argument("--extra-tables", type=int, default=24, help="tables beyond the blog's 8")
     parser.add_argument("--dsn", help="admin DSN of a server to use instead of a throwaway one")
+    parser.add_argument(
+        "--all-plugins",
+        action="store_true",
+        help="let pytest load every installed plugin (default: only xdist and corral)",
+    )
     args = parser.parse_args(argv)
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     load = os.getloadavg()[0]  # a shared machine: say how busy it was
@@ -236,16 +245,23 @@ def main(argv: list[str] | None = None) -> int:
                 "BENCH_CLEANUP": "truncate",
             }
             corral_env = {**base_env, "CORRAL_DSN": admin}
+            off = ["--corral-colocate=off"]
             modes: list[tuple[str, list[str], dict[str, str]]] = [
                 ("serial, TRUNCATE after each test", ["-p", "no:corral", "-n", "0"], truncate_env),
                 ("serial, corral sandbox", ["-n", "0"], corral_env),
+                ("serial, corral, colocate off", ["-n", "0", *off], corral_env),
             ]
-            modes += [(f"corral -n {w}", ["-n", w], corral_env) for w in workers]
-            times: dict[str, float] = {}
+            for w in workers:
+                modes += [
+                    (f"corral -n {w}", ["-n", w], corral_env),
+                    (f"corral -n {w}, colocate off", ["-n", w, *off], corral_env),
+                ]
+            samples: dict[str, list[float]] = {name: [] for name, _, _ in modes}
             try:
-                for name, extra, env in modes:
-                    samples = [run_pytest(root, extra, env) for _ in range(args.rounds)]
-                    times[name] = statistics.median(samples)
+                for _ in range(args.rounds):  # rounds interleaved: noise hits every mode
+                    for name, extra, env in modes:
+                        samples[name].append(run_pytest(root, extra, env, args.all_plugins))
+                times = {name: statistics.median(values) for name, values in samples.items()}
             finally:
                 drop_database(admin, plain)
     finally:
@@ -254,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"# {args.tests} tests, {8 + args.extra_tables} tables, median of {args.rounds} "
-        f"run(s); {os.cpu_count()} CPUs (load average {load:.1f} before), "
+        f"run(s); plugins: {'all installed' if args.all_plugins else 'xdist + corral only'}; "
+        f"{os.cpu_count()} CPUs (load average {load:.1f} before), "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
     truncate = times["serial, TRUNCATE after each test"]
