@@ -42,14 +42,14 @@ def drain(client: RedisClient, queue: str) -> list[Any]:
 
 
 def in_flight_lists(client: RedisClient) -> list[str]:
-    return sorted(client._r.keys(client.prefix + "qi:*"))
+    return sorted(str(key) for key in client._r.keys(client.prefix + "qi:*"))
 
 
 def in_flight_items(client: RedisClient) -> list[str]:
     """What pops hold in flight (an interrupted pop keeps an empty list until its
     session ends: a late BLMOVE into it would then still be requeued)."""
-    items = [item for key in in_flight_lists(client) for item in client._r.lrange(key, 0, -1)]
-    return [item for item in items if item != ""]
+    lists = [client._r.lrange(key, 0, -1) for key in in_flight_lists(client)]
+    return [str(item) for items in lists for item in items if item != ""]
 
 
 # ---------------------------------------------------------------------- asyncio cancellation
