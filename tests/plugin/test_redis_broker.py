@@ -275,6 +275,56 @@ def test_a_crashed_worker_on_redis(
     drop_database(postgres_dsn, facts[0]["run"]["template"])
 
 
+def test_without_machines_the_last_controller_out_deletes_the_run(
+    pytester: pytest.Pytester, redis_url: str
+) -> None:
+    # No --corral-machines: machine A finishes while B still tests and leaves the keys;
+    # B, the last one out, deletes them (purge_if_last).
+    pytester.makepyfile(
+        test_meet="""
+        import os
+        import time
+        from pathlib import Path
+
+        def test_meet():
+            Path(os.environ["STARTED"]).touch()
+            deadline = time.monotonic() + 60
+            while not Path(os.environ["GO"]).exists():
+                assert time.monotonic() < deadline, "never told to finish"
+                time.sleep(0.05)
+        """
+    )
+    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    run_id = f"last-{secrets.token_hex(4)}"
+    a_started, b_started, a_done = (pytester.path / name for name in ("a", "b", "a-done"))
+    args = ["-n", "0", "--corral-broker", redis_url, "--corral-run-id", run_id]
+    a = _pytest(
+        pytester.path,
+        args,
+        _env(CORRAL_HOST="machine-a", STARTED=str(a_started), GO=str(b_started)),
+    )
+    b = _pytest(
+        pytester.path, args, _env(CORRAL_HOST="machine-b", STARTED=str(b_started), GO=str(a_done))
+    )
+    try:
+        out_a, _ = a.communicate(timeout=100)
+        assert a.returncode == 0, out_a
+        assert _redis_keys(redis_url, run_id) != []  # B still tests: A left the run alone
+        a_done.touch()
+        out_b, _ = b.communicate(timeout=100)
+        assert b.returncode == 0, out_b
+        assert _redis_keys(redis_url, run_id) == []  # the last one out deleted it
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        from corral.broker.redis import RedisClient
+
+        with RedisClient(redis_url, run_id=run_id) as client:
+            client.purge()
+
+
 def test_report_lists_what_is_held_in_the_redis_run(
     pytester: pytest.Pytester, redis_url: str
 ) -> None:

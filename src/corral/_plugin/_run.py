@@ -174,6 +174,8 @@ class Run:
         try:
             self.redis = RedisClient(url, run_id=run_id, worker_id=f"{self.settings.host}/main")
             self.redis.ping()
+            if self.settings.machines is None:
+                self.redis.join()  # a live session until the end: the run is not over
         except (BrokerError, ValueError, ImportError) as exc:
             raise pytest.UsageError(
                 f"corral: cannot use the Redis broker (--corral-broker / corral_broker / "
@@ -279,7 +281,9 @@ class Run:
 
     def leave_redis(self) -> int:
         """Count this invocation out of the Redis run; the last of ``--corral-machines``
-        deletes the run's keys. Returns how many keys it deleted (0: not the last)."""
+        deletes the run's keys. Without that count, the last controller whose session
+        is still live deletes them (``purge_if_last``). Returns how many keys it
+        deleted (0: not the last)."""
         client, self.redis = self.redis, None
         if client is None:
             return 0
@@ -293,6 +297,10 @@ class Run:
                     # keys any more (a late extra one would start from an empty run).
                     deleted = client.purge()
                     log.info("last of %d machines: deleted %d Redis keys", machines, deleted)
+            else:
+                deleted = client.purge_if_last() or 0
+                if deleted:
+                    log.info("last machine out: deleted %d Redis keys", deleted)
         except BrokerError as exc:
             log.warning("could not finish the Redis run (its keys expire by themselves): %s", exc)
         finally:

@@ -211,6 +211,17 @@ class AsyncRedisClient(RedisBase):
             deleted += int(await self._call(self._r.unlink(*keys[start : start + 500])))
         return deleted
 
+    async def join(self) -> None:
+        """Register this client's session now (see :meth:`RedisClient.join`)."""
+        await self._session.current()
+
+    async def purge_if_last(self) -> int | None:
+        """Delete the run's keys if no other client has a live session; None otherwise
+        (see :meth:`RedisClient.purge_if_last`). Ends this client's session."""
+        if self._closed:
+            raise BrokerUnavailable(f"this AsyncRedisClient is closed ({redact(self.url)})")
+        return await self._run(flows.purge_last(await self._session.detach()))
+
     async def connect(self) -> AsyncRedisClient:
         """Check now that Redis answers."""
         await self.ping()

@@ -447,6 +447,12 @@ def pop(prefix: str, sid: str, tid: str, queue: str, timeout: float | None) -> F
     return json.loads(raw)
 
 
+def purge_last(sid: str | None) -> Generator[Op, Any, int | None]:
+    """Delete the run's keys when no other session is live: how many, else None."""
+    reply = yield Script("purge_last", [sid or ""])
+    return int(reply[1]) if reply[0] == "purged" else None
+
+
 # ---------------------------------------------------------------------- status
 
 

@@ -602,6 +602,26 @@ redis.call('LPUSH', q, raw)
 touch(q)
 return 1
 """,
+    # ARGV: sid ('' when this client has none). Deletes every key of the run when no
+    # other session is live (expired ones do not count) -> {'purged', n}; else ends
+    # this client's session and answers {'live', other live sessions}.
+    "purge_last": """
+local sid = ARGV[1]
+local live = redis.call('ZCOUNT', P .. 'sess', '(' .. NOW, '+inf')
+local mine = redis.call('ZSCORE', P .. 'sess', sid)
+if mine and tonumber(mine) > NOW then live = live - 1 end
+if live > 0 then
+  if sid ~= '' then end_session(sid, 'member ' .. who(sid) .. ' left (client closed)') end
+  return {'live', live}
+end
+local n, cursor = 0, '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', P .. '*', 'COUNT', 1000)
+  cursor = page[1]
+  for _, k in ipairs(page[2]) do n = n + redis.call('UNLINK', k) end
+until cursor == '0'
+return {'purged', n}
+""",
     "status": """
 local function all(key) return redis.call('HGETALL', P .. key) end
 local once = {}

@@ -149,6 +149,18 @@ class SyncSession:
                 except BrokerError as exc:
                     log.warning("Redis heartbeat failed (%s); retrying", exc)
 
+    def detach(self) -> str | None:
+        """Stop the heartbeat and forget the session without ending it in Redis (the
+        caller ends it, in a script of its own); a later claim registers a new one."""
+        with self._lock:
+            sid, self.sid = self.sid, None
+            self._stop.set()
+            thread, self._thread = self._thread, None
+            mine = self._pid == os.getpid()
+        if thread is not None and thread is not threading.current_thread() and mine:
+            thread.join(timeout=5)
+        return sid if mine else None
+
     def end(self) -> None:
         """Stop the heartbeat and free everything the session holds. Idempotent."""
         with self._lock:
@@ -242,6 +254,17 @@ class AsyncSession:
                             await self._register()
             except BrokerError as exc:
                 log.warning("Redis heartbeat failed (%s); retrying", exc)
+
+    async def detach(self) -> str | None:
+        """Stop the heartbeat and forget the session without ending it in Redis."""
+        async with self._get_lock():
+            sid, self.sid = self.sid, None
+            task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return sid
 
     async def end(self) -> None:
         sid, self.sid = self.sid, None

@@ -294,6 +294,28 @@ class RedisClient(RedisBase):
             deleted += int(self._call(lambda: self._r.unlink(*chunk)))  # noqa: B023
         return deleted
 
+    def join(self) -> None:
+        """Register this client's session now (the first claim does it otherwise), so the
+        run counts this process as working until :meth:`close`: while it lives, another
+        client's :meth:`purge_if_last` leaves the run's keys alone."""
+        self._session.current()
+
+    def purge_if_last(self) -> int | None:
+        """Delete every key of this run if no other client of it has a live session.
+
+        One script decides and deletes, so two clients finishing together cannot both
+        leave the keys, nor delete them under a client that is still working. Sessions
+        that expired (killed processes) do not count. This client's session ends either
+        way; a later claim starts a new one. Sessions are what a run knows of its
+        clients: call :meth:`join` at the start of each process that must keep the run.
+
+        :returns: how many keys were deleted, or None when other clients still live
+            (nothing was deleted; the keys expire by themselves otherwise).
+        """
+        if self._closed:
+            raise BrokerUnavailable(f"this RedisClient is closed ({redact(self.url)})")
+        return self._run(flows.purge_last(self._session.detach()))
+
     # ------------------------------------------------------------------ lifecycle
 
     def connect(self) -> RedisClient:
