@@ -51,6 +51,9 @@ class Client:
     :param timeout: seconds to wait for each answer (and to connect).
     :param compress_threshold: values whose JSON has at least this many characters are
         sent gzip+base64 compressed, as the Node client does (None: never).
+    :param spin: seconds to poll for an answer before sleeping, when the broker is in
+        another process (default ``$CORRAL_SPIN_US`` microseconds, else 50 µs; 0 = never).
+        Requests that wait never poll. See ``docs/broker.md``, "Why polling".
 
     Thread-safe: calls from several threads are serialised on the connection; requests
     that wait (``lock``, ``acquire``, ``once``, ``barrier``, ``pop``, ``throttle``) run on

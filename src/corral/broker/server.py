@@ -67,6 +67,9 @@ class Broker:
     :param legacy_hmac: accept Node-style per-message ``hmac`` (replayable) when a
         secret is set; corral's clients use challenge-response instead.
     :param drain_timeout: seconds ``stop()`` waits for answers to reach slow clients.
+    :param spin: seconds to poll for more requests before sleeping, after a wake-up that
+        brought work from another process (default ``$CORRAL_SPIN_US`` microseconds, else
+        50 µs; 0 = never). See ``docs/broker.md``, "Why polling".
     """
 
     def __init__(
