@@ -184,6 +184,32 @@ def push_blocked(client: RedisClient, items: list[Any], done: threading.Event) -
     client.push("q", *items)
 
 
+def test_an_interrupted_pop_s_record_is_forgotten_by_the_reaper(redis_url: str, run: str) -> None:
+    # Kept a while for a BLMOVE that Redis might still run late, then dropped by the
+    # heartbeat's reaping: a long-lived client interrupted often does not grow.
+    popper = Interrupted(redis_url, run_id=run, session_ttl=SESSION_TTL)
+    try:
+        sid = popper._session.current()
+        popper.arm(0)  # Ctrl-C right after the pop script answered "wait"
+        with pytest.raises(KeyboardInterrupt):
+            popper.pop("q", timeout=10)
+        popper.arm(None)
+        records = popper._r.zrange(popper.prefix + "qz", 0, -1)
+        assert len(records) == 1
+        assert len(popper._r.smembers(popper.prefix + "h:" + sid)) == 1
+        assert len(in_flight_lists(popper)) == 1
+        popper._r.zadd(popper.prefix + "qz", {str(records[0]): 0})  # its time is up
+
+        def forgotten() -> bool:
+            members = popper._r.smembers(popper.prefix + "h:" + sid)
+            return not members and not in_flight_lists(popper)
+
+        wait_until(forgotten, 10, "the heartbeat to forget the interrupted pop")
+        assert popper._r.zcard(popper.prefix + "qz") == 0
+    finally:
+        popper.close()
+
+
 def test_timed_out_pops_leave_nothing_in_flight(redis_url: str, run: str) -> None:
     with RedisClient(redis_url, run_id=run, session_ttl=SESSION_TTL) as client:
         for timeout in (0, 0.001, 0.02):

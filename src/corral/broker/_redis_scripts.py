@@ -22,6 +22,8 @@ Key layout under the prefix (``sid`` = a client session, ``tid`` = a ticket / ho
     qu:NAME              push/pop work queue (JSON items)
     qi:TID               a pop's in-flight list: a '' sentinel, then the item taken but
                          not yet delivered (h:SID has Q<tid>:<queue> until it is)
+    qz                   zset "SID Q<tid>:<queue>" -> when the reaper forgets an
+                         interrupted pop's in-flight list
 
 Time is Redis's ``TIME`` (one clock for every machine of the run). Scripts answer arrays
 whose first element is a status; errors are ``{"err", CODE, DETAIL}`` with the wire codes
@@ -39,6 +41,9 @@ from typing import Final
 RUN_TTL_MS: Final = 24 * 3600 * 1000
 #: Keys that expired keep answering "expired" (not "not_found") for this long.
 EXPIRED_MEMORY_MS: Final = 600_000
+#: An interrupted pop's in-flight list waits this long for a BLMOVE sent before the
+#: interruption but run by Redis after it (far more than such a command can lag).
+LATE_POP_MS: Final = 10_000
 
 # A script is _KEY, then _CLOCK unless it never needs the time, then _LOCALS and exactly
 # the helper functions its body calls (directly or through other helpers): Lua defines
@@ -213,10 +218,14 @@ end
 
 -- What a pop took but did not deliver goes back to the head of its queue, in order.
 -- `keep` leaves the emptied in-flight list (its sentinel) and the session's record of
--- it, so that an item a late BLMOVE still moves in is requeued when the session ends.
+-- it for a while (the reaper forgets it after @LATE@ ms), so that an item a late BLMOVE
+-- (sent before the pop was cancelled, run after) still moves in is requeued; without a
+-- record (the pop script has not run) there is nothing to keep.
 local function requeue(tid, queue, sid, keep)
   local f = P .. 'qi:' .. tid
   local q = P .. 'qu:' .. queue
+  local member = 'Q' .. tid .. ':' .. queue
+  if keep and redis.call('SISMEMBER', P .. 'h:' .. sid, member) == 0 then keep = false end
   local items = redis.call('LRANGE', f, 0, -1)
   local n = 0
   for i = #items, 1, -1 do
@@ -230,8 +239,10 @@ local function requeue(tid, queue, sid, keep)
   if keep then
     redis.call('RPUSH', f, '')
     redis.call('PEXPIRE', f, RUN_TTL)
+    redis.call('ZADD', P .. 'qz', NOW + @LATE@, sid .. ' ' .. member)
+    touch(P .. 'qz')
   else
-    redis.call('SREM', P .. 'h:' .. sid, 'Q' .. tid .. ':' .. queue)
+    redis.call('SREM', P .. 'h:' .. sid, member)
   end
   return n
 end
@@ -294,9 +305,19 @@ local function reap()
     unhold(hid)
   end
   lease_expire()
+  -- Interrupted pops kept for a late BLMOVE: long enough; requeue anything it moved.
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', P .. 'qz', '-inf', NOW, 'LIMIT', 0, 100)) do
+    local sp = string.find(m, ' ', 1, true)
+    local sid, member = string.sub(m, 1, sp - 1), string.sub(m, sp + 1)
+    if redis.call('SISMEMBER', P .. 'h:' .. sid, member) == 1 then
+      local at = string.find(member, ':', 1, true)
+      requeue(string.sub(member, 2, at - 1), string.sub(member, at + 1), sid, false)
+    end
+    redis.call('ZREM', P .. 'qz', m)
+  end
   redis.call('ZREMRANGEBYSCORE', P .. 'exp', '-inf', NOW - @MEMORY@)
 end
-""".replace("@MEMORY@", str(EXPIRED_MEMORY_MS))
+""".replace("@MEMORY@", str(EXPIRED_MEMORY_MS)).replace("@LATE@", str(LATE_POP_MS))
 
 _BODIES: dict[str, str] = {
     # ARGV: sid, ttl_ms, mode (register|beat|end), info json
@@ -311,7 +332,7 @@ if mode == 'beat' and not redis.call('ZSCORE', P .. 'sess', sid) then
 end
 redis.call('ZADD', P .. 'sess', NOW + ttl, sid)
 if mode == 'register' then redis.call('HSET', P .. 'sinfo', sid, ARGV[4]) end
-for _, k in ipairs({'sess', 'sinfo', 'tk', 'hd', 'dl', 'exp', 'lw', 'lexp'}) do
+for _, k in ipairs({'sess', 'sinfo', 'tk', 'hd', 'dl', 'exp', 'lw', 'lexp', 'qz'}) do
   touch(P .. k)
 end
 touch(P .. 'h:' .. sid)
@@ -646,7 +667,7 @@ return {live, redis.call('HLEN', P .. 'lw'), redis.call('ZCARD', P .. 'sess'),
 }
 
 _FUNCTION = r"^((?:--[^\n]*\n)*)local function (\w+)\(.*?^end\n"
-_TIMELESS: Final = ("delete", "push", "pop", "ack", "unpop")
+_TIMELESS: Final = ("delete", "push", "pop", "ack")
 
 
 @functools.cache
