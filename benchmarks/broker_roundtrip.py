@@ -66,7 +66,7 @@ def worker_raw(path: str, n: int) -> dict[str, list[float]]:
 
 def worker_raw_polling(path: str, n: int) -> dict[str, list[float]]:
     """The floor with the trick corral uses: poll up to the spin budget, then block."""
-    from corral.broker._spin import budget_from_env
+    from corral.broker._spin import budget_from_env, yield_cpu
 
     sock = socket.socket(socket.AF_UNIX)
     sock.connect(path)
@@ -84,6 +84,7 @@ def worker_raw_polling(path: str, n: int) -> dict[str, list[float]]:
             except BlockingIOError:
                 if clock() >= end:
                     break
+                yield_cpu()
         sock.recv(65536)
 
     return _time_ops({"ping": roundtrip, "get": roundtrip, "set": roundtrip}, n)
@@ -150,30 +151,17 @@ def worker_main(kind: str, path: str, n: int) -> None:
 # ---------------------------------------------------------------------- servers (parent side)
 
 
+# The floor: echo one canned answer per read. With "poll" as its second argument it
+# polls for up to corral's spin budget before each blocking read, as corral does.
 RAW_ECHO = """
-import socket, sys
-server = socket.socket(socket.AF_UNIX)
-server.bind(sys.argv[1])
-server.listen(8)
-print("ready", flush=True)
-answer = b'{"ok":true,"value":"value","compressed":false}\\n'
-while True:
-    conn, _ = server.accept()
-    with conn:
-        while conn.recv(65536):
-            conn.sendall(answer)
-"""
-
-
-RAW_POLLING_ECHO = """
 import socket, sys, time
-from corral.broker._spin import budget_from_env
+from corral.broker._spin import budget_from_env, yield_cpu
 server = socket.socket(socket.AF_UNIX)
 server.bind(sys.argv[1])
 server.listen(8)
 print("ready", flush=True)
 answer = b'{"ok":true,"value":"value","compressed":false}\\n'
-budget = budget_from_env()
+budget = budget_from_env() if sys.argv[2:] == ["poll"] else 0.0
 clock = time.perf_counter
 while True:
     conn, _ = server.accept()
@@ -183,10 +171,12 @@ while True:
             data = None
             while data is None:
                 try:
-                    data = conn.recv(65536, socket.MSG_DONTWAIT)
+                    data = conn.recv(65536, socket.MSG_DONTWAIT) if budget else conn.recv(65536)
                 except BlockingIOError:
                     if clock() >= end:
                         data = conn.recv(65536)
+                    else:
+                        yield_cpu()
             if not data:
                 break
             conn.sendall(answer)
@@ -342,7 +332,7 @@ def main() -> None:
     raw_path = os.path.join(directory, "raw.sock")
     raw = Server([sys.executable, "-c", RAW_ECHO, raw_path], raw_path)
     polling_path = os.path.join(directory, "polling.sock")
-    polling = Server([sys.executable, "-c", RAW_POLLING_ECHO, polling_path], polling_path)
+    polling = Server([sys.executable, "-c", RAW_ECHO, polling_path, "poll"], polling_path)
     blocking_path = os.path.join(directory, "blocking.sock")
     argv = [sys.executable, "-m", "corral.cli", "broker", "--no-require-ttl", "--socket"]
     blocking = Server(

@@ -23,7 +23,7 @@ from corral.broker import _flows
 from corral.broker._address import resolve_path, resolve_secret, timeout_for, unavailable
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
-from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process
+from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Compute, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable
@@ -558,6 +558,7 @@ class Client:
                 if clock() >= end:
                     policy.miss()
                     return 0
+                yield_cpu()
                 continue
             policy.hit()
             return nbytes
