@@ -11,7 +11,14 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from corral._plugin._colocate import Colocation, checks_at, choose_cpu, decide, postmaster_pid
+from corral._plugin._colocate import (
+    Colocation,
+    checks_at,
+    choose_cpu,
+    decide,
+    may_pin,
+    postmaster_pid,
+)
 from corral._plugin._settings import empty_schema
 from corral.postgres import clone_database, database_dsn, drop_database, ensure_template
 
@@ -51,6 +58,7 @@ def test_choose_cpu_spreads_workers_over_the_allowed_cpus() -> None:
         ("on", False, 10, 1, 2, False, "Linux-only"),
         ("on", True, None, 1, 2, False, "postmaster is not visible"),
         ("on", True, 10, 1, 1, False, "one CPU"),
+        ("on", True, 10, 1, 2, False, "another user"),
     ],
 )
 def test_decide(
@@ -63,13 +71,24 @@ def test_decide(
     why: str,
 ) -> None:
     got, reason = decide(
-        mode, supported=supported, postmaster=postmaster, processes=processes, cpus=cpus
+        mode,
+        supported=supported,
+        postmaster=postmaster,
+        processes=processes,
+        cpus=cpus,
+        permitted=why != "another user",
     )
     assert got is on
     assert why in reason
 
 
 # ---------------------------------------------------------------------- against a server
+
+
+def test_may_pin_own_and_foreign_processes() -> None:
+    assert may_pin(os.getpid())
+    assert not may_pin(2**22 + 12345)  # no such process
+    assert may_pin(1) is (os.geteuid() == 0)  # init belongs to root
 
 
 def test_postmaster_pid_of_a_local_server(postgres_dsn: str) -> None:

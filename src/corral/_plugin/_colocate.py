@@ -10,7 +10,8 @@ test process is pinned to a CPU of its own (xdist worker *n* to the *n*-th allow
 its backends are pinned to the same CPU as they appear.
 
 When: ini ``corral_colocate`` / ``--corral-colocate`` = ``auto`` (the default: on when the
-server is local and verifiable and every test process can have its own CPU), ``on``
+server is local and verifiable, runs as this user (or this is root), and every test
+process can have its own CPU), ``on``
 (also when processes must share CPUs), ``off``. Only on Linux, and only for backends whose
 parent is the postmaster found through the server's Unix-socket lock file: a pid from a
 server in a container or on another host is never touched. The pin covers the test
@@ -29,7 +30,15 @@ from typing import Any
 
 import pytest
 
-__all__ = ["MODES", "Colocation", "checks_at", "choose_cpu", "decide", "postmaster_pid"]
+__all__ = [
+    "MODES",
+    "Colocation",
+    "checks_at",
+    "choose_cpu",
+    "decide",
+    "may_pin",
+    "postmaster_pid",
+]
 
 log = logging.getLogger("corral.pytest")
 
@@ -53,7 +62,13 @@ def choose_cpu(allowed: Iterable[int], worker_index: int) -> int:
 
 
 def decide(
-    mode: str, *, supported: bool, postmaster: int | None, processes: int, cpus: int
+    mode: str,
+    *,
+    supported: bool,
+    postmaster: int | None,
+    processes: int,
+    cpus: int,
+    permitted: bool = True,
 ) -> tuple[bool, str]:
     """Whether to co-locate, and why not when not (for ``-v`` and the log)."""
     if mode == "off":
@@ -62,6 +77,8 @@ def decide(
         return False, "CPU affinity is Linux-only"
     if postmaster is None:
         return False, "the server's postmaster is not visible from here (remote, TCP or container)"
+    if not permitted:
+        return False, "the server runs as another user, whose processes this one cannot pin"
     if cpus < 2:
         return False, "one CPU: nothing to gain"
     if mode == "auto" and processes > cpus:
@@ -86,6 +103,15 @@ def postmaster_pid(dsn_params: dict[str, Any]) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if _command(pid) in ("postgres", "postmaster") else None
+
+
+def may_pin(pid: int) -> bool:
+    """Whether this process may set the CPU affinity of *pid*: root, or the same user."""
+    try:
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return False
+    return os.geteuid() in (0, owner)
 
 
 def _command(pid: int) -> str | None:
@@ -159,7 +185,12 @@ class Colocation:
         postmaster = postmaster_pid(conninfo_to_dict(admin_dsn)) if supported else None
         allowed = os.sched_getaffinity(0) if supported else set()
         on, why = decide(
-            mode, supported=supported, postmaster=postmaster, processes=workers, cpus=len(allowed)
+            mode,
+            supported=supported,
+            postmaster=postmaster,
+            processes=workers,
+            cpus=len(allowed),
+            permitted=postmaster is not None and may_pin(postmaster),
         )
         if not on:
             return None, why
