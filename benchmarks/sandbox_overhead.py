@@ -5,6 +5,8 @@ Without ``--dsn`` (or ``CORRAL_BENCH_DSN``) it starts corral's throwaway Postgre
 All strategies run in one process against the same server and database, in blocks of
 consecutive runs cycled so that drift in machine load hits them alike. Medians; ratios
 against the bare driver's ``BEGIN``/``ROLLBACK`` on one connection, block by block.
+Like the pytest plugin by default, the process and its backends share one CPU
+(``--no-colocate``: they float, and the figures swing with how busy the machine is).
 Target (issue 3): sandbox create+close <= 1.5x. Issue 6 adds every other adapter
 (asyncpg, SQLAlchemy sync and asyncio on psycopg and asyncpg) next to its own driver's
 bare ``BEGIN``/``ROLLBACK``, and the SQLAlchemy ORM next to SQLAlchemy's documented
@@ -174,6 +176,32 @@ class Bench:
         conn.execute("INSERT INTO tags (name) VALUES (%s)", (f"t{next(_counter)}",))
 
 
+# Co-location, as the pytest plugin does by default (corral_colocate): this process and
+# the bench database's backends on one CPU. Without it the figures swing with how busy
+# the other CPU is (on a VM a cross-CPU wake-up costs 5 µs on a busy machine and 50 µs
+# on an idle one, several per test), which drowns the sandbox's own cost.
+_COLOCATION: Any = None
+
+
+def colocate(admin_dsn: str, database: str) -> str:
+    """Pin this process to one CPU; backends are pinned as they appear (see pin())."""
+    global _COLOCATION
+    from corral._plugin._colocate import Colocation
+
+    colocation, why = Colocation.plan("auto", admin_dsn, database, None, 1)
+    if colocation is None:
+        return f"not co-located: {why}"
+    colocation.start()
+    _COLOCATION = colocation
+    return f"co-located on CPU {colocation.cpu} with the database's backends"
+
+
+def pin() -> None:
+    """Pin the bench database's backends opened since the last call (after warm-ups)."""
+    if _COLOCATION is not None:
+        _COLOCATION.pin_backends()
+
+
 def timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
@@ -187,6 +215,9 @@ def run_async(dsn: str, rounds: int) -> dict[str, list[float]]:
         pool = psycopg_pool.AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False)
         await pool.open(wait=True)
         db: Any = sandbox(pool, mode="sandbox")
+        await db.create_sandbox()
+        await db.close_sandbox()
+        pin()
         try:
             block = max(1, min(20, rounds // 10))
             for _ in range(max(1, rounds // block)):
@@ -244,9 +275,11 @@ def alternate(strategies: dict[str, Callable[[], object]], rounds: int) -> dict[
     """Time each strategy in blocks, cycling through them (see :func:`measure`)."""
     out: dict[str, list[float]] = {k: [] for k in strategies}
     block = max(1, min(20, rounds // 10))
-    for _ in range(max(1, rounds // block)):
+    for cycle in range(max(1, rounds // block)):
         for name, fn in strategies.items():
             fn()  # warm
+            if cycle == 0:
+                pin()
             out[name].extend(timed(fn) for _ in range(block))
     return out
 
@@ -256,9 +289,11 @@ async def aalternate(
 ) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {k: [] for k in strategies}
     block = max(1, min(20, rounds // 10))
-    for _ in range(max(1, rounds // block)):
+    for cycle in range(max(1, rounds // block)):
         for name, fn in strategies.items():
             await fn()
+            if cycle == 0:
+                pin()
             for _ in range(block):
                 t0 = time.perf_counter()
                 await fn()
@@ -478,6 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", default=os.environ.get("CORRAL_BENCH_DSN"))
     parser.add_argument("--png", help="also draw the per-test table as a bar chart")
     parser.add_argument(
+        "--no-colocate",
+        dest="colocate",
+        action="store_false",
+        help="do not pin this process and its backends to one CPU (the plugin's default)",
+    )
+    parser.add_argument(
         "--only", choices=["psycopg", "drivers"], help="run one half (default: both)"
     )
     args = parser.parse_args(argv)
@@ -485,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[float]] = {}
     with server(args.dsn) as admin_dsn:
         bench = Bench(admin_dsn)
+        where = colocate(admin_dsn, bench.db) if args.colocate else "not co-located: --no-colocate"
+        print(f"# {where}")
         try:
             if args.only != "drivers":
                 rows.update(measure(bench, args.rounds, args.slow_rounds))
@@ -494,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.update(run_async_drivers(bench.dsn(bench.db), args.rounds))
         finally:
             bench.close()
+            if _COLOCATION is not None:
+                _COLOCATION.stop()
     report(rows, args.png)
     return 0
 
@@ -521,6 +566,8 @@ def measure(bench: Bench, rounds: int, slow: int) -> dict[str, list[float]]:
     for cycle in range(max(1, rounds // block)):
         for name, fn in (*empty.items(), *full.items()):
             fn()  # warm
+            if cycle == 0:
+                pin()
             out[name].extend(timed(fn) for _ in range(block))
         if cycle * 2 < slow:
             for name, fn in slow_ones.items():
