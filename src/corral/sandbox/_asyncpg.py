@@ -7,7 +7,6 @@ sandbox's one connection, and ``release()`` takes them back without asyncpg's re
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Generator
@@ -261,8 +260,16 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
             self._idle.append(real)
 
     async def _release(self, real: _Real) -> None:
-        with contextlib.suppress(pgexc.InterfaceError):  # dead: the pool took it back
+        try:
             await self.pool.release(real.conn)
+        except pgexc.InterfaceError:
+            pass  # dead: the pool took it back
+        except Exception as exc:
+            # Its backend went away while corral kept it (a recreated database): the
+            # reset failed, and asyncpg terminated it and took it back.
+            logger.info("returning a kept connection to the pool: %s", exc)
+            if not _closed(real.conn):
+                real.conn.terminate()
 
     async def _release_idle(self) -> None:
         while self._idle:
@@ -295,6 +302,25 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
     async def expire_connections(self) -> None:
         await self._release_idle()
         await self.pool.expire_connections()
+
+    async def discard_idle(self) -> None:
+        """Close the pool's idle connections now; checked-out ones close when released.
+
+        asyncpg's own ``expire_connections()`` marks every connection for replacement,
+        but an idle one is only closed at its next ``acquire()``: until then it holds a
+        backend (and keeps a database that is to be dropped busy). So the idle ones are
+        also closed here, the way asyncpg's ``max_inactive_connection_lifetime`` closes
+        them; the pool connects again on demand (and back to ``min_size``).
+        """
+        await self.pool.expire_connections()
+        while self._idle:  # corral's: closed without a goodbye to a backend maybe gone
+            real = self._idle.pop()
+            await self._discard(real)
+            await self._release(real)
+        # asyncpg has no public call for "close the idle ones now": its holders do it.
+        for holder in list(getattr(self.pool, "_holders", ())):
+            if holder.is_connected() and holder.is_idle():
+                holder.terminate()
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         if not self.sandboxing:

@@ -277,6 +277,17 @@ class SandboxController(BaseController[B], abc.ABC):
     def restore_sandbox(self) -> None:
         """Roll back to the start of the innermost sandbox level; keep it open."""
 
+    @abc.abstractmethod
+    def discard_idle(self) -> None:
+        """Close the idle connections this handle keeps; leave checked-out ones alone.
+
+        For a database that was dropped and created again under the same name (what the
+        pytest plugin does after a ``no_sandbox`` test): idle connections to the old one
+        are dead, and the next checkout would get one. The handle stays usable; later
+        checkouts get new connections. Works in both modes, with or without an open
+        sandbox (the sandbox's own connection is checked out: it stays).
+        """
+
     @contextmanager
     def sandboxed(self, *, nest: bool = True) -> Iterator[Any]:
         """``with db.sandboxed():`` — create on entry, close on exit."""
@@ -303,6 +314,10 @@ class AsyncSandboxController(BaseController[B], abc.ABC):
     @abc.abstractmethod
     async def restore_sandbox(self) -> None:
         """See :meth:`SandboxController.restore_sandbox`."""
+
+    @abc.abstractmethod
+    async def discard_idle(self) -> None:
+        """See :meth:`SandboxController.discard_idle`; run it on the handle's event loop."""
 
     @asynccontextmanager
     async def sandboxed(self, *, nest: bool = True) -> AsyncIterator[Any]:

@@ -147,6 +147,14 @@ class AsyncPoolSandbox(_Controller):
     async def _give(self, real: psycopg.AsyncConnection[Any]) -> None:
         await self.pool.putconn(real)
 
+    async def discard_idle(self) -> None:
+        """See :meth:`corral.sandbox.PoolSandbox.discard_idle`."""
+        drain = getattr(self.pool, "drain", None)
+        if drain is not None:
+            await drain()
+        else:
+            await self.pool.check()
+
     @asynccontextmanager
     async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:
         """Like ``pool.connection()``: commit on success, roll back on error, return."""
@@ -229,7 +237,11 @@ class AsyncConnectSandbox(_Controller):
             pooled=False,
         )
 
-    async def close(self) -> None:
-        """Close the connections kept for the next sandboxes."""
+    async def discard_idle(self) -> None:
+        """See :meth:`corral.sandbox.ConnectSandbox.discard_idle`."""
         while self._idle:
             await self._idle.pop().close()
+
+    async def close(self) -> None:
+        """Close the connections kept for the next sandboxes (as :meth:`discard_idle`)."""
+        await self.discard_idle()

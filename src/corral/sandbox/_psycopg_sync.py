@@ -153,6 +153,19 @@ class PoolSandbox(_Controller):
     def _give(self, real: psycopg.Connection[Any]) -> None:
         self.pool.putconn(real)
 
+    def discard_idle(self) -> None:
+        """Close the pool's idle connections; the pool opens new ones in their place.
+
+        ``pool.drain()`` (psycopg_pool >= 3.3): connections checked out now are left
+        alone, and closed when they come back. Older psycopg_pool has no such call:
+        ``pool.check()`` replaces only the idle connections that no longer work.
+        """
+        drain = getattr(self.pool, "drain", None)
+        if drain is not None:
+            drain()
+        else:
+            self.pool.check()
+
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:
         """Like ``pool.connection()``: commit on success, roll back on error, return."""
@@ -239,7 +252,12 @@ class ConnectSandbox(_Controller):
             pooled=False,
         )
 
-    def close(self) -> None:
-        """Close the connections kept for the next sandboxes."""
+    def discard_idle(self) -> None:
+        """Close the connections kept for the next sandboxes (the app's own, made by
+        ``connect()`` in normal mode, are the app's to close)."""
         while self._idle:
             self._idle.pop().close()
+
+    def close(self) -> None:
+        """Close the connections kept for the next sandboxes (as :meth:`discard_idle`)."""
+        self.discard_idle()

@@ -85,6 +85,26 @@ def sandbox_engine(handle: Any, *, mode: str | None = None, **options: Any) -> A
     )
 
 
+def _retire(pool: Pool) -> None:
+    """Close the connections still checked out of a disposed *pool* when they come back.
+
+    ``Engine.dispose()`` / ``Pool.dispose()`` close the idle connections only; a checked
+    out one goes back to the old pool and stays open until that pool is garbage
+    collected (and the driver warns that it was never closed).
+    """
+    if not event.contains(pool, "checkin", _close_on_checkin):
+        event.listen(pool, "checkin", _close_on_checkin)
+
+
+def _close_on_checkin(dbapi_connection: Any, record: Any) -> None:
+    if dbapi_connection is None:
+        return  # already invalidated
+    try:
+        record.invalidate()
+    except Exception as exc:  # e.g. returned by garbage collection, outside any loop
+        logger.debug("closing a connection of a disposed pool: %s", exc)
+
+
 class EngineHooks(BaseController[Any]):
     """The engine side, shared by the sync and async controllers: events, real pool."""
 
@@ -252,8 +272,17 @@ class EngineHooks(BaseController[Any]):
             pool, self._real_pool = self._real_pool, None
             if pool is not None:
                 pool.dispose()
+                _retire(pool)  # a sandbox's connection still out of it
         finally:
             _REAL.reset(token)
+
+    def _discard_idle(self) -> None:
+        """``discard_idle()``, sync side: corral's kept connections, then the engine's
+        pool, replaced by ``engine.dispose()`` (pool events move to the new pool)."""
+        self.close_idle()
+        old = self.sync_engine.pool
+        self.sync_engine.dispose()
+        _retire(old)
 
     # ------------------------------------------------------------------ checkouts
 
@@ -308,3 +337,7 @@ class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
     async def close(self) -> None:
         """Return the kept real connections (call before ``await engine.dispose()``)."""
         await greenlet_spawn(self.close_idle)
+
+    async def discard_idle(self) -> None:
+        """See :meth:`corral.sandbox.EngineSandbox.discard_idle` (``await engine.dispose()``)."""
+        await greenlet_spawn(self._discard_idle)

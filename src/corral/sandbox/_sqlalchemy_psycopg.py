@@ -54,6 +54,12 @@ class EngineSandbox(EngineHooks, _psycopg_sync._Controller):
         """Return the kept real connections (call before ``engine.dispose()``)."""
         self.close_idle()
 
+    def discard_idle(self) -> None:
+        """Close the real connections kept between sandboxes and the engine pool's idle
+        ones: ``engine.dispose()``, which replaces the engine's pool (pool events move to
+        the new pool). Connections checked out now stay open until they are returned."""
+        self._discard_idle()
+
 
 class PsycopgAsyncEngineSandbox(AsyncEngineSandbox, _psycopg_async._Controller):
     """A sandboxed ``AsyncEngine`` on ``postgresql+psycopg``."""
