@@ -79,6 +79,11 @@ def pytest_configure(config: pytest.Config) -> None:
         from corral._plugin import _asyncio
 
         config.pluginmanager.register(_asyncio, "corral-asyncio")
+    if config.pluginmanager.hasplugin("anyio"):
+        from corral._plugin import _anyio
+
+        if _anyio.supported():
+            config.pluginmanager.register(_anyio, "corral-anyio")
     if _has_plugin(config, "xdist", "xdist.plugin") and not hasattr(config, "workerinput"):
         from corral._plugin._xdist import XdistHooks
 
@@ -146,8 +151,9 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
     test = getattr(item, "obj", None)
     if process is None or process.manager is None or not inspect.iscoroutinefunction(test):
         return (yield)
-    # Whatever runs the coroutine (pytest-asyncio, anyio) runs our wrapper: the async
-    # sandboxes open in the test's own task, on its loop, in its context.
+    # Whatever runs the coroutine runs our wrapper: the async sandboxes open in the test's
+    # own task, on its loop, in its context — unless the pytest-asyncio or anyio glue
+    # opened them already, in a fixture that runs before the test's async fixtures.
     item.obj = process.manager.wrap(test, item)  # type: ignore[attr-defined]
     try:
         return (yield)

@@ -1,9 +1,11 @@
-"""A sandbox around every test: sync handles from a fixture, async ones inside the test's task.
+"""A sandbox around every test: sync handles from a fixture, async ones on the test's loop.
 
-Async handles' sandboxes must be opened by the coroutine the test runs as: that is the
-only place certain to be on the test's event loop and in its context, whatever runs it
-(pytest-asyncio at any loop scope, anyio). ``no_sandbox`` tests switch every handle to
-normal mode and get a fresh database afterwards.
+Async handles' sandboxes must be opened on the test's event loop and in its context:
+by a fixture of the pytest-asyncio or anyio glue (``_asyncio``, ``_anyio``) that runs
+before the test's async fixtures, else by the coroutine the test runs as (the wrapper),
+the one place certain to qualify whatever runs it. ``no_sandbox`` tests switch every
+handle to normal mode and get a fresh database afterwards, and the handles drop their
+idle connections to the old one (``discard_idle()``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def _candidates(is_async: bool) -> list[AnyController]:
 
 
 _ASYNC_HANDLES = pytest.StashKey[list["weakref.ref[AnyController]"]]()
+# The sync sandboxes of a test, for an async runner whose task predates them (anyio's).
+_SYNC_BOXES = pytest.StashKey[list[tuple[AnyController, Any]]]()
 # Set once the async sandboxes of a test are open (by the pytest-asyncio fixture or by the
 # test wrapper, whichever runs first), so the other does not open a second level.
 _ASYNC_OPENED = pytest.StashKey[bool]()
@@ -115,6 +119,7 @@ class SandboxManager:
             for controller in _candidates(is_async=False):
                 controller.create_sandbox()
                 opened.append(controller)
+            item.stash[_SYNC_BOXES] = [(c, c._router.owned()) for c in opened]
             self.seconds += time.perf_counter() - started
             yield
         finally:
@@ -156,22 +161,33 @@ class SandboxManager:
                 self.refresh(switched)
 
     def refresh(self, controllers: list[AnyController]) -> None:
-        """Drop idle connections to the database that was just replaced."""
+        """Drop idle connections to the database that was just replaced (``discard_idle``)."""
         for controller in controllers:
             if controller.is_async:
                 self._stale.add(controller)  # on its own loop, by the next async test
                 continue
+            if _closed(controller):
+                continue
             try:
-                pool = _own_pool(controller)
-                if pool is not None:
-                    if not _closed(controller):
-                        pool.check()  # psycopg_pool: test each idle connection, replace dead
-                else:
-                    controller.close()  # type: ignore[union-attr]  # factories, engines: idle ones
+                controller.discard_idle()
             except Exception as exc:
                 log.warning("refreshing %r after recreating the database: %s", controller, exc)
 
     # ------------------------------------------------------------------ async side
+
+    @contextlib.contextmanager
+    def sync_sandboxes_here(self, item: pytest.Item) -> Iterator[None]:
+        """Make *item*'s sync sandboxes this context's own for the block.
+
+        For a task that was created before they opened: anyio's test runner task lives
+        as long as its widest async fixture, and a task's context is a copy made when
+        it starts, so without this a sync handle used in the test would find no sandbox.
+        """
+        with contextlib.ExitStack() as stack:
+            for controller, box in item.stash.get(_SYNC_BOXES, []):
+                if box is not None and not box.closed:
+                    stack.enter_context(controller._router.bind(box))
+            yield
 
     def wrap(
         self, test: Callable[..., Coroutine[Any, Any, Any]], item: pytest.Item
@@ -197,7 +213,13 @@ class SandboxManager:
         """Open sandboxes on the async handles of *item* not yet sandboxed here.
 
         Runs in the task (and so on the loop and in the context) that will use them.
+        Nothing to open off asyncio (anyio on trio): the async drivers corral sandboxes
+        run on asyncio only, so such a test cannot use them either.
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return []
         await self._refresh_stale()
         if not self.enabled or item.get_closest_marker("no_sandbox") is not None:
             return []
@@ -239,15 +261,9 @@ class SandboxManager:
             if _on_another_loop(controller):
                 continue  # refreshed later, by a test on its own loop
             self._stale.discard(controller)
+            if _closed(controller):
+                continue
             try:
-                pool = _own_pool(controller)
-                if pool is None:
-                    await controller.close()  # factories, engines: their idle connections
-                elif _closed(controller):
-                    pass
-                elif hasattr(pool, "expire_connections"):
-                    await pool.expire_connections()  # asyncpg: replaced on next acquire
-                else:
-                    await pool.check()  # psycopg_pool
+                await controller.discard_idle()
             except Exception as exc:
                 log.warning("refreshing %r after recreating the database: %s", controller, exc)

@@ -1,0 +1,96 @@
+"""After a ``no_sandbox`` test the database is recreated: every kind of handle drops its
+idle connections to the old one (``discard_idle()``) and works in the next tests."""
+
+from __future__ import annotations
+
+import pytest
+
+# Back-to-back no_sandbox tests are the hard case: the first leaves real (normal-mode)
+# connections idle in the handles, the recreation kills their backends, and the second
+# checks them out again.
+SUITE = """
+import os
+
+import asyncpg
+import psycopg
+import pytest
+import sqlalchemy
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"]
+SA_URL = sqlalchemy.engine.make_url(URL).set(drivername="postgresql+psycopg")
+
+engine = sqlalchemy.create_engine(SA_URL, pool_size=2, max_overflow=0)
+engine_box = sandbox(engine)
+connect = sandbox(URL)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def handles(anyio_backend):
+    # Async handles live on this module's loop (one anyio runner for the module).
+    pool = sandbox(await asyncpg.create_pool(URL, min_size=2, max_size=2))
+    aengine = create_async_engine(SA_URL, pool_size=2, max_overflow=0)
+    aengine_box = sandbox(aengine)
+    yield pool, aengine
+    await pool.close()
+    await aengine_box.close()
+    await aengine.dispose()
+
+
+async def use_all(handles, name=None):
+    pool, aengine = handles
+    counts = []
+    if name is not None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO item (name) VALUES (%s)", (name,))
+    with engine.connect() as conn:
+        counts.append(conn.exec_driver_sql("SELECT count(*) FROM item").scalar())
+    with connect.connect() as conn:
+        counts.append(conn.execute("SELECT count(*) FROM item").fetchone()[0])
+    counts.append(await pool.fetchval("SELECT count(*) FROM item"))
+    async with aengine.connect() as conn:
+        result = await conn.exec_driver_sql("SELECT count(*) FROM item")
+        counts.append(result.scalar())
+    return counts
+
+
+def committed():
+    with psycopg.connect(URL) as other:
+        return other.execute("SELECT count(*) FROM item").fetchone()[0]
+
+
+@pytest.mark.parametrize("n", range(2))
+@pytest.mark.no_sandbox
+async def test_commits_for_real(handles, n):
+    assert await use_all(handles, "real") == [2, 2, 2, 2]  # a fresh database each time
+    assert committed() == 2
+
+
+async def test_sandboxed_after(handles):
+    # Each handle has a sandbox of its own: only the engine sees the row it wrote.
+    assert await use_all(handles, "boxed") == [2, 1, 1, 1]
+    assert committed() == 1
+
+
+@pytest.mark.no_sandbox
+async def test_and_once_more_for_real(handles):
+    assert await use_all(handles) == [1, 1, 1, 1]
+"""
+
+
+@pytest.mark.slow
+def test_every_handle_works_after_no_sandbox_tests(
+    inner: pytest.Pytester, shared_server: str
+) -> None:
+    inner.makepyfile(test_handles=SUITE)
+    result = inner.runpytest_subprocess("-n", "0", "-p", "no:randomly", "test_handles.py")
+    result.assert_outcomes(passed=4)
