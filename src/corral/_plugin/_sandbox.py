@@ -123,6 +123,7 @@ class SandboxManager:
             self.seconds += time.perf_counter() - started
             yield
         finally:
+            item.stash[_SYNC_BOXES] = []  # items live as long as the session: no references
             started = time.perf_counter()
             errors = [e for e in (self._close_sync(c) for c in reversed(opened)) if e]
             self.opened += len(opened)
