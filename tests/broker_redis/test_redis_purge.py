@@ -7,8 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,14 +14,6 @@ from corral.broker.redis import AsyncRedisClient, RedisClient
 from tests.broker_spec.conftest import ROOT, wait_until
 
 SESSION_TTL = 1.5
-
-
-@pytest.fixture
-def run(redis_url: str) -> Iterator[str]:
-    run_id = f"p-{uuid.uuid4().hex[:12]}"
-    yield run_id
-    with RedisClient(redis_url, run_id=run_id) as janitor:
-        janitor.purge()
 
 
 def run_keys(client: RedisClient) -> list[str]:

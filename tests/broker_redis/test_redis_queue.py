@@ -10,8 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
@@ -22,14 +21,6 @@ from tests.broker_spec.conftest import ROOT, wait_until
 
 T = TypeVar("T")
 SESSION_TTL = 1.5
-
-
-@pytest.fixture
-def run(redis_url: str) -> Iterator[str]:
-    run_id = f"q-{uuid.uuid4().hex[:12]}"
-    yield run_id
-    with RedisClient(redis_url, run_id=run_id) as janitor:
-        janitor.purge()
 
 
 def drain(client: RedisClient, queue: str) -> list[Any]:

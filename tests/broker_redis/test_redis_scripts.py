@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,14 +12,6 @@ import pytest
 from corral.broker._redis_scripts import helpers, scripts
 from corral.broker.redis import AsyncRedisClient, RedisClient
 from corral.errors import BrokerTimeout, BrokerUnavailable
-
-
-@pytest.fixture
-def run(redis_url: str) -> Iterator[str]:
-    run_id = f"s-{uuid.uuid4().hex[:12]}"
-    yield run_id
-    with RedisClient(redis_url, run_id=run_id) as janitor:
-        janitor.purge()
 
 
 def test_every_script_compiles_in_redis(redis_url: str) -> None:
