@@ -64,6 +64,9 @@ class Router(Generic[B]):
         self._executors: dict[int, tuple[concurrent.futures.Executor, B]] = {}
         self._shared: B | None = None
         self._lock = threading.Lock()
+        #: whether allow() was ever called: until then the lookups below skip the
+        #: weak dictionaries (whose len() alone costs more than a whole owned() lookup)
+        self._allowed = False
 
     def owned(self) -> B | None:
         """The open sandbox the current context itself created (or inherited)."""
@@ -75,6 +78,15 @@ class Router(Generic[B]):
         box: B | None = _SANDBOXES.get().get(self)
         if box is not None and not box.closed:
             return box
+        if self._allowed:
+            box = self._allowed_here()
+            if box is not None:
+                return box
+        shared = self._shared
+        return shared if shared is not None and not shared.closed else None
+
+    def _allowed_here(self) -> B | None:
+        """The open sandbox allow() gave the current task or thread, if any."""
         if self._tasks:
             try:
                 task = asyncio.current_task()
@@ -88,15 +100,21 @@ class Router(Generic[B]):
             box = self._threads.get(threading.current_thread())
             if box is not None and not box.closed:
                 return box
-        shared = self._shared
-        return shared if shared is not None and not shared.closed else None
+        return None
 
     def set(self, box: B | None) -> None:
         """Make *box* (None: no sandbox) this context's sandbox from now on."""
-        mapping = dict(_SANDBOXES.get())
+        current = _SANDBOXES.get()
         if box is None:
-            mapping.pop(self, None)
+            if self not in current:
+                return
+            if len(current) == 1:  # the common case: this router's entry was the only one
+                _SANDBOXES.set(_EMPTY)
+                return
+            mapping = dict(current)
+            del mapping[self]
         else:
+            mapping = dict(current)
             mapping[self] = box
         _SANDBOXES.set(MappingProxyType(mapping))
 
@@ -115,6 +133,7 @@ class Router(Generic[B]):
 
     def allow(self, target: T, box: B) -> T:
         """Let *target* use *box*; see :meth:`corral.sandbox.SandboxController.allow`."""
+        self._allowed = True
         if isinstance(target, asyncio.Task):
             self._tasks[target] = box
             return target
@@ -184,7 +203,7 @@ class Router(Generic[B]):
 
     def revoke(self, box: B) -> None:
         """Forget every allowance and sharing of *box* (it is closing)."""
-        if not (self._tasks or self._threads or self._executors or self._shared):
+        if not self._allowed and self._shared is None:
             return  # the common case: nothing was ever allowed or shared
         with self._lock:
             for task in [t for t, b in self._tasks.items() if b is box]:

@@ -55,18 +55,23 @@ class BoxBase:
     """One open sandbox: a connection inside the outer transaction, and its plan.
 
     :ivar plan: the savepoint bookkeeping of the connection.
-    :ivar owner: the task or thread that created it (for messages).
     :ivar previous: the sandbox this one shadows in its context (independent nesting).
+    :ivar proxies: the application's live checkouts of this sandbox's connection (its
+        proxies); None until the first one (an empty test makes none).
     """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.closed = False
         self.broken: BaseException | None = None
-        self.owner = current_owner()
         self.previous: BoxBase | None = None
-        #: the application's live checkouts of this sandbox's connection (its proxies)
-        self.proxies: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.proxies: weakref.WeakSet[Any] | None = None
+
+    def track(self, proxy: Any) -> None:
+        """Remember *proxy*, a checkout of this sandbox, to detach it at close."""
+        if self.proxies is None:
+            self.proxies = weakref.WeakSet()
+        self.proxies.add(proxy)
 
     def check(self) -> None:
         """Raise unless the sandbox is usable: its connection was lost, or it is closed.
@@ -87,8 +92,9 @@ class BoxBase:
         if self.closed:
             return False
         self.closed = True
-        for proxy in list(self.proxies):
-            proxy._detach()
+        if self.proxies:
+            for proxy in list(self.proxies):
+                proxy._detach()
         return True
 
 

@@ -9,6 +9,7 @@ savepoints the connection really has. It does no I/O: a driver adapter sends eac
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -94,6 +95,12 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+@functools.lru_cache(maxsize=8)
+def _lock_timeout_sql(seconds: float) -> str:
+    """The setting that bounds lock waits, as sent after BEGIN (one text per handle)."""
+    return f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}; "
+
+
 def _release(f: Frame) -> str:
     return f"RELEASE SAVEPOINT {f.name}"
 
@@ -144,6 +151,8 @@ class Plan:
     @property
     def depth(self) -> int:
         """Number of open sandbox levels (0: closed)."""
+        if len(self.stack) < 2:  # closed, or just the outer transaction (a sandbox level)
+            return len(self.stack)
         return sum(1 for f in self.stack if f.kind is FrameKind.SANDBOX)
 
     def _begin_sql(self) -> str:
@@ -154,7 +163,7 @@ class Plan:
             # Sent with the first SQL the plan emits after BEGIN, always before any
             # savepoint (so no ROLLBACK TO can undo it): a test that runs no statement
             # pays nothing, the others pay no extra round trip.
-            self._setup = f"SET LOCAL lock_timeout = {max(1, round(self.lock_timeout * 1000))}; "
+            self._setup = _lock_timeout_sql(self.lock_timeout)
         return sql
 
     @property

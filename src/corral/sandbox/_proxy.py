@@ -4,7 +4,6 @@ it is closed or handed back, and the checks before each use. No I/O here.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from corral.errors import SandboxError
@@ -30,8 +29,7 @@ class ProxyBox(Protocol):
     def real(self) -> Any: ...
     @property
     def lock(self) -> _Releasable: ...
-    @property
-    def proxies(self) -> weakref.WeakSet[Any]: ...
+    def track(self, proxy: Any) -> None: ...
     def check(self) -> None: ...
 
 
@@ -55,7 +53,7 @@ class ProxyBase(Generic[BoxT]):
         self._pooled = pooled
         self._closed = False
         self._returned = False
-        box.proxies.add(self)
+        box.track(self)
 
     def _closed_error(self) -> Exception:
         """The driver's error for using a connection the app closed."""

@@ -13,13 +13,12 @@ from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from psycopg.rows import tuple_row
 
 from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._plan import Step
 from corral.sandbox._psycopg_async_conn import AsyncSandboxConnection
-from corral.sandbox._psycopg_common import PsycopgBoxBase
+from corral.sandbox._psycopg_common import PsycopgBoxBase, SandboxCursors
 
 __all__ = [
     "AsyncConnectSandbox",
@@ -44,7 +43,7 @@ class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
             await real.rollback()
         if not real.autocommit:
             await real.set_autocommit(True)  # the plan sends BEGIN/SAVEPOINT itself
-        self._cur = real.cursor(row_factory=tuple_row)
+        self._cur = self.controller._cursors.get(real)
         step = self.plan.open()
         await self._cur.execute(step.sql.encode())
         if self.plan.asks_deferrable:
@@ -105,6 +104,10 @@ class _Controller(AsyncBoxController[_Box]):
     """Sandbox operations common to the async pool and factory adapters."""
 
     _dead_errors = (psycopg.OperationalError,)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._cursors = SandboxCursors()
 
     def _new_box(self, real: psycopg.AsyncConnection[Any]) -> _Box:
         return _Box(self, real)

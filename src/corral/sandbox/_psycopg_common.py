@@ -11,6 +11,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg import sql
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 
 from corral.errors import SandboxLockTimeout
 from corral.sandbox._controller import BoxBase
@@ -20,6 +21,7 @@ from corral.sandbox._plan import AppState, EmulatedServerError, Plan
 __all__ = [
     "PsycopgBoxBase",
     "PsycopgLockTimeout",
+    "SandboxCursors",
     "app_status",
     "emulated",
     "lost_note",
@@ -82,6 +84,31 @@ def lost_note() -> str:
 
 
 C = TypeVar("C", "psycopg.Connection[Any]", "psycopg.AsyncConnection[Any]")
+
+#: Cursors a controller keeps; past this many (its connections came and went) it
+#: drops them all rather than track which connections are gone.
+_KEPT_CURSORS = 8
+
+
+class SandboxCursors:
+    """The cursor each real connection's sandboxes send their own SQL through.
+
+    One per connection, made at its first sandbox and reused by the next ones (making
+    a cursor costs about as much as a round trip's Python). Keyed by the connection's
+    id and checked by identity, so a new connection at a recycled address gets its own.
+    """
+
+    def __init__(self) -> None:
+        self._by_conn: dict[int, Any] = {}
+
+    def get(self, real: Any) -> Any:
+        """The sandbox cursor of *real* (a ``tuple_row`` cursor, sync or async)."""
+        cur = self._by_conn.get(id(real))
+        if cur is None or cur.connection is not real or cur.closed:
+            if len(self._by_conn) >= _KEPT_CURSORS:
+                self._by_conn.clear()
+            cur = self._by_conn[id(real)] = real.cursor(row_factory=tuple_row)
+        return cur
 
 
 class PsycopgBoxBase(BoxBase, Generic[C]):

@@ -13,12 +13,11 @@ from typing import Any
 
 import psycopg
 from psycopg.pq import TransactionStatus
-from psycopg.rows import tuple_row
 
 from corral.sandbox._boxes import BoxController
 from corral.sandbox._locks import OwnerLock
 from corral.sandbox._plan import Step
-from corral.sandbox._psycopg_common import PsycopgBoxBase
+from corral.sandbox._psycopg_common import PsycopgBoxBase, SandboxCursors
 from corral.sandbox._psycopg_sync_conn import SandboxConnection
 
 __all__ = ["ConnectSandbox", "PoolSandbox"]
@@ -41,7 +40,7 @@ class _Box(PsycopgBoxBase["psycopg.Connection[Any]"]):
             real.rollback()
         if not real.autocommit:
             real.autocommit = True  # the plan sends BEGIN/SAVEPOINT itself
-        self._cur = real.cursor(row_factory=tuple_row)
+        self._cur = self.controller._cursors.get(real)
         step = self.plan.open()
         self._cur.execute(step.sql.encode())
         if self.plan.asks_deferrable:
@@ -102,6 +101,10 @@ class _Controller(BoxController[_Box]):
     """Sandbox operations common to the pool and the factory adapters."""
 
     _dead_errors = (psycopg.OperationalError,)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._cursors = SandboxCursors()
 
     def _new_box(self, real: psycopg.Connection[Any]) -> _Box:
         return _Box(self, real)

@@ -251,15 +251,14 @@ class EngineHooks(BaseController[Any]):
             _REAL.reset(token)
 
     def _keep_or_return(self, fairy: PoolProxiedConnection, healthy: bool) -> None:
+        if healthy and len(self._idle) < self.max_idle:
+            self._idle.append(fairy)  # the common case: kept, no pool event to keep out
+            return
         token = _REAL.set(True)
         try:
             if not healthy:
                 fairy.invalidate()
-                fairy.close()
-            elif len(self._idle) < self.max_idle:
-                self._idle.append(fairy)
-            else:
-                fairy.close()
+            fairy.close()
         finally:
             _REAL.reset(token)
 
@@ -317,7 +316,7 @@ class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
 
     async def _give_fairy(self, fairy: PoolProxiedConnection, healthy: bool) -> None:
         if healthy and len(self._idle) < self.max_idle:
-            self._idle.append(fairy)
+            self._idle.append(fairy)  # no I/O, so no greenlet either
             return
         await greenlet_spawn(self._keep_or_return, fairy, healthy)
 
