@@ -34,7 +34,7 @@ class _Reentrant(Generic[H, L]):
 
     __slots__ = ("_depth", "_holder", "_lock")
 
-    _lock: L
+    _lock: L | None  #: None: no underlying lock (yet), holder and depth say it all
     _holder: H | None
     _depth: int
 
@@ -48,20 +48,24 @@ class _Reentrant(Generic[H, L]):
         self._depth -= 1
         if self._depth == 0:
             self._holder = None
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
     def force_release(self) -> None:
         """Free the lock whoever holds it (the sandbox is closing)."""
         if self._depth:
             self._depth = 0
             self._holder = None
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
 
 class OwnerLock(_Reentrant[threading.Thread, threading.Lock]):
     """A reentrant lock owned by a thread, with bounded waits."""
 
     __slots__ = ()
+
+    _lock: threading.Lock  # always made: a thread lock costs nothing to make or take
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -81,10 +85,15 @@ class OwnerLock(_Reentrant[threading.Thread, threading.Lock]):
 
 
 class AsyncOwnerLock(_Reentrant["asyncio.Task[object]", asyncio.Lock]):
-    """A reentrant lock owned by an asyncio task, with bounded waits."""
+    """A reentrant lock owned by an asyncio task, with bounded waits.
+
+    Most sandboxes never see two tasks want the lock at once (an empty test's close
+    takes it once): the ``asyncio.Lock`` that queues waiters is made at the first
+    contention, until then the holder and depth alone say who has it.
+    """
 
     def __init__(self) -> None:
-        self._lock = asyncio.Lock()
+        self._lock = None
         self._holder = None
         self._depth = 0
         self._waiting = 0
@@ -94,15 +103,22 @@ class AsyncOwnerLock(_Reentrant["asyncio.Task[object]", asyncio.Lock]):
         if me is not None and self._holder is me:
             self._depth += 1
             return
-        if not self._lock.locked() and not self._waiting:
+        lock = self._lock
+        if lock is None:
+            if not self._depth:  # free, and never wanted by two tasks at once
+                self._holder = me
+                self._depth = 1
+                return
+            lock = self._lock = await _taken_lock()  # the first contention
+        if not lock.locked() and not self._waiting:
             # Free and nobody queued: the acquire cannot wait, so it needs no timer
             # (an asyncio.timeout costs more than the rest of a checkout).
-            await self._lock.acquire()
+            await lock.acquire()
         else:
             self._waiting += 1
             try:
                 async with asyncio.timeout(timeout):
-                    await self._lock.acquire()
+                    await lock.acquire()
             except TimeoutError:
                 assert timeout is not None
                 raise _busy(self._holder, timeout) from None
@@ -110,3 +126,10 @@ class AsyncOwnerLock(_Reentrant["asyncio.Task[object]", asyncio.Lock]):
                 self._waiting -= 1
         self._holder = me
         self._depth = 1
+
+
+async def _taken_lock() -> asyncio.Lock:
+    """A new ``asyncio.Lock``, taken on behalf of an :class:`AsyncOwnerLock`'s holder."""
+    lock = asyncio.Lock()
+    await lock.acquire()  # free, so it returns at once
+    return lock
