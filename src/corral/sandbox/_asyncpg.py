@@ -166,6 +166,7 @@ class _Box(BoxBase):
         if not self._start_closing():
             return
         real = self.real
+        rolled_back = False
         if self.broken is None and not _closed(real):
             try:
                 # Session-level advisory locks survive ROLLBACK; the next test must not
@@ -178,12 +179,13 @@ class _Box(BoxBase):
                     await real.execute("ROLLBACK")
                 if self.schema_changed:
                     await self.reload_schema()  # the rollback undid the DDL
+                rolled_back = True
             except Exception as exc:
                 logger.warning("rolling back a sandbox failed; discarding its connection: %s", exc)
                 if not _closed(real):
                     real.terminate()
         self.lock.force_release()
-        await self.controller._give(self.holder)
+        await self.controller._give(self.holder, rolled_back=rolled_back)
 
 
 class AsyncpgSandboxBase(AsyncBoxController[_Box]):
@@ -193,6 +195,11 @@ class AsyncpgSandboxBase(AsyncBoxController[_Box]):
 
     def _new_box(self, real: _Real) -> _Box:
         return _Box(self, real)
+
+    async def _give(self, real: _Real, *, rolled_back: bool = False) -> None:
+        """Take *real* back after a sandbox. *rolled_back*: that sandbox's ROLLBACK just
+        succeeded on it, so it is known to be open (no need to ask)."""
+        raise NotImplementedError
 
     async def _discard(self, real: _Real) -> None:
         if not _closed(real.conn):
@@ -253,8 +260,8 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
             await self._release(real)
         return _Real(await self.pool.acquire())
 
-    async def _give(self, real: _Real) -> None:
-        if _closed(real.conn) or len(self._idle) >= self.max_idle:
+    async def _give(self, real: _Real, *, rolled_back: bool = False) -> None:
+        if len(self._idle) >= self.max_idle or (not rolled_back and _closed(real.conn)):
             await self._release(real)
         else:
             self._idle.append(real)

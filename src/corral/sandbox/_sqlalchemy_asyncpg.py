@@ -35,9 +35,9 @@ class AsyncpgEngineSandbox(AsyncEngineSandbox, _asyncpg.AsyncpgSandboxBase):
         self._fairies[id(real)] = fairy
         return real
 
-    async def _give(self, real: _asyncpg._Real) -> None:
+    async def _give(self, real: _asyncpg._Real, *, rolled_back: bool = False) -> None:
         fairy = self._fairies.pop(id(real))
-        healthy = not _asyncpg._closed(real.conn)
+        healthy = rolled_back or not _asyncpg._closed(real.conn)
         if not healthy:
             self._reals.pop(id(real.conn), None)
         await self._give_fairy(fairy, healthy=healthy)
