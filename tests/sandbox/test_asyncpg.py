@@ -171,3 +171,17 @@ async def test_session_advisory_locks_do_not_outlive_the_sandbox(db: AsyncpgPool
     await db.close_sandbox()
     async with db.sandboxed():  # the same connection, kept between sandboxes
         assert await db.fetchval(held) == 0
+
+
+async def test_kept_connections_go_back_to_the_pool(pool: Any) -> None:
+    # corral sends its statements to the driver connection behind the pool's proxy;
+    # what goes back to the pool must still be the pool's own checkout.
+    db = AsyncpgPoolSandbox(pool, mode="sandbox", max_idle=1)
+    await db.create_sandbox()
+    await db.create_sandbox(nest=False)  # a second connection: more than max_idle
+    assert await db.fetchval("SELECT 1") == 1
+    await db.close_sandbox()
+    await db.close_sandbox()
+    assert pool.get_size() - pool.get_idle_size() == 1  # one kept for the next sandbox
+    await db.expire_connections()
+    assert pool.get_idle_size() == pool.get_size()
