@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,7 @@ from corral.broker._spin import (
     budget_from_env,
     peer_in_other_process,
 )
+from corral.broker.messages import Call
 
 linux_only = pytest.mark.skipif(
     not hasattr(socket, "SO_PEERCRED"), reason="SO_PEERCRED is Linux's: spinning is off elsewhere"
@@ -298,3 +300,32 @@ def test_spin_off_still_answers(monkeypatch: pytest.MonkeyPatch) -> None:
         c.set("k", [1, 2])
         assert c.get("k") == [1, 2]
         assert os.environ["EPHEMERAL_PIPE"] == broker.path
+
+
+def test_handing_over_stands_the_selector_down(pair: tuple[socket.socket, ...]) -> None:
+    """After waking a waiter the broker sleeps at once: the waiter needs the CPU."""
+    a, b = pair
+    with SpinningSelector(1.0) as sel:
+        sel.register(a, selectors.EVENT_READ)
+        b.send(b"x")
+        sel.select(None)
+        _drain(a)
+        sel.stand_down()
+        assert sel.select(0.01) == []
+        assert sel.policy.missed == 0  # it did not spin
+
+
+def test_requests_that_wake_a_waiter_do_not_poll() -> None:
+    from corral.broker import _flows
+    from corral.broker._flows import Grant
+
+    def first_call(flow: Any) -> Call:
+        call = next(flow)
+        assert isinstance(call, Call)
+        return call
+
+    grant = Grant("lock", "L", 7, 0, None)
+    assert first_call(_flows.give_back(grant)).wakes
+    assert first_call(_flows.push("q", ("item",))).wakes
+    assert not first_call(_flows.get("k")).wakes
+    assert not first_call(_flows.ping()).wakes

@@ -206,6 +206,9 @@ class Connection(asyncio.BufferedProtocol):
             return
         assert ticket.result is not None
         transport.write(_encode(ticket.result))
+        selector = self.broker._selector
+        if selector is not None:
+            selector.stand_down()  # the waiter we just woke needs a CPU, not our polling
         if self.held:
             self.held = False
             if not self.paused:

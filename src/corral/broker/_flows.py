@@ -344,7 +344,7 @@ def once_done(claim: Claim, value: Any, ttl: float | None, threshold: int | None
     request = _with_ttl({"action": "once_done", "key": claim.key, "value": wire}, ttl)
     if compressed:
         request["compressed"] = True
-    response = _ok((yield Call(request, key=claim.key)), claim.key)
+    response = _ok((yield Call(request, key=claim.key, wakes=True)), claim.key)
     if response.get("status") == "done":  # a replacement computer stored first
         return decode_value(response.get("value"), response.get("compressed") is True)
     return value
@@ -357,7 +357,7 @@ def once_fail(claim: Claim, exc: BaseException, ttl: float | None) -> Flow[None]
         "message": str(exc) or repr(exc),
         "errorType": type(exc).__name__,
     }
-    _ok((yield Call(_with_ttl(request, ttl), key=claim.key)), claim.key)
+    _ok((yield Call(_with_ttl(request, ttl), key=claim.key, wakes=True)), claim.key)
 
 
 def once_cancel(claim: Claim) -> Flow[None]:
@@ -393,7 +393,8 @@ def give_back(grant: Grant) -> Flow[bool]:
     """Free a lock/pool item; False when it was no longer held (its TTL passed)."""
     action = "unlock" if grant.kind == "lock" else "release_item"
     request = {"action": action, "name": grant.name, "token": grant.token}
-    return bool(_ok((yield Call(request, key=grant.name)), grant.name).get("released"))
+    answer = _ok((yield Call(request, key=grant.name, wakes=True)), grant.name)
+    return bool(answer.get("released"))
 
 
 def claim_lost(grant: Grant) -> ClaimLost:
@@ -453,7 +454,7 @@ def push(queue: str, items: tuple[Any, ...]) -> Flow[int]:
         raise ValueError("push needs at least one item")
     values = [encode_value(item, None)[0] for item in items]  # TypeError before sending
     request = {"action": "push", "queue": queue, "items": values}
-    length = _ok((yield Call(request, key=queue)), queue).get("length")
+    length = _ok((yield Call(request, key=queue, wakes=True)), queue).get("length")
     if type(length) is not int:
         raise ProtocolError(f"push answered without a length: {length!r}")
     return length

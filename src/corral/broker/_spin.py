@@ -158,6 +158,15 @@ class SpinningSelector(selectors.DefaultSelector):
         self._busy = any(key.fd not in local for key, _ in ready)
         return ready
 
+    def stand_down(self) -> None:
+        """Do not spin before the next sleep: a waiter was just woken and needs a CPU.
+
+        A lock handed over, a ``once`` value published: the process that waited for it
+        must be scheduled now, and on a small machine a polling broker may be holding
+        the very CPU it needs (measured: lock handoffs 0.31 ms instead of 0.15-0.23).
+        """
+        self._busy = False
+
     def _spin(self) -> bool:
         """Poll until something is ready or the budget is spent; whether something is."""
         probe = self._probe

@@ -580,7 +580,9 @@ class Client:
                     f"{call.request.get('action')!r}; it may have stopped"
                 )
             try:
-                nbytes = self._spin_recv(sock) if not call.wait else 0
+                # Poll only for plain requests: a wait may be long, and a request that
+                # wakes a waiter should leave the CPU to the process it wakes.
+                nbytes = self._spin_recv(sock) if not (call.wait or call.wakes) else 0
                 if not nbytes:
                     nbytes = sock.recv_into(self._view)
             except (BlockingIOError, TimeoutError) as exc:

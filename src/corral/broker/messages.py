@@ -81,12 +81,16 @@ class Call:
     :param wait: the broker may hold the answer (a lock, a pool item, a barrier...):
         the client waits ``timeout`` plus its own timeout, or forever when ``timeout``
         is None, because the broker itself answers ``timeout`` when the wait is over.
+    :param wakes: the request may wake another process that waits (an unlock, a
+        released pool item, a published ``once`` value, a push): its sender does not
+        busy-poll for the answer, so the woken process gets the CPU.
     """
 
     request: Message
     timeout: float | None = None
     key: str | None = None
     wait: bool = False
+    wakes: bool = False
 
 
 @dataclass(slots=True)

@@ -131,6 +131,7 @@ class Broker:
         self._core: Core | None = None
         self._connections: dict[int, Connection] = {}
         self._local_fds: set[int] = set()  # connections from this process: never spin
+        self._selector: SpinningSelector | None = None
         self._next_session = 0
         self._started_at = 0.0
         self._last_activity = 0.0
@@ -376,6 +377,7 @@ class Broker:
         self, sock: socket.socket, ready: threading.Event, failure: list[BaseException]
     ) -> None:
         selector = SpinningSelector(self.spin)
+        self._selector = selector
         self._local_fds = selector.local
         loop = asyncio.SelectorEventLoop(selector)
         self._loop = loop
