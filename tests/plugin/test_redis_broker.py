@@ -294,7 +294,9 @@ def test_without_machines_the_last_controller_out_deletes_the_run(
                 time.sleep(0.05)
         """
     )
-    pytester.makeini("[pytest]\nfilterwarnings = error\n")
+    pytester.makeini(
+        "[pytest]\nfilterwarnings = error\nasyncio_default_fixture_loop_scope = function\n"
+    )
     run_id = f"last-{secrets.token_hex(4)}"
     a_started, b_started, a_done = (pytester.path / name for name in ("a", "b", "a-done"))
     args = ["-n", "0", "--corral-broker", redis_url, "--corral-run-id", run_id]
