@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -83,6 +85,17 @@ def test_decide(
 
 
 # ---------------------------------------------------------------------- against a server
+
+
+@linux
+def test_current_cpu_is_where_the_thread_runs() -> None:
+    for cpu in sorted(_cpus())[:2]:
+        out = subprocess.run(
+            [sys.executable, "-c", "from corral._plugin._colocate import current_cpu\n"
+             f"import os; os.sched_setaffinity(0, {{{cpu}}}); print(current_cpu())"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        assert int(out.stdout) == cpu
 
 
 def test_may_pin_own_and_foreign_processes() -> None:

@@ -6,8 +6,9 @@ machines (most CI runners) a wake-up on another vCPU costs tens of microseconds,
 per statement, and the scheduler does not keep the pair together by itself: on the 2-core
 VM corral is developed on, a 15-statement test takes 5.5 ms with the pair floating and
 2.5 ms with both on one CPU. So when corral runs the database server on this machine, each
-test process is pinned to a CPU of its own (xdist worker *n* to the *n*-th allowed CPU) and
-its backends are pinned to the same CPU as they appear.
+test process is pinned to a CPU of its own (xdist worker *n* to the *n*-th allowed CPU;
+the single process of ``-n 0`` to the CPU it runs on) and its backends are pinned to the
+same CPU as they appear.
 
 When: ini ``corral_colocate`` / ``--corral-colocate`` = ``auto`` (the default: on when the
 server is local and verifiable, runs as this user (or this is root), and every test
@@ -35,6 +36,7 @@ __all__ = [
     "Colocation",
     "checks_at",
     "choose_cpu",
+    "current_cpu",
     "decide",
     "may_pin",
     "postmaster_pid",
@@ -121,6 +123,19 @@ def _command(pid: int) -> str | None:
         return None
 
 
+def current_cpu() -> int | None:
+    """The CPU this thread runs on now (``/proc/thread-self/stat``, field 39), or None."""
+    try:
+        stat = Path("/proc/thread-self/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[36])  # field 39 of stat(5); fields[0] is field 3 (state)
+    except (IndexError, ValueError):
+        return None
+
+
 def _parent(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -195,8 +210,13 @@ class Colocation:
         if not on:
             return None, why
         assert postmaster is not None
-        index = int(worker[2:]) if worker and re.fullmatch(r"gw\d+", worker) else 0
-        cpu = choose_cpu(allowed, index)
+        if worker and re.fullmatch(r"gw\d+", worker):
+            cpu = choose_cpu(allowed, int(worker[2:]))  # workers spread over the CPUs
+        else:
+            # The only test process: where the scheduler put it, which spreads two runs
+            # started side by side better than always the first CPU.
+            here = current_cpu()
+            cpu = here if here in allowed else choose_cpu(allowed, 0)
         return cls(admin_dsn, database, cpu, postmaster, generation=generation), ""
 
     def start(self) -> None:
