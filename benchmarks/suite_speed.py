@@ -183,16 +183,15 @@ def generate(root: Path, tests: int, extra_tables: int = 24, per_file: int = 50)
         index += 1
 
 
-def run_pytest(root: Path, args: list[str], env: dict[str, str], all_plugins: bool) -> float:
+def run_pytest(
+    root: Path, args: list[str], env: dict[str, str], all_plugins: bool, corral: bool = True
+) -> float:
     if all_plugins:
-        plugins = ["-p", "no:randomly"] + (["-p", "no:corral"] if "no:corral" in args else [])
+        plugins = ["-p", "no:randomly"] + ([] if corral else ["-p", "no:corral"])
     else:
         # The suite loads what it uses and nothing else installed here (see the docstring).
         env = {**env, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
-        plugins = ["-p", "xdist.plugin"]
-        if "no:corral" not in args:
-            plugins += ["-p", "corral.pytest_plugin"]
-    args = [a for a in args if a not in ("-p", "no:corral")]
+        plugins = ["-p", "xdist.plugin"] + (["-p", "corral.pytest_plugin"] if corral else [])
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugins, *args],
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             corral_env = {**base_env, "CORRAL_DSN": admin}
             off = ["--corral-colocate=off"]
             modes: list[tuple[str, list[str], dict[str, str]]] = [
-                ("serial, TRUNCATE after each test", ["-p", "no:corral", "-n", "0"], truncate_env),
+                ("serial, TRUNCATE after each test", ["-n", "0"], truncate_env),
                 ("serial, corral sandbox", ["-n", "0"], corral_env),
                 ("serial, corral, colocate off", ["-n", "0", *off], corral_env),
             ]
@@ -260,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for _ in range(args.rounds):  # rounds interleaved: noise hits every mode
                     for name, extra, env in modes:
-                        samples[name].append(run_pytest(root, extra, env, args.all_plugins))
+                        corral = env is not truncate_env  # that suite runs without corral
+                        samples[name].append(run_pytest(root, extra, env, args.all_plugins, corral))
                 times = {name: statistics.median(values) for name, values in samples.items()}
             finally:
                 drop_database(admin, plain)

@@ -68,9 +68,10 @@ class Connection(asyncio.BufferedProtocol):
         self.core.sessions[self.session.id] = self.session
         sock = transport.get_extra_info("socket")
         self.local_fd = -1
-        if sock is not None and not peer_in_other_process(sock):
+        selector = broker._selector
+        if selector is not None and sock is not None and not peer_in_other_process(sock):
             self.local_fd = sock.fileno()  # never spin for a client in this process
-            broker._local_fds.add(self.local_fd)
+            selector.local.add(self.local_fd)
         if self.core.draining:
             transport.write(_encode({"ok": False, "error": "draining"}))
             transport.close()
@@ -104,7 +105,8 @@ class Connection(asyncio.BufferedProtocol):
         if session is None:
             return
         broker._connections.pop(session.id, None)
-        broker._local_fds.discard(self.local_fd)
+        if broker._selector is not None:
+            broker._selector.local.discard(self.local_fd)
         self.core.sessions.pop(session.id, None)
         broker._last_activity = time.monotonic()  # idle_timeout counts from the last close
         reason = f"member {describe(session.who())} disconnected (it exited or died)"

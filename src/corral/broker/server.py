@@ -130,7 +130,6 @@ class Broker:
         self._finished.set()
         self._core: Core | None = None
         self._connections: dict[int, Connection] = {}
-        self._local_fds: set[int] = set()  # connections from this process: never spin
         self._selector: SpinningSelector | None = None
         self._next_session = 0
         self._started_at = 0.0
@@ -378,7 +377,6 @@ class Broker:
     ) -> None:
         selector = SpinningSelector(self.spin)
         self._selector = selector
-        self._local_fds = selector.local
         loop = asyncio.SelectorEventLoop(selector)
         self._loop = loop
         try:
