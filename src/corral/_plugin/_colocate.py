@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from corral.postgres._sql import connect as admin_connect
+
 __all__ = [
     "MODES",
     "Colocation",
@@ -157,7 +159,8 @@ class Colocation:
     :param database: the test process's own database.
     :param cpu: the CPU to share.
     :param postmaster: the server's postmaster pid (backends must be its children).
-    :param connect: opens an autocommit connection to *admin_dsn* (psycopg by default).
+    :param connect: opens an autocommit connection to *admin_dsn* (default: the one
+        ``corral.postgres`` uses).
     :param generation: changes whenever the database is recreated (a ``no_sandbox`` test).
     """
 
@@ -176,7 +179,7 @@ class Colocation:
         self.postmaster = postmaster
         self.pinned: set[int] = set()
         self.failed = ""
-        self._connect = connect or _psycopg_connect
+        self._connect = connect or admin_connect
         self._conn: Any = None
         self._saved: set[int] | None = None
         self._tests = 0
@@ -296,9 +299,3 @@ class Colocation:
                 conn.close()
             except Exception as exc:
                 log.debug("closing the co-location connection: %s", exc)
-
-
-def _psycopg_connect(dsn: str) -> Any:
-    import psycopg
-
-    return psycopg.connect(dsn, autocommit=True, connect_timeout=10)
