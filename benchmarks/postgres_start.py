@@ -26,6 +26,7 @@ import psycopg
 from corral.postgres import (
     EphemeralPostgres,
     clone_database,
+    database_dsn,
     drop_database,
     ensure_template,
     find_binaries,
@@ -138,7 +139,12 @@ def bench_pgserver(rounds: int) -> dict[str, list[float]] | None:
 
 
 def bench_clones(rounds: int) -> dict[str, list[float]]:
-    results: dict[str, list[float]] = {"clone FILE_COPY": [], "clone WAL_LOG": [], "drop": []}
+    results: dict[str, list[float]] = {
+        "clone FILE_COPY": [],
+        "clone WAL_LOG": [],
+        "drop": [],
+        "drop, 2 sessions open": [],
+    }
     with EphemeralPostgres() as server, tempfile.TemporaryDirectory() as tmp:
         schema = Path(tmp) / "schema.sql"
         schema.write_text(SCHEMA)
@@ -148,10 +154,18 @@ def bench_clones(rounds: int) -> dict[str, list[float]]:
             started = time.perf_counter()
             names.append(clone_database(server.dsn, template))
             results["clone FILE_COPY"].append(time.perf_counter() - started)
-        for name in names:
+        for i, name in enumerate(names):
+            # Every other clone still has an application's pool on it (the end of a run,
+            # or a no_sandbox test's database being recreated).
+            held = i % 2 == 1
+            sessions = [psycopg.connect(database_dsn(server.dsn, name)) for _ in range(2 * held)]
             started = time.perf_counter()
             drop_database(server.dsn, name)
-            results["drop"].append(time.perf_counter() - started)
+            results["drop, 2 sessions open" if held else "drop"].append(
+                time.perf_counter() - started
+            )
+            for session in sessions:
+                session.close()
         with psycopg.connect(server.dsn, autocommit=True) as conn:
             for i in range(rounds * 3):
                 started = time.perf_counter()
@@ -185,12 +199,12 @@ def main() -> None:
             rows["pgserver"] = wheel
     rows["clones (corral)"] = bench_clones(args.rounds)
 
-    print(f"\n{'launcher':<18}{'operation':<18}{'median ms':>10}{'min ms':>9}{'n':>5}")
+    print(f"\n{'launcher':<18}{'operation':<23}{'median ms':>10}{'min ms':>9}{'n':>5}")
     for launcher, results in rows.items():
         for operation, samples in results.items():
             if samples:
                 print(
-                    f"{launcher:<18}{operation:<18}{_median_ms(samples):>10.1f}"
+                    f"{launcher:<18}{operation:<23}{_median_ms(samples):>10.1f}"
                     f"{min(samples) * 1000:>9.1f}{len(samples):>5}"
                 )
     corral = rows["corral"]

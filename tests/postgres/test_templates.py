@@ -24,7 +24,7 @@ from corral.postgres import (
     schema_hash,
     template_name,
 )
-from corral.postgres._databases import make_mark, set_mark
+from corral.postgres._databases import _end_sessions, make_mark, set_mark
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,33 @@ def test_drop_right_after_disconnect_and_while_connected(admin_dsn: str, tmp_pat
     assert first not in databases
     assert second not in databases
     assert drop_database(admin_dsn, "never_existed") is False
+
+
+def test_ending_sessions_waits_until_their_backends_are_gone(
+    admin_dsn: str, tmp_path: Path
+) -> None:
+    # Idle and idle-in-transaction sessions are ended and gone when it returns (what it
+    # saves, DROP DATABASE's own 100 ms re-checks, is a benchmark row: postgres_start).
+    template = ensure_template(admin_dsn, [_schema(tmp_path, _USERS)])
+    clone = clone_database(admin_dsn, template)
+    idle = psycopg.connect(database_dsn(admin_dsn, clone))
+    busy = psycopg.connect(database_dsn(admin_dsn, clone))
+    busy.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # idle in transaction
+    try:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            assert _end_sessions(admin, clone) == 2
+            (left,) = admin.execute(  # type: ignore[misc]
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [clone]
+            ).fetchone()
+            assert left == 0
+            assert _end_sessions(admin, clone) == 0
+        with pytest.raises(psycopg.OperationalError):
+            busy.execute("SELECT 1")
+    finally:
+        idle.close()
+        busy.close()
+    assert drop_database(admin_dsn, clone) is True
+    assert clone not in _databases(admin_dsn)
 
 
 def test_stale_clean_up_only_touches_marked_databases_of_dead_owners(
