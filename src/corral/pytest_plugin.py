@@ -73,6 +73,8 @@ def pytest_configure(config: pytest.Config) -> None:
         text = getattr(config, "workerinput", {}).get("corral")
         _start(config, RunInfo.from_json(text) if text else None)
     process = config.stash[STATE]
+    if process.settings.gc_freeze:
+        config.pluginmanager.register(process.gc, "corral-gc-freeze")
     if process.is_controller:
         config.pluginmanager.register(_ControllerHooks(process), "corral-controller")
     if _has_plugin(config, "asyncio", "pytest_asyncio.plugin"):

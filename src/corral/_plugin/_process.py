@@ -16,6 +16,7 @@ import pytest
 
 from corral._plugin._colocate import Colocation
 from corral._plugin._database import WorkerDatabase
+from corral._plugin._gc import GcFreeze
 from corral._plugin._run import AnyClient, Run, RunInfo, open_client
 from corral._plugin._sandbox import SandboxManager
 from corral._plugin._settings import ENV_RUN, ENV_SANDBOX_MODE, Settings
@@ -59,6 +60,7 @@ class CorralProcess:
     manager: SandboxManager | None = None
     colocation: Colocation | None = None
     colocate_off: str = ""  # why there is no co-location (for -v)
+    gc: GcFreeze = field(default_factory=GcFreeze)
     timings: dict[str, float] = field(default_factory=dict)
     worker_stats: dict[str, Any] = field(default_factory=dict)
     crashed: list[str] = field(default_factory=list)
@@ -173,6 +175,8 @@ class CorralProcess:
             }
         elif self.colocate_off:
             out["colocate_off"] = self.colocate_off
+        if self.gc.frozen:
+            out["gc_frozen"] = self.gc.frozen
         return out
 
     def stop(self) -> None:

@@ -140,6 +140,12 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
         why = next((s["colocate_off"] for s in stats if s.get("colocate_off")), None)
         if why:
             terminal.write_line(f"not co-located: {why}")
+    frozen = [int(s["gc_frozen"]) for s in stats if s.get("gc_frozen")]
+    if frozen:
+        terminal.write_line(
+            f"gc.freeze (corral_gc_freeze): {len(frozen)} process(es), "
+            f"{sum(frozen) // len(frozen)} objects each kept out of collections"
+        )
     opened = sum(int(s.get("sandboxes", 0)) for s in stats)
     seconds = sum(float(s.get("sandbox_seconds", 0.0)) for s in stats)
     if opened:

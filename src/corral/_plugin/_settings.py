@@ -23,6 +23,7 @@ __all__ = [
     "ENV_COLOCATE",
     "ENV_DATABASE_URL",
     "ENV_DSN",
+    "ENV_GC_FREEZE",
     "ENV_HOST",
     "ENV_MACHINES",
     "ENV_RUN",
@@ -51,6 +52,8 @@ ENV_MACHINES = "CORRAL_MACHINES"
 ENV_HOST = "CORRAL_HOST"
 #: ``auto``, ``on`` or ``off``: pin each test process and its backends to one CPU.
 ENV_COLOCATE = "CORRAL_COLOCATE"
+#: ``auto``, ``on`` or ``off``: gc.freeze() each test process once its tests are collected.
+ENV_GC_FREEZE = "CORRAL_GC_FREEZE"
 
 _SWITCH = ("auto", "on", "off")
 # Stricter than the Redis client's 128: the id also goes into database names (63 bytes).
@@ -90,6 +93,15 @@ def add_options(parser: pytest.Parser) -> None:
         help="pin each test process and its database backends to one CPU of their own: "
         "auto (when the server is local and each process can have a CPU), on, off "
         "(ini corral_colocate, env CORRAL_COLOCATE)",
+    )
+    group.addoption(
+        "--corral-gc-freeze",
+        dest="corral_gc_freeze",
+        default=None,
+        choices=_SWITCH,
+        help="gc.freeze() each test process once its tests are collected, so the garbage "
+        "collector skips what lives all run: auto (when corral gives processes databases), "
+        "on, off (ini corral_gc_freeze, env CORRAL_GC_FREEZE)",
     )
     group.addoption(
         "--corral-broker",
@@ -142,6 +154,7 @@ def add_options(parser: pytest.Parser) -> None:
     )
     parser.addini("corral_database", "auto, on or off (see --corral-database)", default="auto")
     parser.addini("corral_colocate", "auto, on or off (see --corral-colocate)", default="")
+    parser.addini("corral_gc_freeze", "auto, on or off (see --corral-gc-freeze)", default="")
     parser.addini(
         "corral_sandbox",
         "open a sandbox around every test (default true)",
@@ -163,6 +176,8 @@ class Settings:
     :ivar host: this machine's name in the run's shared names.
     :ivar colocate: ``auto``, ``on`` or ``off``: pin each test process and its backends
         to one CPU (see :mod:`corral._plugin._colocate`).
+    :ivar gc_freeze: whether each test process freezes its heap after collection
+        (``auto`` resolved: on when processes get databases; see :mod:`corral._plugin._gc`).
     """
 
     dsn: str | None
@@ -178,6 +193,7 @@ class Settings:
     machines: int | None = None
     host: str = field(default_factory=socket.gethostname)
     colocate: str = "auto"
+    gc_freeze: bool = False
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -210,10 +226,8 @@ class Settings:
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
         extra = tuple(dict.fromkeys([base, config.rootpath]))
         broker_url, run_id, machines = _broker_settings(config)
-        colocate, source = _first(config, "corral_colocate", ENV_COLOCATE)
-        colocate = (colocate or "auto").lower()
-        if colocate not in _SWITCH:
-            raise pytest.UsageError(f"{source} must be auto, on or off, not {colocate!r}")
+        colocate = _switch(config, "corral_colocate", ENV_COLOCATE)
+        freeze = _switch(config, "corral_gc_freeze", ENV_GC_FREEZE)
         return cls(
             dsn,
             schema,
@@ -228,6 +242,7 @@ class Settings:
             machines=machines,
             host=_host_name(),
             colocate=colocate,
+            gc_freeze=database if freeze == "auto" else freeze == "on",
         )
 
     def schema_source(self) -> Sequence[str] | Callable[[str], Any]:
@@ -256,6 +271,18 @@ def _first(config: pytest.Config, name: str, env: str) -> tuple[str | None, str]
         return ini, f"ini {name}"
     value = os.environ.get(env, "").strip()
     return (value, env) if value else (None, "")
+
+
+def _switch(config: pytest.Config, name: str, env: str) -> str:
+    """``auto``, ``on`` or ``off`` from option / ini / environment *name* (default auto).
+
+    :raises pytest.UsageError: any other value, naming where it came from.
+    """
+    value, source = _first(config, name, env)
+    value = (value or "auto").lower()
+    if value not in _SWITCH:
+        raise pytest.UsageError(f"{source} must be auto, on or off, not {value!r}")
+    return value
 
 
 def _broker_settings(config: pytest.Config) -> tuple[str | None, str | None, int | None]:
