@@ -342,12 +342,14 @@ def render_suite(page: Page, result: Result) -> None:
         ),
         "Bar chart: wall time of the whole suite in seconds, serially and with xdist workers",
     )  # fmt: skip
-    page.add("\n".join(f"- {note}" for note in table.notes if note.startswith("targets")))
+    wanted = ("targets", "-n ", "(fixed s")
+    page.add("\n".join(f"- {note}" for note in table.notes if note.startswith(wanted)))
     page.add(
         "Each xdist worker pays a start-up cost (Python, pytest and its plugins, its own "
-        "clone) on the same cores the database server uses, so workers pay off on long "
-        "suites and on machines with more cores than the database needs; see "
-        "[the plugin's numbers](pytest.md#numbers) for longer suites."
+        "clone) and xdist's per-test reports to the controller, on the same cores the "
+        "database server uses, so workers pay off on long suites and on machines with more "
+        "cores than the database needs; see [the plugin's numbers](pytest.md#numbers) for "
+        "longer suites."
     )
 
 

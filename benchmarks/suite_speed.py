@@ -16,6 +16,13 @@ only the plugins it uses (xdist, corral): a development environment has more ins
 mode alike, which says nothing about clean-up strategies; ``--all-plugins`` loads them.
 Targets (issue 7): serial corral >= 5x faster than serial TRUNCATE; ``-n 2`` >= 1.6x
 faster than serial corral (on 2 cores, which the database shares).
+
+Every mode is also timed on a 2-test copy of the suite: that is its fixed cost (start-up,
+collection, shutdown), and the difference is its cost per test. From the two the
+benchmark says from how many tests on ``-n 2`` reaches 1.6x serial corral on this machine.
+The runs keep Python's bytecode cache, as on a developer's machine or a CI runner with a
+cached virtualenv (``PYTHONDONTWRITEBYTECODE``, set on some machines, would recompile
+every module in every process: ~70 ms per process), after one untimed warm-up run.
 """
 
 from __future__ import annotations
@@ -208,6 +215,23 @@ def run_pytest(
     return elapsed
 
 
+FIXED_TESTS = 2
+_TARGET = 1.6
+
+
+def break_even(serial_fixed: float, serial_ms: float, fixed: float, ms: float) -> str:
+    """From how many tests a parallel run is 1.6x faster than the serial one, by the model
+    ``wall = fixed + n * per_test`` fitted to each (a sentence for the report)."""
+    gain = serial_ms - _TARGET * ms
+    if gain <= 0:
+        return (
+            f"never on this machine (per test {ms:.2f} ms parallel vs {serial_ms:.2f} ms "
+            f"serial: the ratio tends to {serial_ms / ms:.2f}x)"
+        )
+    tests = max(0.0, (_TARGET * fixed - serial_fixed) * 1000 / gain)
+    return f"~{tests:,.0f} tests ({tests * serial_ms / 1000:.1f} s of serial corral)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tests", type=int, default=400)
@@ -227,14 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     base_env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("CORRAL_", "EPHEMERAL_", "PYTEST_")) and k != "DATABASE_URL"
+        if not k.startswith(("CORRAL_", "EPHEMERAL_", "PYTEST_"))
+        and k not in ("DATABASE_URL", "PYTHONDONTWRITEBYTECODE")
     }
     server = None if args.dsn else EphemeralPostgres().start()
     admin = args.dsn or server.dsn  # type: ignore[union-attr]
     try:
         with tempfile.TemporaryDirectory(prefix="corral-suite-") as tmp:
-            root = Path(tmp)
+            root, small = Path(tmp) / "suite", Path(tmp) / "fixed"
+            root.mkdir()
+            small.mkdir()
             generate(root, args.tests, args.extra_tables)
+            generate(small, FIXED_TESTS, args.extra_tables)
             # The TRUNCATE suite runs without corral on a database of its own.
             template = ensure_template(admin, [root / "schema.sql"])
             plain = clone_database(admin, template)
@@ -256,12 +284,20 @@ def main(argv: list[str] | None = None) -> int:
                     (f"corral -n {w}, colocate off", ["-n", w, *off], corral_env),
                 ]
             samples: dict[str, list[float]] = {name: [] for name, _, _ in modes}
+            fixed_samples: dict[str, list[float]] = {name: [] for name, _, _ in modes}
             try:
+                # Untimed: writes the bytecode of both suites and of everything they import.
+                for suite in (root, small):
+                    run_pytest(suite, ["-n", "0"], corral_env, args.all_plugins)
                 for _ in range(args.rounds):  # rounds interleaved: noise hits every mode
                     for name, extra, env in modes:
                         corral = env is not truncate_env  # that suite runs without corral
                         samples[name].append(run_pytest(root, extra, env, args.all_plugins, corral))
+                        fixed_samples[name].append(
+                            run_pytest(small, extra, env, args.all_plugins, corral)
+                        )
                 times = {name: statistics.median(values) for name, values in samples.items()}
+                fixed = {name: statistics.median(v) for name, v in fixed_samples.items()}
             finally:
                 drop_database(admin, plain)
     finally:
@@ -276,9 +312,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     truncate = times["serial, TRUNCATE after each test"]
     serial = times["serial, corral sandbox"]
-    print(f"{'mode':<36} {'wall s':>8} {'vs TRUNCATE':>12} {'vs serial corral':>17}")
+    print(
+        f"{'mode':<36} {'wall s':>8} {'vs TRUNCATE':>12} {'vs serial corral':>17}"
+        f" {'fixed s':>8} {'ms/test':>8}"
+    )
+    per_test = {n: (times[n] - fixed[n]) * 1000 / (args.tests - FIXED_TESTS) for n in times}
     for name, seconds in times.items():
-        print(f"{name:<36} {seconds:>8.2f} {truncate / seconds:>11.2f}x {serial / seconds:>16.2f}x")
+        print(
+            f"{name:<36} {seconds:>8.2f} {truncate / seconds:>11.2f}x {serial / seconds:>16.2f}x"
+            f" {fixed[name]:>8.2f} {per_test[name]:>8.2f}"
+        )
+    print(
+        f"(fixed s: the same modes on a {FIXED_TESTS}-test copy of the suite; ms/test: the "
+        "difference, per test)"
+    )
+    for w in workers[:1]:
+        parallel = f"corral -n {w}"
+        print(
+            f"-n {w} reaches 1.6x serial corral from: "
+            + break_even(
+                fixed["serial, corral sandbox"],
+                per_test["serial, corral sandbox"],
+                fixed[parallel],
+                per_test[parallel],
+            )
+        )
     print(
         f"targets: serial corral >= 5x TRUNCATE: {truncate / serial:.2f}x; "
         + "; ".join(

@@ -51,11 +51,13 @@ Per test with a 3-transaction body
 
 SUITE = """\
 # 30 tests, 32 tables, median of 1 run(s); 2 CPUs (load average 5.8 before)
-mode                                   wall s  vs TRUNCATE  vs serial corral
-serial, TRUNCATE after each test         9.30        1.00x             0.75x
-serial, corral sandbox                   6.99        1.33x             1.00x
-corral -n 2                             18.50        0.50x             0.38x
-corral -n 1                             13.10        0.71x             0.53x
+mode                                   wall s  vs TRUNCATE  vs serial corral  fixed s  ms/test
+serial, TRUNCATE after each test         9.30        1.00x             0.75x     0.40   296.67
+serial, corral sandbox                   6.99        1.33x             1.00x     0.40   219.67
+corral -n 2                             18.50        0.50x             0.38x     0.90   586.67
+corral -n 1                             13.10        0.71x             0.53x     0.70   413.33
+(fixed s: the same modes on a 2-test copy of the suite; ms/test: the difference, per test)
+-n 2 reaches 1.6x serial corral from: never on this machine (per test 586.67 ms parallel ...)
 targets: serial corral >= 5x TRUNCATE: 1.33x; -n 2 >= 1.6x serial corral: 0.38x
 """
 
@@ -114,6 +116,7 @@ def test_the_page_has_every_table_and_chart(tmp_path: Path) -> None:
     assert "`TRUNCATE all tables` costs **2.7x** the sandbox per test" in page
     # Suite rows in worker order, whatever order the benchmark ran them in.
     assert page.index("| corral -n 1 |") < page.index("| corral -n 2 |")
+    assert "- -n 2 reaches 1.6x serial corral from: never on this machine" in page
     assert "| corral | start (warm) | 343.7 | 341.9 | 2 |" in page
     assert "**Not measured: the benchmark failed" in page  # the failing one says so
     assert "ConnectionError: boom" in page
