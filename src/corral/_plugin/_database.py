@@ -2,21 +2,26 @@
 
 The slot number comes from a broker lease owned by this process's connection, so when
 the process dies its slot frees at once and the replacement worker takes it over; every
-acquisition clones afresh, which is how a crashed worker's database gets recycled.
+acquisition clones afresh, which is how a crashed worker's database gets recycled. Under
+xdist the controller pre-creates the first workers' databases (:class:`PreCloner`) while
+they boot; a worker takes such a database only if nobody had it before.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable
 
 from corral._plugin._run import AnyClient, RunInfo
 from corral._plugin._settings import ENV_DATABASE_URL, restore_env
+from corral.broker import Client
+from corral.errors import BrokerError, BrokerTimeout
 from corral.postgres import clone_database, database_dsn, drop_database
 
-__all__ = ["SLOT_KEY", "WorkerDatabase"]
+__all__ = ["SLOT_KEY", "PreCloner", "WorkerDatabase"]
 
 log = logging.getLogger("corral.pytest")
 
@@ -26,6 +31,18 @@ SLOT_KEY = "corral:databases"
 # must outlive any run, so it is renewed now and then (see renew()).
 _LEASE_TTL = 24 * 3600.0
 _RENEW_EVERY = 3600.0
+# The pre-clone hand-over's keys live as long as a run may (the broker's own TTL default
+# may be short when `corral run` started it).
+_KEY_TTL = 24 * 3600.0
+
+
+def _handover_keys(name: str) -> tuple[str, str, str]:
+    """The lock, claim and fresh-mark keys of database *name* (see :class:`PreCloner`).
+
+    Keyed by the database's name, not its slot: runs that share a broker (``corral run``)
+    share slot numbers, never names.
+    """
+    return f"corral:preclone:{name}", f"corral:claimed:{name}", f"corral:fresh:{name}"
 
 
 class WorkerDatabase:
@@ -49,22 +66,28 @@ class WorkerDatabase:
         self.url = ""
         self.timings: dict[str, list[float]] = {"clone": [], "recreate": []}
         self.recycled = 0
+        #: Whether acquire() took a database the controller had pre-created.
+        self.precloned = False
         self._renewed = 0.0
         self._env_saved: dict[str, str | None] = {}
 
     def acquire(self) -> str:
-        """Lease a slot, (re)create its database, export its URL; returns the URL."""
+        """Lease a slot, take its pre-created database or (re)create it, export its URL;
+        returns the URL."""
         info = self.info
         self.slot = self.client.lease(SLOT_KEY, self.worker, ttl=_LEASE_TTL)
         self._renewed = time.monotonic()
         self.name = info.clone_name(self.slot)
         self.url = database_dsn(info.admin_dsn, self.name)  # type: ignore[arg-type]
         started = time.perf_counter()
-        # A database under this slot belonged to a process that died: start clean.
-        if drop_database(info.admin_dsn, self.name):  # type: ignore[arg-type]
-            self.recycled += 1
-            log.info("recycled database %s of a worker that went away", self.name)
-        self._clone()
+        self.precloned = self._take_precloned()
+        if not self.precloned:
+            # A database under this slot belonged to a process that died: start clean.
+            if drop_database(info.admin_dsn, self.name):  # type: ignore[arg-type]
+                self.recycled += 1
+                log.info("recycled database %s of a worker that went away", self.name)
+            self._clone()
+        # The time this process waited for its database, however it came to have one.
         self.timings["clone"].append(time.perf_counter() - started)
         self._export([ENV_DATABASE_URL, *info.database_env])
         return self.url
@@ -92,6 +115,28 @@ class WorkerDatabase:
             except Exception as exc:  # the broker may be gone already (Ctrl-C)
                 log.debug("releasing database slot: %s", exc)
 
+    def _take_precloned(self) -> bool:
+        """Whether the controller pre-created this slot's database and nobody used it yet.
+
+        Claiming the name first decides who makes it: a worker that wins the claim makes
+        its own and the controller leaves the name alone; one that loses waits on the
+        lock the controller clones under, then consumes the fresh mark, which only the
+        slot's first holder finds (a crashed worker's replacement clones afresh).
+        """
+        info = self.info
+        if info.broker_url or info.controller_pid == os.getpid():
+            return False  # no pre-cloning: a Redis run, or no xdist (this is the controller)
+        lock, claim, fresh = _handover_keys(self.name)
+        try:
+            if self.client.add(claim, self.worker, ttl=_KEY_TTL):
+                return False
+        except BrokerError as exc:  # a broker without `add`: the controller could not claim
+            log.debug("no pre-created database for %s: %s", self.name, exc)
+            return False
+        # No fallback past this point: cloning the name ourselves could race the controller.
+        with self.client.lock(lock):
+            return bool(self.client.delete(fresh))
+
     def _clone(self) -> None:
         info = self.info
         clone_database(
@@ -107,3 +152,95 @@ class WorkerDatabase:
         for name in names:
             self._env_saved.setdefault(name, os.environ.get(name))
             os.environ[name] = self.url
+
+
+class PreCloner:
+    """The xdist controller's background thread that clones the first workers' databases.
+
+    Workers take ~300 ms to boot while the controller idles; cloning their databases then
+    takes the clone off each worker's start-up path. One database at a time, in the order
+    workers lease slots (the smallest free integers): under the lock of its name, claim
+    it, clone it, mark it fresh, unlock. Failures are logged, never raised: the workers
+    then clone their own. :meth:`stop` joins the thread, so no clone appears after the
+    run's clean-up listed the run's databases.
+
+    :param info: the run (local broker, database part on).
+    :param workers: how many workers xdist starts.
+    :param own_slot: the controller's own slot, which no worker will lease.
+    """
+
+    def __init__(self, info: RunInfo, workers: int, own_slot: int | None) -> None:
+        assert info.admin_dsn is not None
+        assert info.template is not None
+        self.info = info
+        self.workers = workers
+        self.own_slot = own_slot
+        #: The databases made, in order.
+        self.made: list[str] = []
+        #: Seconds the thread ran, once it has ended.
+        self.seconds: float | None = None
+        self.error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="corral-preclone")
+
+    def start(self) -> None:
+        """Start the thread; returns at once."""
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Let the clone in progress finish, skip the others, and join; True when it ended."""
+        self._stopping.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def slots(self, client: Client) -> list[int]:
+        """The slots the next :attr:`workers` leases will get: the smallest free ones."""
+        taken = {self.own_slot}
+        try:
+            holders = client.status().get("holders", [])
+        except BrokerError as exc:  # a broker without `status`: assume only ours is taken
+            log.debug("broker status unavailable (%s)", exc)
+            holders = []
+        taken.update(
+            h.get("item") for h in holders if h.get("kind") == "lease" and h.get("name") == SLOT_KEY
+        )
+        free: list[int] = []
+        slot = 0
+        while len(free) < self.workers:
+            if slot not in taken:
+                free.append(slot)
+            slot += 1
+        return free
+
+    def _run(self) -> None:
+        started = time.perf_counter()
+        try:
+            with Client(self.info.broker_path) as client:
+                for slot in self.slots(client):
+                    if self._stopping.is_set():
+                        break
+                    self._clone(client, self.info.clone_name(slot))
+        except Exception as exc:
+            self.error = exc
+            log.warning("corral: pre-creating the workers' databases failed: %s", exc)
+        finally:
+            self.seconds = time.perf_counter() - started
+
+    def _clone(self, client: Client, name: str) -> None:
+        lock, claim, fresh = _handover_keys(name)
+        try:
+            with client.lock(lock, timeout=0):
+                if not client.add(claim, "controller", ttl=_KEY_TTL):
+                    return  # its worker came first and makes its own
+                clone_database(
+                    self.info.admin_dsn,  # type: ignore[arg-type]
+                    self.info.template,  # type: ignore[arg-type]
+                    name,
+                    owner_pid=self.info.controller_pid,
+                    run_id=self.info.run_id,
+                )
+                client.set(fresh, True, ttl=_KEY_TTL)
+        except BrokerTimeout:
+            return  # held by a worker that claimed the name first
+        self.made.append(name)

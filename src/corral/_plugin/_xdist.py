@@ -1,7 +1,8 @@
 """pytest-xdist glue, registered only when xdist is present: run facts out, numbers back.
 
 Workers also find the run in their environment (they need it before the config exists);
-``workerinput`` is the fallback for workers started some other way.
+``workerinput`` is the fallback for workers started some other way. While xdist boots the
+workers, the controller pre-creates their databases (:class:`PreCloner`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from corral._plugin._database import PreCloner
 from corral._plugin._process import STATE
 
 __all__ = ["XdistHooks"]
@@ -23,6 +25,34 @@ class XdistHooks:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        self.precloner: PreCloner | None = None
+
+    @pytest.hookimpl
+    def pytest_xdist_setupnodes(self, specs: list[Any]) -> None:
+        # Before the first worker is spawned: the clones overlap the workers' boot.
+        process = self.config.stash.get(STATE, None)
+        if self.precloner is not None or process is None or not specs:
+            return
+        info, database = process.info, process.database
+        # A Redis run's slots are shared by every machine: which ones this machine's
+        # workers get is not known in advance.
+        if info is None or database is None or info.broker_url:
+            return
+        self.precloner = PreCloner(info, len(specs), database.slot)
+        # Runs before the process's own clean-up (LIFO), which drops the run's clones.
+        self.config.add_cleanup(self._stop_precloner)
+        self.precloner.start()
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self) -> None:
+        precloner, process = self.precloner, self.config.stash.get(STATE, None)
+        if precloner is not None and process is not None and precloner.seconds is not None:
+            name = f"pre-clone ({len(precloner.made)} databases)"
+            process.timings[name] = precloner.seconds
+
+    def _stop_precloner(self) -> None:
+        if self.precloner is not None and not self.precloner.stop():
+            log.warning("corral: pre-creating the workers' databases did not stop in time")
 
     @pytest.hookimpl
     def pytest_configure_node(self, node: Any) -> None:
