@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -16,11 +17,11 @@ from psycopg.conninfo import conninfo_to_dict
 from corral._plugin._colocate import (
     Colocation,
     checks_at,
-    choose_cpu,
     decide,
     may_pin,
     postmaster_pid,
 )
+from corral._plugin._cpuclaim import claim_cpu, preference
 from corral._plugin._settings import empty_schema
 from corral.postgres import clone_database, database_dsn, drop_database, ensure_template
 
@@ -43,10 +44,10 @@ def test_checks_every_test_at_first_then_every_sixteenth() -> None:
     assert [n for n in range(1, 70) if checks_at(n)] == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 48, 64]
 
 
-def test_choose_cpu_spreads_workers_over_the_allowed_cpus() -> None:
-    assert [choose_cpu({4, 2, 7}, i) for i in range(5)] == [2, 4, 7, 2, 4]
-    with pytest.raises(ValueError, match="no CPU"):
-        choose_cpu(set(), 0)
+def test_workers_start_at_their_own_cpu_and_try_the_others_after_it() -> None:
+    assert [preference({4, 2, 7}, i)[0] for i in range(5)] == [2, 4, 7, 2, 4]
+    assert preference({4, 2, 7}, 1) == [4, 7, 2]
+    assert preference(set(), 3) == []
 
 
 @pytest.mark.parametrize(
@@ -237,6 +238,9 @@ def affinity_suite(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CORRAL_DSN", shared_server)
     monkeypatch.setenv("AFFINITY_OUT", str(pytester.path / "affinity.jsonl"))
+    # CPU claims of its own: other corral runs on this machine must not change the outcome.
+    claims = pytester.mkdir("cpu-claims")
+    monkeypatch.setenv("CORRAL_CPU_CLAIMS", str(claims))
     pytester.makeini("[pytest]\ncorral_database = on\n")
     pytester.makepyfile(app=_APP, test_affinity=_AFFINITY_TEST)
     pytester.makeconftest("import app  # the app connects at import, as apps do\n")
@@ -287,3 +291,97 @@ def test_a_bad_value_is_a_usage_error(affinity_suite: pytest.Pytester) -> None:
     result = affinity_suite.runpytest_subprocess("-n", "0")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*ini corral_colocate must be auto, on or off, not 'sometimes'*"])
+
+
+_SIDE_BY_SIDE = """
+import json, os, time
+from pathlib import Path
+
+
+def test_where(corral_database_url):
+    barrier = Path(os.environ["BARRIER"])
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # both runs are pinned before either test ends
+    with open(os.environ["AFFINITY_OUT"], "a") as out:
+        out.write(json.dumps({"me": sorted(os.sched_getaffinity(0))}) + "\\n")
+"""
+
+
+@linux
+@two_cpus
+@pytest.mark.slow
+def test_two_runs_side_by_side_pin_to_different_cpus(
+    affinity_suite: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    affinity_suite.makepyfile(test_affinity=_SIDE_BY_SIDE)
+    barrier = tmp_path_factory.mktemp("barrier")
+    env = {**os.environ, "BARRIER": str(barrier)}  # the fixture's own CPU claims
+    command = [sys.executable, "-m", "pytest", "-n", "0", "-p", "no:randomly", "-v", "-v"]
+    runs = [
+        subprocess.Popen(
+            command, cwd=affinity_suite.path, env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    cpus = [record["me"] for record in _records(affinity_suite)]
+    assert len(cpus) == 2, cpus
+    assert all(len(c) == 1 for c in cpus), cpus
+    assert cpus[0] != cpus[1]  # each run's process claimed a CPU of its own
+    for output in outputs:
+        assert "co-located (corral_colocate): main on CPU" in output
+
+
+@linux
+@two_cpus
+def test_with_every_cpu_claimed_elsewhere_auto_does_not_pin(
+    postgres_dsn: str, scratch_db: tuple[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if postmaster_pid(conninfo_to_dict(postgres_dsn)) is None:
+        pytest.skip("the test server is not local through a Unix socket")
+    monkeypatch.setenv("CORRAL_CPU_CLAIMS", str(tmp_path))
+    name, _ = scratch_db
+    cpus = sorted(_cpus())
+    before = os.sched_getaffinity(0)
+    # Planning claims nothing (an xdist controller plans but runs no test).
+    planned, _ = Colocation.plan("auto", postgres_dsn, name, "gw1", 1)
+    assert planned is not None
+    assert planned.claim is None
+    others = [claim_cpu([cpu]) for cpu in cpus]  # another run's processes
+    try:
+        assert all(c is not None and c.held for c in others)
+        planned.start()
+        assert "taken by test processes of other corral runs" in planned.failed
+        assert os.sched_getaffinity(0) == before
+        forced, why = Colocation.plan("on", postgres_dsn, name, "gw1", 1)
+        assert forced is not None
+        assert why == ""
+        forced.start()
+        try:
+            assert os.sched_getaffinity(0) == {cpus[1]}  # pinned where it would have been
+            assert forced.claim is not None
+            assert not forced.claim.held
+        finally:
+            forced.stop()
+    finally:
+        for claim in others:
+            if claim is not None:
+                claim.release()
+    mine, _ = Colocation.plan("auto", postgres_dsn, name, "gw1", 1)
+    assert mine is not None
+    mine.start()
+    try:
+        assert mine.claim is not None
+        assert mine.claim.held
+        assert mine.cpu == cpus[1]
+        assert os.sched_getaffinity(0) == {cpus[1]}
+    finally:
+        mine.stop()
+    again = claim_cpu([cpus[1]])  # stop() gave the CPU back to other runs
+    assert again is not None
+    assert again.held
+    again.release()
+    assert os.sched_getaffinity(0) == before

@@ -17,7 +17,9 @@ process can have its own CPU), ``on``
 parent is the postmaster found through the server's Unix-socket lock file: a pid from a
 server in a container or on another host is never touched. The pin covers the test
 process's main thread and what it starts later (threads, subprocesses): a suite whose
-tests run CPU-heavy work in parallel subprocesses should say ``off``.
+tests run CPU-heavy work in parallel subprocesses should say ``off``. Each pinned process
+claims its CPU machine-wide (:mod:`corral._plugin._cpuclaim`), so runs side by side on one
+machine spread over different CPUs.
 """
 
 from __future__ import annotations
@@ -25,19 +27,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from corral._plugin._cpuclaim import CpuClaim, claim_cpu, preference
 from corral.postgres._sql import connect as admin_connect
 
 __all__ = [
     "MODES",
     "Colocation",
     "checks_at",
-    "choose_cpu",
     "current_cpu",
     "decide",
     "may_pin",
@@ -55,14 +57,6 @@ def checks_at(test_number: int) -> bool:
     """Whether to look for new backends before the *test_number*-th test (from 1) since
     the database was (re)created."""
     return test_number <= _EVERY_TEST_UNTIL or test_number % _THEN_EVERY == 0
-
-
-def choose_cpu(allowed: Iterable[int], worker_index: int) -> int:
-    """The CPU of the *worker_index*-th test process among the *allowed* ones."""
-    cpus = sorted(allowed)
-    if not cpus:
-        raise ValueError("no CPU allowed")
-    return cpus[worker_index % len(cpus)]
 
 
 def decide(
@@ -185,6 +179,12 @@ class Colocation:
         self._tests = 0
         self.generation = generation
         self._generation = generation()
+        #: CPUs to claim in order when pinning (None: pin to *cpu*, claim nothing).
+        self.candidates: list[int] | None = None
+        #: Pin to the first candidate even when other runs' processes claim them all.
+        self.share = False
+        #: This process's machine-wide claim on *cpu* (released by :meth:`stop`).
+        self.claim: CpuClaim | None = None
 
     @classmethod
     def plan(
@@ -214,13 +214,19 @@ class Colocation:
             return None, why
         assert postmaster is not None
         if worker and re.fullmatch(r"gw\d+", worker):
-            cpu = choose_cpu(allowed, int(worker[2:]))  # workers spread over the CPUs
+            first = int(worker[2:])  # workers spread over the CPUs
         else:
-            # The only test process: where the scheduler put it, which spreads two runs
-            # started side by side better than always the first CPU.
+            # The only test process: where the scheduler put it first.
             here = current_cpu()
-            cpu = here if here in allowed else choose_cpu(allowed, 0)
-        return cls(admin_dsn, database, cpu, postmaster, generation=generation), ""
+            first = sorted(allowed).index(here) if here in allowed else 0
+        order = preference(allowed, first)
+        colocation = cls(admin_dsn, database, order[0], postmaster, generation=generation)
+        # The CPU is claimed when the process pins itself (before its first test, so an
+        # xdist controller, which runs none, claims none): test processes of other runs
+        # on this machine may sit on some of these CPUs.
+        colocation.candidates = order
+        colocation.share = mode == "on"
+        return colocation, ""
 
     def start(self) -> None:
         """Pin this (the main) thread; what it starts later inherits the CPU.
@@ -230,6 +236,17 @@ class Colocation:
         """
         if self._saved is not None or self.failed:
             return
+        if self.candidates is not None and self.claim is None:
+            claim = claim_cpu(self.candidates)
+            if claim is None and not self.share:
+                self._give_up(
+                    "every CPU it may use is taken by test processes of other corral runs "
+                    "(corral_colocate = on shares them)",
+                    level=logging.INFO,
+                )
+                return
+            self.claim = claim or CpuClaim(self.candidates[0], None)
+            self.cpu = self.claim.cpu
         try:
             self._saved = os.sched_getaffinity(0)
             os.sched_setaffinity(0, {self.cpu})
@@ -279,9 +296,9 @@ class Colocation:
             pinned += 1
         return pinned
 
-    def _give_up(self, why: str) -> None:
+    def _give_up(self, why: str, level: int = logging.WARNING) -> None:
         self.failed = why
-        log.warning("corral_colocate: %s; running without co-location", why)
+        log.log(level, "corral_colocate: %s; running without co-location", why)
         self.stop()
 
     def stop(self) -> None:
@@ -299,3 +316,5 @@ class Colocation:
                 conn.close()
             except Exception as exc:
                 log.debug("closing the co-location connection: %s", exc)
+        if self.claim is not None:
+            self.claim.release()

@@ -166,6 +166,7 @@ class CorralProcess:
             out["clone"] = list(self.database.timings["clone"])
             out["recreate"] = list(self.database.timings["recreate"])
             out["recycled"] = self.database.recycled
+            out["precloned"] = int(self.database.precloned)
         colocation = self.colocation
         if colocation is not None and colocation.pinned:
             out["colocated"] = {
@@ -175,6 +176,8 @@ class CorralProcess:
             }
         elif self.colocate_off:
             out["colocate_off"] = self.colocate_off
+        elif colocation is not None and colocation.failed not in ("", "stopped"):
+            out["colocate_off"] = colocation.failed
         if self.gc.frozen:
             out["gc_frozen"] = self.gc.frozen
         return out

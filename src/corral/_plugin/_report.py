@@ -122,8 +122,10 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
     recreates = [t for s in stats for t in s.get("recreate", [])]
     if clones:
         recycled = sum(int(s.get("recycled", 0)) for s in stats)
+        precloned = sum(int(s.get("precloned", 0)) for s in stats)
         terminal.write_line(
-            f"databases: {len(clones)} cloned (mean {1000 * sum(clones) / len(clones):.0f} ms), "
+            f"databases: {len(clones)} cloned (mean {1000 * sum(clones) / len(clones):.0f} ms "
+            f"to get one; {precloned} made by the controller while its workers booted), "
             f"{recycled} recycled from crashed workers, "
             f"{len(recreates)} recreated after no_sandbox tests"
             + (f" (mean {1000 * sum(recreates) / len(recreates):.0f} ms)" if recreates else "")
