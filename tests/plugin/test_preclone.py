@@ -128,7 +128,7 @@ def test_workers_get_databases_the_controller_made(
     monkeypatch.setenv("PC_BOOT_DELAY", "1")  # the workers arrive after the clones
     result = _run(inner, "-n", "2", "-p", "boot_delay")
     result.assert_outcomes(passed=5)
-    result.stdout.fnmatch_lines(["pre-clone (2 databases): * ms"])
+    result.stdout.fnmatch_lines(["pre-clone (2 databases): * ms", "broker: * requests, 0 keys, *"])
     workers = _workers(inner, suite)
     assert sorted(workers) == [1, 2]
     assert all(r["precloned"] and r["recycled"] == 0 for r in workers.values()), workers

@@ -135,7 +135,12 @@ class WorkerDatabase:
             return False
         # No fallback past this point: cloning the name ourselves could race the controller.
         with self.client.lock(lock):
-            return bool(self.client.delete(fresh))
+            taken = bool(self.client.delete(fresh))
+        if taken:
+            # The controller is done with this name: leave no hand-over key behind (the
+            # slot's next holder then claims the name and clones afresh, as it must).
+            self.client.delete(claim)
+        return taken
 
     def _clone(self) -> None:
         info = self.info
