@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -99,3 +103,34 @@ def assert_nothing_left(info: dict[str, Any], admin_dsn: str | None) -> None:
         templates = [db.name for db in list_databases(admin_dsn) if db.kind == "template"]
         template = next(t for t in templates if t == info["template"])
         assert template_rows(admin_dsn, template) == ["seed"]
+
+
+def interrupt_pytest(
+    cwd: Path, args: list[str], ready: Path, settle: float = 0.0
+) -> tuple[int, str]:
+    """Run ``pytest *args`` in *cwd*, press Ctrl-C once *ready* exists (and *settle*
+    seconds more), and return its exit code and output (stdout and stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # A runner that started us in the background may have SIGINT ignored; Ctrl-C
+        # must reach this pytest as it would from a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, f"{ready.name} never appeared"
+            time.sleep(0.02)
+        time.sleep(settle)
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from corral.postgres import list_databases
-from tests.plugin._checks import assert_nothing_left, facts
+from tests.plugin._checks import assert_nothing_left, facts, interrupt_pytest
 from tests.plugin.test_runs import SAMPLE_TESTS
 
 
@@ -86,29 +81,9 @@ def test_ctrl_c_leaves_nothing_and_reports_holdings(
         """
     )
     monkeypatch.setenv("SAMPLE_FACTS", str(inner.path / "facts.json"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", "test_hang.py"],
-        cwd=inner.path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # A runner that started us in the background may have SIGINT ignored; Ctrl-C
-        # must reach this pytest as it would from a terminal.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not waiting.exists():
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "the hanging tests never started"
-            time.sleep(0.05)
-        time.sleep(0.5)  # the waiter's lock request reaches the broker
-        os.kill(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    # settle: the waiter's lock request reaches the broker
+    code, out = interrupt_pytest(inner.path, ["-n", "2", "test_hang.py"], waiting, settle=0.5)
+    assert code == pytest.ExitCode.INTERRUPTED, out
     assert "corral warning: still held in the broker" in out, out
     assert "lease 'printers' #0 held by 'test_hangs' for" in out
     # Who holds the lock everyone waits for, and who waits: why the run hung.

@@ -8,12 +8,7 @@ slow-clone plugin makes them arrive during one.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +16,7 @@ import pytest
 
 from corral.postgres import drop_database, list_databases
 from corral.postgres._sql import connect, ident, sql
-from tests.plugin._checks import assert_nothing_left, clones_of_run, facts
+from tests.plugin._checks import assert_nothing_left, clones_of_run, facts, interrupt_pytest
 
 # Records this process's database once, then the tests look at what they see in it.
 _SUITE = """
@@ -232,26 +227,8 @@ def test_ctrl_c_during_a_preclone_leaves_no_database(
     run_id = f"pc{secrets.token_hex(3)}"
     monkeypatch.setenv("PC_CLONE_DELAY", "1.5")  # the clone lands after the Ctrl-C
     args = ["-n", "2", "-p", "slow_clone", f"--corral-run-id={run_id}", "test_pc.py"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-        cwd=inner.path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not (suite / "precloning").exists():
-            assert proc.poll() is None, proc.communicate()[0]
-            assert time.monotonic() < deadline, "the pre-clone never started"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGINT)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == pytest.ExitCode.INTERRUPTED, out
+    code, out = interrupt_pytest(inner.path, args, suite / "precloning")
+    assert code == pytest.ExitCode.INTERRUPTED, out
     # The controller waited for the clone in flight, then dropped it with the others.
     assert clones_of_run(shared_server, run_id) == [], out
     assert [n for n in (db.name for db in list_databases(shared_server)) if run_id in n] == []
