@@ -211,7 +211,11 @@ def test_no_preclone_without_workers_or_databases(
     inner: pytest.Pytester, suite: Path, args: tuple[str, ...], ini: str
 ) -> None:
     if ini:
-        (inner.path / "pytest.ini").write_text("[pytest]\n" + ini + "filterwarnings = error\n")
+        (inner.path / "pytest.ini").write_text(
+            # pytest-asyncio >= 0.24 warns when the loop scope is unset: an error here.
+            f"[pytest]\n{ini}filterwarnings = error\n"
+            "asyncio_default_fixture_loop_scope = function\n"
+        )
         inner.makepyfile(test_pc="def test_nothing():\n    pass\n")
         inner.makeconftest("")
     result = _run(inner, *args)
