@@ -223,6 +223,8 @@ def break_even(serial_fixed: float, serial_ms: float, fixed: float, ms: float) -
     """From how many tests a parallel run is 1.6x faster than the serial one, by the model
     ``wall = fixed + n * per_test`` fitted to each (a sentence for the report)."""
     gain = serial_ms - _TARGET * ms
+    if ms <= 0:
+        return f"not measurable (parallel cost per test {ms:.2f} ms: noise exceeds it)"
     if gain <= 0:
         return (
             f"never on this machine (per test {ms:.2f} ms parallel vs {serial_ms:.2f} ms "
@@ -245,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         help="let pytest load every installed plugin (default: only xdist and corral)",
     )
     args = parser.parse_args(argv)
+    if args.tests <= FIXED_TESTS:
+        parser.error(f"--tests must be more than {FIXED_TESTS} (the fixed-cost suite's size)")
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     load = os.getloadavg()[0]  # a shared machine: say how busy it was
 
@@ -271,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                 "DATABASE_URL": database_dsn(admin, plain),
                 "BENCH_CLEANUP": "truncate",
             }
-            corral_env = {**base_env, "CORRAL_DSN": admin}
+            # CPU claims of its own: a corral run elsewhere on the machine must not turn
+            # co-location off in some modes and not others.
+            claims = Path(tmp) / "cpu-claims"
+            claims.mkdir()
+            corral_env = {**base_env, "CORRAL_DSN": admin, "CORRAL_CPU_CLAIMS": str(claims)}
             off = ["--corral-colocate=off"]
             modes: list[tuple[str, list[str], dict[str, str]]] = [
                 ("serial, TRUNCATE after each test", ["-n", "0"], truncate_env),

@@ -24,3 +24,17 @@ def test_break_even_says_never_when_the_per_test_ratio_is_below_the_target() -> 
 
 def test_a_parallel_run_that_is_faster_from_the_start_needs_no_tests() -> None:
     assert break_even(1.0, 2.0, 0.5, 1.0).startswith("~0 tests")
+
+
+def test_a_parallel_cost_per_test_lost_in_noise_is_said_so() -> None:
+    assert break_even(0.4, 2.0, 0.9, 0.0).startswith("not measurable")
+    assert break_even(0.4, 2.0, 0.9, -0.3).startswith("not measurable")
+
+
+def test_too_few_tests_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.suite_speed import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--tests", "2"])
+    assert exc.value.code == 2
+    assert "--tests must be more than 2" in capsys.readouterr().err

@@ -238,7 +238,8 @@ def affinity_suite(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CORRAL_DSN", shared_server)
     monkeypatch.setenv("AFFINITY_OUT", str(pytester.path / "affinity.jsonl"))
-    # CPU claims of its own: other corral runs on this machine must not change the outcome.
+    # CPU claims of its own (tests/conftest.py gives the suite's inner runs a directory
+    # apart from the machine's; this one is apart from the other inner runs' too).
     claims = pytester.mkdir("cpu-claims")
     monkeypatch.setenv("CORRAL_CPU_CLAIMS", str(claims))
     pytester.makeini("[pytest]\ncorral_database = on\n")

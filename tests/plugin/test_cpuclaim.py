@@ -95,3 +95,37 @@ def test_the_directory_comes_from_the_environment(
     claim.release()
     monkeypatch.delenv(ENV_CLAIMS)
     assert claims_dir() != tmp_path
+
+
+def test_a_planted_fifo_neither_hangs_nor_claims(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "corral-cpu-0.lock")  # open() of a FIFO blocks without O_NONBLOCK
+    claim = claim_cpu([0], tmp_path)
+    assert claim is not None
+    assert not claim.held
+
+
+def test_claim_files_are_readable_by_all_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        claim = claim_cpu([0], tmp_path)
+    finally:
+        os.umask(old)
+    assert claim is not None
+    assert claim.held
+    assert (tmp_path / "corral-cpu-0.lock").stat().st_mode & 0o777 == 0o644
+    claim.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file of another user")
+def test_another_users_claim_file_is_used_as_it_is(tmp_path: Path) -> None:
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: world-writable and sticky
+    path = shared / "corral-cpu-0.lock"
+    path.touch(mode=0o644)
+    os.chown(path, 65534, 65534)  # nobody's, as if another user's run made it
+    claim = claim_cpu([0], shared)
+    assert claim is not None
+    assert claim.held
+    assert path.stat().st_uid == 65534  # opened, not replaced
+    claim.release()

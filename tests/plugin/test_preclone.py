@@ -134,12 +134,13 @@ def test_workers_get_databases_the_controller_made(
 def test_a_worker_arriving_mid_clone_waits_for_it(
     inner: pytest.Pytester, suite: Path, shared_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The controller claims slot 1 at once and holds it for 2 s: its worker waits and
+    # The controller claims slot 1 at once and holds it for 4 s: its worker waits and
     # gets it; the other worker claims slot 2 before the controller and clones its own.
-    monkeypatch.setenv("PC_CLONE_DELAY", "2")
+    monkeypatch.setenv("PC_CLONE_DELAY", "4")  # workers boot in ~0.5 s; 4 s leaves margin
     result = _run(inner, "-n", "2", "-p", "slow_clone")
     result.assert_outcomes(passed=5)
-    result.stdout.fnmatch_lines(["pre-clone (1 databases): * ms"])
+    # The name slot 2's worker claimed first leaves no key behind either.
+    result.stdout.fnmatch_lines(["pre-clone (1 databases): * ms", "broker: * requests, 0 keys, *"])
     workers = _workers(inner, suite)
     assert sorted(workers) == [1, 2]
     assert workers[1]["precloned"], workers
@@ -189,10 +190,14 @@ def test_a_failed_preclone_falls_back_to_the_workers(
         monkeypatch.setenv("PC_BOOT_DELAY", "1")
         result = _run(inner, "-n", "2", "-p", "boot_delay", f"--corral-run-id={run_id}")
         result.assert_outcomes(passed=5)
-        result.stdout.fnmatch_lines(["pre-clone (0 databases): * ms"])
+        # Only that name is lost: slot 2's database is still made, and no key is left.
+        result.stdout.fnmatch_lines(
+            ["pre-clone (1 databases): * ms", "broker: * requests, 0 keys, *"]
+        )
         workers = _workers(inner, suite)
         assert sorted(workers) == [1, 2]
-        assert not any(r["precloned"] for r in workers.values()), workers
+        assert not workers[1]["precloned"], workers
+        assert workers[2]["precloned"], workers
         assert workers[1]["recycled"] == 1  # slot 1's worker dropped the squatter
         names = {db.name for db in list_databases(shared_server)}
         assert squatter not in names

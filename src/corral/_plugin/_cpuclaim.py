@@ -3,14 +3,17 @@
 Co-location pins each test process (and its database backends) to one CPU. Two runs side
 by side on one machine would otherwise both put their ``gw0`` on the first CPU and their
 ``gw1`` on the second, leaving the other CPUs idle. A process claims its CPU by holding
-``flock(LOCK_EX | LOCK_NB)`` on one lock file per CPU (``corral-cpu-<n>.lock`` in the
-system's temporary directory, or ``$CORRAL_CPU_CLAIMS``) for as long as it is pinned; the
-kernel drops the lock when the process ends, however it ends, so a killed run never keeps
-a CPU. The files themselves are empty and stay (they are reused by the next runs).
+``flock(LOCK_EX | LOCK_NB)`` on one lock file per CPU (``corral-cpu-<n>.lock`` in
+``/tmp``, or ``$CORRAL_CPU_CLAIMS``) for as long as it is pinned; the kernel drops the
+lock when the last descriptor of it closes: when the process ends, however it ends (a
+child it ``fork()``-ed without ``exec`` shares the descriptor, and the claim, until that
+child ends too). The files themselves are empty and stay (the next runs reuse them).
 
-Any user may claim: the files are created readable by all (``flock`` needs only a read
-descriptor), never through a symbolic link. Where they cannot be opened, a process pins
-as if no claims existed.
+Users share the files: each is created readable by all whatever the umask (``flock``
+needs only a read descriptor), opened without ``O_CREAT`` once it exists (as
+``fs.protected_regular`` requires for another user's file in ``/tmp``), never through a
+symbolic link and never unless it is a regular file. Where they cannot be used, a
+process pins as if no claims existed, and says so in the log.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,11 +32,13 @@ log = logging.getLogger("corral.pytest")
 #: A directory for the claim files instead of the system's temporary directory (every run
 #: that should coordinate must use the same one).
 ENV_CLAIMS = "CORRAL_CPU_CLAIMS"
+_DEFAULT_DIR = "/tmp"  # co-location is Linux-only, where /tmp is shared by every user
 
 
 def claims_dir() -> Path:
-    """Where the claim files live: ``$CORRAL_CPU_CLAIMS``, else the temporary directory."""
-    return Path(os.environ.get(ENV_CLAIMS) or tempfile.gettempdir())
+    """Where the claim files live: ``$CORRAL_CPU_CLAIMS``, else ``/tmp`` (not ``$TMPDIR``,
+    which differs between users and CI jobs that must still see each other's claims)."""
+    return Path(os.environ.get(ENV_CLAIMS) or _DEFAULT_DIR)
 
 
 def preference(allowed: Iterable[int], first: int) -> list[int]:
@@ -64,12 +69,32 @@ class CpuClaim:
             os.close(fd)
 
 
+_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+
+
 def _open(path: Path) -> int | None:
-    flags = os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    """A read-only descriptor of the claim file *path*, creating it readable by all.
+
+    Never through a symbolic link, never blocking (a FIFO planted there would hang
+    ``open``), and only a regular file. An existing file is opened without ``O_CREAT``:
+    with ``fs.protected_regular`` that flag fails on another user's file in ``/tmp``.
+    """
     try:
-        fd = os.open(path, flags, 0o644)
+        try:
+            fd = os.open(path, _FLAGS)
+        except FileNotFoundError:
+            try:
+                fd = os.open(path, _FLAGS | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:  # another process made it just now
+                fd = os.open(path, _FLAGS)
+            else:
+                os.fchmod(fd, 0o644)  # whatever the umask: other users must open it too
     except OSError as exc:
         log.debug("cannot open the CPU claim file %s: %s", path, exc)
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        log.debug("the CPU claim file %s is not a regular file", path)
+        os.close(fd)
         return None
     return fd
 
@@ -101,4 +126,11 @@ def claim_cpu(cpus: Iterable[int], directory: Path | None = None) -> CpuClaim | 
             os.close(fd)
             continue
         return CpuClaim(cpu, fd)
-    return None if usable else CpuClaim(order[0], None)
+    if usable:
+        return None
+    log.info(
+        "corral_colocate: CPU claims cannot be made in %s (see CORRAL_CPU_CLAIMS); "
+        "pinning without them, so runs side by side may share CPUs",
+        directory,
+    )
+    return CpuClaim(order[0], None)

@@ -36,13 +36,15 @@ _RENEW_EVERY = 3600.0
 _KEY_TTL = 24 * 3600.0
 
 
-def _handover_keys(name: str) -> tuple[str, str, str]:
+def _handover_keys(name: str, controller_pid: int) -> tuple[str, str, str]:
     """The lock, claim and fresh-mark keys of database *name* (see :class:`PreCloner`).
 
-    Keyed by the database's name, not its slot: runs that share a broker (``corral run``)
-    share slot numbers, never names.
+    Keyed by the database's name and the controller: runs that share a broker (``corral
+    run``) share slot numbers, and with a fixed ``corral_run_id`` names too, but never a
+    controller process.
     """
-    return f"corral:preclone:{name}", f"corral:claimed:{name}", f"corral:fresh:{name}"
+    tail = f"{controller_pid}:{name}"
+    return f"corral:preclone:{tail}", f"corral:claimed:{tail}", f"corral:fresh:{tail}"
 
 
 class WorkerDatabase:
@@ -126,7 +128,7 @@ class WorkerDatabase:
         info = self.info
         if info.broker_url or info.controller_pid == os.getpid():
             return False  # no pre-cloning: a Redis run, or no xdist (this is the controller)
-        lock, claim, fresh = _handover_keys(self.name)
+        lock, claim, fresh = _handover_keys(self.name, info.controller_pid)
         try:
             if self.client.add(claim, self.worker, ttl=_KEY_TTL):
                 return False
@@ -165,9 +167,10 @@ class PreCloner:
     Workers take ~300 ms to boot while the controller idles; cloning their databases then
     takes the clone off each worker's start-up path. One database at a time, in the order
     workers lease slots (the smallest free integers): under the lock of its name, claim
-    it, clone it, mark it fresh, unlock. Failures are logged, never raised: the workers
-    then clone their own. :meth:`stop` joins the thread, so no clone appears after the
-    run's clean-up listed the run's databases.
+    it, clone it, mark it fresh, unlock. Failures are logged, never raised, and cost only
+    the name that failed: its worker clones its own. :meth:`stop` joins the thread, so no
+    clone appears after the run's clean-up listed the run's databases; :meth:`forget`
+    then deletes the hand-over keys from the broker.
 
     :param info: the run (local broker, database part on).
     :param workers: how many workers xdist starts.
@@ -182,11 +185,16 @@ class PreCloner:
         self.own_slot = own_slot
         #: The databases made, in order.
         self.made: list[str] = []
+        #: The names it tried (their hand-over keys may exist).
+        self.tried: list[str] = []
         #: Seconds the thread ran, once it has ended.
         self.seconds: float | None = None
+        #: The first error, if any name failed.
         self.error: BaseException | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="corral-preclone")
+        # A daemon: a clone that hangs must not keep the interpreter from exiting (stop()
+        # gives up waiting; the next run's stale clean-up drops what it made late).
+        self._thread = threading.Thread(target=self._run, name="corral-preclone", daemon=True)
 
     def start(self) -> None:
         """Start the thread; returns at once."""
@@ -198,6 +206,20 @@ class PreCloner:
         if self._thread.ident is not None:
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def forget(self) -> None:
+        """Delete the hand-over keys of every name it tried (after :meth:`stop`, once the
+        workers are done): nothing of the hand-over stays in the broker."""
+        if not self.tried:
+            return
+        try:
+            with Client(self.info.broker_path) as client:
+                for name in self.tried:
+                    _, claim, fresh = _handover_keys(name, self.info.controller_pid)
+                    client.delete(claim)
+                    client.delete(fresh)
+        except BrokerError as exc:  # the broker is going away: its keys go with it
+            log.debug("could not delete the pre-clone keys: %s", exc)
 
     def slots(self, client: Client) -> list[int]:
         """The slots the next :attr:`workers` leases will get: the smallest free ones."""
@@ -225,15 +247,25 @@ class PreCloner:
                 for slot in self.slots(client):
                     if self._stopping.is_set():
                         break
-                    self._clone(client, self.info.clone_name(slot))
-        except Exception as exc:
-            self.error = exc
-            log.warning("corral: pre-creating the workers' databases failed: %s", exc)
+                    name = self.info.clone_name(slot)
+                    self.tried.append(name)
+                    try:
+                        self._clone(client, name)
+                    except Exception as exc:  # this name only: its worker clones its own
+                        self._failed(name, exc)
+        except Exception as exc:  # the broker: nothing more can be handed over
+            self._failed("", exc)
         finally:
             self.seconds = time.perf_counter() - started
 
+    def _failed(self, name: str, exc: Exception) -> None:
+        first, self.error = self.error is None, self.error or exc
+        what = f"pre-creating {name}" if name else "pre-creating the workers' databases"
+        # Once is enough to know why (a server that went away fails every name alike).
+        log.log(logging.WARNING if first else logging.DEBUG, "corral: %s failed: %s", what, exc)
+
     def _clone(self, client: Client, name: str) -> None:
-        lock, claim, fresh = _handover_keys(name)
+        lock, claim, fresh = _handover_keys(name, self.info.controller_pid)
         try:
             with client.lock(lock, timeout=0):
                 if not client.add(claim, "controller", ttl=_KEY_TTL):

@@ -12,9 +12,13 @@ permanent generation that collections skip; what the tests create is collected a
 before. A full collection right before the freeze clears what is garbage at that moment,
 so nothing is kept that was already unreachable.
 
-The trade-off: a reference cycle made of objects that existed at freeze time and become
+The trade-offs: a reference cycle made of objects that existed at freeze time and become
 unreachable later is not collected (it stays in memory, and its ``__del__`` does not
-run). Objects made by tests are not affected. ``corral_gc_freeze = off`` turns it off.
+run); and frozen objects are invisible to ``gc.get_objects()`` and ``gc.get_referrers()``
+(leak hunters such as objgraph, tests counting live instances made at import). Objects
+made by tests are not affected. A process freezes once: a pytest run started inside it
+(pytester's in-process runs) does not freeze it again. ``corral_gc_freeze = off`` turns
+it off.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import gc
 import pytest
 
 __all__ = ["GcFreeze"]
+
+# Whether corral froze this process already (pytest runs may nest in one process).
+_frozen_here = False
 
 
 class GcFreeze:
@@ -35,6 +42,10 @@ class GcFreeze:
         self.frozen = 0
 
     def freeze(self) -> None:
+        global _frozen_here
+        if _frozen_here:
+            return  # an in-process run inside a run that froze already
+        _frozen_here = True
         gc.collect()
         gc.freeze()
         self.frozen = gc.get_freeze_count()

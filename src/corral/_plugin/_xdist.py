@@ -26,6 +26,7 @@ class XdistHooks:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.precloner: PreCloner | None = None
+        self._precloner_stopped = False
 
     @pytest.hookimpl
     def pytest_xdist_setupnodes(self, specs: list[Any]) -> None:
@@ -45,13 +46,23 @@ class XdistHooks:
 
     @pytest.hookimpl
     def pytest_sessionfinish(self) -> None:
+        # The workers are done (also after Ctrl-C): the hand-over is over, before the
+        # report counts the broker's keys.
         precloner, process = self.precloner, self.config.stash.get(STATE, None)
-        if precloner is not None and process is not None and precloner.seconds is not None:
+        if precloner is None:
+            return
+        self._stop_precloner()
+        precloner.forget()
+        if process is not None and precloner.seconds is not None:
             name = f"pre-clone ({len(precloner.made)} databases)"
             process.timings[name] = precloner.seconds
 
     def _stop_precloner(self) -> None:
-        if self.precloner is not None and not self.precloner.stop():
+        precloner = self.precloner
+        if precloner is None or self._precloner_stopped:
+            return  # at session finish, then again (a no-op) at the config's clean-up
+        self._precloner_stopped = True
+        if not precloner.stop():
             log.warning("corral: pre-creating the workers' databases did not stop in time")
 
     @pytest.hookimpl
