@@ -94,3 +94,89 @@ def test_every_handle_works_after_no_sandbox_tests(
     inner.makepyfile(test_handles=SUITE)
     result = inner.runpytest_subprocess("-n", "0", "-p", "no:randomly", "test_handles.py")
     result.assert_outcomes(passed=4)
+
+
+# A pool exactly as large as the sandboxed tests need: whatever a handle keeps between
+# sandboxes must be back in the app's pool when a no_sandbox test needs all of it.
+FULL_POOL = """
+import asyncio
+import os
+
+import asyncpg
+import pytest
+import sqlalchemy
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"]
+SA_URL = sqlalchemy.engine.make_url(URL).set(drivername="postgresql+psycopg")
+
+engine = sqlalchemy.create_engine(SA_URL, pool_size=1, max_overflow=0, pool_timeout=5)
+engine_box = sandbox(engine)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def handles(anyio_backend):
+    pool = sandbox(await asyncpg.create_pool(URL, min_size=1, max_size=1))
+    aengine = create_async_engine(SA_URL, pool_size=1, max_overflow=0, pool_timeout=5)
+    aengine_box = sandbox(aengine)
+    yield pool, aengine
+    await pool.close()
+    await aengine_box.close()
+    await aengine.dispose()
+
+
+async def use_all(handles, acquire_first=False):
+    pool, aengine = handles
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    async with asyncio.timeout(10):  # a pool whose only connection is kept waits forever
+        if acquire_first:
+            async with pool.acquire() as conn:
+                assert await conn.fetchval("SELECT 2") == 2
+            conn = await pool.acquire()
+            assert await conn.fetchval("SELECT 3") == 3
+            await pool.release(conn)
+        assert await pool.fetchval("SELECT 1") == 1
+        async with aengine.connect() as conn:
+            assert (await conn.exec_driver_sql("SELECT 1")).scalar() == 1
+
+
+# In file order: each no_sandbox test comes after a sandboxed one that kept the pool's
+# only connection; the first takes it back through a query, the second through acquire().
+async def test_sandboxed(handles):
+    await use_all(handles)
+
+
+@pytest.mark.no_sandbox
+async def test_the_whole_pool_for_real(handles):
+    await use_all(handles)
+
+
+async def test_sandboxed_in_between(handles):
+    await use_all(handles, acquire_first=True)
+
+
+@pytest.mark.no_sandbox
+async def test_the_whole_pool_for_real_by_acquire(handles):
+    await use_all(handles, acquire_first=True)
+
+
+async def test_sandboxed_again(handles):
+    await use_all(handles)
+"""
+
+
+@pytest.mark.slow
+def test_a_no_sandbox_test_gets_the_whole_pool(inner: pytest.Pytester, shared_server: str) -> None:
+    inner.makepyfile(test_full=FULL_POOL)
+    result = inner.runpytest_subprocess("-n", "0", "-p", "no:randomly", "test_full.py")
+    result.assert_outcomes(passed=5)

@@ -238,7 +238,8 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
 
     :param pool: the application's pool (``asyncpg.create_pool(...)``).
     :param max_idle: connections kept acquired between sandboxes, so the next sandbox
-        skips the pool's reset round trip; all go back to the pool at :meth:`close`.
+        skips the pool's reset round trip; all go back to the pool at :meth:`close`, and
+        at the first call in normal mode (a ``no_sandbox`` test may need the whole pool).
     :param options: ``mode``, ``lock_timeout``, ``checkout_timeout``,
         ``isolation_level``, ``check_deferred``: see :class:`corral.sandbox.PoolSandbox`.
     """
@@ -300,11 +301,20 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
         while self._idle:
             await self._release(self._idle.pop())
 
+    async def _normal(self) -> Any:
+        """The pool, for a call in normal mode: first the connections kept for sandboxes
+        go back to it (a ``no_sandbox`` test may need every connection the pool has)."""
+        if self._idle:
+            await self._release_idle()
+        return self.pool
+
     # ------------------------------------------------------------------ the Pool API
 
     def acquire(self, *, timeout: float | None = None) -> Any:
         """Like ``pool.acquire()``: ``async with db.acquire() as conn`` or ``await``."""
         if not self.sandboxing:
+            if self._idle:
+                return _AcquireAfterReturning(self, timeout)
             return self.pool.acquire(timeout=timeout)
         return _Acquire(self, timeout)
 
@@ -349,44 +359,44 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         if not self.sandboxing:
-            return str(await self.pool.execute(query, *args, timeout=timeout))
+            return str(await (await self._normal()).execute(query, *args, timeout=timeout))
         async with self.acquire() as conn:
             return str(await conn.execute(query, *args, timeout=timeout))
 
     async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:
         if not self.sandboxing:
-            await self.pool.executemany(command, args, timeout=timeout)
+            await (await self._normal()).executemany(command, args, timeout=timeout)
             return
         async with self.acquire() as conn:
             await conn.executemany(command, args, timeout=timeout)
 
     async def fetch(self, query: str, *args: Any, **kwargs: Any) -> list[Any]:
         if not self.sandboxing:
-            return list(await self.pool.fetch(query, *args, **kwargs))
+            return list(await (await self._normal()).fetch(query, *args, **kwargs))
         async with self.acquire() as conn:
             return await conn.fetch(query, *args, **kwargs)  # type: ignore[no-any-return]
 
     async def fetchrow(self, query: str, *args: Any, **kwargs: Any) -> Any:
         if not self.sandboxing:
-            return await self.pool.fetchrow(query, *args, **kwargs)
+            return await (await self._normal()).fetchrow(query, *args, **kwargs)
         async with self.acquire() as conn:
             return await conn.fetchrow(query, *args, **kwargs)
 
     async def fetchval(self, query: str, *args: Any, **kwargs: Any) -> Any:
         if not self.sandboxing:
-            return await self.pool.fetchval(query, *args, **kwargs)
+            return await (await self._normal()).fetchval(query, *args, **kwargs)
         async with self.acquire() as conn:
             return await conn.fetchval(query, *args, **kwargs)
 
     async def fetchmany(self, query: str, args: Any, **kwargs: Any) -> list[Any]:
         if not self.sandboxing:
-            return list(await self.pool.fetchmany(query, args, **kwargs))
+            return list(await (await self._normal()).fetchmany(query, args, **kwargs))
         async with self.acquire() as conn:
             return await conn.fetchmany(query, args, **kwargs)  # type: ignore[no-any-return]
 
     async def _copy(self, method: str, *args: Any, **kwargs: Any) -> str:
         if not self.sandboxing:
-            return str(await getattr(self.pool, method)(*args, **kwargs))
+            return str(await getattr(await self._normal(), method)(*args, **kwargs))
         async with self.acquire() as conn:
             return str(await getattr(conn, method)(*args, **kwargs))
 
@@ -401,6 +411,33 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
 
     async def copy_records_to_table(self, table_name: str, **kwargs: Any) -> str:
         return await self._copy("copy_records_to_table", table_name, **kwargs)
+
+
+class _AcquireAfterReturning:
+    """``db.acquire()`` in normal mode while connections kept for sandboxes are out of the
+    pool: they go back first, then the pool's own acquire (awaitable, or ``async with``)."""
+
+    __slots__ = ("_conn", "_db", "_timeout")
+
+    def __init__(self, db: AsyncpgPoolSandbox, timeout: float | None) -> None:
+        self._db = db
+        self._timeout = timeout
+        self._conn: Any = None
+
+    async def _acquire(self) -> Any:
+        pool = await self._db._normal()
+        return await pool.acquire(timeout=self._timeout)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._acquire().__await__()
+
+    async def __aenter__(self) -> Any:
+        self._conn = await self._acquire()
+        return self._conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        conn, self._conn = self._conn, None
+        await self._db.pool.release(conn)
 
 
 class _Acquire:
