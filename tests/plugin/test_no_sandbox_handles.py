@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-# Back-to-back no_sandbox tests are the hard case: the first leaves real (normal-mode)
-# connections idle in the handles, the recreation kills their backends, and the second
-# checks them out again.
-SUITE = """
+# Every kind of handle, each on pools of *size* connections (one anyio runner for the
+# module: the async handles live on its loop).
+HANDLES = """
+import asyncio
 import os
 
 import asyncpg
@@ -22,7 +22,7 @@ from corral.sandbox import sandbox
 URL = os.environ["CORRAL_DATABASE_URL"]
 SA_URL = sqlalchemy.engine.make_url(URL).set(drivername="postgresql+psycopg")
 
-engine = sqlalchemy.create_engine(SA_URL, pool_size=2, max_overflow=0)
+engine = sqlalchemy.create_engine(SA_URL, pool_size={size}, max_overflow=0, pool_timeout=5)
 engine_box = sandbox(engine)
 connect = sandbox(URL)
 
@@ -36,15 +36,21 @@ def anyio_backend():
 
 @pytest.fixture(scope="module")
 async def handles(anyio_backend):
-    # Async handles live on this module's loop (one anyio runner for the module).
-    pool = sandbox(await asyncpg.create_pool(URL, min_size=2, max_size=2))
-    aengine = create_async_engine(SA_URL, pool_size=2, max_overflow=0)
+    pool = sandbox(await asyncpg.create_pool(URL, min_size={size}, max_size={size}))
+    aengine = create_async_engine(SA_URL, pool_size={size}, max_overflow=0, pool_timeout=5)
     aengine_box = sandbox(aengine)
     yield pool, aengine
     await pool.close()
     await aengine_box.close()
     await aengine.dispose()
+"""
 
+# Back-to-back no_sandbox tests are the hard case: the first leaves real (normal-mode)
+# connections idle in the handles, the recreation kills their backends, and the second
+# checks them out again.
+SUITE = (
+    HANDLES.format(size=2)
+    + """
 
 async def use_all(handles, name=None):
     pool, aengine = handles
@@ -85,6 +91,7 @@ async def test_sandboxed_after(handles):
 async def test_and_once_more_for_real(handles):
     assert await use_all(handles) == [1, 1, 1, 1]
 """
+)
 
 
 @pytest.mark.slow
@@ -98,41 +105,9 @@ def test_every_handle_works_after_no_sandbox_tests(
 
 # A pool exactly as large as the sandboxed tests need: whatever a handle keeps between
 # sandboxes must be back in the app's pool when a no_sandbox test needs all of it.
-FULL_POOL = """
-import asyncio
-import os
-
-import asyncpg
-import pytest
-import sqlalchemy
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from corral.sandbox import sandbox
-
-URL = os.environ["CORRAL_DATABASE_URL"]
-SA_URL = sqlalchemy.engine.make_url(URL).set(drivername="postgresql+psycopg")
-
-engine = sqlalchemy.create_engine(SA_URL, pool_size=1, max_overflow=0, pool_timeout=5)
-engine_box = sandbox(engine)
-
-pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-async def handles(anyio_backend):
-    pool = sandbox(await asyncpg.create_pool(URL, min_size=1, max_size=1))
-    aengine = create_async_engine(SA_URL, pool_size=1, max_overflow=0, pool_timeout=5)
-    aengine_box = sandbox(aengine)
-    yield pool, aengine
-    await pool.close()
-    await aengine_box.close()
-    await aengine.dispose()
-
+FULL_POOL = (
+    HANDLES.format(size=1)
+    + """
 
 async def use_all(handles, acquire_first=False):
     pool, aengine = handles
@@ -173,6 +148,7 @@ async def test_the_whole_pool_for_real_by_acquire(handles):
 async def test_sandboxed_again(handles):
     await use_all(handles)
 """
+)
 
 
 @pytest.mark.slow
