@@ -15,6 +15,7 @@ import os
 import secrets
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -49,6 +50,8 @@ FINISHED_KEY = "corral:plugin:finished"
 _DAY = 24 * 3600.0
 # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), which could merge two names.
 _MAX_NAME = 63
+# Databases dropped side by side at the end of a run.
+_DROP_THREADS = 8
 
 AnyClient: TypeAlias = "Client | RedisClient"
 
@@ -266,16 +269,31 @@ class Run:
             return []
         started = time.perf_counter()
         host = socket.gethostname()
-        dropped: list[str] = []
+        admin = info.admin_dsn
         try:
-            for db in list_databases(info.admin_dsn):
-                mine = db.pid == info.controller_pid and db.host == host
-                ours = db.kind == "clone" and db.run == info.run_id and mine
-                if ours and drop_database(info.admin_dsn, db.name):
-                    dropped.append(db.name)
+            names = [
+                db.name
+                for db in list_databases(admin)
+                if db.kind == "clone"
+                and db.run == info.run_id
+                and db.pid == info.controller_pid
+                and db.host == host
+            ]
         except Exception as exc:  # never let clean-up hide the run's own result
-            log.warning("could not drop this run's databases: %s", exc)
-            return dropped
+            log.warning("could not list this run's databases to drop them: %s", exc)
+            return []
+
+        def drop(name: str) -> bool:
+            try:
+                return drop_database(admin, name)
+            except Exception as exc:  # the others are still dropped
+                log.warning("could not drop %s: %s", name, exc)
+                return False
+
+        # Side by side: one after the other, the drops of an -n 8 run (~13 ms each) sat
+        # end to end on the run's last step.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), _DROP_THREADS))) as pool:
+            dropped = [name for name, ok in zip(names, pool.map(drop, names), strict=True) if ok]
         self.timings["drop clones"] = time.perf_counter() - started
         return dropped
 
