@@ -114,6 +114,14 @@ def _drain(sock: socket.socket) -> None:
             return
 
 
+def _wake(sel: SpinningSelector, a: socket.socket, b: socket.socket) -> int:
+    """Wake *sel* once with a byte from *b* to *a*, read it; how many keys were ready."""
+    b.send(b"x")
+    ready = len(sel.select(None))
+    _drain(a)
+    return ready
+
+
 def test_an_idle_selector_sleeps_without_spinning(pair: tuple[socket.socket, ...]) -> None:
     a, _ = pair
     with SpinningSelector(1.0) as sel:
@@ -127,9 +135,7 @@ def test_after_work_the_selector_spins_once_then_sleeps(pair: tuple[socket.socke
     a, b = pair
     with SpinningSelector(0.001) as sel:
         sel.register(a, selectors.EVENT_READ)
-        b.send(b"x")
-        assert len(sel.select(None)) == 1
-        _drain(a)
+        assert _wake(sel, a, b) == 1
         assert sel.select(0.01) == []  # spun 1 ms, found nothing, slept
         assert sel.policy.misses == 1
         assert sel.select(0.01) == []  # nothing came: no spin this time
@@ -140,9 +146,7 @@ def test_work_arriving_during_the_spin_is_caught_by_it(pair: tuple[socket.socket
     a, b = pair
     with SpinningSelector(5.0) as sel:
         sel.register(a, selectors.EVENT_READ)
-        b.send(b"x")
-        sel.select(None)
-        _drain(a)
+        _wake(sel, a, b)
         sel.policy.misses = 3
         writer = threading.Timer(0.01, b.send, args=(b"y",))
         writer.start()
@@ -157,9 +161,7 @@ def test_work_from_a_local_peer_does_not_start_a_spin(pair: tuple[socket.socket,
     with SpinningSelector(1.0) as sel:
         sel.register(a, selectors.EVENT_READ)
         sel.local.add(a.fileno())
-        b.send(b"x")
-        assert len(sel.select(None)) == 1
-        _drain(a)
+        assert _wake(sel, a, b) == 1
         assert sel.select(0.01) == []
         assert sel.policy.misses == 0
 
@@ -247,9 +249,7 @@ def test_every_poll_yields_the_cpu(
     a, b = pair
     with SpinningSelector(0.002) as sel:
         sel.register(a, selectors.EVENT_READ)
-        b.send(b"x")
-        sel.select(None)
-        _drain(a)
+        _wake(sel, a, b)
         assert sel.select(0.001) == []  # a 2 ms spin that finds nothing
     assert len(yields) > 1
     yields.clear()
@@ -313,9 +313,7 @@ def test_handing_over_stands_the_selector_down(pair: tuple[socket.socket, ...]) 
     a, b = pair
     with SpinningSelector(1.0) as sel:
         sel.register(a, selectors.EVENT_READ)
-        b.send(b"x")
-        sel.select(None)
-        _drain(a)
+        _wake(sel, a, b)
         sel.stand_down()
         assert sel.select(0.01) == []
         assert sel.policy.missed == 0  # it did not spin
