@@ -137,12 +137,7 @@ class WorkerDatabase:
             return False
         # No fallback past this point: cloning the name ourselves could race the controller.
         with self.client.lock(lock):
-            taken = bool(self.client.delete(fresh))
-        if taken:
-            # The controller is done with this name: leave no hand-over key behind (the
-            # slot's next holder then claims the name and clones afresh, as it must).
-            self.client.delete(claim)
-        return taken
+            return bool(self.client.delete(fresh))
 
     def _clone(self) -> None:
         info = self.info
@@ -201,10 +196,15 @@ class PreCloner:
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> bool:
-        """Let the clone in progress finish, skip the others, and join; True when it ended."""
-        self._stopping.set()
-        if self._thread.ident is not None:
-            self._thread.join(timeout)
+        """Let the clone in progress finish, skip the others, and join; True when it ended.
+
+        Waits once: called again (session finish, then the config's clean-up), it only
+        says whether the thread has ended.
+        """
+        if not self._stopping.is_set():
+            self._stopping.set()
+            if self._thread.ident is not None:
+                self._thread.join(timeout)
         return not self._thread.is_alive()
 
     def forget(self) -> None:

@@ -26,7 +26,6 @@ class XdistHooks:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.precloner: PreCloner | None = None
-        self._precloner_stopped = False
 
     @pytest.hookimpl
     def pytest_xdist_setupnodes(self, specs: list[Any]) -> None:
@@ -58,11 +57,8 @@ class XdistHooks:
             process.timings[name] = precloner.seconds
 
     def _stop_precloner(self) -> None:
-        precloner = self.precloner
-        if precloner is None or self._precloner_stopped:
-            return  # at session finish, then again (a no-op) at the config's clean-up
-        self._precloner_stopped = True
-        if not precloner.stop():
+        # At session finish, then again (no second wait) at the config's clean-up.
+        if self.precloner is not None and not self.precloner.stop():
             log.warning("corral: pre-creating the workers' databases did not stop in time")
 
     @pytest.hookimpl
