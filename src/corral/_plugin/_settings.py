@@ -215,13 +215,7 @@ class Settings:
         for name in env_names:
             if not name.isidentifier():
                 raise pytest.UsageError(f"corral_database_env: {name!r} is not a variable name")
-        switch = (
-            _option(config, "corral_database")
-            or str(config.getini("corral_database")).strip().lower()
-            or "auto"
-        )
-        if switch not in _SWITCH:
-            raise pytest.UsageError(f"corral_database must be auto, on or off, not {switch!r}")
+        switch = _switch(config, "corral_database")
         database = bool(schema or dsn or env_names) if switch == "auto" else switch == "on"
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
         extra = tuple(dict.fromkeys([base, config.rootpath]))
@@ -261,19 +255,20 @@ def empty_schema(dsn: str) -> None:
     """The schema of ``corral_database = on`` without ``corral_schema``: nothing."""
 
 
-def _first(config: pytest.Config, name: str, env: str) -> tuple[str | None, str]:
-    """The value of option / ini / environment *name* (that order), and where it came from."""
+def _first(config: pytest.Config, name: str, env: str | None) -> tuple[str | None, str]:
+    """The value of option / ini / environment *name* (that order; *env* None: no
+    environment variable), and where it came from."""
     option = _option(config, name)
     if option is not None and str(option).strip():
         return str(option).strip(), "--" + name.replace("_", "-")
     ini = str(config.getini(name)).strip()
     if ini:
         return ini, f"ini {name}"
-    value = os.environ.get(env, "").strip()
-    return (value, env) if value else (None, "")
+    value = os.environ.get(env, "").strip() if env else ""
+    return (value, env) if env and value else (None, "")
 
 
-def _switch(config: pytest.Config, name: str, env: str) -> str:
+def _switch(config: pytest.Config, name: str, env: str | None = None) -> str:
     """``auto``, ``on`` or ``off`` from option / ini / environment *name* (default auto).
 
     :raises pytest.UsageError: any other value, naming where it came from.
