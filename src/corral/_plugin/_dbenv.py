@@ -1,0 +1,197 @@
+"""The environment variables a test process's database URL is handed out under.
+
+Each ``corral_database_env`` entry is ``NAME`` (the whole URL) or ``NAME=<template>``,
+where the template holds ``{part}`` fields (``url``, ``host``, ``port``, ``user``,
+``password``, ``dbname``, ``sqlalchemy_url``, ``asyncpg_url``), so an app that builds its
+URL from parts (``POSTGRES_SERVER={host}``) gets them without a line of code changed.
+The libpq variables (``PGHOST``...) are set too. Pure: parse once, render per database.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+
+__all__ = [
+    "LIBPQ_VARIABLES",
+    "PARTS",
+    "EnvEntry",
+    "parse_entries",
+    "parse_entry",
+    "render",
+    "url_parts",
+]
+
+#: Every ``{part}`` an entry may name, with what it holds.
+PARTS: Mapping[str, str] = {
+    "url": "the whole libpq URL (postgresql://user:password@host:port/dbname)",
+    "host": "the server's host name or address (a directory for a Unix socket)",
+    "port": "the server's port",
+    "user": "the user name",
+    "password": "the password (empty when there is none)",
+    "dbname": "the database's name",
+    "sqlalchemy_url": "the URL with SQLAlchemy's psycopg driver (postgresql+psycopg://...)",
+    "asyncpg_url": "the URL for SQLAlchemy's asyncpg driver (postgresql+asyncpg://...)",
+}
+
+#: libpq's variables and the part each gets: apps and tools relying on libpq's defaults
+#: (psql, pg_dump, psycopg.connect("")) reach the test process's database.
+LIBPQ_VARIABLES: Mapping[str, str] = {
+    "PGHOST": "host",
+    "PGPORT": "port",
+    "PGUSER": "user",
+    "PGDATABASE": "dbname",
+}
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: libpq's key=value form: keys, '=', values bare or single-quoted with \-escapes.
+_KEYWORD = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*")
+_QUOTED = re.compile(r"'((?:[^'\\]|\\.)*)'")
+_BARE = re.compile(r"(?:[^\s\\]|\\.)*")
+
+
+class EnvEntryError(ValueError):
+    """A ``corral_database_env`` entry that cannot be used (the message says why)."""
+
+
+@dataclass(frozen=True)
+class EnvEntry:
+    """One ``corral_database_env`` entry: a variable and what it gets."""
+
+    name: str
+    template: str = "{url}"
+
+    def render(self, parts: Mapping[str, str]) -> str:
+        return self.template.format_map(parts)
+
+
+def parse_entry(text: str) -> EnvEntry:
+    """``NAME`` or ``NAME=<template with {part} fields>``.
+
+    :raises EnvEntryError: not a variable name, or a field that is not a part.
+    """
+    name, sep, template = text.partition("=")
+    name = name.strip()
+    if not _NAME.match(name):
+        raise EnvEntryError(f"{name!r} is not an environment variable name (entry {text!r})")
+    if not sep:
+        return EnvEntry(name)
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+        bad_form = any(spec or conv for _, f, spec, conv in string.Formatter().parse(template) if f)
+    except ValueError as exc:  # unbalanced braces
+        raise EnvEntryError(f"{text!r}: {exc} (write literal braces as {{{{ and }}}})") from None
+    unknown = [f for f in fields if f not in PARTS]
+    if unknown or bad_form or not template:
+        valid = ", ".join("{" + p + "}" for p in PARTS)
+        what = f"unknown part {{{unknown[0]}}}" if unknown else "a value like NAME={part}"
+        raise EnvEntryError(f"{text!r}: {what}; the parts are {valid}")
+    return EnvEntry(name, template)
+
+
+def parse_entries(texts: Iterable[str]) -> tuple[EnvEntry, ...]:
+    """Every entry parsed; a variable named twice is an error too."""
+    entries = tuple(parse_entry(t) for t in texts)
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.name in seen:
+            raise EnvEntryError(f"{entry.name} is named twice")
+        seen.add(entry.name)
+    return entries
+
+
+def _conninfo(dsn: str) -> dict[str, str]:
+    """libpq's ``key=value`` form parsed (quoted values, backslash escapes)."""
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(dsn):
+        if not dsn[pos:].strip():
+            break
+        key = _KEYWORD.match(dsn, pos)
+        if key is None:
+            raise ValueError(f"not a libpq connection string: {dsn!r}")
+        pos = key.end()
+        quoted = _QUOTED.match(dsn, pos)
+        match = quoted or _BARE.match(dsn, pos)
+        assert match is not None  # _BARE matches the empty string
+        raw = match.group(1) if quoted else match.group(0)
+        params[key.group(1)] = re.sub(r"\\(.)", r"\1", raw)
+        pos = match.end()
+    return params
+
+
+def url_parts(dsn: str) -> dict[str, str]:
+    """Every part of *dsn* (a ``postgresql://`` URL or libpq ``key=value`` string).
+
+    Missing parts get libpq's defaults where they have one (port 5432); the ``url`` part
+    always has a host and a port, so strict URL parsers (pydantic's ``PostgresDsn``)
+    accept it when the server listens on TCP.
+    """
+    if _URL.match(dsn):
+        split = urlsplit(dsn)
+        query = dict(parse_qsl(split.query, keep_blank_values=True))
+        host = query.pop("host", None) or unquote(split.hostname or "")
+        port = query.pop("port", None) or (str(split.port) if split.port else "")
+        user = query.pop("user", None) or unquote(split.username or "")
+        password = query.pop("password", None) or unquote(split.password or "")
+        dbname = query.pop("dbname", None) or unquote(split.path.lstrip("/"))
+    else:
+        params = _conninfo(dsn)
+        host = params.pop("host", "")
+        port = params.pop("port", "")
+        user = params.pop("user", "")
+        password = params.pop("password", "")
+        dbname = params.pop("dbname", "")
+        query = params
+    port = port or "5432"
+    socket_dir = host.startswith("/")
+    netloc = quote(user, safe="") if user else ""
+    if password:
+        netloc += ":" + quote(password, safe="")
+    if netloc:
+        netloc += "@"
+    if socket_dir:
+        # A socket directory cannot stand in the URL's host: it goes into the query,
+        # where libpq, psycopg, asyncpg and SQLAlchemy all read it (with the port, which
+        # names the socket file).
+        query = {"host": host, "port": port, **query}
+    elif host:
+        netloc += (f"[{host}]" if ":" in host else host) + f":{port}"
+    tail = urlencode(query, safe="/", quote_via=quote)
+    path = "/" + quote(dbname, safe="")
+
+    def with_scheme(scheme: str) -> str:
+        return urlunsplit((scheme, netloc, path, tail, ""))
+
+    return {
+        "url": with_scheme("postgresql"),
+        "host": host,
+        "port": port,
+        "user": user,
+        "password": password,
+        "dbname": dbname,
+        "sqlalchemy_url": with_scheme("postgresql+psycopg"),
+        "asyncpg_url": with_scheme("postgresql+asyncpg"),
+    }
+
+
+def render(dsn: str, entries: Iterable[EnvEntry], *, libpq: bool = True) -> dict[str, str]:
+    """The variables to set for a process whose database is *dsn*.
+
+    :param entries: the parsed ``corral_database_env`` entries.
+    :param libpq: whether to add ``PGHOST``, ``PGPORT``, ``PGUSER`` and ``PGDATABASE``
+        (and ``PGPASSWORD`` when the URL carries a password).
+    """
+    parts = url_parts(dsn)
+    env: dict[str, str] = {}
+    if libpq:
+        env.update({name: parts[part] for name, part in LIBPQ_VARIABLES.items() if parts[part]})
+        if parts["password"]:
+            env["PGPASSWORD"] = parts["password"]
+    for entry in entries:
+        env[entry.name] = entry.render(parts)
+    return env

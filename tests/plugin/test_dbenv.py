@@ -1,0 +1,125 @@
+"""corral_database_env entries: parsing, and the parts each database hands out."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from corral._plugin._dbenv import (
+    EnvEntry,
+    EnvEntryError,
+    parse_entries,
+    parse_entry,
+    render,
+    url_parts,
+)
+
+TCP = "postgresql://postgres:s3cr%2Ft@127.0.0.1:5433/corral_run_1"
+
+
+def test_a_bare_name_gets_the_whole_url() -> None:
+    assert parse_entry("DATABASE_URL") == EnvEntry("DATABASE_URL", "{url}")
+    assert render(TCP, parse_entries(["DATABASE_URL"]))["DATABASE_URL"] == TCP
+
+
+def test_parts_for_apps_that_build_their_url() -> None:
+    entries = parse_entries(
+        [
+            "POSTGRES_SERVER={host}",
+            "POSTGRES_PORT={port}",
+            "POSTGRES_USER={user}",
+            "POSTGRES_PASSWORD={password}",
+            "POSTGRES_DB={dbname}",
+            "SQLALCHEMY_DATABASE_URI={sqlalchemy_url}",
+            "ASYNC_URL={asyncpg_url}",
+            "MIXED=postgresql+asyncpg://{user}@{host}:{port}/{dbname}",
+        ]
+    )
+    env = render(TCP, entries)
+    assert env["POSTGRES_SERVER"] == "127.0.0.1"
+    assert env["POSTGRES_PORT"] == "5433"
+    assert env["POSTGRES_USER"] == "postgres"
+    assert env["POSTGRES_PASSWORD"] == "s3cr/t"
+    assert env["POSTGRES_DB"] == "corral_run_1"
+    assert env["SQLALCHEMY_DATABASE_URI"] == TCP.replace("postgresql:", "postgresql+psycopg:")
+    assert env["ASYNC_URL"] == TCP.replace("postgresql:", "postgresql+asyncpg:")
+    assert env["MIXED"] == "postgresql+asyncpg://postgres@127.0.0.1:5433/corral_run_1"
+
+
+def test_libpq_variables_are_set_too() -> None:
+    env = render(TCP, ())
+    assert env == {
+        "PGHOST": "127.0.0.1",
+        "PGPORT": "5433",
+        "PGUSER": "postgres",
+        "PGDATABASE": "corral_run_1",
+        "PGPASSWORD": "s3cr/t",
+    }
+    assert "PGHOST" not in render(TCP, (), libpq=False)
+
+
+def test_a_socket_directory_stays_in_the_query() -> None:
+    parts = url_parts("postgresql://postgres@/db?host=/dev/shm/x&port=6000")
+    assert parts["host"] == "/dev/shm/x"
+    assert parts["port"] == "6000"
+    assert parts["url"] == "postgresql://postgres@/db?host=/dev/shm/x&port=6000"
+
+
+def test_libpq_key_value_strings() -> None:
+    parts = url_parts(r"host=localhost user='a b' password='it\'s' dbname=x sslmode=disable")
+    assert (parts["host"], parts["port"], parts["user"], parts["password"], parts["dbname"]) == (
+        "localhost",
+        "5432",
+        "a b",
+        "it's",
+        "x",
+    )
+    assert parts["url"] == "postgresql://a%20b:it%27s@localhost:5432/x?sslmode=disable"
+
+
+def test_ipv6_hosts_are_bracketed() -> None:
+    assert url_parts("postgresql://u@[::1]:5432/d")["url"] == "postgresql://u@[::1]:5432/d"
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ("1X", "is not an environment variable name"),
+        ("X-Y={host}", "is not an environment variable name"),
+        ("X={hostname}", "unknown part {hostname}; the parts are {url}, {host}"),
+        ("X={host!r}", "the parts are"),
+        ("X={host:>5}", "the parts are"),
+        ("X=", "the parts are"),
+        ("X={", "write literal braces"),
+    ],
+)
+def test_bad_entries_say_what_is_wrong(entry: str, says: str) -> None:
+    with pytest.raises(EnvEntryError, match=re.escape(says)):
+        parse_entry(entry)
+
+
+def test_a_variable_named_twice_is_an_error() -> None:
+    with pytest.raises(EnvEntryError, match="DB is named twice"):
+        parse_entries(["DB", "DB={url}"])
+
+
+_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
+
+
+@given(user=_text, password=_text, dbname=_text, port=st.integers(1, 65535))
+def test_the_url_part_round_trips(user: str, password: str, dbname: str, port: int) -> None:
+    from urllib.parse import quote
+
+    login = f"{quote(user, safe='')}:{quote(password, safe='')}"
+    url = f"postgresql://{login}@127.0.0.1:{port}/{quote(dbname, safe='')}"
+    parts = url_parts(url)
+    assert (parts["user"], parts["password"], parts["dbname"], parts["port"]) == (
+        user,
+        password,
+        dbname,
+        str(port),
+    )
+    assert url_parts(parts["url"]) == parts
