@@ -14,3 +14,7 @@ os.environ["CORRAL_CPU_CLAIMS"] = _CLAIMS = tempfile.mkdtemp(prefix="corral-test
 atexit.register(shutil.rmtree, _CLAIMS, ignore_errors=True)
 
 pytest_plugins = ["tests.fix_broker", "tests.fix_postgres", "tests.fix_redis", "tests.fix_sandbox"]
+
+# The apps of tests/plugin/test_real_apps.py are projects with suites of their own, run
+# in subprocesses from a copy; this run does not collect them.
+collect_ignore = ["real_apps"]
