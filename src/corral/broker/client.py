@@ -20,7 +20,15 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret, timeout_for, unavailable
+from corral.broker._address import (
+    busy,
+    is_busy,
+    next_delay,
+    resolve_path,
+    resolve_secret,
+    timeout_for,
+    unavailable,
+)
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
@@ -454,14 +462,24 @@ class Client:
         self._connect()
 
     def _connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-            sock.settimeout(None)
-        except OSError as exc:
-            sock.close()
-            raise unavailable(self.path, exc) from exc
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                sock.settimeout(None)
+                break
+            except OSError as exc:
+                sock.close()
+                if not is_busy(exc):
+                    raise unavailable(self.path, exc) from exc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise busy(self.path, self.timeout) from exc
+                time.sleep(min(delay, left))
+                delay = next_delay(delay)
         self._sock, self._pid = sock, os.getpid()
         # Spin only for a broker in another process: one in this process needs our GIL.
         self._spin = SpinPolicy(self._spin_budget if peer_in_other_process(sock) else 0.0)
