@@ -60,6 +60,25 @@ def test_out_of_range_numbers_are_refused_with_their_path(line: bytes, path: str
     assert isinstance(conn.next_event(), Request)  # the connection goes on
 
 
+def test_a_long_number_is_named_briefly() -> None:
+    conn = ServerConnection()
+    conn.receive_data(b'{"action":"set","key":"k","value":1' + b"0" * 100_000 + b".5}\n")
+    rejected = conn.next_event()
+    assert isinstance(rejected, Rejected)
+    assert rejected.code == "invalid_value"
+    assert len(rejected.detail) < 200
+    assert "100003 characters" in rejected.detail
+
+
+@pytest.mark.parametrize("tail", [b"[" * 5000 + b"]" * 5000, b"[" * 5000, b"nonsense"])
+def test_a_bad_number_before_deep_or_broken_json_is_still_refused(tail: bytes) -> None:
+    conn = ServerConnection()
+    conn.receive_data(b'{"action":"push","queue":"q","items":[1e400,' + tail + b"]}\n")
+    rejected = conn.next_event()
+    assert isinstance(rejected, Rejected)
+    assert rejected.code == "invalid_value"
+
+
 def test_small_and_tiny_floats_still_pass() -> None:
     conn = ServerConnection()
     conn.receive_data(b'{"action":"set","key":"k","value":[1.5e308,1e-400,-0.0,2.5]}\n')

@@ -56,7 +56,8 @@ class Client:
 
     :param path: the broker's socket; default ``$EPHEMERAL_PIPE``.
     :param secret: the broker's secret; default ``$EPHEMERAL_SECRET``.
-    :param timeout: seconds to wait for each answer (and to connect).
+    :param timeout: seconds to wait for each answer (and to connect: a broker whose
+        listen backlog is full is retried until then, then :class:`BrokerTimeout`).
     :param compress_threshold: values whose JSON has at least this many characters are
         sent gzip+base64 compressed, as the Node client does (None: never).
     :param spin: seconds to poll for an answer before sleeping, when the broker is in
@@ -180,6 +181,8 @@ class Client:
         existing one keeps its deadline unless *ttl* is given.
 
         :raises InvalidRequest: the value at *key* is not an integer.
+        :raises CounterOverflow: the amount, the integer at *key* or the result is outside
+            the signed 64-bit range; the key is unchanged.
         """
         return self._run(_flows.incr(key, amount, ttl))
 

@@ -112,13 +112,16 @@ def out_of_range_detail(text: str) -> str:
 
     try:
         obj = json.loads(text, parse_float=mark, parse_constant=mark)
-    except ValueError:
+    except (ValueError, RecursionError):  # bad JSON after the number, or too deep
         obj = None
     if not markers:
         return "number out of range"
     path = _path_of(obj, markers[0], "")
-    where = f" at {path}" if path else ""
-    return f"number out of range{where}: {markers[0].text} (JSON numbers must be finite doubles)"
+    where = f" at {path[:200]}" if path else ""
+    token = markers[0].text
+    if len(token) > 40:
+        token = f"{token[:20]}...{token[-10:]} ({len(token)} characters)"
+    return f"number out of range{where}: {token} (JSON numbers must be finite doubles)"
 
 
 # The C encoder and scanner behind json.dumps/json.loads, built once: the public
