@@ -13,11 +13,13 @@
     │       ├── TTLRequired              (ValueError) ttl_required
     │       ├── InvalidTTL               (ValueError) invalid_ttl
     │       ├── TooLarge                 (ValueError) too_large
-    │       ├── CapacityExceeded         max_items
+    │       ├── CapacityExceeded         max_items (also when max_bytes is reached)
     │       ├── LeaseError               key_and_worker_required, worker_required,
     │       │                            worker_already_has_lease
     │       ├── AuthFailed               (PermissionError) auth_failed
     │       ├── InvalidRequest           (ValueError) invalid_json, unknown_action, bad_request
+    │       ├── InvalidValue             (ValueError) invalid_value: a number JSON cannot carry
+    │       ├── CounterOverflow          (OverflowError) overflow: outside the signed 64-bit range
     │       ├── WaitTimeout              (BrokerTimeout) timeout: the broker gave up a wait
     │       ├── Draining                 (ConnectionError) the broker is shutting down
     │       ├── OnceFailed               once_failed: the one compute() of once() raised
@@ -122,7 +124,8 @@ class TooLarge(BrokerRequestError, ValueError):
 
 
 class CapacityExceeded(BrokerRequestError):
-    """The broker holds ``max_items`` keys already; updates of existing keys still work."""
+    """The broker is full: ``max_items`` things (keys, pools, queued items, locks, barriers,
+    compute claims) or ``max_bytes`` of them; updates of existing keys still work."""
 
     code = "max_items"
 
@@ -143,6 +146,21 @@ class InvalidRequest(BrokerRequestError, ValueError):
     """The request was not valid JSON, named an unknown action, or had malformed fields."""
 
     code = "bad_request"
+
+
+class InvalidValue(BrokerRequestError, ValueError):
+    """A request carried a number the broker could not send back (NaN, Infinity, 1e400).
+
+    The detail names where it is, e.g. ``number out of range at value.a[2]: 1e400``.
+    """
+
+    code = "invalid_value"
+
+
+class CounterOverflow(BrokerRequestError, OverflowError):
+    """``incr`` would leave the signed 64-bit range (as Redis ``INCRBY``); the key is unchanged."""
+
+    code = "overflow"
 
 
 class Draining(BrokerRequestError, ConnectionError):
@@ -223,7 +241,7 @@ _HINTS: dict[str, str] = {
     "ttl_required": "this broker requires a TTL: pass ttl=SECONDS",
     "invalid_ttl": "a TTL must be a positive number of seconds",
     "too_large": "the value or request is over the broker's size limit",
-    "max_items": "the broker is full (max_items); delete keys or raise the limit",
+    "max_items": "the broker is full (max_items or max_bytes); free things or raise the limit",
     "key_and_worker_required": "lease needs both a key and a worker id",
     "worker_required": "release needs a worker id",
     "worker_already_has_lease": "this worker already holds a lease under another key",
@@ -231,6 +249,8 @@ _HINTS: dict[str, str] = {
     "invalid_json": "the request was not one JSON object per line",
     "unknown_action": "the broker does not know this action",
     "bad_request": "the request has missing or malformed fields",
+    "invalid_value": "a number is NaN, infinite or beyond a 64-bit float; send finite numbers",
+    "overflow": "a counter must stay within the signed 64-bit range (-2**63 .. 2**63-1)",
     "draining": "the broker is shutting down",
     "timeout": "the wait timed out on the broker",
     "once_failed": "the one compute() of once() raised; fix it and start a new run",
@@ -255,6 +275,8 @@ ERROR_CODES: dict[str, type[BrokerRequestError]] = {
     "invalid_json": InvalidRequest,
     "unknown_action": InvalidRequest,
     "bad_request": InvalidRequest,
+    "invalid_value": InvalidValue,
+    "overflow": CounterOverflow,
     "draining": Draining,
     "timeout": WaitTimeout,
     "internal_error": BrokerRequestError,

@@ -127,7 +127,7 @@ def serve_and_stop(proc: subprocess.Popen[str], path: str) -> None:
         assert json.loads(got.stdout) == {"hello": "world"}
         assert corral("set", "word", "not json", env=env).returncode == 0
         assert json.loads(corral("get", "word", env=env).stdout) == "not json"
-        assert corral("set", "n", "12", "--string", "--ttl", "5", env=env).returncode == 0
+        assert corral("set", "n", "12", "--string", "--ttl", "300", env=env).returncode == 0
         assert json.loads(corral("get", "n", env=env).stdout) == "12"
         assert corral("keys", env=env).stdout.split() == ["greeting", "n", "word"]
         assert corral("ping", env=env).stdout.endswith(" ms\n")

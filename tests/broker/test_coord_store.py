@@ -463,7 +463,7 @@ class OnceAndQueueMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_item_once(self) -> None:
-        queued = list(self.store._work.get("q", ()))
+        queued = [value for value, _ in self.store._work.get("q", ())]
         assert sorted(self.delivered + queued) == self.pushed
 
 

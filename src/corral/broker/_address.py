@@ -6,12 +6,21 @@ Shared by the blocking and the asyncio client.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from corral.broker.messages import Call
-from corral.errors import BrokerUnavailable
+from corral.errors import BrokerTimeout, BrokerUnavailable
 
-__all__ = ["resolve_path", "resolve_secret", "timeout_for", "unavailable"]
+__all__ = [
+    "busy",
+    "is_busy",
+    "next_delay",
+    "resolve_path",
+    "resolve_secret",
+    "timeout_for",
+    "unavailable",
+]
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> str:
@@ -44,6 +53,27 @@ def unavailable(path: str, exc: BaseException) -> BrokerUnavailable:
     return BrokerUnavailable(
         f"cannot reach the broker at {path}: {reason}. Is it running? "
         "(`corral run -- CMD` starts one and sets EPHEMERAL_PIPE)"
+    )
+
+
+def is_busy(exc: OSError) -> bool:
+    """Did ``connect()`` fail because the broker's listen backlog is full?
+
+    A Unix socket answers EAGAIN then, at once, even to a blocking connect with a
+    timeout; the broker is alive and busy, so the client retries until its timeout.
+    """
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def next_delay(delay: float) -> float:
+    """The pause before the next connect attempt to a busy broker: 1 ms doubling to 50 ms."""
+    return min(delay * 2, 0.05)
+
+
+def busy(path: str, timeout: float) -> BrokerTimeout:
+    return BrokerTimeout(
+        f"the broker at {path} is busy: its listen backlog stayed full for {timeout:g} s "
+        "(too many processes connecting at once, or the broker is stuck)"
     )
 
 

@@ -102,6 +102,12 @@ def _broker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-items", type=int, default=10_000)
     p.add_argument("--max-value-size", type=int, default=256 * 1024)
     p.add_argument("--max-request-size", type=int, default=1024 * 1024)
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=512 * 1024 * 1024,
+        help="most bytes of keys, pools and queued items, by the broker's estimate (0: no limit)",
+    )
     p.add_argument("--idle-timeout", type=float, default=None, help="stop after idle seconds")
     p.add_argument("--debug", action="store_true", help="debug logs on stderr")
 
@@ -121,6 +127,7 @@ def _make_broker(args: argparse.Namespace) -> Broker:
         max_items=args.max_items,
         max_value_size=args.max_value_size,
         max_request_size=args.max_request_size,
+        max_bytes=args.max_bytes,
         secret=secret,
         idle_timeout=args.idle_timeout,
         debug=args.debug,

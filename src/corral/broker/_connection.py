@@ -32,6 +32,20 @@ _HELD_LIMIT: Final = 1024 * 1024
 _encode = ServerConnection.send
 
 
+def _encode_answer(answer: dict[str, object], session: int) -> bytes:
+    """*answer* as a line; if it cannot be written, an ``internal_error`` line instead.
+
+    Values are checked at the door (``invalid_value``), so this is a safety net: a
+    waiter (pop, once, lock...) always hears something, never silence.
+    """
+    try:
+        return _encode(answer)
+    except Exception as exc:
+        log.exception("session %d: an answer could not be encoded", session)
+        detail = f"the answer could not be encoded: {type(exc).__name__}: {exc}"
+        return _encode({"ok": False, "error": "internal_error", "detail": detail[:500]})
+
+
 class Connection(asyncio.BufferedProtocol):
     """One client connection: strict in-order answers, backpressure, ownership.
 
@@ -162,7 +176,7 @@ class Connection(asyncio.BufferedProtocol):
                         response.on_done = self._ticket_done
                         self.waiting = response
                         break  # the rest waits for it: strictly in order
-                    line = _encode(response)
+                    line = _encode_answer(response, session.id)
                 except Exception as exc:  # a bug must cost one answer, never the broker
                     log.exception("session %d: request failed", session.id)
                     line = _encode({"ok": False, "error": "internal_error", "detail": repr(exc)})
@@ -207,7 +221,10 @@ class Connection(asyncio.BufferedProtocol):
         if transport is None or self.finished:
             return
         assert ticket.result is not None
-        transport.write(_encode(ticket.result))
+        assert self.session is not None
+        # Called from inside another request's handler: this must never raise, or the
+        # waiter would go unanswered and that request fail halfway.
+        transport.write(_encode_answer(ticket.result, self.session.id))
         selector = self.broker._selector
         if selector is not None:
             selector.stand_down()  # the waiter we just woke needs a CPU, not our polling

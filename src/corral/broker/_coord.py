@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from corral.broker._holds import Holds, Who, _Hold, describe
+from corral.broker._holds import OVERHEAD, Holds, Who, _Hold, describe, value_size
 from corral.broker._ticket import ALARM, HOLD, ONCE, TICKET, Owner, Refused, Ticket
 
 __all__ = ["Coordination", "describe"]
@@ -55,8 +55,46 @@ class Coordination(Holds):
         self._onces: dict[str, _Once] = {}
         self._barriers: dict[str, _Barrier] = {}
         self._throttles: dict[str, deque[float]] = {}
-        self._work: dict[str, deque[Any]] = {}
+        # queue -> items, each with its rough size in bytes (for max_bytes)
+        self._work: dict[str, deque[tuple[Any, int]]] = {}
+        self._queued = 0  # items in all queues
+        self._queued_bytes = 0
+        self._once_bytes = 0  # messages of failed onces
         self._alarms: dict[Ticket, None] = {}  # throttle waiters, granted by the clock
+
+    # ------------------------------------------------------------------ limits
+
+    def _coord_items(self) -> int:
+        """Coordination things held, in O(1), for ``max_items``."""
+        return (
+            len(self._resources)
+            + len(self._onces)
+            + len(self._barriers)
+            + len(self._throttles)
+            + self._queued
+        )
+
+    def _coord_bytes(self) -> int:
+        """Rough bytes of it all, in O(1), for ``max_bytes`` and ``approximateStoreBytes``."""
+        small = len(self._resources) + len(self._onces) + len(self._barriers)
+        return (
+            self._pool_bytes
+            + self._queued_bytes
+            + self._once_bytes
+            + OVERHEAD * (small + len(self._throttles))
+        )
+
+    def coordination_objects(self) -> dict[str, int]:
+        """What ``max_items`` counts besides keys, by kind (``stats`` ``objects``)."""
+        pools = sum(1 for kind, _ in self._resources if kind == "pool")
+        return {
+            "pools": pools,
+            "locks": len(self._resources) - pools,
+            "onces": len(self._onces),
+            "barriers": len(self._barriers),
+            "throttles": len(self._throttles),
+            "queued": self._queued,
+        }
 
     # ------------------------------------------------------------------ once
 
@@ -76,6 +114,7 @@ class Coordination(Holds):
             raise _once_failed(state)
         if state is not None:
             return self._wait(f"once\0{key}", "once", key, owner, who, timeout)
+        self.admit(1, OVERHEAD, f"once {key!r}")
         state = self._onces[key] = _Once(key, owner, who, self.clock())
         self._claim(state, owner, who)
         return {"ok": True, "status": "compute"}
@@ -138,10 +177,14 @@ class Coordination(Holds):
             and current.owner != owner
         ):
             return {"ok": True, "status": "superseded"}
+        seconds = self.resolve_ttl(ttl)
+        size = len(message) + len(error_type)
+        self.admit(0 if current is not None else 1, size + OVERHEAD, f"once {key!r}")
         self._end_once(key)
         state = self._onces[key] = _Once(key, None, None, self.clock())
         state.state, state.message, state.etype = "failed", message, error_type
-        state.deadline = state.since + (self.default_ttl if ttl is None else ttl)
+        self._once_bytes += size
+        state.deadline = state.since + seconds
         state.seq = self._push(state.deadline, ONCE, state)
         error = _once_failed(state)
         while (ticket := self.next_waiter(f"once\0{key}")) is not None:
@@ -159,6 +202,7 @@ class Coordination(Holds):
     def _end_once(self, key: str) -> None:
         state = self._onces.pop(key, None)
         if state is not None:
+            self._once_bytes -= len(state.message) + len(state.etype)
             self._disown(state.owner, ONCE, state)
             if state.seq:
                 self._retire(state)
@@ -192,6 +236,7 @@ class Coordination(Holds):
         """
         bar = self._barriers.get(name)
         if bar is None:
+            self.admit(1, OVERHEAD, f"barrier {name!r}")
             bar = self._barriers[name] = _Barrier(name, parties)
         if bar.broken is not None:
             raise _broken(bar)
@@ -249,6 +294,7 @@ class Coordination(Holds):
         now = self.clock()
         times = self._throttles.get(name)
         if times is None:
+            self.admit(1, OVERHEAD, f"throttle {name!r}")
             times = self._throttles[name] = deque()
         at = now
         if len(times) >= calls:
@@ -271,28 +317,35 @@ class Coordination(Holds):
 
     # ------------------------------------------------------------------ queues
 
-    def push(self, queue: str, items: list[Any]) -> int:
+    def push(self, queue: str, items: list[Any], size: int = 0) -> int:
         """Append *items* to *queue* (waiting poppers get them first); the new length.
 
-        :raises Refused: ``bad_request`` (no items), ``max_items`` (queue full).
+        :param size: bytes of the request that carried the items, when known (its share
+            per item is their rough size); 0 means measure each item.
+        :raises Refused: ``bad_request`` (no items), ``max_items`` (the broker is full).
         """
         if not items:
             raise Refused("bad_request", "push needs at least one item")
         work = self._work.get(queue)
         held = len(work) if work is not None else 0
-        if self.max_items > 0 and held + len(items) > self.max_items:
-            raise Refused(
-                "max_items", f"queue {queue!r} would hold more than max_items={self.max_items}"
-            )
         length = held + len(items)
         qname = f"pop\0{queue}"
-        pending = deque(items)
+        kept = len(items) - len(self.waiters(qname))  # the rest go straight to poppers
+        if size > 0:
+            sizes = [max(size // len(items), 5)] * len(items)
+        else:
+            sizes = [value_size(item) for item in items]
+        if kept > 0:
+            self.admit(kept, sum(sizes[-kept:]), f"queue {queue!r}")
+        pending = deque(zip(items, sizes, strict=True))
         while pending and (ticket := self.next_waiter(qname)) is not None:
-            ticket.set({"ok": True, "value": pending.popleft()})
+            ticket.set({"ok": True, "value": pending.popleft()[0]})
         if pending:
             if work is None:
                 work = self._work[queue] = deque()
             work.extend(pending)
+            self._queued += len(pending)
+            self._queued_bytes += sum(item_size for _, item_size in pending)
         return length
 
     def pop(
@@ -301,7 +354,9 @@ class Coordination(Holds):
         """The first item of *queue*, or a ticket granted by the next push."""
         work = self._work.get(queue)
         if work:
-            value = work.popleft()
+            value, size = work.popleft()
+            self._queued -= 1
+            self._queued_bytes -= size
             if not work:
                 del self._work[queue]
             return {"ok": True, "value": value}
@@ -323,6 +378,7 @@ class Coordination(Holds):
             ref.seq = 0
             if ref.state == "failed":
                 del self._onces[ref.key]
+                self._once_bytes -= len(ref.message) + len(ref.etype)
             else:
                 self._give_up(ref)
 

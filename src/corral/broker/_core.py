@@ -6,7 +6,6 @@ it is tested without sockets and the next operations are one handler each.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from hmac import compare_digest
 from typing import Any, Final
@@ -21,6 +20,8 @@ __all__ = ["PROTOCOL_VERSION", "Core", "Session"]
 PROTOCOL_VERSION: Final = 1
 
 _OK: Final[Message] = {"ok": True}
+# Longest duration taken, in milliseconds: any finite float; an integer beyond has no float.
+_MAX_MS: Final = 1e300
 _NO_AUTH: Final = frozenset({"hello", "auth"})
 
 
@@ -95,14 +96,33 @@ def _name(obj: Message, field: str = "name") -> str:
     return name
 
 
-def _seconds(obj: Message, field: str) -> float | None:
-    """A duration field (milliseconds on the wire) in seconds, None when absent."""
-    ms = obj.get(field)
+def _milliseconds(obj: Message, field: str, code: str) -> float | None:
+    """A duration field (milliseconds on the wire) in seconds, None when absent.
+
+    The one validation of every duration: a number (not a boolean), finite, >= 0;
+    else *code*. (Huge integers are refused too: they have no float.)
+    """
+    ms: Any = obj.get(field)
     if ms is None:
         return None
-    if type(ms) not in (int, float) or not math.isfinite(ms) or ms < 0:
-        raise Refused("bad_request", f"{field!r} must be milliseconds >= 0, got {ms!r}")
+    kind = type(ms)
+    if kind is int:
+        if not 0 <= ms <= _MAX_MS:
+            raise Refused(code, f"{field!r} must be milliseconds >= 0, got {_short(ms)}")
+        return float(ms) / 1000.0
+    if kind is not float or not 0.0 <= ms <= _MAX_MS:  # NaN fails both comparisons
+        raise Refused(code, f"{field!r} must be milliseconds >= 0, got {_short(ms)}")
     return float(ms) / 1000.0
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if type(value) is not int or abs(value) < 10**30 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _seconds(obj: Message, field: str) -> float | None:
+    """A duration other than ``ttl`` (``timeout``, ``per``): ``bad_request`` if invalid."""
+    return _milliseconds(obj, field, "bad_request")
 
 
 def _hold_ttl(obj: Message) -> float | None:
@@ -128,13 +148,11 @@ def _key(obj: Message, field: str = "key") -> str:
 
 
 def _ttl_seconds(obj: Message) -> float | None:
-    """The request's ``ttl`` (milliseconds on the wire) in seconds, None when absent."""
-    ttl = obj.get("ttl")
-    if ttl is None:
-        return None
-    if type(ttl) not in (int, float) or not math.isfinite(ttl):
-        raise Refused("invalid_ttl", f"ttl must be a number of milliseconds, got {ttl!r}")
-    return float(ttl) / 1000.0
+    """The request's ``ttl`` (milliseconds on the wire) in seconds, None when absent.
+
+    Every action's ttl goes through here: ``invalid_ttl`` unless a number >= 0.
+    """
+    return _milliseconds(obj, "ttl", "invalid_ttl")
 
 
 class Core:
@@ -270,7 +288,7 @@ class Core:
     def _incr(self, session: Session, obj: Message, raw: bytes) -> Message:
         amount = obj.get("amount", 1)
         if type(amount) is not int:
-            raise Refused("bad_request", f"'amount' must be an integer, got {amount!r}")
+            raise Refused("bad_request", f"'amount' must be an integer, got {_short(amount)}")
         return {"ok": True, "value": self.store.incr(_key(obj), amount, _ttl_seconds(obj))}
 
     # ------------------------------------------------------------------ coordination
@@ -359,7 +377,7 @@ class Core:
         limit = self.store.max_value_size
         if len(raw) > limit * max(1, len(items)):
             raise Refused("too_large", f"items over max_value_size={limit} characters each")
-        return {"ok": True, "length": self.store.push(_name(obj, "queue"), items)}
+        return {"ok": True, "length": self.store.push(_name(obj, "queue"), items, len(raw))}
 
     def _pop(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
         return self.store.pop(
@@ -467,11 +485,13 @@ class Core:
             "ok": True,
             "stats": {
                 "items": self.store.item_count,
+                "objects": {"keys": store.key_count, **store.coordination_objects()},
                 "leases": self.store.lease_count,
                 "capacity": self.capacity(),
                 "memory": {
                     "rss": facts["rss"],
                     "approximateStoreBytes": self.store.approx_bytes,
+                    "maxBytes": store.max_bytes,
                 },
                 "uptime": facts["uptime_ms"],
                 "connections": facts["connections"],

@@ -9,13 +9,30 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from corral.broker._ticket import HOLD, Clock, Owner, Refused, Ticket
 
-__all__ = ["Holds", "Who", "describe"]
+__all__ = ["OVERHEAD", "Holds", "Who", "describe", "pool_size", "value_size"]
 
 Who = dict[str, Any] | None
+
+#: Rough bytes of one lock, barrier, throttle or ``once`` state, for ``max_bytes``.
+OVERHEAD: Final = 400
+
+
+def value_size(value: Any) -> int:
+    """Characters in *value*'s JSON, as Node measures (string length for strings)."""
+    if isinstance(value, str):
+        return len(value)
+    if value is None or isinstance(value, bool | int | float):
+        return 5
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def pool_size(name: str, canonical: str) -> int:
+    """Rough bytes a declared pool takes: its items twice (parsed and canonical JSON)."""
+    return 2 * len(canonical) + len(name) + OVERHEAD
 
 
 class _Hold:
@@ -90,6 +107,8 @@ class Holds:
         def next_waiter(self, name: str) -> Ticket | None: ...
         def waiters(self, name: str) -> list[Ticket]: ...
         def live_entry(self, key: str) -> Any: ...
+        def admit(self, items: int, size: int, what: str) -> None: ...
+        def resolve_ttl(self, ttl: float | None, *, required: bool = False) -> float: ...
         def set(
             self,
             key: str,
@@ -103,6 +122,7 @@ class Holds:
     def _reset_holds(self) -> None:
         self._resources: dict[tuple[str, str], _Resource] = {}
         self._fences: dict[tuple[str, str], int] = {}
+        self._pool_bytes = 0  # the declared pools' items, as approximateStoreBytes counts
 
     def _own(self, owner: Owner, kind: int, ref: Any) -> None:
         if owner is not None:
@@ -144,7 +164,8 @@ class Holds:
         """Declare pool *name* of JSON *items*; True when this call created it.
 
         :raises Refused: ``pool_conflict`` (declared before with other items),
-            ``bad_request`` (no items).
+            ``bad_request`` (no items), ``too_large`` (items over ``max_value_size``),
+            ``max_items`` (the broker is full).
         """
         if not items:
             raise Refused("bad_request", f"pool {name!r} needs at least one item")
@@ -155,9 +176,18 @@ class Holds:
                 return False
             raise Refused(
                 "pool_conflict",
-                f"pool {name!r} was declared with {current.canonical}, not {canonical}",
+                f"pool {name!r} was declared with {current.canonical[:200]}, not {canonical[:200]}",
             )
+        if len(canonical) > self.max_value_size:
+            raise Refused(
+                "too_large",
+                f"pool {name!r}: its items are {len(canonical)} characters of JSON; "
+                f"max_value_size is {self.max_value_size}",
+            )
+        size = pool_size(name, canonical)
+        self.admit(1, size, f"pool {name!r}")
         self._resources[("pool", name)] = _Resource("pool", name, list(items), canonical)
+        self._pool_bytes += size
         return True
 
     def acquire(
@@ -187,6 +217,7 @@ class Holds:
                 raise Refused(
                     "not_found", f"pool {name!r} was never declared: call pool(name, items) first"
                 )
+            self.admit(1, OVERHEAD, f"lock {name!r}")
             res = self._resources[(kind, name)] = _Resource(kind, name, [None], "lock")
         if res.free and not self._has_waiters(res.qname):
             return self._grant_item(res, res.free.popleft(), owner, who, ttl)

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -14,11 +15,21 @@ from typing import Final
 
 from corral.errors import BrokerAlreadyRunning, BrokerError
 
-__all__ = ["MAX_UNIX_PATH", "bind_at", "bind_private", "cleanup_files", "is_alive"]
+__all__ = [
+    "MAX_UNIX_PATH",
+    "bind_at",
+    "bind_private",
+    "cleanup_files",
+    "is_alive",
+    "remove_stale_directories",
+]
 
 log = logging.getLogger("corral.broker")
 
 MAX_UNIX_PATH: Final = 104  # macOS sun_path; Linux allows 108
+
+# A private directory names its owner: corral-<pid>-<random>.
+_PRIVATE_DIR = re.compile(r"corral-([0-9]+)-[^/]+\Z")
 
 
 def is_alive(path: str) -> bool:
@@ -48,15 +59,99 @@ def cleanup_files(path: str, inode: int, private_dir: str | None) -> None:
             os.rmdir(private_dir)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user
+        return True
+    return True
+
+
+def remove_stale_directories(base: str) -> list[str]:
+    """Remove the private directories of brokers that died without cleaning up (kill -9).
+
+    Only what can be proven dead goes: a ``corral-<pid>-*`` directory of ours whose
+    owner pid is gone, holding nothing but ``broker-*.sock`` sockets nobody listens on.
+    Another run's live broker is never touched (its pid lives, and it accepts); neither
+    is a directory with anything else in it, nor one named the old way (no pid).
+
+    :returns: the directories removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    me = os.getpid()
+    for name in names:
+        match = _PRIVATE_DIR.match(name)
+        if match is None:
+            continue
+        pid = int(match[1])
+        if pid == me or _pid_alive(pid):
+            continue
+        directory = os.path.join(base, name)
+        sockets = _dead_sockets(directory, uid)
+        if sockets is None:
+            continue
+        for path in sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        try:
+            os.rmdir(directory)
+        except OSError:
+            continue
+        log.info("removed %s, left by broker pid %d that died without stopping", directory, pid)
+        removed.append(directory)
+    return removed
+
+
+def _dead_sockets(directory: str, uid: int) -> list[str] | None:
+    """The sockets in *directory* if all of it is provably a dead broker's, else None."""
+    try:
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
+            return None
+        entries = os.listdir(directory)
+    except OSError:
+        return None
+    sockets = []
+    for entry in entries:
+        path = os.path.join(directory, entry)
+        try:
+            est = os.lstat(path)
+        except OSError:
+            return None
+        if not (
+            entry.startswith("broker-")
+            and entry.endswith(".sock")
+            and stat.S_ISSOCK(est.st_mode)
+            and est.st_uid == uid
+        ):
+            return None
+        if is_alive(path):
+            return None
+        sockets.append(path)
+    return sockets
+
+
 def bind_private(sock: socket.socket) -> tuple[str, int, str]:
     """Bind *sock* under a random name in a fresh 0700 directory; socket mode 0600.
+
+    The directory is ``corral-<pid>-<random>``; directories left by brokers that were
+    killed (``remove_stale_directories``) are removed first.
 
     :returns: ``(path, inode, directory)``.
     """
     base = tempfile.gettempdir()
     if len(base) > MAX_UNIX_PATH - 40:  # e.g. macOS' long $TMPDIR
         base = "/tmp"
-    directory = tempfile.mkdtemp(prefix="corral-", dir=base)  # mode 0700
+    remove_stale_directories(base)
+    # mode 0700
+    directory = tempfile.mkdtemp(prefix=f"corral-{os.getpid()}-", dir=base)
     path = os.path.join(directory, f"broker-{secrets.token_hex(6)}.sock")
     sock.bind(path)
     os.chmod(path, 0o600)

@@ -7,22 +7,26 @@ drive it with a fake clock and the server only asks "when is the next deadline?"
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections import deque
 from collections.abc import Hashable, Iterator
 from typing import Any, Final
 
 from corral.broker._coord import Coordination, describe
+from corral.broker._holds import value_size
 from corral.broker._ticket import KV as _KV
 from corral.broker._ticket import LEASE as _LEASE
 from corral.broker._ticket import TICKET as _TICKET
 from corral.broker._ticket import Clock, Owner, Refused, Ticket
 
-__all__ = ["Refused", "Store", "Ticket"]
+__all__ = ["COUNTER_MAX", "COUNTER_MIN", "Refused", "Store", "Ticket"]
 
 # Rough CPython sizes, for ``approximateStoreBytes`` without walking values.
 _ITEM_OVERHEAD: Final = 360
+#: The counters' range: signed 64-bit, like Redis ``INCRBY`` (and so Node's safe reading
+#: of it is the client's business, not a broker that answers ``internal_error``).
+COUNTER_MIN: Final = -(2**63)
+COUNTER_MAX: Final = 2**63 - 1
 
 
 class _Entry:
@@ -70,8 +74,12 @@ class Store(Coordination):
     :param wall: epoch seconds, only to report ``expires`` to clients (default: *clock*).
     :param require_ttl: refuse ``set`` without a TTL (``ttl_required``).
     :param default_ttl: seconds, for keys and leases set without a TTL.
-    :param max_items: most keys held at once (0 = unlimited); updates always succeed.
-    :param max_value_size: most characters in a value's JSON.
+    :param max_items: most things held at once (0 = unlimited): keys, pools, locks,
+        barriers, throttles, ``once`` claims and failures, queued items. Updates of
+        existing keys always succeed.
+    :param max_value_size: most characters in a value's JSON (a pool's items too).
+    :param max_bytes: most bytes held by all of those, by :attr:`approx_bytes`
+        (0 = unlimited); beyond it, requests that would add are refused ``max_items``.
     :param tombstone_ttl: seconds a key that expired on its deadline is still reported
         as ``expired`` (not ``not_found``) by ``get``; bounded by :meth:`compact`.
     """
@@ -86,6 +94,7 @@ class Store(Coordination):
         max_items: int = 10_000,
         max_value_size: int = 256 * 1024,
         tombstone_ttl: float = 30.0,
+        max_bytes: int = 0,
     ) -> None:
         self.clock = clock
         self.tombstone_ttl = tombstone_ttl
@@ -94,6 +103,7 @@ class Store(Coordination):
         self.default_ttl = default_ttl
         self.max_items = max_items
         self.max_value_size = max_value_size
+        self.max_bytes = max_bytes
         self._reset()
 
     def _reset(self) -> None:
@@ -107,7 +117,7 @@ class Store(Coordination):
         self._heap: list[tuple[float, int, int, Any]] = []
         self._stale = 0  # heap entries known to be dead
         self._seq = 0
-        self.approx_bytes = 0
+        self._key_bytes = 0
         self._lease_fences: dict[str, int] = {}
         self.expired_items = 0
         self.expired_leases = 0
@@ -182,6 +192,38 @@ class Store(Coordination):
         if self._stale > 1024 and self._stale * 2 > len(self._heap):
             self.compact()
 
+    # ------------------------------------------------------------------ limits
+
+    @property
+    def item_count(self) -> int:
+        """Things held, in O(1): keys (expired ones until their deadline fires), pools,
+        locks, barriers, throttles, ``once`` states and queued items."""
+        return len(self._data) + self._coord_items()
+
+    @property
+    def approx_bytes(self) -> int:
+        """Roughly the bytes all of it takes (``approximateStoreBytes``), in O(1)."""
+        return self._key_bytes + self._coord_bytes()
+
+    def admit(self, items: int, size: int, what: str) -> None:
+        """Refuse (``max_items``) adding *items* things of *size* bytes beyond the limits.
+
+        Expired keys are dropped first: they do not count against the limits.
+        """
+        over = self._over(items, size)
+        if over:
+            self.expire_due()
+            over = self._over(items, size)
+        if over:
+            raise Refused("max_items", f"{what}: the broker holds {over}; free some or raise it")
+
+    def _over(self, items: int, size: int) -> str:
+        if items > 0 and self.max_items > 0 and self.item_count + items > self.max_items:
+            return f"max_items={self.max_items} things (keys, pools, locks, queued items...)"
+        if size > 0 and self.max_bytes > 0 and self.approx_bytes + size > self.max_bytes:
+            return f"about {self.approx_bytes} bytes and max_bytes={self.max_bytes}"
+        return ""
+
     def resolve_ttl(self, ttl: float | None, *, required: bool = False) -> float:
         """Seconds to live for a request's *ttl* (seconds, ``None`` when absent).
 
@@ -252,15 +294,25 @@ class Store(Coordination):
         coordination state, so ``require_ttl`` does not apply); an existing one keeps
         its deadline unless *ttl* is given.
 
-        :raises Refused: ``bad_request`` when the value there is not an integer.
+        :raises Refused: ``bad_request`` when the value there is not an integer,
+            ``overflow`` when it or the result is outside the signed 64-bit range
+            (:data:`COUNTER_MIN`..:data:`COUNTER_MAX`); the key is unchanged then.
         """
+        if ttl is not None:
+            self.resolve_ttl(ttl)  # before anything changes
+        if not COUNTER_MIN <= amount <= COUNTER_MAX:
+            raise Refused("overflow", "the amount is outside the signed 64-bit range")
         entry = self.live_entry(key)
         if entry is None:
             self.set(key, amount, ttl=self.default_ttl if ttl is None else ttl, size=5)
             return amount
         if type(entry.value) is not int or entry.compressed:
             raise Refused("bad_request", f"the value of {key!r} is not an integer")
+        if not COUNTER_MIN <= entry.value <= COUNTER_MAX:
+            raise Refused("overflow", f"{key!r} holds an integer outside the signed 64-bit range")
         value = entry.value + amount
+        if not COUNTER_MIN <= value <= COUNTER_MAX:
+            raise Refused("overflow", f"incr of {key!r} would leave the signed 64-bit range")
         entry.value = value
         if ttl is not None:
             self.set(key, value, ttl=ttl, size=5)
@@ -283,7 +335,7 @@ class Store(Coordination):
         """
         seconds = self.resolve_ttl(ttl, required=self.require_ttl)
         if size <= 0 or size > self.max_value_size:
-            size = _value_size(value)
+            size = value_size(value)
         if size > self.max_value_size:
             raise Refused(
                 "too_large", f"value is {size} characters; max_value_size is {self.max_value_size}"
@@ -296,14 +348,14 @@ class Store(Coordination):
             self._drop(old)
             self.expired_items += 1
             old = None
-        if old is None and self.max_items > 0 and len(self._data) >= self.max_items:
-            self.expire_due()  # expired keys do not count against the limit
-            if len(self._data) >= self.max_items:
-                raise Refused("max_items", f"the broker holds max_items={self.max_items} keys")
+        if old is None:
+            self.admit(1, size + len(key) + _ITEM_OVERHEAD, f"key {key!r}")
+        elif size > old.size and self.max_bytes > 0:
+            self.admit(0, size - old.size, f"key {key!r}")
         deadline = now + seconds
         if old is not None:
             self._retire(old)
-            self.approx_bytes += size - old.size
+            self._key_bytes += size - old.size
             old.value = value
             old.compressed = compressed
             old.size = size
@@ -313,7 +365,7 @@ class Store(Coordination):
         entry = _Entry(key, value, compressed, deadline, 0, size)
         entry.seq = self._push(deadline, _KV, entry)
         self._data[key] = entry
-        self.approx_bytes += size + len(key) + _ITEM_OVERHEAD
+        self._key_bytes += size + len(key) + _ITEM_OVERHEAD
 
     def delete(self, key: str) -> bool:
         """Remove *key*; True when a live key was removed."""
@@ -328,7 +380,7 @@ class Store(Coordination):
 
     def _drop(self, entry: _Entry) -> None:
         del self._data[entry.key]
-        self.approx_bytes -= entry.size + len(entry.key) + _ITEM_OVERHEAD
+        self._key_bytes -= entry.size + len(entry.key) + _ITEM_OVERHEAD
         self._retire(entry)
 
     def listing(self) -> dict[str, dict[str, Any]]:
@@ -346,7 +398,7 @@ class Store(Coordination):
         return (k for k, e in self._data.items() if e.deadline > now)
 
     @property
-    def item_count(self) -> int:
+    def key_count(self) -> int:
         """Keys held, counted in O(1) (expired ones count until their deadline fires)."""
         return len(self._data)
 
@@ -565,12 +617,3 @@ class Store(Coordination):
         for ticket in list(self._alarms):
             ticket.fail("draining", "the broker is shutting down")
         self._reset()
-
-
-def _value_size(value: Any) -> int:
-    """Characters in *value*'s JSON, as Node measures (string length for strings)."""
-    if isinstance(value, str):
-        return len(value)
-    if value is None or isinstance(value, bool | int | float):
-        return 5
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))

@@ -20,7 +20,15 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret, timeout_for, unavailable
+from corral.broker._address import (
+    busy,
+    is_busy,
+    next_delay,
+    resolve_path,
+    resolve_secret,
+    timeout_for,
+    unavailable,
+)
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
@@ -48,7 +56,8 @@ class Client:
 
     :param path: the broker's socket; default ``$EPHEMERAL_PIPE``.
     :param secret: the broker's secret; default ``$EPHEMERAL_SECRET``.
-    :param timeout: seconds to wait for each answer (and to connect).
+    :param timeout: seconds to wait for each answer (and to connect: a broker whose
+        listen backlog is full is retried until then, then :class:`BrokerTimeout`).
     :param compress_threshold: values whose JSON has at least this many characters are
         sent gzip+base64 compressed, as the Node client does (None: never).
     :param spin: seconds to poll for an answer before sleeping, when the broker is in
@@ -172,6 +181,8 @@ class Client:
         existing one keeps its deadline unless *ttl* is given.
 
         :raises InvalidRequest: the value at *key* is not an integer.
+        :raises CounterOverflow: the amount, the integer at *key* or the result is outside
+            the signed 64-bit range; the key is unchanged.
         """
         return self._run(_flows.incr(key, amount, ttl))
 
@@ -454,14 +465,24 @@ class Client:
         self._connect()
 
     def _connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-            sock.settimeout(None)
-        except OSError as exc:
-            sock.close()
-            raise unavailable(self.path, exc) from exc
+        deadline = time.monotonic() + self.timeout
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+                sock.settimeout(None)
+                break
+            except OSError as exc:
+                sock.close()
+                if not is_busy(exc):
+                    raise unavailable(self.path, exc) from exc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise busy(self.path, self.timeout) from exc
+                time.sleep(min(delay, left))
+                delay = next_delay(delay)
         self._sock, self._pid = sock, os.getpid()
         # Spin only for a broker in another process: one in this process needs our GIL.
         self._spin = SpinPolicy(self._spin_budget if peer_in_other_process(sock) else 0.0)

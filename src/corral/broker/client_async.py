@@ -11,13 +11,22 @@ import contextlib
 import inspect
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, TypeVar
 
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret, timeout_for, unavailable
+from corral.broker._address import (
+    busy,
+    is_busy,
+    next_delay,
+    resolve_path,
+    resolve_secret,
+    timeout_for,
+    unavailable,
+)
 from corral.broker._flows import MISSING, Handshake
 from corral.broker._redis_session import wants_redis
 from corral.broker.messages import CLOSED, Call, Compute, Message, Response
@@ -353,12 +362,21 @@ class AsyncClient:
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
+        sock = None
+        tries: list[OSError] = []  # busy refusals, newest last
         try:
             async with asyncio.timeout(self.timeout):
-                _, link = await loop.create_unix_connection(_Link, self.path)
+                sock = await _connected(self.path, tries)
+                _, link = await loop.create_unix_connection(_Link, sock=sock)
         except TimeoutError as exc:
+            if sock is not None:
+                sock.close()
+            if tries and sock is None:
+                raise busy(self.path, self.timeout) from tries[-1]
             raise BrokerTimeout(f"connecting to the broker at {self.path} timed out") from exc
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             raise unavailable(self.path, exc) from exc
         self._link = link
         self._handshake = Handshake(legacy=False)
@@ -499,3 +517,28 @@ class _Link(asyncio.BufferedProtocol):
                 await self.waiter
             finally:
                 self.waiter = None
+
+
+async def _connected(path: str, tries: list[OSError]) -> socket.socket:
+    """A socket connected to *path*, retrying while the broker's backlog is full
+    (each refusal is recorded in *tries*); the caller's timeout scope ends the retries.
+
+    Not ``loop.sock_connect``: it takes EAGAIN for "connection in progress" and hands
+    back a socket that never connected.
+    """
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)  # a Unix socket connects at once, or fails at once
+        except OSError as exc:
+            sock.close()
+            if not is_busy(exc):
+                raise
+            del tries[:-1]
+            tries.append(exc)
+            await asyncio.sleep(delay)
+            delay = next_delay(delay)
+            continue
+        return sock

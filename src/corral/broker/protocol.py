@@ -31,12 +31,14 @@ from corral.errors import ProtocolError
 __all__ = [
     "COMPRESS_THRESHOLD",
     "ClientConnection",
+    "OutOfRange",
     "ServerConnection",
     "auth_proof",
     "decode_value",
     "dumps",
     "encode_value",
     "message_hmac",
+    "out_of_range_detail",
     "sign_message",
     "verify_message_hmac",
 ]
@@ -49,9 +51,77 @@ def _not_json(obj: Any) -> Any:
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+class OutOfRange(ValueError):
+    """A number the broker could not send back: NaN, Infinity, or a float beyond 1.8e308."""
+
+
 def _reject_constant(name: str) -> Any:
     # Python's json accepts NaN/Infinity; JSON (and Node) do not.
-    raise ValueError(f"{name} is not valid JSON")
+    raise OutOfRange(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    # Called by the C scanner only for numbers with a fraction or an exponent, so a
+    # request without floats (a GET) never pays for it. 1e400 would become inf, which
+    # json refuses to write back: refuse it here, where the sender can be told.
+    number = float(text)
+    if number - number != 0.0:  # inf - inf is nan; cheaper than math.isfinite's lookup
+        raise OutOfRange(f"{text} is out of range for a 64-bit float")
+    return number
+
+
+class _Marker:
+    """Stands in for the first out-of-range number while its path is looked for."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _path_of(value: Any, marker: _Marker, path: str) -> str | None:
+    if value is marker:
+        return path
+    if type(value) is dict:
+        for key, item in value.items():
+            step = f".{key}" if key.isidentifier() else f"[{json.dumps(key)}]"
+            if not path and key.isidentifier():
+                step = key
+            found = _path_of(item, marker, path + step)
+            if found is not None:
+                return found
+    elif type(value) is list:
+        for index, item in enumerate(value):
+            found = _path_of(item, marker, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def out_of_range_detail(text: str) -> str:
+    """Where the first out-of-range number of the JSON *text* is, for an error detail:
+    ``number out of range at value.a[2]: 1e400`` (only run for a refused line)."""
+    markers: list[_Marker] = []
+
+    def mark(token: str) -> Any:
+        number = float(token)  # also reads NaN, Infinity, -Infinity
+        if number - number == 0.0 or markers:
+            return number
+        markers.append(_Marker(token))
+        return markers[0]
+
+    try:
+        obj = json.loads(text, parse_float=mark, parse_constant=mark)
+    except (ValueError, RecursionError):  # bad JSON after the number, or too deep
+        obj = None
+    if not markers:
+        return "number out of range"
+    path = _path_of(obj, markers[0], "")
+    where = f" at {path[:200]}" if path else ""
+    token = markers[0].text
+    if len(token) > 40:
+        token = f"{token[:20]}...{token[-10:]} ({len(token)} characters)"
+    return f"number out of range{where}: {token} (JSON numbers must be finite doubles)"
 
 
 # The C encoder and scanner behind json.dumps/json.loads, built once: the public
@@ -62,7 +132,7 @@ _c_encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
     None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
 )
 _js_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _scan = json.scanner.c_make_scanner(_decoder)  # type: ignore[attr-defined]
 _JSON_SPACE = " \t\n\r"
 _SPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
@@ -144,6 +214,8 @@ class ServerConnection:
                 continue
             try:
                 obj = _loads(line)
+            except OutOfRange:
+                return Rejected("invalid_value", out_of_range_detail(line.decode()))
             except (ValueError, UnicodeDecodeError) as exc:
                 return Rejected("invalid_json", f"not JSON: {exc}")
             if type(obj) is not dict:

@@ -30,6 +30,10 @@ __all__ = ["Broker"]
 
 log = logging.getLogger("corral.broker")
 
+#: Connections the kernel queues before the broker accepts them (capped by somaxconn).
+#: A full backlog makes connect() fail with EAGAIN; the clients retry until their timeout.
+BACKLOG = 4096
+
 
 def _rss_bytes() -> int:
     try:
@@ -51,7 +55,9 @@ class Broker:
 
     :param require_ttl: refuse ``set`` without a TTL (``ttl_required``), as Node does.
     :param default_ttl: seconds to keep keys and leases set without a TTL.
-    :param max_items: most keys at once (0 = unlimited); new keys beyond get ``max_items``.
+    :param max_items: most things at once (0 = unlimited): keys, pools, locks, barriers,
+        throttles, ``once`` states and queued items; a request that would add one beyond
+        gets ``max_items`` (updates of existing keys always work).
     :param max_value_size: most characters in one value's JSON (``too_large``).
     :param max_request_size: most bytes in one request line; longer lines get
         ``too_large`` and their connection is closed.
@@ -67,6 +73,8 @@ class Broker:
     :param legacy_hmac: accept Node-style per-message ``hmac`` (replayable) when a
         secret is set; corral's clients use challenge-response instead.
     :param drain_timeout: seconds ``stop()`` waits for answers to reach slow clients.
+    :param max_bytes: most bytes all of those take, by the broker's estimate
+        (``approximateStoreBytes``; 0 = unlimited); beyond it, ``max_items`` too.
     :param spin: seconds to poll for more requests before sleeping, after a wake-up that
         brought work from another process (default ``$CORRAL_SPIN_US`` microseconds, else
         50 µs; 0 = never). See ``docs/broker.md``, "Why polling".
@@ -88,6 +96,7 @@ class Broker:
         legacy_hmac: bool = True,
         drain_timeout: float = 5.0,
         spin: float | None = None,
+        max_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         for name, number in (("default_ttl", default_ttl), ("sweep_interval", sweep_interval)):
             if not number > 0:
@@ -98,8 +107,9 @@ class Broker:
             ("max_items", max_items),
             ("max_value_size", max_value_size),
             ("max_request_size", max_request_size),
+            ("max_bytes", max_bytes),
         ):
-            if limit < 0 or (limit == 0 and name != "max_items"):
+            if limit < 0 or (limit == 0 and name not in ("max_items", "max_bytes")):
                 raise ValueError(f"{name} must be positive, got {limit!r}")
         if isinstance(secret, str):
             secret = secret.encode()
@@ -110,6 +120,7 @@ class Broker:
         self.max_items = max_items
         self.max_value_size = max_value_size
         self.max_request_size = max_request_size
+        self.max_bytes = max_bytes
         self._secret = secret
         self.sweep_interval = float(sweep_interval)
         self.idle_timeout = idle_timeout
@@ -316,7 +327,7 @@ class Broker:
                 self._path, self._inode, self._private_dir = bind_private(sock)
             else:
                 self._path, self._inode = bind_at(sock, os.path.abspath(self.socket_path))
-            sock.listen(4096)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
         except BaseException:
             sock.close()
@@ -405,6 +416,7 @@ class Broker:
             max_items=self.max_items,
             max_value_size=self.max_value_size,
             tombstone_ttl=self.sweep_interval,
+            max_bytes=self.max_bytes,
         )
         self._core = Core(
             store,
@@ -417,7 +429,11 @@ class Broker:
         self._stop_event = asyncio.Event()
         self._drain = self.drain_timeout
         try:
-            server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+            # backlog= again: create_unix_server(sock=...) calls listen() itself, with
+            # asyncio's default of 100 unless told.
+            server = await loop.create_unix_server(
+                lambda: Connection(self), sock=sock, backlog=BACKLOG
+            )
         except BaseException as exc:
             failure.append(exc)
             ready.set()
