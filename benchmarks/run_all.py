@@ -68,6 +68,12 @@ SPECS = (
         (),
         ("--ops", "500", "--rounds", "1", "--handoffs", "60"),
     ),
+    Spec(
+        "torture",
+        "Torture: load and kill -9",
+        ("--clients", "64", "--seconds", "5", "--epochs", "2", "--kills", "6"),
+        ("--clients", "16", "--seconds", "2", "--epochs", "2", "--kills", "2"),
+    ),
 )
 
 
@@ -378,6 +384,19 @@ def render_redis(page: Page, result: Result) -> None:
     page.add(f"```text\n{result.output.strip()}\n```")
 
 
+def render_torture(page: Page, result: Result) -> None:
+    page.add(
+        "64 client processes loop over `incr`, `lock` (one of four names; some holds last "
+        "200 ms), `acquire` from a pool, `once` and `set`+`get` against a broker in its own "
+        "process; lock holders are killed with SIGKILL mid-hold, and between epochs the "
+        "broker itself is killed and restarted at the same path. *Time to free* runs from a "
+        "holder's kill until another client is granted its lock. Lost increments, duplicate "
+        "fencing tokens and `once` disagreements must be 0 (the benchmark exits 1 otherwise). "
+        "Its own output, as printed:"
+    )
+    page.add(f"```text\n{result.output.strip()}\n```")
+
+
 RENDERERS: dict[str, Callable[[Page, Result], None]] = {
     "broker_roundtrip": render_roundtrip,
     "lock_handoff": render_lock,
@@ -385,6 +404,7 @@ RENDERERS: dict[str, Callable[[Page, Result], None]] = {
     "suite_speed": render_suite,
     "postgres_start": render_postgres,
     "redis_backend": render_redis,
+    "torture": render_torture,
 }
 
 

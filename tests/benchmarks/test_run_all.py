@@ -107,6 +107,7 @@ def test_the_page_has_every_table_and_chart(tmp_path: Path) -> None:
         "suite_speed": result("suite_speed", SUITE),
         "postgres_start": result("postgres_start", POSTGRES),
         "redis_backend": result("redis_backend", "Traceback ...\nConnectionError: boom", 1),
+        "torture": result("torture", "torture: 64 clients\n  lost increments (must be 0)  0"),
     }
     info = {"date": "2026-01-01 10:00 UTC", "cores": "2", "CPU": "test", "Python": "3.11",
             "PostgreSQL": "15"}  # fmt: skip
@@ -120,6 +121,8 @@ def test_the_page_has_every_table_and_chart(tmp_path: Path) -> None:
     assert "| corral | start (warm) | 343.7 | 341.9 | 2 |" in page
     assert "**Not measured: the benchmark failed" in page  # the failing one says so
     assert "ConnectionError: boom" in page
+    assert "## Torture: load and kill -9" in page
+    assert "lost increments (must be 0)  0" in page
     for png in ("broker-roundtrip", "lock-handoff", "isolation-cost", "suite-workers"):
         path = tmp_path / f"benchmarks-{png}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
