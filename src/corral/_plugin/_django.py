@@ -140,10 +140,10 @@ class DjangoHooks:
         if not groups:
             self.notes.append("corral: Django support off: no test database uses PostgreSQL")
             return
-        started = time.perf_counter()
         no_migrations = bool(self.config.getvalue("nomigrations"))
         watch = self.process.settings.watch
         servers = self._servers([g.aliases[0] for g in groups])
+        started = time.perf_counter()
         entries: list[dict[str, Any]] = []
         for group in groups:
             admin, overrides = servers[group.aliases[0]]
