@@ -48,6 +48,15 @@ def _clones(dsn: str) -> set[str]:
     return {name for name in _databases(dsn) if "_dj" in name and not name.startswith("corral_tpl")}
 
 
+def _mark_half_built(dsn: str, name: str) -> None:
+    """Make *name* look like a build whose process was killed (what ensure_template marks)."""
+    from corral.postgres._databases import make_mark, set_mark
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE false ALLOW_CONNECTIONS true')
+        set_mark(conn, name, make_mark("template", state="building", source="killed"))
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Path]:
     """A fresh project whose templates are its own (a token in one of its migrations)."""
@@ -121,11 +130,17 @@ def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
     assert _clones(dsn) == set()
     # One migration changes: a new template, built once more.
     change_migration(project)
-    run(project, "-n", "0", f"--corral-dsn={dsn}", "-k", "isolated")
+    output = run(project, "-n", "0", f"--corral-dsn={dsn}", "-k", "isolated")
     assert migrate_count(project) == 2
+    # A template left half-built by a killed run is rebuilt, never used.
+    template = re.search(r"Django template (corral_tpl_\w+) built", output)
+    assert template is not None, output
+    _mark_half_built(dsn, template.group(1))
+    run(project, "-n", "0", f"--corral-dsn={dsn}", "-k", "isolated")
+    assert migrate_count(project) == 3
     # --create-db rebuilds it although nothing changed.
     run(project, "-n", "0", "--create-db", f"--corral-dsn={dsn}", "-k", "isolated")
-    assert migrate_count(project) == 3
+    assert migrate_count(project) == 4
     assert _clones(dsn) == set()
 
 

@@ -128,6 +128,9 @@ class DjangoHooks:
     # ------------------------------------------------------------------ controller
 
     def start(self, *, on: bool) -> None:
+        if self.config.option.collectonly:
+            self.notes.append("corral: Django support idle: --collect-only runs no test")
+            return
         why = _why_not(self.config)
         if why:
             if on:
