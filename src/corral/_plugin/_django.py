@@ -100,6 +100,16 @@ def configure(config: pytest.Config, process: CorralProcess) -> None:
         config.add_cleanup(hooks.stop)
         try:
             hooks.start(on=mode == "on")
+        except (pytest.UsageError, KeyboardInterrupt):
+            hooks.stop()
+            raise
+        except Exception as exc:  # a server that refuses us, a permission missing...
+            hooks.stop()
+            raise pytest.UsageError(
+                f"corral: Django support could not prepare the test databases: "
+                f"{type(exc).__name__}: {exc}\n(ini corral_django = off leaves them to "
+                "pytest-django)"
+            ) from exc
         except BaseException:
             hooks.stop()
             raise
