@@ -2,7 +2,8 @@
 ``RunSQL`` steps, a ``RunPython`` that counts its runs in ``migrate_count.txt``, a data
 migration), two database aliases (``replica`` mirrors ``default``) and a pytest-django
 suite that uses ``db``, ``TestCase``, ``transactional_db``, ``serialized_rollback``,
-``live_server`` and ``django_assert_num_queries``.
+``live_server`` and ``django_assert_num_queries``, under a conftest that overrides
+``django_db_setup`` (requesting the parent one) to add data.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 #: Tests in the generated suite.
-TESTS = 14
+TESTS = 15
 APPS = ("shop", "blog", "notes")
 
 _SETTINGS = """\
@@ -149,6 +150,20 @@ class Migration(migrations.Migration):
     operations = [migrations.RunPython(fill, migrations.RunPython.noop)]
 """
 
+# A conftest that overrides django_db_setup and requests it, as projects do to load data:
+# it gets corral's as its parent.
+_CONFTEST = """\
+import pytest
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    from notes.models import Note
+
+    with django_db_blocker.unblock():
+        Note.objects.create(name="from conftest")
+"""
+
 _TESTS = """\
 import urllib.request
 
@@ -164,6 +179,10 @@ from shop.models import Category, Product
 
 def test_data_migration_rows(db):
     assert sorted(Category.objects.values_list("name", flat=True)) == ["books", "music"]
+
+
+def test_conftest_data(db):
+    assert Note.objects.filter(name="from conftest").count() == 1
 
 
 def test_db_isolated_one(db):
@@ -208,7 +227,7 @@ def test_serialized_rollback_restores_rows():
 
 def test_transactional(transactional_db):
     Note.objects.create(name="committed")
-    assert Note.objects.count() == 1
+    assert Note.objects.filter(name="committed").count() == 1
 
 
 def test_live_server(live_server):
@@ -308,6 +327,7 @@ def write_project(root: Path, *, token: str, migrations: int = 20) -> None:
             )
         _write(package / "models.py", model_source)
     _write(root / "tests" / "__init__.py", "")
+    _write(root / "tests" / "conftest.py", _CONFTEST)
     _write(root / "tests" / "test_suite.py", _TESTS)
 
 
