@@ -89,3 +89,17 @@ def test_overrides_point_a_database_at_another_server() -> None:
 def test_the_build_outcome_is_the_last_json_line() -> None:
     assert _outcome('Applying x... OK\n{"built": ["t"]}\n') == {"built": ["t"]}
     assert _outcome("Traceback ...\nboom\n") is None
+
+
+def test_migration_modules_of_any_shape_feed_the_hash() -> None:
+    from corral._plugin._django_setup import _describe_modules
+
+    class DisableMigrations:
+        def __contains__(self, item: str) -> bool:
+            return True
+
+        def __getitem__(self, item: str) -> None:
+            return None
+
+    assert _describe_modules({"b": None, "a": "x.m"}) == "[('a', 'x.m'), ('b', None)]"
+    assert _describe_modules(DisableMigrations()).endswith(".DisableMigrations")

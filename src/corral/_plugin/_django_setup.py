@@ -139,6 +139,15 @@ def _hash_app(digest: Any, app: Any, *, no_migrations: bool) -> None:
             digest.update(path.read_bytes() + b"\0")
 
 
+def _describe_modules(modules: Any) -> str:
+    """``MIGRATION_MODULES`` as text: a mapping's items, or the class of an object that
+    answers for every app (the "disable migrations in tests" settings idiom)."""
+    try:
+        return repr(sorted(dict(modules).items()))
+    except (TypeError, ValueError):
+        return f"{type(modules).__module__}.{type(modules).__qualname__}"
+
+
 def template_hash(group: Group, *, no_migrations: bool, watch: Iterable[Path] = ()) -> str:
     """The hex SHA-256 that names *group*'s template.
 
@@ -159,7 +168,7 @@ def template_hash(group: Group, *, no_migrations: bool, watch: Iterable[Path] = 
         "no_migrations": no_migrations,
         "aliases": list(group.aliases),
         "installed_apps": list(settings.INSTALLED_APPS),
-        "migration_modules": repr(sorted(dict(settings.MIGRATION_MODULES).items())),
+        "migration_modules": _describe_modules(settings.MIGRATION_MODULES),
         "routers": repr(list(settings.DATABASE_ROUTERS)),
         "user_model": settings.AUTH_USER_MODEL,
         "auto_field": getattr(settings, "DEFAULT_AUTO_FIELD", ""),
