@@ -9,8 +9,8 @@ run) and with corral (the run migrates once into a template, which the next run 
 serial and with xdist, a first and a second run. Both use the same server: a throwaway
 PostgreSQL started here (or ``--dsn``), which the project's settings name as their own.
 
-Columns: time to first test (from launching pytest to the first test's set-up, in any
-process) and wall time of the run.
+Columns: time to first test (from launching pytest to the first test's call, after its
+fixtures, so the test database set-up counts whichever process pays it) and wall time.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import time
 _DONE = []
 
 
-def pytest_runtest_setup(item):
+def pytest_runtest_call(item):
     if not _DONE:
         _DONE.append(1)
         with open(os.path.join(os.path.dirname(__file__), "first_test.txt"), "a") as f:
