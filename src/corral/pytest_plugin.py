@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from corral._plugin import _django
 from corral._plugin._process import STATE, CorralProcess, worker_name
 from corral._plugin._report import report, snapshot
 from corral._plugin._run import RunInfo
@@ -38,6 +39,7 @@ _NO_SANDBOX = (
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
+    _django.add_options(parser)
 
 
 def _informational(config: pytest.Config) -> bool:
@@ -90,6 +92,9 @@ def pytest_configure(config: pytest.Config) -> None:
         from corral._plugin._xdist import XdistHooks
 
         config.pluginmanager.register(XdistHooks(config), "corral-xdist")
+    if _has_plugin(config, "django", "pytest_django.plugin"):
+        # Settings are loaded by now (pytest-django's early hook); migrates before xdist starts.
+        _django.configure(config, process)
 
 
 def _has_plugin(config: pytest.Config, *names: str) -> bool:

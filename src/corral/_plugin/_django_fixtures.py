@@ -1,0 +1,128 @@
+"""corral's ``django_db_setup``: registered (over pytest-django's) only when Django support
+is on. Each test process clones the run's templates instead of migrating.
+
+A conftest that overrides ``django_db_setup`` and requests it (to load fixtures, say)
+gets this one as its parent, as it would get pytest-django's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from corral._plugin._django import DjangoHooks, DjangoInfo
+from corral._plugin._process import worker_name
+
+__all__ = ["django_db_setup"]
+
+log = logging.getLogger("corral.pytest")
+
+
+def _used_aliases(items: Sequence[pytest.Item]) -> set[str] | None:
+    """The aliases the collected tests use (None: all), as pytest-django computes them."""
+    try:
+        from pytest_django.fixtures import _get_databases_for_setup
+    except ImportError:  # an older pytest-django sets up every database
+        return None
+    try:
+        aliases, _serialized = _get_databases_for_setup(items)
+    except Exception as exc:  # a private helper: never let it break the run
+        log.debug("pytest-django's database list unavailable: %s", exc)
+        return None
+    return set(aliases)
+
+
+class _Databases:
+    """The clones of one test process, pointed at by Django's connections."""
+
+    def __init__(self, info: DjangoInfo, verbosity: int) -> None:
+        self.info = info
+        self.verbosity = verbosity
+        self.clones: list[tuple[str, str]] = []  # (admin dsn, name)
+        self.others: Any = None
+
+    def setup(self, used: set[str] | None, keepdb: bool) -> None:
+        from django.db import connections
+        from django.test.utils import setup_databases
+
+        from corral._plugin._django_setup import SERIALIZED_SCHEMA, point_at
+        from corral.postgres import clone_database, drop_database
+
+        info = self.info
+        others = [a for a in info.others if used is None or a in used]
+        if others:
+            # Other backends (SQLite beside PostgreSQL): Django makes them as it always does.
+            self.others = setup_databases(
+                self.verbosity, interactive=False, aliases=others, keepdb=keepdb
+            )
+        worker = worker_name()
+        for index, entry in enumerate(info.groups):
+            aliases: list[str] = entry["aliases"]
+            needed = set(aliases) | {m for m, t in info.mirrors.items() if t in aliases}
+            if used is not None and not needed & used:
+                continue
+            admin, template = entry["admin_dsn"], entry["template"]
+            name = info.clone_name(index, worker)
+            drop_database(admin, name)  # a replaced worker's leftover
+            clone_database(admin, template, name, owner_pid=info.controller_pid, run_id=info.run_id)
+            self.clones.append((admin, name))
+            for alias in aliases:
+                connections[alias].close()
+                point_at(connections[alias].settings_dict, name, entry["overrides"])
+            first = connections[aliases[0]]
+            with first.cursor() as cursor:
+                cursor.execute(f"SELECT alias, data FROM {SERIALIZED_SCHEMA}.serialized")
+                rows = cursor.fetchall()
+                cursor.execute(f"DROP SCHEMA {SERIALIZED_SCHEMA} CASCADE")
+            for alias, data in rows:
+                if data is not None and alias in connections:
+                    # What Django's setup_databases() keeps for serialized_rollback.
+                    connections[alias]._test_serialized_contents = data
+            if self.verbosity > 0:
+                log.info("corral: Django aliases %s on clone %s of %s", aliases, name, template)
+        by_alias = {a: e for e in info.groups for a in e["aliases"]}
+        for alias, target in info.mirrors.items():
+            primary = connections[target].settings_dict
+            connections[alias].close()
+            overrides = by_alias[target]["overrides"] if target in by_alias else {}
+            point_at(connections[alias].settings_dict, primary["NAME"], overrides)
+
+    def teardown(self, keepdb: bool) -> None:
+        from django.db import connections
+        from django.test.utils import teardown_databases
+
+        for alias in connections:
+            connections[alias].close()
+        if self.others is not None and not keepdb:
+            teardown_databases(self.others, verbosity=self.verbosity)
+        # The clones are dropped by the controller at the end of the run, all at once.
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(
+    request: pytest.FixtureRequest,
+    django_test_environment: None,
+    django_db_blocker: Any,
+    django_db_use_migrations: bool,
+    django_db_keepdb: bool,
+    django_db_createdb: bool,
+    django_db_modify_db_settings: None,
+) -> Iterator[None]:
+    """Point Django's test databases at clones of the run's migrated templates."""
+    hooks = request.config.pluginmanager.get_plugin("corral-django")
+    assert isinstance(hooks, DjangoHooks)
+    assert hooks.info is not None
+    keepdb = django_db_keepdb and not django_db_createdb
+    if not django_db_use_migrations:
+        from corral._plugin._django_setup import disable_migrations
+
+        disable_migrations()  # as pytest-django does: the template was built so too
+    databases = _Databases(hooks.info, int(request.config.option.verbose))
+    with django_db_blocker.unblock():
+        databases.setup(_used_aliases(request.session.items), keepdb)
+    yield
+    with django_db_blocker.unblock():
+        databases.teardown(keepdb)

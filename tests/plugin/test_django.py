@@ -1,0 +1,204 @@
+"""Django with pytest-django: the run migrates once (into a template), every test process
+clones it, and a second run with unchanged migrations does not migrate at all.
+
+The project and its pytest-django suite are generated (``_django_project.py``); each test
+runs it with real PostgreSQL: corral's throwaway server (the settings name a port where
+nothing listens), a server given with ``--corral-dsn``, and the settings' own server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from corral.postgres import default_cache_dir, drop_database
+from tests._inner import RUN_VARIABLES
+from tests.plugin._django_project import (
+    TESTS,
+    break_migration,
+    change_migration,
+    migrate_count,
+    write_project,
+)
+
+pytest.importorskip("pytest_django")
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+# pytester-style runs point HOME elsewhere: keep corral's real caches (initdb, templates).
+_CACHE_DIR = str(default_cache_dir())
+_SETTINGS_SERVER = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+def _databases(dsn: str) -> set[str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'corral%'")
+        return {name for (name,) in rows.fetchall()}
+
+
+def _clones(dsn: str) -> set[str]:
+    return {name for name in _databases(dsn) if "_dj" in name and not name.startswith("corral_tpl")}
+
+
+def _mark_half_built(dsn: str, name: str) -> None:
+    """Make *name* look like a build whose process was killed (what ensure_template marks)."""
+    from corral.postgres._databases import make_mark, set_mark
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE false ALLOW_CONNECTIONS true')
+        set_mark(conn, name, make_mark("template", state="building", source="killed"))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Iterator[Path]:
+    """A fresh project whose templates are its own (a token in one of its migrations)."""
+    root = tmp_path / "project"
+    before = set(_dump_dir().glob("*.dump")) if _dump_dir().is_dir() else set()
+    write_project(root, token=secrets.token_hex(6))
+    yield root
+    if _dump_dir().is_dir():
+        for path in set(_dump_dir().glob("*.dump")) - before:
+            path.unlink(missing_ok=True)
+
+
+def _dump_dir() -> Path:
+    return Path(_CACHE_DIR).parent / "django"
+
+
+@pytest.fixture
+def server_templates(postgres_dsn: str) -> Iterator[str]:
+    """``postgres_dsn``, with the templates a test makes on it dropped afterwards."""
+    before = _databases(postgres_dsn)
+    yield postgres_dsn
+    for name in _databases(postgres_dsn) - before:
+        drop_database(postgres_dsn, name)
+
+
+def run(root: Path, *args: str, port: str = "1", expect: int = 0) -> str:
+    """Run the project's suite; ``port`` is where its settings look for PostgreSQL."""
+    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES and not k.startswith("PG")}
+    env["DJ_PORT"] = port
+    env["CORRAL_PG_CACHE_DIR"] = os.environ.get("CORRAL_PG_CACHE_DIR", _CACHE_DIR)
+    command = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider"]
+    result = subprocess.run(
+        [*command, "-v", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == expect, output[-8000:]
+    return output
+
+
+def test_throwaway_server_migrates_once_per_run_then_never(project: Path) -> None:
+    output = run(project, "-n", "2")
+    assert f"{TESTS} passed" in output
+    assert "using corral's throwaway PostgreSQL" in output
+    assert "built by migrating" in output
+    assert migrate_count(project) == 1  # once for the run, not once per worker
+    # Second run: the template comes back from the dump the first run kept.
+    output = run(project, "-n", "0")
+    assert f"{TESTS} passed" in output
+    assert "(no migrating)" in output
+    assert migrate_count(project) == 1
+
+
+def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
+    project: Path, server_templates: str
+) -> None:
+    dsn = server_templates
+    output = run(project, "-n", "0", f"--corral-dsn={dsn}")
+    assert f"{TESTS} passed" in output
+    assert migrate_count(project) == 1
+    assert "on the --corral-dsn server" in output
+    output = run(project, "-n", "4", f"--corral-dsn={dsn}")
+    assert f"{TESTS} passed" in output
+    assert "reused (no migrating)" in output
+    assert migrate_count(project) == 1
+    assert _clones(dsn) == set()
+    # One migration changes: a new template, built once more.
+    change_migration(project)
+    output = run(project, "-n", "0", f"--corral-dsn={dsn}", "-k", "isolated")
+    assert migrate_count(project) == 2
+    # A template left half-built by a killed run is rebuilt, never used.
+    template = re.search(r"Django template (corral_tpl_\w+) built", output)
+    assert template is not None, output
+    _mark_half_built(dsn, template.group(1))
+    run(project, "-n", "0", f"--corral-dsn={dsn}", "-k", "isolated")
+    assert migrate_count(project) == 3
+    # --create-db rebuilds it although nothing changed.
+    run(project, "-n", "0", "--create-db", f"--corral-dsn={dsn}", "-k", "isolated")
+    assert migrate_count(project) == 4
+    assert _clones(dsn) == set()
+
+
+def test_the_settings_own_server_is_used_when_it_answers(project: Path) -> None:
+    try:
+        before = _databases(_SETTINGS_SERVER)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432 with trust auth: {exc}")
+    try:
+        output = run(project, "-n", "2", "-k", "clone or mirror or live", port="5432")
+        assert "3 passed" in output
+        assert "Django database 'default': the server at 127.0.0.1:5432" in output
+        assert migrate_count(project) == 1
+        assert _clones(_SETTINGS_SERVER) == set()
+    finally:
+        for name in _databases(_SETTINGS_SERVER) - before:
+            drop_database(_SETTINGS_SERVER, name)
+
+
+def test_a_failing_migration_fails_the_run_once_before_any_worker(
+    project: Path, server_templates: str
+) -> None:
+    name = break_migration(project)
+    output = run(project, "-n", "2", f"--corral-dsn={server_templates}", expect=4)
+    assert f"Django's migrations failed in migration {name}" in output
+    assert "no_such_table" in output
+    assert "created: 2/2 workers" not in output
+    assert output.count("Django's migrations failed") == 1
+    template = re.search(r"template (corral_tpl_\w+)", output)
+    assert template is not None, output
+    assert template.group(1) not in _databases(server_templates)  # the half-built one is gone
+
+
+def test_no_migrations_builds_from_the_models(project: Path, server_templates: str) -> None:
+    output = run(
+        project,
+        "--no-migrations",
+        f"--corral-dsn={server_templates}",
+        "-k",
+        "isolated or on_a_clone",
+    )
+    assert "3 passed" in output
+    assert migrate_count(project) == 0
+
+
+def test_a_project_on_sqlite_gets_the_broker_only(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\nDJANGO_SETTINGS_MODULE = lite_settings\n")
+    (tmp_path / "lite_settings.py").write_text(
+        "SECRET_KEY = 'x'\nUSE_TZ = True\n"
+        "INSTALLED_APPS = ['django.contrib.contenttypes', 'django.contrib.auth']\n"
+        "DATABASES = {'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': ':memory:'}}\n"
+    )
+    (tmp_path / "test_lite.py").write_text(
+        "from django.contrib.auth.models import User\n\n\n"
+        "def test_user(db):\n    User.objects.create(username='a')\n"
+        "    assert User.objects.count() == 1\n\n\n"
+        "def test_broker(corral):\n    corral.set('k', 1)\n    assert corral.get('k') == 1\n"
+    )
+    output = run(tmp_path)
+    assert "2 passed" in output
+    assert "Django support off: no database uses PostgreSQL" in output
