@@ -25,7 +25,6 @@ import pytest
 
 from corral._plugin._dbenv import parse_entries, render
 from corral._plugin._settings import ENV_DATABASE_URL, ENV_SANDBOX_MODE
-from corral.errors import CorralError
 from corral.postgres._templates import TEMPLATE_PREFIX, function_hash
 
 __all__ = ["SchemaChild", "SchemaStepFailed", "child_env", "module_source", "set_variables"]
@@ -70,8 +69,10 @@ except BaseException as exc:
 """
 
 
-class SchemaStepFailed(CorralError):
-    """The schema step's child process failed, timed out or was cut short.
+class SchemaStepFailed(Exception):
+    """The schema step's child process failed or timed out (internal: it reaches the
+    user as the ``__cause__`` of a :class:`~corral.errors.TemplateBuildError`, which the
+    plugin turns into a usage error).
 
     :ivar output: what the child wrote to stdout and stderr (its last lines).
     """
