@@ -362,6 +362,15 @@ def test_sql_files_that_create_nothing_fail_and_no_schema_is_fine(
     project.runpytest_subprocess("-n", "0").assert_outcomes(passed=1)
 
 
+def test_a_bad_timeout_is_a_usage_error(project: pytest.Pytester) -> None:
+    _ini(project, "migrations:migrate", "corral_schema_timeout = soon")
+    result = project.runpytest_subprocess("-n", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*ini corral_schema_timeout must be a number of seconds above 0, not 'soon'*"]
+    )
+
+
 # ---------------------------------------------------------------------- pure parts
 
 
