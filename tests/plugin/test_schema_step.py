@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from corral._plugin._schema import SchemaChild, _tail, child_env, module_source
+from corral._plugin._schema import SchemaChild, _tail, child_env, module_source, set_variables
 from corral.postgres import database_dsn, drop_database, list_databases, template_name
 from tests._inner import RUN_VARIABLES
 from tests.plugin._checks import processes_mentioning
@@ -393,6 +393,16 @@ def test_child_env_sets_every_shape_and_keeps_the_rest() -> None:
         "PGDATABASE": "corral_tpl_abc",
         "PGPASSWORD": "s3cret",
     }
+    assert set_variables(dsn, ["DATABASE_URL", "DB_HOST={host}"]) == [
+        "CORRAL_DATABASE_URL",
+        "DATABASE_URL",
+        "DB_HOST",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+    ]
 
 
 def test_the_module_is_found_without_running_it(

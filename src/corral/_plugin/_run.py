@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
-from corral._plugin._schema import SchemaChild, SchemaStepFailed, set_variables
+from corral._plugin._schema import SchemaChild, SchemaStepFailed
 from corral._plugin._settings import (
     ENV_BROKER_URL,
     ENV_RUN,
@@ -257,7 +257,7 @@ class Run:
             if isinstance(source, SchemaChild):
                 how = (
                     f"corral ran {source.ref} with the template's URL as its argument and in "
-                    f"{', '.join(set_variables(settings.database_env))}"
+                    f"{', '.join(source.variables)}"
                 )
             else:
                 how = f"corral ran {exc.source} on the template itself"

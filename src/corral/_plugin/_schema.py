@@ -129,10 +129,12 @@ def child_env(
     return env
 
 
-def set_variables(database_env: Iterable[str]) -> list[str]:
-    """The names the child gets the URL (or a part of it) under, for messages."""
-    names = [ENV_DATABASE_URL, *(e.name for e in parse_entries(database_env))]
-    return [*names, "PGHOST", "PGPORT", "PGUSER", "PGDATABASE"]
+def set_variables(dsn: str, database_env: Iterable[str]) -> list[str]:
+    """The names :func:`child_env` gives the URL (or a part of it) under, for messages:
+    ``CORRAL_DATABASE_URL``, the entries, then libpq's."""
+    entries = parse_entries(database_env)
+    names = [ENV_DATABASE_URL, *(e.name for e in entries)]
+    return names + [n for n in render(dsn, entries) if n not in names]
 
 
 class SchemaChild:
@@ -155,6 +157,8 @@ class SchemaChild:
         self.paths = tuple(paths)
         self.database_env = tuple(database_env)
         self.timeout = timeout
+        #: The variables the last run got the template's URL in (for messages).
+        self.variables: list[str] = []
         module, _, func = ref.partition(":")
         # What ensure_template's messages and marks call it.
         self.__module__ = module
@@ -181,6 +185,7 @@ class SchemaChild:
 
     def __call__(self, dsn: str) -> None:
         env = child_env(dsn, self.database_env)
+        self.variables = set_variables(dsn, self.database_env)
         env["CORRAL_SCHEMA_PARENT"] = str(os.getpid())
         child = subprocess.Popen(
             self.command(),
