@@ -37,6 +37,7 @@
         ├── PostgresStartError           the server did not start; carries its log
         ├── PostgresDriverMissing        (ImportError) SQL work needs corral[psycopg]
         ├── TemplateBuildError           the schema failed to build; nothing is left behind
+        │   └── EmptyTemplate            the schema step ran but created nothing in the template
         └── DatabaseInUse                (TimeoutError) other sessions kept a database busy
 
 Each wire error code maps to exactly one class through :data:`ERROR_CODES`; use
@@ -377,6 +378,15 @@ class TemplateBuildError(PostgresError):
         super().__init__(message)
         self.template = template
         self.source = source
+
+
+class EmptyTemplate(TemplateBuildError):
+    """The schema step succeeded but created nothing (no table, view, sequence, function,
+    type, schema or extension) in the template, which was dropped.
+
+    Typically a migration environment (Alembic's ``env.py``) that read its URL from the
+    application's settings and migrated another database.
+    """
 
 
 class DatabaseInUse(PostgresError, TimeoutError):

@@ -18,6 +18,7 @@ from corral._plugin import _django
 from corral._plugin._process import STATE, CorralProcess, worker_name
 from corral._plugin._report import report, snapshot
 from corral._plugin._run import RunInfo
+from corral._plugin._sandbox import WrongDatabaseWarning
 from corral._plugin._settings import add_options
 from corral.broker import AsyncClient, Client
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from corral.broker.redis import AsyncRedisClient, RedisClient
 
 __all__ = [
+    "WrongDatabaseWarning",
     "corral",
     "corral_async",
     "corral_database_url",

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from corral._plugin._schema import SchemaChild
 from corral._plugin._settings import (
     Settings,
     _is_callable_ref,
     _schema_entry,
     empty_schema,
-    load_schema_callable,
 )
 
 
@@ -42,40 +41,13 @@ def test_paths_resolve_against_the_ini_directory(tmp_path: Path) -> None:
         _schema_entry("missing.sql", tmp_path)
 
 
-def test_callable_is_imported_from_the_ini_directory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "corral_settings_probe.py").write_text("def upgrade(dsn):\n    return dsn\n")
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    fn = load_schema_callable("corral_settings_probe:upgrade", [tmp_path])
-    assert fn("x") == "x"
-    with pytest.raises(pytest.UsageError, match="has no function 'missing'"):
-        load_schema_callable("corral_settings_probe:missing", [tmp_path])
-    with pytest.raises(pytest.UsageError, match="cannot import 'no_such_module_x'"):
-        load_schema_callable("no_such_module_x:f", [tmp_path])
-    sys.modules.pop("corral_settings_probe", None)
-
-
-def test_callable_module_failing_at_import_is_a_usage_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The common case: the module reads its URL at import, before corral has set it.
-    (tmp_path / "corral_settings_env_probe.py").write_text(
-        "import os\nURL = os.environ['CORRAL_SETTINGS_PROBE_URL']\ndef upgrade(dsn):\n    pass\n"
-    )
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    monkeypatch.delenv("CORRAL_SETTINGS_PROBE_URL", raising=False)
-    with pytest.raises(pytest.UsageError) as info:
-        load_schema_callable("corral_settings_env_probe:upgrade", [tmp_path])
-    message = str(info.value)
-    assert "raised KeyError: 'CORRAL_SETTINGS_PROBE_URL'" in message
-    assert "not at import time" in message
-    sys.modules.pop("corral_settings_env_probe", None)
-
-
 def test_schema_source_kinds(tmp_path: Path) -> None:
     def settings(*schema: str) -> Settings:
         return Settings(None, schema, (), (), True, True, tmp_path, (tmp_path,))
 
     assert settings().schema_source() is empty_schema
     assert settings("/a.sql", "/b.sql").schema_source() == ["/a.sql", "/b.sql"]
+    child = settings("migrations:upgrade").schema_source()
+    # Run in a child process, never imported here (see test_schema_step.py).
+    assert isinstance(child, SchemaChild)
+    assert (child.ref, child.paths, child.timeout) == ("migrations:upgrade", (tmp_path,), 600)

@@ -12,7 +12,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from corral.errors import PostgresDriverMissing, PostgresError, TemplateBuildError
+from corral.errors import (
+    EmptyTemplate,
+    PostgresDriverMissing,
+    PostgresError,
+    TemplateBuildError,
+)
 from corral.postgres import (
     EphemeralPostgres,
     clone_database,
@@ -153,6 +158,51 @@ def test_failing_callable_leaves_nothing(admin_dsn: str) -> None:
         left_open[0].close()
     assert isinstance(info.value.__cause__, RuntimeError)
     assert name not in _databases(admin_dsn)
+
+
+@pytest.mark.parametrize(
+    "created",
+    [
+        "CREATE TABLE t (id int)",
+        "CREATE VIEW v AS SELECT 1 AS one",
+        "CREATE SEQUENCE s",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE TYPE mood AS ENUM ('ok')",
+        "CREATE SCHEMA app",
+    ],
+)
+def test_a_step_that_creates_anything_passes_the_check(admin_dsn: str, created: str) -> None:
+    def migrate(dsn: str) -> None:
+        with psycopg.connect(dsn) as conn:
+            conn.execute(created)
+
+    migrate.__qualname__ = f"migrate_{abs(hash(created))}"  # a template per case
+    name = ensure_template(admin_dsn, migrate, require_objects=True)
+    assert name in _databases(admin_dsn)
+    drop_database(admin_dsn, name)
+
+
+def test_a_step_that_creates_nothing_fails_and_leaves_nothing(admin_dsn: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE corral_test_elsewhere")
+
+    def migrate(dsn: str) -> None:
+        # Migrates another database, as an env.py reading the app's settings does.
+        with psycopg.connect(database_dsn(admin_dsn, "corral_test_elsewhere")) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS t (id int)")
+
+    name = template_name(migrate)
+    try:
+        with pytest.raises(EmptyTemplate, match="ran but created nothing") as info:
+            ensure_template(admin_dsn, migrate, require_objects=True)
+        assert isinstance(info.value, TemplateBuildError)
+        assert info.value.template == name
+        assert name not in _databases(admin_dsn)
+        # Not asked to check (no schema step, by the plugin's rule): an empty template.
+        assert ensure_template(admin_dsn, migrate) == name
+        drop_database(admin_dsn, name)
+    finally:
+        drop_database(admin_dsn, "corral_test_elsewhere")
 
 
 def test_half_built_template_of_a_killed_build_is_replaced(admin_dsn: str, tmp_path: Path) -> None:

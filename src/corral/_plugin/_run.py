@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
+from corral._plugin._schema import SchemaChild, SchemaStepFailed
 from corral._plugin._settings import (
     ENV_BROKER_URL,
     ENV_RUN,
@@ -29,7 +30,7 @@ from corral._plugin._settings import (
     restore_env,
 )
 from corral.broker import Broker, Client
-from corral.errors import BrokerError, CorralError, TemplateBuildError
+from corral.errors import BrokerError, CorralError, EmptyTemplate, TemplateBuildError
 from corral.postgres import (
     EphemeralPostgres,
     drop_database,
@@ -240,10 +241,39 @@ class Run:
     def _template(self, admin_dsn: str) -> str:
         settings = self.settings
         started = time.perf_counter()
+        source = settings.schema_source()
+        # A module:function is named from its file: the controller never imports it.
+        name = source.template_name(settings.watch) if isinstance(source, SchemaChild) else None
         try:
-            template = ensure_template(admin_dsn, settings.schema_source(), watch=settings.watch)
+            template = ensure_template(
+                admin_dsn,
+                source,
+                watch=settings.watch,
+                name=name,
+                # Only a schema step can build the wrong database: none builds nothing.
+                require_objects=bool(settings.schema),
+            )
+        except EmptyTemplate as exc:
+            if isinstance(source, SchemaChild):
+                how = (
+                    f"corral ran {source.ref} with the template's URL as its argument and in "
+                    f"{', '.join(source.variables)}"
+                )
+            else:
+                how = f"corral ran {exc.source} on the template itself"
+            raise pytest.UsageError(
+                "corral: the schema step ran but created no table in the template (does "
+                "your migration environment read the URL from somewhere else?)\n"
+                f"{how}; the template {exc.template} was dropped, so no test ran. "
+                "See docs/adopting.md, 'Alembic env.py that reads app settings'."
+            ) from exc
         except TemplateBuildError as exc:
             cause = exc.__cause__
+            if isinstance(cause, SchemaStepFailed):
+                output = f"\nIts output:\n{cause.output}" if cause.output else " (no output)"
+                raise pytest.UsageError(
+                    f"corral: the schema step {cause}, so no test ran.{output}"
+                ) from exc
             detail = f"\n{type(cause).__name__}: {cause}" if cause else ""
             if cause is not None and str(cause).strip() in str(exc):
                 detail = ""  # TemplateBuildError already quotes it

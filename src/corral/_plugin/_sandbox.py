@@ -26,7 +26,7 @@ from corral import sandbox as _sandbox
 from corral._plugin._database import WorkerDatabase
 from corral._plugin._settings import ENV_SANDBOX_MODE
 
-__all__ = ["SandboxManager"]
+__all__ = ["SandboxManager", "WrongDatabaseWarning"]
 
 log = logging.getLogger("corral.pytest")
 
@@ -73,6 +73,38 @@ def _candidates(is_async: bool) -> list[AnyController]:
     return [c for c in _sandbox.registered() if c.is_async == is_async and not _closed(c)]
 
 
+class WrongDatabaseWarning(pytest.PytestWarning):
+    """A sandboxed handle is connected to another database than its test process's.
+
+    Its queries miss the database corral built from the schema (and what they write is
+    rolled back all the same). Filter it (``ignore::corral.pytest_plugin.WrongDatabaseWarning``)
+    for a handle that is meant to reach another database.
+    """
+
+
+def _describe(controller: AnyController) -> str:
+    pool = _own_pool(controller)
+    return f"sandbox({pool!r})" if pool is not None else repr(controller)
+
+
+def _wrong_database(controller: AnyController, actual: str, expected: str) -> WrongDatabaseWarning:
+    return WrongDatabaseWarning(
+        f"corral: the sandboxed handle {_describe(controller)} is connected to database "
+        f"{actual!r}, not to this process's database {expected!r}, so the tests' queries "
+        "through it miss the database built from corral_schema. The app read its URL "
+        "before corral set it (at import, in a cached settings object) or from a variable "
+        "corral does not set: name that variable in corral_database_env (see "
+        "docs/adopting.md)."
+    )
+
+
+def _dbname(real: Any) -> str | None:
+    """The database of a psycopg connection, from libpq (no round trip); else None."""
+    info = getattr(real, "info", None)
+    name = getattr(info, "dbname", None)
+    return name if isinstance(name, str) else None
+
+
 _ASYNC_HANDLES = pytest.StashKey[list["weakref.ref[AnyController]"]]()
 # The sync sandboxes of a test, for an async runner whose task predates them (anyio's).
 _SYNC_BOXES = pytest.StashKey[list[tuple[AnyController, Any]]]()
@@ -94,6 +126,8 @@ class SandboxManager:
         self.enabled = enabled
         self.opened = 0
         self.seconds = 0.0
+        # Handles whose database was compared with ours: each once, at its first sandbox.
+        self._checked: weakref.WeakSet[Any] = weakref.WeakSet()
         # Async handles whose idle connections died with a recreated database; they are
         # refreshed on their own loop, by the next async test.
         self._stale: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -121,6 +155,9 @@ class SandboxManager:
                 opened.append(controller)
             item.stash[_SYNC_BOXES] = [(c, c._router.owned()) for c in opened]
             self.seconds += time.perf_counter() - started
+            for controller, box in item.stash[_SYNC_BOXES]:
+                if self._unchecked(controller):
+                    self._compare(item, controller, _dbname(getattr(box, "real", None)))
             yield
         finally:
             item.stash[_SYNC_BOXES] = []  # items live as long as the session: no references
@@ -130,6 +167,19 @@ class SandboxManager:
             self.seconds += time.perf_counter() - started
             if errors:
                 raise errors[0]
+
+    def _unchecked(self, controller: AnyController) -> bool:
+        """Whether *controller*'s database is still to be compared (then it is marked)."""
+        if self.database is None or controller in self._checked:
+            return False
+        self._checked.add(controller)
+        return True
+
+    def _compare(self, item: pytest.Item, controller: AnyController, actual: str | None) -> None:
+        """Warn, on *item*, when *controller*'s connection is not to this process's clone."""
+        assert self.database is not None
+        if actual is not None and actual != self.database.name:
+            item.warn(_wrong_database(controller, actual, self.database.name))
 
     @staticmethod
     def _close_sync(controller: AnyController) -> BaseException | None:
@@ -236,6 +286,13 @@ class SandboxManager:
                     continue
                 await controller.create_sandbox()  # type: ignore[misc]
                 opened.append(controller)
+                if self._unchecked(controller):
+                    box = controller._router.owned()
+                    real: Any = getattr(box, "real", None)
+                    name = _dbname(real)
+                    if name is None and hasattr(real, "fetchval"):  # asyncpg: ask, once
+                        name = await real.fetchval("SELECT current_database()")
+                    self._compare(item, controller, name)
         except BaseException:
             await self.close_async(opened)
             raise

@@ -6,17 +6,17 @@ database URL must be in the environment before the application's modules are.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import socket
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from corral._plugin._dbenv import EnvEntryError, parse_entries
 
 __all__ = [
     "ENV_BROKER_URL",
@@ -31,7 +31,6 @@ __all__ = [
     "ENV_SANDBOX_MODE",
     "Settings",
     "add_options",
-    "load_schema_callable",
 ]
 
 #: An admin DSN of a PostgreSQL server the user runs (else corral starts a throwaway one).
@@ -56,6 +55,7 @@ ENV_COLOCATE = "CORRAL_COLOCATE"
 ENV_GC_FREEZE = "CORRAL_GC_FREEZE"
 
 _SWITCH = ("auto", "on", "off")
+_SCHEMA_TIMEOUT = 600.0
 # Stricter than the Redis client's 128: the id also goes into database names (63 bytes).
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -141,6 +141,11 @@ def add_options(parser: pytest.Parser) -> None:
         default=[],
     )
     parser.addini(
+        "corral_schema_timeout",
+        "seconds a module:function schema step may take before it is killed (default 600)",
+        default="",
+    )
+    parser.addini(
         "corral_schema_watch",
         "more files/directories whose contents key the template (e.g. migrations/)",
         type="linelist",
@@ -194,6 +199,7 @@ class Settings:
     host: str = field(default_factory=socket.gethostname)
     colocate: str = "auto"
     gc_freeze: bool = False
+    schema_timeout: float = _SCHEMA_TIMEOUT
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -212,9 +218,10 @@ class Settings:
             )
         watch = tuple(base / str(p) for p in config.getini("corral_schema_watch"))
         env_names = tuple(str(n) for n in config.getini("corral_database_env"))
-        for name in env_names:
-            if not name.isidentifier():
-                raise pytest.UsageError(f"corral_database_env: {name!r} is not a variable name")
+        try:
+            parse_entries(env_names)
+        except EnvEntryError as exc:
+            raise pytest.UsageError(f"corral_database_env: {exc}") from None
         switch = _switch(config, "corral_database")
         database = bool(schema or dsn or env_names) if switch == "auto" else switch == "on"
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
@@ -237,15 +244,18 @@ class Settings:
             host=_host_name(),
             colocate=colocate,
             gc_freeze=database if freeze == "auto" else freeze == "on",
+            schema_timeout=_schema_timeout(config),
         )
 
     def schema_source(self) -> Sequence[str] | Callable[[str], Any]:
-        """What :func:`corral.postgres.ensure_template` takes: paths, or the callable.
-
-        :raises pytest.UsageError: the ``module:function`` cannot be imported.
-        """
+        """What :func:`corral.postgres.ensure_template` takes: paths, or a callable
+        (a ``module:function`` runs in a child process: :class:`SchemaChild`)."""
         if len(self.schema) == 1 and _is_callable_ref(self.schema[0]):
-            return load_schema_callable(self.schema[0], self.extra_paths)
+            from corral._plugin._schema import SchemaChild
+
+            return SchemaChild(
+                self.schema[0], self.extra_paths, self.database_env, self.schema_timeout
+            )
         if not self.schema:
             return empty_schema  # corral_database = on without a schema: empty clones
         return list(self.schema)
@@ -253,6 +263,21 @@ class Settings:
 
 def empty_schema(dsn: str) -> None:
     """The schema of ``corral_database = on`` without ``corral_schema``: nothing."""
+
+
+def _schema_timeout(config: pytest.Config) -> float:
+    text = str(config.getini("corral_schema_timeout")).strip()
+    if not text:
+        return _SCHEMA_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise pytest.UsageError(
+            f"ini corral_schema_timeout must be a number of seconds above 0, not {text!r}"
+        )
+    return seconds
 
 
 def _first(config: pytest.Config, name: str, env: str | None) -> tuple[str | None, str]:
@@ -377,31 +402,3 @@ def restore_env(saved: dict[str, str | None]) -> None:
         else:
             os.environ[name] = value
     saved.clear()
-
-
-def load_schema_callable(ref: str, extra_paths: Sequence[Path] = ()) -> Callable[[str], Any]:
-    """Import ``module:function``; the rootdir is importable, as for conftest files.
-
-    :raises pytest.UsageError: the module or the function is missing.
-    """
-    module_name, _, func_name = ref.partition(":")
-    # Like a rootdir conftest.py under pytest's default import mode, the ini file's
-    # directory becomes importable (and stays so: the function may import lazily).
-    sys.path[:0] = [str(p) for p in extra_paths if str(p) not in sys.path]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise pytest.UsageError(f"corral_schema: cannot import {module_name!r}: {exc}") from exc
-    except Exception as exc:
-        # Typically the module reads its database URL at import: the controller imports it
-        # before any clone (and so any CORRAL_DATABASE_URL) exists.
-        raise pytest.UsageError(
-            f"corral_schema: importing {module_name!r} raised {type(exc).__name__}: {exc}. "
-            "corral imports it once, before any test database exists, so "
-            "CORRAL_DATABASE_URL and the corral_database_env names are not set yet: read "
-            "them inside the function (it gets the template's DSN), not at import time"
-        ) from exc
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise pytest.UsageError(f"corral_schema: {module_name} has no function {func_name!r}")
-    return func  # type: ignore[no-any-return]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from corral.errors import TemplateBuildError
+from corral.errors import EmptyTemplate, TemplateBuildError
 from corral.postgres._databases import drop_database, make_mark, parse_mark, set_mark
 from corral.postgres._sql import connect, database_dsn, ident, psycopg_module, sql
 
@@ -26,6 +26,26 @@ PathLike: TypeAlias = "str | os.PathLike[str]"
 SchemaSource: TypeAlias = "PathLike | Sequence[PathLike] | Callable[[str], object]"
 
 TEMPLATE_PREFIX = "corral_tpl_"
+_HASH_VERSION = b"corral-template-v1\0"
+
+#: What a schema step can create, counted before and after it in user schemas (not
+#: pg_catalog, information_schema, TOAST or temporary ones): relations (tables, views,
+#: sequences, foreign tables...), routines, types, schemas and extensions. One query.
+_CREATED_QUERY = """
+WITH user_ns AS (
+    SELECT oid FROM pg_catalog.pg_namespace
+    WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+      AND nspname NOT LIKE 'pg\\_toast%' AND nspname NOT LIKE 'pg\\_temp\\_%'
+)
+SELECT
+    (SELECT count(*) FROM pg_catalog.pg_class
+      WHERE relnamespace IN (SELECT oid FROM user_ns)
+        AND relkind IN ('r', 'p', 'v', 'm', 'S', 'f')),
+    (SELECT count(*) FROM pg_catalog.pg_proc WHERE pronamespace IN (SELECT oid FROM user_ns)),
+    (SELECT count(*) FROM pg_catalog.pg_type WHERE typnamespace IN (SELECT oid FROM user_ns)),
+    (SELECT count(*) FROM user_ns),
+    (SELECT count(*) FROM pg_catalog.pg_extension)
+"""
 
 
 def _sql_files(schema: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -61,25 +81,41 @@ def schema_hash(schema: SchemaSource, *, watch: Iterable[PathLike] = ()) -> str:
     files or directories (recursively) whose contents must also trigger a rebuild — e.g.
     Alembic's ``versions/`` directory for a callable that runs ``alembic upgrade head``.
     """
-    digest = hashlib.sha256(b"corral-template-v1\0")
     if callable(schema):
-        digest.update(f"callable:{schema.__module__}.{schema.__qualname__}\0".encode())
+        source: bytes | None = None
         try:
             source_file = inspect.getsourcefile(schema)
         except TypeError:
             source_file = None
         if source_file and os.path.exists(source_file):
-            digest.update(Path(source_file).read_bytes())
+            source = Path(source_file).read_bytes()
         else:
             try:
-                digest.update(inspect.getsource(schema).encode())
+                source = inspect.getsource(schema).encode()
             except (OSError, TypeError):
                 log.warning("no source for %r: pass watch=[...] so changes rebuild", schema)
-    else:
-        files = _sql_files(schema)
-        if not files:
-            raise ValueError(f"the schema {schema!r} names no SQL files")
-        _hash_paths(digest, files)
+        return function_hash(schema.__module__, schema.__qualname__, source, watch=watch)
+    digest = hashlib.sha256(_HASH_VERSION)
+    files = _sql_files(schema)
+    if not files:
+        raise ValueError(f"the schema {schema!r} names no SQL files")
+    _hash_paths(digest, files)
+    _hash_paths(digest, watch)
+    return digest.hexdigest()
+
+
+def function_hash(
+    module: str, qualname: str, source: bytes | None, *, watch: Iterable[PathLike] = ()
+) -> str:
+    """:func:`schema_hash` of a function known by name and module source, not imported.
+
+    The pytest plugin runs a ``module:function`` schema in a child process and never
+    imports it itself; it names the template from the module's file with this.
+    """
+    digest = hashlib.sha256(_HASH_VERSION)
+    digest.update(f"callable:{module}.{qualname}\0".encode())
+    if source is not None:
+        digest.update(source)
     _hash_paths(digest, watch)
     return digest.hexdigest()
 
@@ -144,6 +180,7 @@ def ensure_template(
     name: str | None = None,
     base_template: str = "template1",
     lock_timeout: float = 600.0,
+    require_objects: bool = False,
 ) -> str:
     """Build the template database for *schema* unless it exists; returns its name.
 
@@ -158,7 +195,11 @@ def ensure_template(
     :param name: use this template name instead of the hash-derived one.
     :param base_template: what the template itself is created from.
     :param lock_timeout: seconds to wait for a concurrent builder of the same template.
+    :param require_objects: fail when the schema created nothing (no relation, routine,
+        type, schema or extension): a migration that ran against another database.
     :raises TemplateBuildError: the schema failed; ``__cause__`` is the original error.
+    :raises EmptyTemplate: *require_objects* and the schema created nothing; the
+        template was dropped.
     """
     name = name or template_name(schema, watch=watch)
     psycopg = psycopg_module()
@@ -189,21 +230,45 @@ def ensure_template(
                 # build whose process died: throw it away.
                 log.warning("dropping half-built template %s left by a killed build", name)
                 drop_database(admin_dsn, name)
-            _create_and_build(conn, admin_dsn, schema, name, base_template)
+            _create_and_build(conn, admin_dsn, schema, name, base_template, require_objects)
             log.info("built template %s in %.2f s", name, time.perf_counter() - started)
             return name
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", [_lock_key(name)])
 
 
+def _created(dsn: str) -> tuple[int, ...]:
+    """The counts of :data:`_CREATED_QUERY` in the database at *dsn*."""
+    with connect(dsn) as conn:
+        row = conn.execute(_CREATED_QUERY).fetchone()
+    return tuple(row or ())
+
+
 def _create_and_build(
-    conn: Any, admin_dsn: str, schema: SchemaSource, name: str, base_template: str
+    conn: Any,
+    admin_dsn: str,
+    schema: SchemaSource,
+    name: str,
+    base_template: str,
+    require_objects: bool = False,
 ) -> None:
     source = _describe(schema)
+    dsn = database_dsn(admin_dsn, name)
     conn.execute(sql("CREATE DATABASE {} TEMPLATE {}").format(ident(name), ident(base_template)))
     try:
         set_mark(conn, name, make_mark("template", state="building", source=source))
-        _build(schema, database_dsn(admin_dsn, name), name)
+        # Compared with what the base template brought, not with nothing: a server whose
+        # template1 holds objects must not hide a schema step that built elsewhere.
+        before = _created(dsn) if require_objects else ()
+        _build(schema, dsn, name)
+        if require_objects and _created(dsn) == before:
+            raise EmptyTemplate(
+                f"building template {name!r}: the schema step {source} ran but created "
+                "nothing in it (no table, view, sequence, function, type, schema or "
+                "extension)",
+                template=name,
+                source=source,
+            )
         # The schema's own connections (a callable's engine pool, say) must not linger: a
         # template with sessions cannot be cloned.
         conn.execute(
