@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import TypeVar
-
-import pytest
+from typing import Protocol, TypeVar
 
 __all__ = ["shard_of", "split"]
 
-_Item = TypeVar("_Item", bound=pytest.Item)
+
+class _Test(Protocol):
+    @property
+    def nodeid(self) -> str: ...
+
+
+_Item = TypeVar("_Item", bound=_Test)
 
 
 def shard_of(nodeid: str, count: int) -> int:
