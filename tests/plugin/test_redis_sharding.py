@@ -144,6 +144,9 @@ def docs_recipe() -> tuple[list[int], str]:
     return shards, " ".join(line.strip() for line in folded[1].splitlines())
 
 
+# Four pytest invocations (six processes with the workers) at once: ~80 s on a loaded
+# 2-core machine, too close to the suite's 120 s default.
+@pytest.mark.timeout(300)
 def test_the_docs_recipe_runs_every_test_exactly_once(suite: Path, redis_url: str) -> None:
     shards, command = docs_recipe()
     assert command.startswith("pytest ")
