@@ -321,7 +321,7 @@ def test_what_a_running_machine_holds_is_not_a_leak(
         ["*corral warning: still held in the Redis run (all machines)*",
          "lock 'migrations' (1) held by machine-a, which is still running "
          "('machine-a/main', for * s)",
-         "Machines still running hold the others: they give them back when their tests end."]
+         "Machines still running hold these: they give them back when their tests end."]
     )  # fmt: skip
     assert "never gave them back" not in out_b
     assert a.returncode == 0, out_a

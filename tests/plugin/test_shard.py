@@ -1,12 +1,15 @@
-"""``--corral-shard K/N`` and the run check's verdict, as pure functions (no pytest run)."""
+"""``--corral-shard K/N``, the run check's verdict and the report's "which is still running",
+as pure functions (no pytest run)."""
 
 from __future__ import annotations
 
 import random
+import socket
 
 import pytest
 
 from corral._plugin._census import judge
+from corral._plugin._report import _running_machine
 from corral._plugin._settings import parse_shard
 from corral._plugin._shard import shard_of, split
 
@@ -97,3 +100,19 @@ def test_verdict_names_the_shard_nobody_ran() -> None:
     verdict = judge(records)
     assert verdict.lost == sorted(i for i in ids if shard_of(i, 3) == 3)
     assert verdict.lost_shards == ["3/3"]
+
+
+def test_a_holder_is_matched_to_a_machine_still_running() -> None:
+    running = [
+        {"host": "machine-a", "hostname": socket.gethostname(), "state": "running"},
+        {"host": "runner-2", "hostname": "ci-vm-17", "state": "running"},
+    ]
+    # The plugin's names carry the machine (CORRAL_HOST): "machine-a/gw0".
+    assert _running_machine({"machine": "machine-a", "hostname": "x"}, running) == "machine-a"
+    assert _running_machine({"machine": "machine-c", "hostname": "ci-vm-17"}, running) is None
+    # A plain client's holder has only the host name: enough on another host...
+    assert _running_machine({"machine": None, "hostname": "ci-vm-17"}, running) == "runner-2"
+    # ...not on this one, where this (finished) machine's processes live too.
+    here = {"machine": None, "hostname": socket.gethostname()}
+    assert _running_machine(here, running) is None
+    assert _running_machine({"machine": "machine-a"}, []) is None

@@ -164,7 +164,8 @@ def _report_held(
         )
     if kept < len(held):
         terminal.write_line(
-            "Machines still running hold the others: they give them back when their tests end."
+            f"Machines still running hold {'the others' if kept else 'these'}: they give "
+            "them back when their tests end."
         )
 
 
