@@ -16,7 +16,7 @@ import pytest
 
 from corral._plugin import _django
 from corral._plugin._process import STATE, CorralProcess, worker_name
-from corral._plugin._report import report, snapshot
+from corral._plugin._report import finish_run, report, snapshot
 from corral._plugin._run import RunInfo
 from corral._plugin._sandbox import WrongDatabaseWarning
 from corral._plugin._settings import add_options
@@ -126,6 +126,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if process is not None and workeroutput is not None:
         workeroutput["corral"] = process.stats()
+        if process.tracks_tests and process.due is not None:
+            workeroutput["corral_due"] = process.due
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> Generator[None, None, None]:
+    # After -k, -m, pytest-randomly and every other plugin: the shard (--corral-shard) is
+    # cut from what they left, and what they deselected is not owed to the run.
+    yield
+    process = config.stash.get(STATE, None)
+    if process is not None and process.info is not None:
+        process.select(config, items)
 
 
 class _ControllerHooks:
@@ -133,6 +147,15 @@ class _ControllerHooks:
 
     def __init__(self, process: CorralProcess) -> None:
         self.process = process
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Also the reports xdist forwards from the workers: what ran on this machine.
+        if self.process.tracks_tests:
+            self.process.ran.add(report.nodeid)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not session.config.option.collectonly:
+            finish_run(self.process, session)
 
     def pytest_keyboard_interrupt(self) -> None:
         # Snapshot what is held while the workers still hold it: the answer to "why did

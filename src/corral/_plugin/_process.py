@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 
+from corral._plugin._census import Verdict
 from corral._plugin._colocate import Colocation
 from corral._plugin._database import WorkerDatabase
 from corral._plugin._gc import GcFreeze
 from corral._plugin._run import AnyClient, Run, RunInfo, open_client
 from corral._plugin._sandbox import SandboxManager
 from corral._plugin._settings import ENV_RUN, ENV_SANDBOX_MODE, Settings
+from corral._plugin._shard import split
 from corral.errors import BrokerError, CorralError
 
 __all__ = ["STATE", "CorralProcess", "worker_name"]
@@ -65,6 +67,12 @@ class CorralProcess:
     worker_stats: dict[str, Any] = field(default_factory=dict)
     crashed: list[str] = field(default_factory=list)
     held_at_interrupt: dict[str, list[dict[str, Any]]] | None = None
+    # The run check (a Redis run): node ids this process collected and owed the run
+    # (None: it collected nothing), its workers' (controller), the ones that ran here.
+    due: list[str] | None = None
+    workers_due: set[str] = field(default_factory=set)
+    ran: set[str] = field(default_factory=set)
+    verdict: Verdict | None = None
     _mode_set: bool = False
     _stopped: bool = False
 
@@ -155,6 +163,28 @@ class CorralProcess:
             self.timings["own database"] = time.perf_counter() - started
             self._colocate(config)
         self.manager = SandboxManager(self.database, enabled=info.sandbox)
+
+    def select(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        """Keep this invocation's shard of *items* (``--corral-shard``), after every other
+        deselection, and remember what it owed the run: its shard and the others'."""
+        self.due = [item.nodeid for item in items]
+        shard = self.settings.shard
+        if shard is None:
+            return
+        kept, dropped = split(items, shard)
+        if dropped:
+            items[:] = kept
+            config.hook.pytest_deselected(items=dropped)
+
+    @property
+    def tracks_tests(self) -> bool:
+        """Whether this process keeps node ids for the run check or the shard's exit code."""
+        redis = self.info is not None and bool(self.info.broker_url)
+        return redis or self.settings.shard is not None
+
+    def owed(self) -> set[str]:
+        """What this machine owed the run: its own collection, or its workers'."""
+        return set(self.due or ()) | self.workers_due
 
     def stats(self) -> dict[str, Any]:
         """This process's numbers, sent from a worker to the controller at its end."""

@@ -1,4 +1,5 @@
-"""The end-of-run report: what is still held in the broker, and (``-v``) the numbers.
+"""The end of a run: its check across machines, and the report — what is still held in
+the broker, the tests a Redis run lost or ran twice, and (``-v``) the numbers.
 
 "Why did my run hang?" is usually "someone still holds a lease or a lock": the
 controller lists every holding with its holder and age, also after Ctrl-C.
@@ -6,6 +7,7 @@ controller lists every holding with its holder and age, also after Ctrl-C.
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -14,7 +16,32 @@ import pytest
 from corral._plugin._database import SLOT_KEY
 from corral._plugin._process import CorralProcess
 
-__all__ = ["report", "snapshot"]
+__all__ = ["finish_run", "report", "snapshot"]
+
+# Node ids named per section of the verdict; the rest are counted.
+_NAMED = 50
+
+
+def finish_run(process: CorralProcess, session: pytest.Session) -> None:
+    """At the controller's session end: the exit code of a shard, and the run's check.
+
+    A shard that ``--corral-shard`` left empty passed (its tests belong to the others);
+    with ``--corral-machines`` a run that lost a test, or ran one twice, fails.
+    """
+    owed = process.owed()
+    if (
+        process.settings.shard is not None
+        and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED
+        and owed
+    ):
+        session.exitstatus = pytest.ExitCode.OK
+    census = process.run.census if process.run is not None else None
+    if census is None:
+        return
+    process.verdict = verdict = census.finish(owed, process.ran)
+    failed = verdict is not None and not verdict.ok and process.settings.machines is not None
+    if failed and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def snapshot(process: CorralProcess) -> dict[str, list[dict[str, Any]]]:
@@ -57,6 +84,8 @@ def _entry(entry: dict[str, Any], multi: bool = False) -> dict[str, Any]:
     if not holder:
         holder = f"pid {who['pid']}" if who.get("pid") else "a one-shot client"
         holder += f" on {host}" if host and who.get("pid") else ""
+    # The machine of the run (its CORRAL_HOST) when the holder's name says it.
+    machine = holder.partition("/")[0] if multi and "/" in holder else None
     value = {"lease": entry.get("item"), "lock": entry.get("token")}.get(kind, entry.get("value"))
     return {
         "kind": kind,
@@ -65,7 +94,23 @@ def _entry(entry: dict[str, Any], multi: bool = False) -> dict[str, Any]:
         "value": value,
         "since": float(entry.get("since") or time.time()),
         "connection": who.get("session") if entry.get("owned", True) else None,
+        "machine": machine,
+        "hostname": host,
     }
+
+
+def _running_machine(h: dict[str, Any], running: list[dict[str, Any]]) -> str | None:
+    """The other machine of the run, not finished yet, that *h*'s holder runs on."""
+    for state in running:
+        if h.get("machine") is not None:
+            if h["machine"] == state.get("host"):
+                return str(h["machine"])
+        # Without a machine name, the host name tells machines apart only on other hosts.
+        elif h.get("hostname") not in (None, socket.gethostname()) and h.get(
+            "hostname"
+        ) == state.get("hostname"):
+            return str(state.get("host"))
+    return None
 
 
 def _describe(h: dict[str, Any]) -> str:
@@ -80,32 +125,101 @@ def _age(since: float) -> str:
     return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def _report_held(
+    process: CorralProcess,
+    terminal: Any,
+    held: list[dict[str, Any]],
+    waiting: list[dict[str, Any]],
+) -> None:
+    multi = process.info is not None and bool(process.info.broker_url)
+    census = process.run.census if process.run is not None else None
+    running = census.running() if census is not None else []
+    where = "the Redis run (all machines)" if multi else "the broker"
+    terminal.write_sep("=", f"corral warning: still held in {where}", yellow=True, bold=True)
+    kept = 0
+    for h in held:
+        machine = _running_machine(h, running)
+        if machine is not None:
+            terminal.write_line(
+                f"{_describe(h)} held by {machine}, which is still running "
+                f"({h['holder']!r}, for {_age(h['since'])})"
+            )
+            continue
+        kept += 1
+        terminal.write_line(
+            f"{_describe(h)} held by {h['holder']!r} for {_age(h['since'])}"
+            + ("" if h.get("connection") is not None else " (one-shot client: TTL only)")
+        )
+    for w in waiting:
+        terminal.write_line(f"{_describe(w)} waited for by {w['holder']!r} for {_age(w['since'])}")
+    if kept or not held:
+        terminal.write_line(
+            "A test or fixture took these and never gave them back; anyone waiting for "
+            "them waits until the holder's connection closes or the TTL passes."
+            + (
+                " Holders on machines whose state is unknown may still be running."
+                if multi and census is None
+                else ""
+            )
+        )
+    if kept < len(held):
+        terminal.write_line(
+            f"Machines still running hold {'the others' if kept else 'these'}: they give "
+            "them back when their tests end."
+        )
+
+
+def _named(nodeids: list[str]) -> list[str]:
+    more = len(nodeids) - _NAMED
+    return nodeids[:_NAMED] + ([f"... and {more} more"] if more > 0 else [])
+
+
+def _report_verdict(process: CorralProcess, terminal: Any) -> None:
+    verdict = process.verdict
+    assert verdict is not None
+    error = process.settings.machines is not None
+    kind = "corral error" if error else "corral warning"
+    color = {"red": True} if error else {"yellow": True}
+    about = f"{verdict.tests} tests owed by {verdict.machines} machine(s) of the Redis run"
+    if verdict.lost:
+        terminal.write_sep(
+            "=", f"{kind}: {len(verdict.lost)} test(s) ran on no machine", bold=True, **color
+        )
+        for line in _named(verdict.lost):
+            terminal.write_line(line)
+        shards = ", ".join(verdict.lost_shards)
+        terminal.write_line(
+            f"Of the {about}, these ran nowhere"
+            + (f" (no machine ran shard {shards})" if shards else "")
+            + ": each machine runs only what it collected and selected, so give the "
+            "machines together every shard (--corral-shard 1/N ... N/N)."
+        )
+    if verdict.twice:
+        terminal.write_sep(
+            "=",
+            f"{kind}: {len(verdict.twice)} test(s) ran on more than one machine",
+            bold=True,
+            **color,
+        )
+        lines = [f"{nodeid} (on {', '.join(by)})" for nodeid, by in verdict.twice.items()]
+        for line in _named(lines):
+            terminal.write_line(line)
+        terminal.write_line(
+            f"Of the {about}, these ran more than once: the machines' shards overlap "
+            "(--corral-shard K/N with one N and each K once splits without overlap)."
+        )
+    if error:
+        terminal.write_line("The run fails: --corral-machines says it is complete.")
+
+
 def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None:
     """Write corral's part of the terminal summary."""
     found = process.held_at_interrupt or snapshot(process)
     held, waiting = found["holders"], found["waiters"]
     if held or waiting:
-        multi = process.info is not None and bool(process.info.broker_url)
-        where = "the Redis run (all machines)" if multi else "the broker"
-        terminal.write_sep("=", f"corral warning: still held in {where}", yellow=True, bold=True)
-        for h in held:
-            terminal.write_line(
-                f"{_describe(h)} held by {h['holder']!r} for {_age(h['since'])}"
-                + ("" if h.get("connection") is not None else " (one-shot client: TTL only)")
-            )
-        for w in waiting:
-            terminal.write_line(
-                f"{_describe(w)} waited for by {w['holder']!r} for {_age(w['since'])}"
-            )
-        terminal.write_line(
-            "A test or fixture took these and never gave them back; anyone waiting for "
-            "them waits until the holder's connection closes or the TTL passes."
-            + (
-                " Holders on other machines may simply still be running their tests."
-                if multi
-                else ""
-            )
-        )
+        _report_held(process, terminal, held, waiting)
+    if process.verdict is not None and not process.verdict.ok:
+        _report_verdict(process, terminal)
     if process.crashed:
         terminal.write_sep("=", "corral: crashed workers", yellow=True)
         terminal.write_line(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
+from corral._plugin._census import FINISHED_KEY, Census
 from corral._plugin._schema import SchemaChild, SchemaStepFailed
 from corral._plugin._settings import (
     ENV_BROKER_URL,
@@ -46,9 +47,6 @@ __all__ = ["FINISHED_KEY", "AnyClient", "Run", "RunInfo", "open_client"]
 
 log = logging.getLogger("corral.pytest")
 
-#: Counts the pytest invocations of a Redis run that have finished (``--corral-machines``).
-FINISHED_KEY = "corral:plugin:finished"
-_DAY = 24 * 3600.0
 # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1), which could merge two names.
 _MAX_NAME = 63
 # Databases dropped side by side at the end of a run.
@@ -123,6 +121,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     reused_broker: bool = False
     redis: RedisClient | None = None
+    census: Census | None = None
     _env_saved: dict[str, str | None] = field(default_factory=dict)
 
     def start(self) -> RunInfo:
@@ -142,7 +141,7 @@ class Run:
         if settings.broker_url:
             assert settings.run_id is not None  # Settings requires it with a Redis URL
             run_id, path, tag = settings.run_id, "", secrets.token_hex(3)
-            self._redis(settings.broker_url, run_id)
+            self._redis(settings.broker_url, run_id, tag)
         else:
             run_id, tag = settings.run_id or secrets.token_hex(4), ""
             path = self._broker()
@@ -170,8 +169,8 @@ class Run:
             self._setenv(ENV_BROKER_URL, settings.broker_url)
         return self.info
 
-    def _redis(self, url: str, run_id: str) -> None:
-        """Check that Redis answers; the run itself exists as soon as someone uses it."""
+    def _redis(self, url: str, run_id: str, tag: str) -> None:
+        """Check that Redis answers and record this machine in the run (:class:`Census`)."""
         from corral.broker.redis import RedisClient
 
         started = time.perf_counter()
@@ -180,6 +179,11 @@ class Run:
             self.redis.ping()
             if self.settings.machines is None:
                 self.redis.join()  # a live session until the end: the run is not over
+            census = Census(
+                self.redis, tag, self.settings.host, self.settings.machines, self.settings.shard
+            )
+            census.start()
+            self.census = census
         except (BrokerError, ValueError, ImportError) as exc:
             raise pytest.UsageError(
                 f"corral: cannot use the Redis broker (--corral-broker / corral_broker / "
@@ -339,7 +343,9 @@ class Run:
         try:
             machines = self.settings.machines
             if machines is not None:
-                finished = client.incr(FINISHED_KEY, ttl=_DAY)
+                # Counted already when the session finished (the census); else now.
+                census = self.census or Census(client, "", self.settings.host, machines)
+                finished = census.count_out()
                 if finished >= machines:
                     # Every invocation of the run has ended its workers: nobody uses the
                     # keys any more (a late extra one would start from an empty run).

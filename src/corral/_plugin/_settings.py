@@ -29,8 +29,10 @@ __all__ = [
     "ENV_RUN",
     "ENV_RUN_ID",
     "ENV_SANDBOX_MODE",
+    "ENV_SHARD",
     "Settings",
     "add_options",
+    "parse_shard",
 ]
 
 #: An admin DSN of a PostgreSQL server the user runs (else corral starts a throwaway one).
@@ -49,6 +51,8 @@ ENV_RUN_ID = "CORRAL_RUN_ID"
 ENV_MACHINES = "CORRAL_MACHINES"
 #: This machine's name in a multi-machine run (default: the host name).
 ENV_HOST = "CORRAL_HOST"
+#: ``K/N``: run only the K-th of N shards of the suite (by a hash of each node id).
+ENV_SHARD = "CORRAL_SHARD"
 #: ``auto``, ``on`` or ``off``: pin each test process and its backends to one CPU.
 ENV_COLOCATE = "CORRAL_COLOCATE"
 #: ``auto``, ``on`` or ``off``: gc.freeze() each test process once its tests are collected.
@@ -129,10 +133,20 @@ def add_options(parser: pytest.Parser) -> None:
         help="how many pytest invocations share the Redis run; the last one to finish "
         "deletes the run's keys (ini corral_machines, env CORRAL_MACHINES)",
     )
+    group.addoption(
+        "--corral-shard",
+        dest="corral_shard",
+        default=None,
+        metavar="K/N",
+        help="run only the K-th of N shards of the suite (K = 1..N), chosen by a hash of each "
+        "test's node id: the same split on every machine, whatever the collection order "
+        "(ini corral_shard, env CORRAL_SHARD)",
+    )
     parser.addini("corral_dsn", "admin DSN of the PostgreSQL server to use", default="")
     parser.addini("corral_broker", "a Redis URL to coordinate through", default="")
     parser.addini("corral_run_id", "the run's name (--corral-run-id)", default="")
     parser.addini("corral_machines", "pytest invocations sharing the Redis run", default="")
+    parser.addini("corral_shard", "run only shard K/N of the suite (--corral-shard)", default="")
     parser.addini(
         "corral_schema",
         "SQL files/directories (relative to the rootdir), or one module:function "
@@ -183,6 +197,7 @@ class Settings:
         to one CPU (see :mod:`corral._plugin._colocate`).
     :ivar gc_freeze: whether each test process freezes its heap after collection
         (``auto`` resolved: on when processes get databases; see :mod:`corral._plugin._gc`).
+    :ivar shard: ``(K, N)``: this invocation runs the K-th of N shards (1-based), or None.
     """
 
     dsn: str | None
@@ -200,6 +215,7 @@ class Settings:
     colocate: str = "auto"
     gc_freeze: bool = False
     schema_timeout: float = _SCHEMA_TIMEOUT
+    shard: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> Settings:
@@ -229,6 +245,8 @@ class Settings:
         broker_url, run_id, machines = _broker_settings(config)
         colocate = _switch(config, "corral_colocate", ENV_COLOCATE)
         freeze = _switch(config, "corral_gc_freeze", ENV_GC_FREEZE)
+        shard_text, shard_from = _first(config, "corral_shard", ENV_SHARD)
+        shard = parse_shard(shard_text, shard_from) if shard_text is not None else None
         return cls(
             dsn,
             schema,
@@ -245,6 +263,7 @@ class Settings:
             colocate=colocate,
             gc_freeze=database if freeze == "auto" else freeze == "on",
             schema_timeout=_schema_timeout(config),
+            shard=shard,
         )
 
     def schema_source(self) -> Sequence[str] | Callable[[str], Any]:
@@ -349,6 +368,25 @@ def _broker_settings(config: pytest.Config) -> tuple[str | None, str | None, int
         if machines < 1:
             raise pytest.UsageError(f"{machines_from} must be a positive integer, got {text!r}")
     return url, _check_run_id(run_id, run_from), machines
+
+
+def parse_shard(text: str, source: str = "--corral-shard") -> tuple[int, int]:
+    """``"K/N"`` as ``(K, N)``, with ``1 <= K <= N`` (CI matrices and GitLab's
+    ``CI_NODE_INDEX`` count from 1).
+
+    :raises pytest.UsageError: anything else, naming *source*.
+    """
+    index, sep, count = text.strip().partition("/")
+    try:
+        shard = (int(index), int(count)) if sep else None
+    except ValueError:
+        shard = None
+    if shard is None or not 1 <= shard[0] <= shard[1]:
+        raise pytest.UsageError(
+            f"{source} must be K/N with 1 <= K <= N (the K-th of N shards, counted from 1, "
+            f"e.g. 1/4 ... 4/4), got {text!r}"
+        )
+    return shard
 
 
 def _check_run_id(run_id: str | None, source: str) -> str | None:

@@ -80,6 +80,10 @@ class XdistHooks:
             log.warning("corral: worker %s crashed; its database will be recycled", name)
             return
         output = getattr(node, "workeroutput", {}) or {}
+        due = output.get("corral_due")
+        if isinstance(due, list):
+            # Every worker collects the whole suite; one crashed worker's part is covered.
+            process.workers_due.update(due)
         stats = output.get("corral")
         if isinstance(stats, dict):
             process.worker_stats[str(name)] = stats
