@@ -18,6 +18,12 @@ RUN_VARIABLES = (
     "CORRAL_COLOCATE",
     "CORRAL_GC_FREEZE",
     "DATABASE_URL",
+    # libpq's, which each test process of a run sets to its own database
+    "PGHOST",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
     "PYTEST_XDIST_WORKER",
     "PYTEST_XDIST_WORKER_COUNT",
     "PYTEST_XDIST_TESTRUNUID",

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from corral._plugin._dbenv import EnvEntryError, parse_entries
+
 __all__ = [
     "ENV_BROKER_URL",
     "ENV_COLOCATE",
@@ -148,7 +150,8 @@ def add_options(parser: pytest.Parser) -> None:
     )
     parser.addini(
         "corral_database_env",
-        "more environment variables that get each process's database URL (DATABASE_URL)",
+        "variables that get each process's database: NAME (its URL) or NAME={part}, parts "
+        "url, host, port, user, password, dbname, sqlalchemy_url, asyncpg_url",
         type="args",
         default=[],
     )
@@ -212,9 +215,10 @@ class Settings:
             )
         watch = tuple(base / str(p) for p in config.getini("corral_schema_watch"))
         env_names = tuple(str(n) for n in config.getini("corral_database_env"))
-        for name in env_names:
-            if not name.isidentifier():
-                raise pytest.UsageError(f"corral_database_env: {name!r} is not a variable name")
+        try:
+            parse_entries(env_names)  # kept as text: RunInfo carries them to the workers
+        except EnvEntryError as exc:
+            raise pytest.UsageError(f"corral_database_env: {exc}") from None
         switch = _switch(config, "corral_database")
         database = bool(schema or dsn or env_names) if switch == "auto" else switch == "on"
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
