@@ -139,11 +139,40 @@ def _clock() -> float:
     return time.perf_counter()
 
 
+def _cpu_ns(pids: list[int]) -> int:
+    """CPU time used so far by this process (all threads) and the backends *pids*.
+
+    ``/proc/PID/schedstat``'s first field: nanoseconds on a CPU. Unlike wall time, it does
+    not grow with the machine's load (waiting for a CPU is not counted), so it shows what
+    each transport costs even on a busy machine; the kernel's loopback work is charged to
+    the processes that send and receive.
+    """
+    total = time.process_time_ns()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def _backends(admin: psycopg.Connection[Any], database: str) -> list[int]:
+    rows = admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND backend_type = 'client backend'",
+        [database],
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
 def compare(bench: Bench, tcp_admin: str, rounds: int) -> dict[str, list[float]]:
-    """Every strategy over both transports, in alternating blocks; rows ``name [transport]``."""
+    """Every strategy over both transports, in alternating blocks; rows ``name [transport]``
+    (wall seconds per test) and ``name [transport] cpu`` (CPU seconds per test, by block,
+    for the strategies that keep their connections)."""
     tcp = conninfo.make_conninfo(tcp_admin, dbname=bench.db)
     dsns = {"socket": bench.dsn(bench.db), "tcp": tcp}
     handles = {t: Handles(dsn) for t, dsn in dsns.items()}
+    admin = psycopg.Connection.connect(bench.admin, autocommit=True)
     block = max(1, min(20, rounds // 10))
     out: dict[str, list[float]] = {f"{n} [{t}]": [] for n in STRATEGIES for t in TRANSPORTS}
     try:
@@ -157,8 +186,14 @@ def compare(bench: Bench, tcp_admin: str, rounds: int) -> dict[str, list[float]]
                     if cycle == 0:
                         pin()
                     run = functools.partial(fn, h)
+                    pids = [] if fn is Handles.connect else _backends(admin, bench.db)
+                    cpu = _cpu_ns(pids)
                     out[f"{name} [{transport}]"].extend(timed(run) for _ in range(block))
+                    if pids:
+                        per_test = (_cpu_ns(pids) - cpu) / block / 1e9
+                        out.setdefault(f"{name} [{transport}] cpu", []).append(per_test)
     finally:
+        admin.close()
         for h in handles.values():
             h.close()
     out.update(_asyncpg_rows(dsns, rounds, block))
@@ -176,13 +211,25 @@ def paired(a: list[float], b: list[float]) -> float:
 
 
 def report(rows: dict[str, list[float]]) -> None:
-    names = list(dict.fromkeys(k.rsplit(" [", 1)[0] for k in rows))
+    names = list(dict.fromkeys(k.rsplit(" [", 1)[0] for k in rows if not k.endswith(" cpu")))
     width = max(len(n) for n in names)
     print("\nUnix socket vs TCP 127.0.0.1 (SCRAM login), same server and database, medians")
-    print(f"  {'per test':<{width}} {'socket':>10} {'TCP':>10} {'TCP/socket':>11} {'n':>5}")
+    head = f"{'socket':>10} {'TCP':>10} {'TCP/socket':>11}"
+    print(f"  {'wall time per test':<{width}} {head} {'n':>5}")
     for name in names:
         sock, tcp = rows[f"{name} [socket]"], rows[f"{name} [tcp]"]
         print(
             f"  {name:<{width}} {statistics.median(sock) * 1e6:>7.0f} us "
             f"{statistics.median(tcp) * 1e6:>7.0f} us {paired(tcp, sock):>10.3f}x {len(tcp):>5}"
+        )
+    print("\n  CPU time per test (this process + the database's backends; load-independent)")
+    print(f"  {'':<{width}} {'socket':>10} {'TCP':>10} {'TCP/socket':>11} {'blocks':>6}")
+    for name in names:
+        if f"{name} [tcp] cpu" not in rows:
+            continue
+        sock, tcp = rows[f"{name} [socket] cpu"], rows[f"{name} [tcp] cpu"]
+        ratio = statistics.median(t / s for t, s in zip(tcp, sock, strict=False) if s)
+        print(
+            f"  {name:<{width}} {statistics.median(sock) * 1e6:>7.0f} us "
+            f"{statistics.median(tcp) * 1e6:>7.0f} us {ratio:>10.3f}x {len(tcp):>6}"
         )
