@@ -59,12 +59,16 @@ class Handles:
             workload(conn)
         self.sb.close_sandbox()
 
+    def round_trip(self) -> None:
+        self.conn.execute(b"SELECT 1")
+
     def connect(self) -> None:
         with psycopg.Connection.connect(self.dsn, autocommit=True) as conn:
             conn.execute(b"SELECT 1")
 
 
 STRATEGIES: dict[str, Callable[[Handles], None]] = {
+    "one round trip (autocommit SELECT 1)": Handles.round_trip,
     "bare BEGIN/ROLLBACK + body": Handles.bare_body,
     "sandbox create+close (empty test)": Handles.sandbox_empty,
     "sandbox + body (3 app transactions)": Handles.sandbox_body,
