@@ -1,7 +1,10 @@
 """What a sandbox costs per test, side by side with the other ways to isolate tests.
 
 Run: ``python -m benchmarks.sandbox_overhead [--rounds 300] [--dsn DSN] [--png PATH]``.
-Without ``--dsn`` (or ``CORRAL_BENCH_DSN``) it starts corral's throwaway PostgreSQL.
+Without ``--dsn`` (or ``CORRAL_BENCH_DSN``) it starts corral's throwaway PostgreSQL, and
+``--transport tcp`` runs it over 127.0.0.1 instead of the Unix socket (what the pytest
+plugin hands out); ``--transport both`` prints TCP against the socket side by side
+(:mod:`benchmarks.transport_compare`).
 All strategies run in one process against the same server and database, in blocks of
 consecutive runs cycled so that drift in machine load hits them alike. Medians; ratios
 against the bare driver's ``BEGIN``/``ROLLBACK`` on one connection, block by block.
@@ -68,14 +71,21 @@ def workload(conn: Any) -> None:
 
 
 @contextlib.contextmanager
-def server(dsn: str | None) -> Iterator[str]:
+def server(dsn: str | None, transport: str = "socket") -> Iterator[str]:
+    """The admin DSN: *dsn*, else a throwaway server's over *transport* (``socket``,
+    ``tcp``; ``both`` yields the socket's, ``servers[...]`` holds the other)."""
     if dsn:
         yield dsn
         return
     from corral.postgres import EphemeralPostgres
 
-    with EphemeralPostgres() as pg:
-        yield pg.dsn
+    with EphemeralPostgres(tcp=transport != "socket") as pg:
+        if transport != "socket":
+            _TCP_ADMIN.append(pg.tcp_dsn)
+        yield pg.tcp_dsn if transport == "tcp" else pg.dsn
+
+
+_TCP_ADMIN: list[str] = []
 
 
 def admin_exec(dsn: str, *statements: str) -> None:
@@ -521,14 +531,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=["psycopg", "drivers"], help="run one half (default: both)"
     )
+    parser.add_argument(
+        "--transport",
+        choices=["socket", "tcp", "both"],
+        default="socket",
+        help="the throwaway server's Unix socket (default), 127.0.0.1, or both side by side",
+    )
     args = parser.parse_args(argv)
+    if args.transport != "socket" and args.dsn:
+        parser.error("--transport needs the throwaway server (no --dsn / CORRAL_BENCH_DSN)")
 
     rows: dict[str, list[float]] = {}
-    with server(args.dsn) as admin_dsn:
+    with server(args.dsn, args.transport) as admin_dsn:
         bench = Bench(admin_dsn)
         where = colocate(admin_dsn, bench.db) if args.colocate else "not co-located: --no-colocate"
         print(f"# {where}")
         try:
+            if args.transport == "both":
+                from benchmarks import transport_compare
+
+                compared = transport_compare.compare(bench, _TCP_ADMIN[-1], args.rounds)
+                transport_compare.report(compared)
+                return 0
             if args.only != "drivers":
                 rows.update(measure(bench, args.rounds, args.slow_rounds))
                 rows.update(run_async(bench.dsn(bench.db), args.rounds))

@@ -20,6 +20,12 @@ RUN_VARIABLES = (
     "CORRAL_GC_FREEZE",
     "CORRAL_SHARD",
     "DATABASE_URL",
+    # libpq's, which each test process of a run sets to its own database
+    "PGHOST",
+    "PGPORT",
+    "PGUSER",
+    "PGDATABASE",
+    "PGPASSWORD",
     "PYTEST_XDIST_WORKER",
     "PYTEST_XDIST_WORKER_COUNT",
     "PYTEST_XDIST_TESTRUNUID",

@@ -162,6 +162,18 @@ def test_client_commands_without_a_broker(tmp_path: Path) -> None:
     assert "EPHEMERAL_PIPE" in result.stderr
 
 
+def test_status_without_a_broker_names_the_socket_flag_and_the_running_brokers(
+    broker: Broker,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "EPHEMERAL_PIPE"}
+    result = corral("status", env=env)
+    assert result.returncode == 3
+    assert result.stderr.startswith("corral: no broker given: pass --socket PATH, or set ")
+    assert "path=" not in result.stderr
+    assert broker.path in result.stderr  # this user's brokers, to pass with --socket
+    assert corral("status", "--socket", broker.path, env=env).returncode == 0
+
+
 def test_main_is_callable_in_process(broker: Broker, capsys: pytest.CaptureFixture[str]) -> None:
     from corral.cli import main
 

@@ -94,7 +94,7 @@ def assert_nothing_left(info: dict[str, Any], admin_dsn: str | None) -> None:
     assert not os.path.exists(os.path.dirname(pipe)), "broker directory left"
     run_id = run_id_of(info["url"])
     assert processes_of_run(run_id) == []
-    directory = server_dir(info["url"])
+    directory = info.get("server_dir") or server_dir(info["url"])
     if admin_dsn is None and directory is not None:  # the run's own throwaway server
         assert not os.path.exists(directory), f"server directory left: {directory}"
         assert processes_mentioning(directory) == [], "a server process is left"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,13 @@ from corral._plugin._colocate import (
 )
 from corral._plugin._cpuclaim import claim_cpu, preference
 from corral._plugin._settings import empty_schema
-from corral.postgres import clone_database, database_dsn, drop_database, ensure_template
+from corral.postgres import (
+    EphemeralPostgres,
+    clone_database,
+    database_dsn,
+    drop_database,
+    ensure_template,
+)
 
 linux = pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux-only"
@@ -115,17 +122,67 @@ def test_postmaster_pid_of_a_local_server(postgres_dsn: str) -> None:
         assert f.read().strip() in ("postgres", "postmaster")
 
 
+def _unused_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.mark.parametrize(
     "params",
     [
-        {"host": "127.0.0.1", "port": "5432"},  # TCP: nothing to verify a pid with
+        {"host": "127.0.0.1", "port": "UNUSED"},  # nobody listens there
+        {"host": "db.example", "port": "5432"},  # another machine: never ours to pin
         {"host": "/nonexistent/dir", "port": "5432"},
         {"host": "/tmp", "port": "not-a-port"},
         {},
     ],
 )
-def test_no_postmaster_without_a_readable_lock_file(params: dict[str, str]) -> None:
+def test_no_postmaster_without_a_local_server_to_verify(params: dict[str, str]) -> None:
+    if params.get("port") == "UNUSED":
+        params = {**params, "port": str(_unused_port())}
     assert postmaster_pid(params) is None
+
+
+def test_a_port_held_by_another_program_names_no_postmaster() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        assert postmaster_pid({"host": "127.0.0.1", "port": str(sock.getsockname()[1])}) is None
+
+
+@pytest.fixture(scope="module")
+def tcp_server() -> Iterator[EphemeralPostgres]:
+    with EphemeralPostgres(tcp=True) as server:
+        yield server
+
+
+@linux
+def test_postmaster_pid_over_the_loopback(tcp_server: EphemeralPostgres) -> None:
+    for host in ("127.0.0.1", "localhost"):
+        assert postmaster_pid({"host": host, "port": str(tcp_server.port)}) == tcp_server.pid
+    assert postmaster_pid(conninfo_to_dict(tcp_server.tcp_dsn)) == tcp_server.pid
+
+
+@linux
+@two_cpus
+def test_backends_connected_over_tcp_are_pinned(tcp_server: EphemeralPostgres) -> None:
+    admin = tcp_server.tcp_dsn
+    template = ensure_template(admin, empty_schema)
+    name = clone_database(admin, template)
+    try:
+        colocation, why = Colocation.plan("on", admin, name, "gw0", 1)
+        assert colocation is not None, why
+        with psycopg.connect(tcp_server.tcp_dsn_for(name)) as app:
+            assert app.info.hostaddr == "127.0.0.1"
+            try:
+                colocation.start()
+                assert colocation.pin_backends() == 1
+                assert os.sched_getaffinity(app.info.backend_pid) == {colocation.cpu}
+            finally:
+                colocation.stop()
+    finally:
+        drop_database(admin, name)
 
 
 @pytest.fixture
@@ -271,6 +328,23 @@ def test_each_test_process_shares_its_cpu_with_its_backends(
             assert record["app_backend"] == record["me"], record
     if workers == "2" and len({r["worker"] for r in records}) == 2:
         assert records[0]["me"] != records[1]["me"]  # a CPU of its own each
+
+
+@linux
+@two_cpus
+@pytest.mark.slow
+def test_on_the_throwaway_server_tcp_backends_share_the_cpu(
+    affinity_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CORRAL_DSN")  # corral's own server: the app connects over TCP
+    affinity_suite.makepyfile(app=_APP + "assert conn.info.hostaddr == '127.0.0.1'\n")
+    result = affinity_suite.runpytest_subprocess("-n", "0", "-p", "no:randomly", "-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*co-located (corral_colocate): *on CPU * with * backends*"])
+    for record in _records(affinity_suite):
+        assert len(record["me"]) == 1, record
+        if "app_backend" in record:
+            assert record["app_backend"] == record["me"], record
 
 
 @linux

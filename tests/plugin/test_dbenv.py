@@ -77,7 +77,48 @@ def test_libpq_key_value_strings() -> None:
         "it's",
         "x",
     )
-    assert parts["url"] == "postgresql://a%20b:it%27s@localhost:5432/x?sslmode=disable"
+    assert parts["url"] == "postgresql://a%20b:it%27s@localhost/x?sslmode=disable"
+
+
+def _libpq(dsn: str) -> dict[str, str]:
+    """What libpq (through psycopg) makes of *dsn*; one port for all hosts spelt out."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
+    hosts = params.get("host", "").split(",")
+    if "," not in params.get("port", ",") and len(hosts) > 1:
+        params["port"] = ",".join([params["port"]] * len(hosts))
+    return params
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:p@h1:5432,h2:5433/db",
+        "postgresql:///db",
+        "postgres://u@db/x?sslmode=require",
+        "postgresql://u@/db?host=/tmp/a%20b&port=5433",
+        "postgresql://u@[::1]:6000/d",
+        "host=/tmp port=5433 dbname=x",
+        "host=h1,h2 port=5432,5433 dbname=x user=u password='p w'",
+        "host=h1,h2 port=6000 dbname=x",
+        "host=::1 user=u dbname=d application_name=t",
+        r"host=localhost user='a b' password='it\'s' dbname=x sslmode=disable",
+    ],
+)
+def test_the_url_part_means_what_the_dsn_means_to_libpq(dsn: str) -> None:
+    parts = url_parts(dsn)
+    assert parts["url"].startswith(("postgresql://", "postgres://"))
+    expected = _libpq(dsn)
+    assert _libpq(parts["url"]) == expected
+    for part in ("host", "user", "password", "dbname"):
+        assert parts[part] == expected.get(part, "")
+    assert parts["port"].split(",")[0] == str(expected.get("port", "5432")).split(",")[0]
+    for scheme, part in (
+        ("postgresql+psycopg", "sqlalchemy_url"),
+        ("postgresql+asyncpg", "asyncpg_url"),
+    ):
+        assert parts[part] == scheme + parts["url"][parts["url"].index("://") :]
 
 
 def test_ipv6_hosts_are_bracketed() -> None:

@@ -52,5 +52,7 @@ def test_readme_quickstart_runs_in_parallel(
     result.assert_outcomes(passed=100)
     result.stdout.fnmatch_lines(["*postgres start: * ms*", "*template: * ms*"])
     info = facts(inner.path / "facts.json")
-    assert "corral-pg" in info["url"]
+    assert info["url"].startswith("postgresql://postgres:")  # TCP, with a password
+    assert "@127.0.0.1:" in info["url"]
+    assert "corral-pg" in info["server_dir"]  # corral's own server
     assert_nothing_left(info, None)

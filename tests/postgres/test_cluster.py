@@ -75,6 +75,97 @@ def test_context_manager_and_settings(runtime_dir: Path) -> None:
     assert not run_dir.exists()
 
 
+def _refused(dsn: str) -> str:
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(dsn).close()
+    return str(info.value)
+
+
+def test_tcp_asks_for_a_password_the_socket_does_not(runtime_dir: Path) -> None:
+    from pydantic import PostgresDsn, TypeAdapter
+    from sqlalchemy.engine import make_url
+
+    with EphemeralPostgres(runtime_dir=runtime_dir, tcp=True) as server:
+        password = server.password
+        assert len(password) >= 32
+        assert (
+            server.tcp_dsn == f"postgresql://postgres:{password}@127.0.0.1:{server.port}/postgres"
+        )
+        # Every strict URL parser takes it: it has a host and a port.
+        dsn = TypeAdapter(PostgresDsn).validate_python(server.tcp_dsn_for("app"))
+        assert dsn.hosts()[0]["host"] == "127.0.0.1"
+        assert make_url(server.tcp_dsn).port == server.port
+        with psycopg.connect(server.tcp_dsn) as conn:
+            assert conn.info.hostaddr == "127.0.0.1"
+            # A verifier, not the password: nothing holds the password in clear.
+            stored = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'")
+            assert str(stored.fetchone()).startswith("('SCRAM-SHA-256$")
+        without = f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+        assert "no password supplied" in _refused(without)
+        assert "password authentication failed" in _refused(server.tcp_dsn.replace(password, "x"))
+        with psycopg.connect(server.dsn) as conn:  # the private socket trusts
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert password not in server.log_text()
+
+
+def test_a_given_non_ascii_password_is_hashed_by_the_server(runtime_dir: Path) -> None:
+    with EphemeralPostgres(runtime_dir=runtime_dir, tcp=True, password="pä ss:@/") as server:
+        assert server.tcp_dsn.startswith("postgresql://postgres:p%C3%A4%20ss%3A%40%2F@127.0.0.1:")
+        with psycopg.connect(server.tcp_dsn) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+
+
+def test_two_tcp_servers_started_side_by_side_get_ports_of_their_own(runtime_dir: Path) -> None:
+    import threading
+
+    servers = [EphemeralPostgres(runtime_dir=runtime_dir, tcp=True) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def start(server: EphemeralPostgres) -> None:
+        try:
+            server.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert len({s.port for s in servers}) == 3
+        for server in servers:
+            with psycopg.connect(server.tcp_dsn) as conn:
+                assert conn.execute("SHOW port").fetchone() == (str(server.port),)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_port_taken_before_the_server_binds_it_is_replaced(
+    runtime_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.postgres import _cluster
+
+    # Another process takes the port between corral's pick and the server's bind: the
+    # first pick is a port that is listened on already.
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    picks = iter([taken.getsockname()[1]])
+    real = _cluster._free_port
+    monkeypatch.setattr(_cluster, "_free_port", lambda: next(picks, None) or real())
+    try:
+        with EphemeralPostgres(runtime_dir=runtime_dir, tcp=True) as server:
+            assert server.port != taken.getsockname()[1]
+            assert "could not bind" in server.log_text()
+            with psycopg.connect(server.tcp_dsn) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        taken.close()
+
+
 def test_cold_then_warm_cache(runtime_dir: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     with EphemeralPostgres(runtime_dir=runtime_dir, cache_dir=cache) as cold:

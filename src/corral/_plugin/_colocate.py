@@ -14,10 +14,13 @@ When: ini ``corral_colocate`` / ``--corral-colocate`` = ``auto`` (the default: o
 server is local and verifiable, runs as this user (or this is root), and every test
 process can have its own CPU), ``on``
 (also when processes must share CPUs), ``off``. Only on Linux, and only for backends whose
-parent is the postmaster found through the server's Unix-socket lock file: a pid from a
-server in a container or on another host is never touched. The pin covers the test
-process's main thread and what it starts later (threads, subprocesses): a suite whose
-tests run CPU-heavy work in parallel subprocesses should say ``off``. Each pinned process
+parent is the postmaster found through the server's Unix-socket lock file, or for a DSN
+on the loopback (``127.0.0.1``, ``localhost``, ``::1``), as the ``postgres`` process that
+holds the listening socket: a pid from a server in a container (behind a port forwarder)
+or on another host is never touched. Backends are found by pid, over TCP as over sockets.
+The pin covers the test process's main thread and what it starts later (threads,
+subprocesses): a suite whose tests run CPU-heavy work in parallel subprocesses should say
+``off``. Each pinned process
 claims its CPU machine-wide (:mod:`corral._plugin._cpuclaim`), so runs side by side on one
 machine spread over different CPUs.
 """
@@ -74,7 +77,7 @@ def decide(
     if not supported:
         return False, "CPU affinity is Linux-only"
     if postmaster is None:
-        return False, "the server's postmaster is not visible from here (remote, TCP or container)"
+        return False, "the server's postmaster is not visible from here (remote or container)"
     if not permitted:
         return False, "the server runs as another user, whose processes this one cannot pin"
     if cpus < 2:
@@ -85,22 +88,75 @@ def decide(
 
 
 def postmaster_pid(dsn_params: dict[str, Any]) -> int | None:
-    """The pid of the server's postmaster, read from its Unix socket's lock file.
+    """The pid of the server's postmaster, when the server runs on this machine.
 
-    None unless the DSN connects through a socket directory on this machine whose lock
-    file names a live ``postgres`` process.
+    Through a socket directory: the pid its lock file names. Through the loopback: the
+    ``postgres`` process holding the port's listening socket (seen in ``/proc``, so only
+    when this process may read that one's descriptors: the same user, or root). None when
+    neither finds a live ``postgres`` process.
     """
     host = str(dsn_params.get("host") or "")
     port = str(dsn_params.get("port") or "5432")
-    directory = next((h for h in host.split(",") if h.startswith("/")), None)
-    if directory is None or not port.isdigit():
+    hosts = host.split(",")
+    directory = next((h for h in hosts if h.startswith("/")), None)
+    if not port.isdigit():
         return None
+    if directory is None:
+        return _listener_pid(int(port)) if hosts[0] in _LOOPBACK else None
     try:
         first = (Path(directory) / f".s.PGSQL.{port}.lock").read_text().split("\n", 1)[0]
         pid = int(first.strip())
     except (OSError, ValueError):
         return None
-    return pid if _command(pid) in ("postgres", "postmaster") else None
+    return pid if _command(pid) in _POSTGRES else None
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_POSTGRES = ("postgres", "postmaster")
+#: /proc/net/tcp{,6} local addresses a loopback client may reach: 127.0.0.1, 0.0.0.0,
+#: ::1, :: and ::ffff:127.0.0.1 (as the kernel prints them: 32-bit words, host order).
+_LISTEN_ADDRESSES = {
+    "0100007F",
+    "00000000",
+    "00000000000000000000000001000000",
+    "00000000000000000000000000000000",
+    "0000000000000000FFFF00000100007F",
+}
+_LISTEN = "0A"
+
+
+def _listener_pid(port: int) -> int | None:
+    """The ``postgres`` process listening on *port* of this machine's loopback, or None."""
+    sockets: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == _LISTEN and int(hex_port, 16) == port and address in _LISTEN_ADDRESSES:
+                sockets.add(f"socket:[{fields[9]}]")
+    if not sockets:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or _command(int(entry.name)) not in _POSTGRES:
+            continue
+        parent = _parent(int(entry.name))
+        if parent is not None and _command(parent) in _POSTGRES:
+            continue  # a backend: postmasters close their listening sockets in children
+        try:
+            descriptors = os.listdir(entry / "fd")
+        except OSError:  # another user's process, or gone
+            continue
+        for fd in descriptors:
+            try:
+                if os.readlink(entry / "fd" / fd) in sockets:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
 
 
 def may_pin(pid: int) -> bool:

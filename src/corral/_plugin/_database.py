@@ -13,8 +13,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
 
+from corral._plugin._dbenv import parse_entries, render
 from corral._plugin._run import AnyClient, RunInfo
 from corral._plugin._settings import ENV_DATABASE_URL, restore_env
 from corral.broker import Client
@@ -91,7 +91,7 @@ class WorkerDatabase:
             self._clone()
         # The time this process waited for its database, however it came to have one.
         self.timings["clone"].append(time.perf_counter() - started)
-        self._export([ENV_DATABASE_URL, *info.database_env])
+        self._export()
         return self.url
 
     def recreate(self) -> None:
@@ -150,10 +150,14 @@ class WorkerDatabase:
             run_id=info.run_id,
         )
 
-    def _export(self, names: Iterable[str]) -> None:
-        for name in names:
+    def _export(self) -> None:
+        """The URL under ``CORRAL_DATABASE_URL``, each ``corral_database_env`` entry in its
+        shape, and libpq's ``PGHOST``... (:func:`~corral._plugin._dbenv.render`)."""
+        env = render(self.url, parse_entries(self.info.database_env))
+        env[ENV_DATABASE_URL] = self.url
+        for name, value in env.items():
             self._env_saved.setdefault(name, os.environ.get(name))
-            os.environ[name] = self.url
+            os.environ[name] = value
 
 
 class PreCloner:

@@ -13,12 +13,13 @@ import re
 import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __all__ = [
     "LIBPQ_VARIABLES",
     "PARTS",
     "EnvEntry",
+    "EnvEntryError",
     "parse_entries",
     "parse_entry",
     "render",
@@ -27,7 +28,7 @@ __all__ = [
 
 #: Every ``{part}`` an entry may name, with what it holds.
 PARTS: Mapping[str, str] = {
-    "url": "the whole libpq URL (postgresql://user:password@host:port/dbname)",
+    "url": "the whole URL (postgresql://user:password@host:port/dbname), as NAME alone gets",
     "host": "the server's host name or address (a directory for a Unix socket)",
     "port": "the server's port",
     "user": "the user name",
@@ -77,7 +78,10 @@ def parse_entry(text: str) -> EnvEntry:
     name, sep, template = text.partition("=")
     name = name.strip()
     if not _NAME.match(name):
-        raise EnvEntryError(f"{name!r} is not an environment variable name (entry {text!r})")
+        raise EnvEntryError(
+            f"{name!r} is not an environment variable name (entry {text!r}); "
+            "write NAME or NAME={part}"
+        )
     if not sep:
         return EnvEntry(name)
     try:
@@ -124,58 +128,97 @@ def _conninfo(dsn: str) -> dict[str, str]:
     return params
 
 
-def url_parts(dsn: str) -> dict[str, str]:
-    """Every part of *dsn* (a ``postgresql://`` URL or libpq ``key=value`` string).
+def _hosts(hostlist: str) -> tuple[list[str], list[str]]:
+    """``h1:5432,[::1]:5433`` (a URL's host list) as hosts and ports ('' where not given)."""
+    hosts: list[str] = []
+    ports: list[str] = []
+    for item in hostlist.split(",") if hostlist else []:
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        else:
+            host, _, port = item.partition(":")
+        hosts.append(unquote(host))
+        ports.append(port)
+    return hosts, ports
 
-    Missing parts get libpq's defaults where they have one (port 5432); the ``url`` part
-    always has a host and a port, so strict URL parsers (pydantic's ``PostgresDsn``)
-    accept it when the server listens on TCP.
-    """
-    if _URL.match(dsn):
-        split = urlsplit(dsn)
-        query = dict(parse_qsl(split.query, keep_blank_values=True))
-        host = query.pop("host", None) or unquote(split.hostname or "")
-        port = query.pop("port", None) or (str(split.port) if split.port else "")
-        user = query.pop("user", None) or unquote(split.username or "")
-        password = query.pop("password", None) or unquote(split.password or "")
-        dbname = query.pop("dbname", None) or unquote(split.path.lstrip("/"))
-    else:
-        params = _conninfo(dsn)
-        host = params.pop("host", "")
-        port = params.pop("port", "")
-        user = params.pop("user", "")
-        password = params.pop("password", "")
-        dbname = params.pop("dbname", "")
-        query = params
-    port = port or "5432"
-    socket_dir = host.startswith("/")
+
+def _from_url(dsn: str) -> tuple[dict[str, str], dict[str, str]]:
+    """A URL's connection parameters, and its other query parameters."""
+    split = urlsplit(dsn)
+    userinfo, _, hostlist = split.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    hosts, ports = _hosts(hostlist)
+    params = {
+        "host": ",".join(hosts),
+        "port": ",".join(ports) if any(ports) else "",
+        "user": unquote(user),
+        "password": unquote(password),
+        "dbname": unquote(split.path.lstrip("/")),
+    }
+    query = dict(parse_qsl(split.query, keep_blank_values=True))
+    for key in list(params):
+        if query.get(key):
+            params[key] = query.pop(key)
+    return params, query
+
+
+def _to_url(params: Mapping[str, str], query: Mapping[str, str]) -> str:
+    """A ``postgresql://`` URL of libpq parameters (socket directories in the query)."""
+    user, password = params.get("user", ""), params.get("password", "")
     netloc = quote(user, safe="") if user else ""
     if password:
         netloc += ":" + quote(password, safe="")
     if netloc:
         netloc += "@"
-    if socket_dir:
-        # A socket directory cannot stand in the URL's host: it goes into the query,
-        # where libpq, psycopg, asyncpg and SQLAlchemy all read it (with the port, which
-        # names the socket file).
-        query = {"host": host, "port": port, **query}
-    elif host:
-        netloc += (f"[{host}]" if ":" in host else host) + f":{port}"
-    tail = urlencode(query, safe="/", quote_via=quote)
-    path = "/" + quote(dbname, safe="")
+    hosts = params["host"].split(",") if params.get("host") else []
+    ports = params["port"].split(",") if params.get("port") else []
+    if len(ports) == 1:
+        ports *= max(1, len(hosts))  # libpq: one port serves every host
+    tail = dict(query)
+    if any(h.startswith("/") for h in hosts):
+        # A socket directory cannot stand in the URL's host: it goes into the query, where
+        # libpq, psycopg, asyncpg and SQLAlchemy all read it (with the port, which names
+        # the socket file).
+        tail = {"host": ",".join(hosts), "port": ",".join(ports), **tail}
+    else:
+        ports += [""] * (len(hosts) - len(ports))
+        netloc += ",".join(
+            (f"[{h}]" if ":" in h else quote(h, safe="")) + (f":{p}" if p else "")
+            for h, p in zip(hosts, ports, strict=False)
+        )
+    url = f"postgresql://{netloc}/{quote(params.get('dbname', ''), safe='')}"
+    query_text = urlencode({k: v for k, v in tail.items() if v}, safe="/,", quote_via=quote)
+    return f"{url}?{query_text}" if query_text else url
 
-    def with_scheme(scheme: str) -> str:
-        return urlunsplit((scheme, netloc, path, tail, ""))
 
+def url_parts(dsn: str) -> dict[str, str]:
+    """Every part of *dsn* (a ``postgresql://`` URL or libpq ``key=value`` string).
+
+    The ``url`` part is *dsn* itself when it is a URL (what ``CORRAL_DATABASE_URL``
+    holds), else the ``key=value`` string as a URL. A missing port is libpq's default,
+    5432. Several hosts (libpq's fail-over lists) give comma-separated hosts and ports,
+    as libpq's ``PGHOST`` and ``PGPORT`` take them.
+    """
+    if _URL.match(dsn):
+        params, query = _from_url(dsn)
+        url = dsn
+    else:
+        params = _conninfo(dsn)
+        keys = ("host", "port", "user", "password", "dbname")
+        query = {k: v for k, v in params.items() if k not in keys}
+        url = _to_url(params, query)
+    ports = params["port"].split(",") if params.get("port") else []
+    rest = url[url.index("://") :]
     return {
-        "url": with_scheme("postgresql"),
-        "host": host,
-        "port": port,
-        "user": user,
-        "password": password,
-        "dbname": dbname,
-        "sqlalchemy_url": with_scheme("postgresql+psycopg"),
-        "asyncpg_url": with_scheme("postgresql+asyncpg"),
+        "url": url,
+        "host": params.get("host", ""),
+        "port": ",".join(p or "5432" for p in ports) or "5432",
+        "user": params.get("user", ""),
+        "password": params.get("password", ""),
+        "dbname": params.get("dbname", ""),
+        "sqlalchemy_url": "postgresql+psycopg" + rest,
+        "asyncpg_url": "postgresql+asyncpg" + rest,
     }
 
 

@@ -233,14 +233,16 @@ class Run:
             return self.settings.dsn
         started = time.perf_counter()
         try:
-            self.server = EphemeralPostgres().start()
+            # TCP on 127.0.0.1 (with a password) beside the private socket: URLs with a
+            # host and a port are what every URL parser accepts (pydantic's PostgresDsn).
+            self.server = EphemeralPostgres(tcp=True).start()
         except CorralError as exc:
             raise pytest.UsageError(
                 f"corral: cannot start a throwaway PostgreSQL: {exc}\n"
                 "Point corral at a server instead: --corral-dsn / corral_dsn / CORRAL_DSN"
             ) from exc
         self.timings["postgres start"] = time.perf_counter() - started
-        return self.server.dsn
+        return self.server.tcp_dsn
 
     def _template(self, admin_dsn: str) -> str:
         settings = self.settings

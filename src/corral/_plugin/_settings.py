@@ -167,7 +167,8 @@ def add_options(parser: pytest.Parser) -> None:
     )
     parser.addini(
         "corral_database_env",
-        "more environment variables that get each process's database URL (DATABASE_URL)",
+        "variables that get each process's database: NAME (its URL) or NAME={part}, parts "
+        "url, host, port, user, password, dbname, sqlalchemy_url, asyncpg_url",
         type="args",
         default=[],
     )
@@ -235,7 +236,7 @@ class Settings:
         watch = tuple(base / str(p) for p in config.getini("corral_schema_watch"))
         env_names = tuple(str(n) for n in config.getini("corral_database_env"))
         try:
-            parse_entries(env_names)
+            parse_entries(env_names)  # kept as text: RunInfo carries them to the workers
         except EnvEntryError as exc:
             raise pytest.UsageError(f"corral_database_env: {exc}") from None
         switch = _switch(config, "corral_database")

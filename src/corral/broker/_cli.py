@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from corral.broker._socketfile import is_alive
 from corral.broker._status_text import render_status
 from corral.broker.client import Client
 from corral.broker.server import Broker
@@ -281,7 +284,39 @@ def cmd_broker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- clients
 
 
+def running_brokers() -> list[str]:
+    """Sockets of brokers with a private directory (the default) that answer, newest first.
+
+    Only this user's: the directories are 0700. What `corral status` offers when it is
+    not told which broker to ask.
+    """
+    bases = dict.fromkeys([tempfile.gettempdir(), "/tmp"])
+    found = [
+        path
+        for base in bases
+        for path in glob.glob(os.path.join(base, "corral-*", "broker-*.sock"))
+        if is_alive(path)
+    ]
+    return sorted(found, key=lambda path: -os.stat(path).st_mtime)
+
+
+def _no_broker_given() -> str:
+    found = running_brokers()
+    where = (
+        "brokers answering on this machine: " + ", ".join(found)
+        if found
+        else "no broker answers under " + tempfile.gettempdir()
+    )
+    return (
+        "no broker given: pass --socket PATH, or set EPHEMERAL_PIPE "
+        f"(`corral run -- CMD` and the pytest plugin set it for their processes); {where}"
+    )
+
+
 def _with_client(args: argparse.Namespace, fn: Callable[[Client, argparse.Namespace], int]) -> int:
+    if args.socket is None and not os.environ.get("EPHEMERAL_PIPE"):
+        _err(_no_broker_given())
+        return EXIT_UNAVAILABLE
     try:
         with Client(args.socket, timeout=args.timeout) as client:
             return fn(client, args)

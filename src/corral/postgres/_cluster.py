@@ -2,15 +2,20 @@
 
 Start = find binaries, clean up dead owners' clusters, copy the cached initdb result into a
 private run directory, launch ``postgres`` directly (no ``pg_ctl``: it polls at 10 Hz) and
-wait for ``postmaster.pid`` to say ``ready``. A watchdog process stops it if we die.
+wait for ``postmaster.pid`` to say ``ready``. A watchdog process stops it if we die. With
+``tcp=True`` it also listens on 127.0.0.1, where the superuser needs a per-start password.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,6 +52,19 @@ TEST_SETTINGS: Mapping[str, str] = {
 }
 
 _LOG_TAIL_LINES = 40
+#: Launches with a freshly picked TCP port: another process may take the port between the
+#: pick and the server's bind (two servers started side by side), which is retried.
+_PORT_ATTEMPTS = 8
+#: The socket directory is private (0700), so it may trust; 127.0.0.1 is reachable by every
+#: local user, so TCP asks for the superuser's password (SCRAM; never trust).
+_HBA = """\
+# corral: the Unix socket lies in a private directory; TCP asks for the password.
+local all all trust
+host all all 127.0.0.1/32 scram-sha-256
+"""
+#: Key stretching (PostgreSQL's default: 4096 rounds, paid by the client at every connect,
+#: ~10 ms here) protects guessable passwords; a random 192-bit one needs none.
+_SCRAM_ITERATIONS = 1
 #: sun_path is 108 bytes on Linux (104 on macOS), including the terminating NUL.
 _MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
@@ -63,7 +81,10 @@ class EphemeralPostgres:
     :param version: required major version (default: ``CORRAL_PG_VERSION``, else newest).
     :param port: the port number; it names the Unix socket and, with *tcp*, the TCP port
         (default: 5432 for socket-only servers, a free port with *tcp*).
-    :param tcp: also listen on ``127.0.0.1`` (needed by clients that cannot use sockets).
+    :param tcp: also listen on ``127.0.0.1``, where connections need the superuser's
+        password (:attr:`tcp_dsn` carries it); URL parsers that want a host and a port
+        (pydantic's ``PostgresDsn``) accept :attr:`tcp_dsn`, not :attr:`dsn`.
+    :param password: the superuser's password over TCP (default: a random one per start).
     :param settings: server settings merged over :data:`TEST_SETTINGS`; a ``None`` value
         drops a default.
     :param initdb_args: extra ``initdb`` arguments (part of the cache key).
@@ -90,6 +111,7 @@ class EphemeralPostgres:
         version: int | None = None,
         port: int | None = None,
         tcp: bool = False,
+        password: str | None = None,
         settings: Mapping[str, str | int | None] | None = None,
         initdb_args: Sequence[str] = (),
         user: str | None = None,
@@ -104,6 +126,8 @@ class EphemeralPostgres:
         self._version_arg = version
         self._port_arg = port
         self.tcp = tcp
+        self._password_arg = password
+        self._password = ""
         self._settings = dict(settings or {})
         self._initdb_args = tuple(initdb_args)
         self._user_arg = user
@@ -150,11 +174,23 @@ class EphemeralPostgres:
 
     @property
     def tcp_dsn(self) -> str:
-        """Superuser DSN over TCP on 127.0.0.1 (only with ``tcp=True``)."""
+        """Superuser DSN over TCP: ``postgresql://postgres:PASSWORD@127.0.0.1:PORT/postgres``
+        (only with ``tcp=True``)."""
+        return self.tcp_dsn_for("postgres")
+
+    def tcp_dsn_for(self, database: str) -> str:
+        """The superuser's libpq URL for *database* over TCP (only with ``tcp=True``)."""
         self._require()
         if not self.tcp:
             raise PostgresStartError("this server listens on a Unix socket only; pass tcp=True")
-        return f"postgresql://postgres@127.0.0.1:{self._port}/postgres"
+        login = f"postgres:{quote(self._password, safe='')}"
+        return f"postgresql://{login}@127.0.0.1:{self._port}/{quote(database, safe='')}"
+
+    @property
+    def password(self) -> str:
+        """The superuser's password over TCP ('' without ``tcp=True``)."""
+        self._require()
+        return self._password
 
     @property
     def host(self) -> str:
@@ -277,20 +313,46 @@ class EphemeralPostgres:
             identity=self.binaries,
         )
         self._log_path = self._log_arg or run_dir / "postgres.log"
-        attempts = 3 if self.tcp and self._port_arg is None else 1
+        if self.tcp:
+            hba = run_dir / "pg_hba.conf"
+            hba.write_text(_HBA)
+            user.chown(hba)
+        attempts = _PORT_ATTEMPTS if self.tcp and self._port_arg is None else 1
         for attempt in range(attempts):
             self._port = self._port_arg or (_free_port() if self.tcp else 5432)
+            logged = len(self.log_text())  # a kept log may hold older runs' lines
             self._launch(run_dir, binaries, user)
             _runtime.write_owner(run_dir, **owner, postmaster_pid=self.pid)
             self._start_watchdog(run_dir)
             try:
                 self._wait_ready(run_dir)
-                return
+                break
             except PostgresStartError as exc:
-                retry = attempt + 1 < attempts and "could not bind" in exc.log
+                retry = attempt + 1 < attempts and _lost_port(exc.log[logged:])
                 self._stop_processes()
                 if not retry:
                     raise
+                log.info("port %d was taken before the server bound it; trying another", self._port)
+        if self.tcp:
+            self._set_password()
+
+    def _set_password(self) -> None:
+        """Give the superuser its TCP password, over the (trusted, private) socket.
+
+        Until this runs, TCP logins fail (no password is set): nobody gets in early.
+        """
+        from corral.postgres._sql import connect, literal, sql
+
+        password = self._password_arg or secrets.token_urlsafe(24)
+        # A pre-hashed verifier: the password never appears in a statement (or a log), and
+        # PostgreSQL 10-13, whose default is md5, store what scram-sha-256 in pg_hba needs.
+        # SASLprep leaves ASCII alone; other passwords are hashed by the server.
+        stored = scram_verifier(password) if password.isascii() else password
+        with connect(self.dsn) as conn:
+            if stored is password:
+                conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(sql("ALTER ROLE postgres PASSWORD {}").format(literal(stored)))
+        self._password = password
 
     def _argv(self, run_dir: Path, binaries: PostgresBinaries) -> list[str]:
         settings: dict[str, str | int | None] = dict(TEST_SETTINGS)
@@ -299,6 +361,8 @@ class EphemeralPostgres:
             unix_socket_directories=str(run_dir),
             port=self._port,
         )
+        if self.tcp:
+            settings["hba_file"] = str(run_dir / "pg_hba.conf")
         settings.update(self._settings)
         argv = [str(binaries.postgres), "-D", str(run_dir / "data")]
         for name, value in settings.items():
@@ -402,6 +466,7 @@ class EphemeralPostgres:
 
     def _teardown(self) -> None:
         self._stop_processes()
+        self._password = ""
         run_dir, self._run_dir = self._run_dir, None
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -432,6 +497,28 @@ def _interpreter() -> str:
     if sys.executable and os.access(sys.executable, os.X_OK):
         return sys.executable
     return shutil.which("python3") or shutil.which("python") or sys.executable
+
+
+def scram_verifier(password: str, iterations: int = _SCRAM_ITERATIONS) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for *password* (RFC 5802 and 7677).
+
+    ``ALTER ROLE ... PASSWORD`` takes it as is (PostgreSQL 10+), with our iteration count.
+    """
+    salt = secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _lost_port(log_text: str) -> bool:
+    """Whether the server failed because its TCP port was taken (worth another port)."""
+    return "could not bind" in log_text and "already in use" in log_text
 
 
 def _free_port() -> int:

@@ -10,6 +10,18 @@ import app  # type: ignore[import-not-found]  # noqa: F401 - reads DATABASE_URL 
 import pytest
 
 
+def _server_dir() -> str | None:
+    """The run directory of the server behind PGHOST:PGPORT, when it is on this machine."""
+    from corral._plugin._colocate import postmaster_pid
+
+    pid = postmaster_pid({"host": os.environ.get("PGHOST"), "port": os.environ.get("PGPORT")})
+    if pid is None:
+        return None
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    return os.path.dirname(argv[argv.index("-D") + 1])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     facts = os.environ.get("SAMPLE_FACTS")
     if facts and not hasattr(config, "workerinput"):
@@ -20,6 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
                     "url": os.environ.get("CORRAL_DATABASE_URL"),
                     "pid": os.getpid(),
                     "template": json.loads(os.environ["CORRAL_PLUGIN_RUN"])["template"],
+                    "server_dir": _server_dir(),
                 },
                 f,
             )
