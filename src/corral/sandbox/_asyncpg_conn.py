@@ -136,8 +136,7 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
         None (``fetchval("BEGIN")`` is None in asyncpg too).
         """
         self._usable()
-        if "advisory" in query or "ADVISORY" in query:
-            self._box.advisory = True
+        self._box.plan.note_sql(query)
         stmts = _classify_script(query)
         if len(stmts) == 1 and stmts[0].kind is Kind.OTHER:
             return await self._statement(stmts[0], query, run)
@@ -234,6 +233,14 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
             except EmulatedServerError as err:
                 raise _emulated(err) from None
             await box.run(plan.before_statement(app))
+            try:
+                instead = plan.foreign_savepoint(app, st, failed=box.inerror)
+            except EmulatedServerError as err:
+                raise _emulated(err) from None
+            if instead is not None:
+                box.inerror = True
+                await box.run(instead)  # fails, as production's statement
+                raise AssertionError("a statement made to fail succeeded")  # pragma: no cover
             try:
                 result = await run()
             except Exception as exc:

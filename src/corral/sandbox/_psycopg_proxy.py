@@ -181,7 +181,11 @@ class ConnectionBase(ProxyBase[BoxT]):
         """The statements of one app query (or script), each with the call that runs it."""
         self._usable()
         text = query_text(query, self._real)
-        stmts = _classify_script(text) if text is not None else None
+        if text is None:
+            stmts = None
+        else:
+            self._box.plan.note_sql(text)
+            stmts = _classify_script(text)
         if stmts is None or len(stmts) == 1:
             return [(stmts[0] if stmts else None, text, run)]
         if not script:
@@ -232,6 +236,14 @@ class ConnectionBase(ProxyBase[BoxT]):
                 except EmulatedServerError as err:
                     raise emulated(err) from None
             yield Send(plan.before_statement(app))
+            failed = self._box.real_status() == TransactionStatus.INERROR
+            try:
+                instead = plan.foreign_savepoint(app, st, failed=failed)
+            except EmulatedServerError as err:
+                raise emulated(err) from None
+            if instead is not None:
+                yield Send(instead, on_cursor=True)  # fails, as production's statement
+                return
             yield RUN_APP
             plan.user_savepoint_done(app, st)
 
@@ -355,8 +367,12 @@ class CursorBase(Generic[ConnT, CurT]):
         return {k: v for k, v in (("prepare", prepare), ("binary", binary)) if v is not None}
 
     def _text(self, query: Any) -> str | None:
-        self._conn._usable()
-        return query_text(query, self._conn._real)
+        conn = self._conn
+        conn._usable()
+        text = query_text(query, conn._real)
+        if text is not None:
+            conn._box.plan.note_sql(text)
+        return text
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)

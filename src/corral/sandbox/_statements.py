@@ -9,7 +9,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-__all__ = ["Kind", "Statement", "classify", "classify_script", "split"]
+__all__ = ["Kind", "Statement", "classify", "classify_script", "mentions_advisory_locks", "split"]
 
 
 class Kind(enum.Enum):
@@ -59,6 +59,7 @@ _PLAIN_FIRST_WORDS = frozenset(
     | {"UNLISTEN", "EXECUTE", "DEALLOCATE", "CALL", "DO", "ANALYZE", "ANALYSE", "RESET"}
     | {"LOAD", "CHECKPOINT", "TRUNCATE"}
 )
+_ADVISORY = re.compile("advisory", re.IGNORECASE)
 _DDL_FIRST_WORDS = frozenset({"CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE"})
 _FIRST_WORD = re.compile(r"\s*([A-Za-z_]+)")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
@@ -355,3 +356,9 @@ def classify_script(sql: str) -> list[Statement]:
     if all(s.kind is Kind.OTHER for s in stmts):
         return [Statement(Kind.OTHER, sql, stmts[0].command, ddl=any(s.ddl for s in stmts))]
     return stmts
+
+
+def mentions_advisory_locks(sql: str) -> bool:
+    """Whether *sql* may take session-level advisory locks (names a ``pg_*advisory*``
+    function). Such locks survive ROLLBACK: the sandbox frees them when it closes."""
+    return _ADVISORY.search(sql) is not None
