@@ -164,10 +164,99 @@ async def test_savepoints_the_app_named_in_psycopg_blocks_are_its_own(ad: Adapte
                 conn.execute("ROLLBACK TO SAVEPOINT sp_in")  # kept, as in production
                 conn.execute("INSERT INTO item (name) VALUES ('c')")
         assert conn.execute("SELECT name FROM item ORDER BY name").fetchall() == [("a",), ("c",)]
+        conn.commit()  # so that the next block is an outer one again
         with conn.transaction(savepoint_name="Outer"):
             with pytest.raises(psycopg.errors.InvalidSavepointSpecification):
                 conn.execute("ROLLBACK TO SAVEPOINT Outer")  # folded: not the app's name
             assert conn.info.transaction_status.name == "INERROR"
-        # Leaving the failed block rolled it back, as in production.
+        # Leaving the failed block rolled it back (COMMIT of a failed transaction).
         assert conn.execute("SELECT count(*) FROM item").fetchone() == (2,)
+    await ad.close()
+
+
+# Found by the differential test (test_differential.py) -----------------------------------
+
+
+async def test_begin_in_a_failed_transaction_fails_as_in_production(ad: Adapter) -> None:
+    await ad.create()
+    async with ad.connection() as conn:
+        await conn.set_autocommit(True)
+        await conn.execute("BEGIN")
+        await conn.execute("BEGIN")  # production: a warning, no error
+        with ad.raises("22012"):
+            await conn.execute("SELECT 1 / 0")
+        with ad.raises("25P02"):
+            await conn.execute("BEGIN")
+        assert conn.status == "inerror"
+        await conn.execute("ROLLBACK")
+        assert conn.status == "idle"
+    await ad.close()
+
+
+def _status(conn: Any) -> str:
+    return str(conn.info.transaction_status.name)
+
+
+def _outcome(fn: Any, conn: Any) -> tuple[str | None, str]:
+    try:
+        fn(conn)
+    except psycopg.Error as exc:
+        return exc.sqlstate, _status(conn)
+    return None, _status(conn)
+
+
+def _nested_commit_in_a_failed_transaction(conn: Any) -> None:
+    conn.execute("SELECT 1")
+    with conn.transaction(), pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("SELECT 1 / 0")
+
+
+def _nested_block_released_by_sql(conn: Any) -> None:
+    conn.execute("SELECT 1")
+    with conn.transaction(savepoint_name="sp"):
+        conn.execute("RELEASE SAVEPOINT sp")
+
+
+def _nested_block_committed_by_sql(conn: Any) -> None:
+    conn.execute("SELECT 1")
+    with conn.transaction():
+        conn.execute("COMMIT")
+
+
+def _outer_block_committed_by_sql_then_reopened(conn: Any) -> None:
+    with conn.transaction():
+        conn.execute("COMMIT")
+        conn.execute("SELECT 1")  # a new transaction, which leaving the block commits
+
+
+def _failed_rollback_of_a_block_is_logged(conn: Any) -> None:
+    conn.execute("SELECT 1")
+    with conn.transaction(force_rollback=True):
+        conn.execute("COMMIT")  # the block's savepoint is gone: its rollback fails
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        (_nested_commit_in_a_failed_transaction, ("25P02", "INERROR")),
+        (_nested_block_released_by_sql, ("3B001", "INERROR")),
+        (_nested_block_committed_by_sql, ("25P01", "IDLE")),
+        (_outer_block_committed_by_sql_then_reopened, (None, "IDLE")),
+        (_failed_rollback_of_a_block_is_logged, (None, "IDLE")),
+    ],
+)
+async def test_leaving_a_psycopg_block_as_in_production(
+    ad: Adapter, sandbox_dsn: str, scenario: Any, expected: tuple[str | None, str]
+) -> None:
+    if ad.name != "psycopg-sync":
+        pytest.skip("psycopg's transaction() (its logic is shared by sync and async)")
+    with psycopg.Connection.connect(sandbox_dsn) as plain:
+        assert _outcome(scenario, plain) == expected  # production
+        plain.rollback()
+    await ad.create()
+    conn = ad.db.getconn()
+    try:
+        assert _outcome(scenario, conn) == expected
+    finally:
+        ad.db.putconn(conn)
     await ad.close()

@@ -425,7 +425,9 @@ class Plan:
         """The app's BEGIN / START TRANSACTION (a no-op, as in production, when in one)."""
         self._usable(app)
         if app.frames:
-            return None
+            # The server answers as production's would: a warning, or in a failed
+            # transaction 25P02.
+            return Step(stmt.text) if stmt is not None else None
         return self._begin_tx(app, None, read_only=stmt.read_only if stmt else None)
 
     def block(self, app: AppState, name: str | None = None) -> tuple[Step, Frame]:
@@ -519,6 +521,17 @@ class Plan:
                 return None  # the server answers 25P02 first, as production's does
             raise EmulatedServerError("3B001", f'savepoint "{name}" does not exist')
         return Step(_raise_sql("3B001", f'savepoint "{name}" does not exist'))
+
+    def missing_savepoint(self, app: AppState, command: str, name: str) -> Step:
+        """What production answers to *command* (RELEASE / ROLLBACK TO SAVEPOINT) naming
+        a savepoint *name* that no longer exists: a step that fails as it would.
+
+        :raises EmulatedServerError: outside a transaction (25P01: nothing to abort).
+        """
+        self._usable(app)
+        if not app.frames:
+            raise EmulatedServerError("25P01", f"{command} can only be used in transaction blocks")
+        return Step(_raise_sql("3B001", f'savepoint "{_unquoted(name)}" does not exist'))
 
     def user_savepoint_done(self, app: AppState, stmt: Statement) -> None:
         """Track the app's own SAVEPOINT / RELEASE / ROLLBACK TO after it succeeded."""

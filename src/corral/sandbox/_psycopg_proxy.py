@@ -17,6 +17,7 @@ from corral.sandbox._plan import (
     AppState,
     EmulatedServerError,
     Frame,
+    FrameKind,
     Kind,
     Statement,
     Step,
@@ -336,14 +337,38 @@ class TransactionBase(Generic[ConnT]):
         commit = et is None and not self.force_rollback
         if conn._box.closed or conn._box.broken is not None:
             return None
-        if commit and conn._box.real_status() == TransactionStatus.INERROR:
+        if (
+            commit
+            and self._frame.kind is FrameKind.TRANSACTION
+            and conn._box.real_status() == TransactionStatus.INERROR
+        ):
+            # COMMIT of a failed transaction rolls it back; a nested block's RELEASE
+            # fails instead (25P02, from the server), as in production.
             commit = False
         return swallow, commit
 
     def _exit_step(self, *, commit: bool) -> Step | None:
         conn = self._conn
-        assert self._frame is not None
-        step: Step | None = conn._box.plan.end_block(conn._app, self._frame, commit=commit)
+        frame = self._frame
+        assert frame is not None
+        app, plan = conn._app, conn._box.plan
+        ended = frame not in app.frames and app.lost is None
+        if ended and frame.kind is FrameKind.TRANSACTION:
+            # The app's own SQL ended it; psycopg's COMMIT / ROLLBACK ends whatever
+            # transaction is open now.
+            ends: Step | None = conn._end_step(commit=commit)
+            return ends
+        if ended:
+            # The app's own SQL ended this block's savepoint (COMMIT, ROLLBACK, RELEASE
+            # or ROLLBACK TO past it): psycopg's RELEASE / ROLLBACK TO fails, as on the
+            # server.
+            command = "RELEASE SAVEPOINT" if commit else "ROLLBACK TO SAVEPOINT"
+            try:
+                fails: Step = plan.missing_savepoint(app, command, frame.name)
+            except EmulatedServerError as err:
+                raise emulated(err) from None
+            return fails
+        step: Step | None = plan.end_block(app, frame, commit=commit)
         return step
 
 
