@@ -59,7 +59,6 @@ _PLAIN_FIRST_WORDS = frozenset(
     | {"UNLISTEN", "EXECUTE", "DEALLOCATE", "CALL", "DO", "ANALYZE", "ANALYSE", "RESET"}
     | {"LOAD", "CHECKPOINT", "TRUNCATE"}
 )
-_ADVISORY = re.compile("advisory", re.IGNORECASE)
 _DDL_FIRST_WORDS = frozenset({"CREATE", "ALTER", "DROP", "COMMENT", "GRANT", "REVOKE"})
 _FIRST_WORD = re.compile(r"\s*([A-Za-z_]+)")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
@@ -361,4 +360,6 @@ def classify_script(sql: str) -> list[Statement]:
 def mentions_advisory_locks(sql: str) -> bool:
     """Whether *sql* may take session-level advisory locks (names a ``pg_*advisory*``
     function). Such locks survive ROLLBACK: the sandbox frees them when it closes."""
-    return _ADVISORY.search(sql) is not None
+    # Two substring checks cost a tenth of a case-insensitive regex on every statement;
+    # they miss only a name cased like "pg_aDvIsOrY_lock".
+    return "dvisory" in sql or "DVISORY" in sql
