@@ -12,6 +12,7 @@ many sequences (default 30, a few seconds; for a long hunt add ``--timeout 0``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,6 +153,71 @@ class Run:
         return "left"
 
 
+@dataclass
+class AsyncRun(Run):
+    """The same steps on a psycopg ``AsyncConnection`` (or the async sandbox's proxy)."""
+
+    async def astep(self, op: tuple[Any, ...]) -> None:
+        try:
+            result = await self._ado(op)
+        except Boom:
+            raise
+        except Exception as exc:
+            result = ("error", *_error(exc))
+        label = op if op[0] != "block" else ("block", op[2])
+        self.seen.append((label, result, self.status()))
+
+    async def _ado(self, op: tuple[Any, ...]) -> Any:
+        kind = op[0]
+        conn = self.conn
+        if kind == "sql":
+            if ";" in op[1] and conn.autocommit and self.status() == "IDLE":
+                return "skipped"  # see Run._do
+            cur = await conn.execute(op[1])
+            return await cur.fetchall() if cur.description else None
+        if kind == "commit":
+            return await conn.commit()
+        if kind == "rollback":
+            return await conn.rollback()
+        if kind == "autocommit":
+            return await conn.set_autocommit(op[1])
+        if kind == "status":
+            return None
+        _, ops, end = op
+        try:
+            async with conn.transaction(force_rollback=end == "force_rollback"):
+                self.depth += 1
+                try:
+                    for inner in ops:
+                        await self.astep(inner)
+                finally:
+                    self.depth -= 1
+                if end == "raise":
+                    raise Boom
+                if end == "rollback":
+                    raise psycopg.Rollback
+        except Boom:
+            return "boom"
+        except psycopg.Error as exc:
+            if self.status() == "INERROR":  # see Run._do
+                if self.depth:
+                    raise Boom from exc
+                await conn.rollback()
+            return ("error", *_error(exc))
+        return "left"
+
+
+async def arun(conn: Any, ops: list[tuple[Any, ...]]) -> list[Any]:
+    r = AsyncRun(conn, [])
+    for op in ops:
+        await r.astep(op)
+    final = None
+    if r.status() != "INERROR":
+        final = await (await conn.execute(ROWS)).fetchall()
+    r.seen.append(("final", final))
+    return r.seen
+
+
 def run(conn: Any, ops: list[tuple[Any, ...]]) -> list[Any]:
     r = Run(conn, [])
     for op in ops:
@@ -221,3 +287,49 @@ def test_the_app_sees_in_a_sandbox_what_it_sees_in_production(
         outside.close()
         outside_prod.close()
         db.close()
+
+
+def test_the_async_app_sees_in_a_sandbox_what_it_sees_in_production(
+    production_dsn: str, sandbox_dsn: str
+) -> None:
+    loop = asyncio.new_event_loop()  # one loop: the sandbox keeps its connection between runs
+    db = sandbox(sandbox_dsn, mode="sandbox", is_async=True)
+    outside = connect_outside(sandbox_dsn)
+    outside_prod = connect_outside(production_dsn)
+
+    async def both(ops: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
+        plain = await psycopg.AsyncConnection.connect(production_dsn)
+        try:
+            expected = await arun(plain, ops)
+        finally:
+            await plain.close()
+            outside_prod.execute("DELETE FROM diff; INSERT INTO diff VALUES (0)")
+        await db.create_sandbox()
+        try:
+            conn = await db.connect()
+            try:
+                got = await arun(conn, ops)
+            finally:
+                await conn.close()
+        finally:
+            await db.close_sandbox()
+        return got, expected
+
+    @settings(
+        max_examples=_EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(_ops())
+    def check(ops: list[tuple[Any, ...]]) -> None:
+        got, expected = loop.run_until_complete(both(ops))
+        assert got == expected
+        assert outside.execute("SELECT v FROM diff").fetchall() == START
+
+    try:
+        check()
+    finally:
+        outside.close()
+        outside_prod.close()
+        loop.run_until_complete(db.close())
+        loop.close()
