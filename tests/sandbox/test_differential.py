@@ -50,6 +50,11 @@ SQL = [
     "ROLLBACK TO SAVEPOINT a",
     "ROLLBACK TO b",
     "INSERT INTO diff VALUES (3); SAVEPOINT a; INSERT INTO diff VALUES (4)",
+    "COMMIT AND CHAIN",
+    "ROLLBACK AND CHAIN",
+    # Not "SET TRANSACTION READ ONLY": a known difference, not fixed yet. After writes in
+    # the same transaction, a sandbox's commit rolls the whole app transaction back (the
+    # read-only setting would otherwise leak into the sandbox); production commits them.
 ]
 
 
@@ -66,7 +71,7 @@ def _block(draw: st.DrawFn, depth: int) -> tuple[Any, ...]:
 
 #: Ending the transaction by SQL inside a ``transaction()`` block is undefined in psycopg
 #: itself (a later block trips an assertion and the connection stays "in a block").
-_ENDS = {"COMMIT", "END", "ROLLBACK", "ABORT"}
+_ENDS = {"COMMIT", "END", "ROLLBACK", "ABORT", "COMMIT AND CHAIN", "ROLLBACK AND CHAIN"}
 
 
 def _ops(depth: int = 0, max_size: int = 12) -> st.SearchStrategy[list[tuple[Any, ...]]]:

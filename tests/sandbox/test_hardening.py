@@ -260,3 +260,19 @@ async def test_leaving_a_psycopg_block_as_in_production(
     finally:
         ad.db.putconn(conn)
     await ad.close()
+
+
+@pytest.mark.parametrize("sql", ["COMMIT AND CHAIN", "ROLLBACK AND CHAIN", "ABORT AND CHAIN"])
+async def test_chain_outside_a_transaction_fails_as_in_production(ad: Adapter, sql: str) -> None:
+    await ad.create()
+    async with ad.connection() as conn:
+        await conn.set_autocommit(True)
+        with ad.raises("25P01"):
+            await conn.execute(sql)
+        assert conn.status == "idle"
+        await conn.rollback()  # a no-op; the SQLAlchemy test adapter's error flag resets
+        await conn.execute("BEGIN")
+        await conn.execute(sql)  # in a transaction: ends it and begins the next
+        assert conn.status == "intrans"
+        await conn.execute("ROLLBACK")
+    await ad.close()

@@ -214,10 +214,12 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
             raise refused(st)
         if kind is Kind.BEGIN:
             await box.run(plan.begin(app, st))
-        elif kind is Kind.COMMIT:
-            await self._end(commit=True)
-        elif kind is Kind.ROLLBACK:
-            await self._end(commit=False)
+        elif kind in (Kind.COMMIT, Kind.ROLLBACK):
+            try:
+                plan.check_chain(app, st)
+            except EmulatedServerError as err:
+                raise _emulated(err) from None
+            await self._end(commit=kind is Kind.COMMIT)
         elif kind is Kind.SET_TRANSACTION:
             if not app.frames:
                 return "SET"  # production: a warning, no effect

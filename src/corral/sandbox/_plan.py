@@ -478,6 +478,15 @@ class Plan:
             return Step(prefix + _rollback_to(base))
         return Step(prefix + self._check_deferred() + _release(base), _rollback_to(base))
 
+    def check_chain(self, app: AppState, stmt: Statement) -> None:
+        """Raise what PostgreSQL raises for COMMIT / ROLLBACK AND CHAIN outside a
+        transaction (an autocommit connection that has not begun one)."""
+        if stmt.chain and app.autocommit and not app.frames:
+            command = "COMMIT" if stmt.kind is Kind.COMMIT else "ROLLBACK"
+            raise EmulatedServerError(
+                "25P01", f"{command} AND CHAIN can only be used in transaction blocks"
+            )
+
     def rollback(self, app: AppState) -> Step | None:
         """The app rolls its transaction back: back to its savepoint."""
         if app.lost is not None and not app.frames:

@@ -218,6 +218,10 @@ class ConnectionBase(ProxyBase[BoxT]):
         if kind is Kind.BEGIN:
             yield Send(plan.begin(app, st), on_cursor=True)
         elif kind in (Kind.COMMIT, Kind.ROLLBACK):
+            try:
+                plan.check_chain(app, st)
+            except EmulatedServerError as err:
+                raise emulated(err) from None
             yield Send(self._end_step(commit=kind is Kind.COMMIT), on_cursor=True)
             if st.chain:
                 yield Send(plan.begin(app), on_cursor=True)
