@@ -89,19 +89,36 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     time.sleep(float(os.environ.get("PC_BOOT_DELAY", "0")))
 """
 
-# Loaded with -p in the controller: its background clones sleep first (or fail).
+# Loaded with -p in the controller: its background clones sleep first (or fail). With
+# PC_CLONE_UNTIL_SLOT, the clone also waits (up to 60 s) until that slot's worker has its
+# own database: on a loaded machine, workers take longer to boot than any fixed delay.
 _SLOW_CLONE = """
-import os, pathlib, threading, time
+import json, os, pathlib, threading, time
 
 from corral._plugin import _database
 
 _real = _database.clone_database
 
 
+def _slot_ready(facts, slot):
+    for record in facts.glob("process-*.json"):
+        try:
+            if json.loads(record.read_text())["slot"] == slot:
+                return True
+        except ValueError:
+            pass  # being written
+    return False
+
+
 def _clone(*args, **kwargs):
     if threading.current_thread().name == "corral-preclone":
-        pathlib.Path(os.environ["PC_FACTS"], "precloning").write_text("x")
+        facts = pathlib.Path(os.environ["PC_FACTS"])
+        (facts / "precloning").write_text("x")
         time.sleep(float(os.environ["PC_CLONE_DELAY"]))
+        until = os.environ.get("PC_CLONE_UNTIL_SLOT")
+        deadline = time.monotonic() + 60
+        while until and not _slot_ready(facts, int(until)) and time.monotonic() < deadline:
+            time.sleep(0.05)
     return _real(*args, **kwargs)
 
 
@@ -156,7 +173,8 @@ def test_a_worker_arriving_mid_clone_waits_for_it(
 ) -> None:
     # The controller claims slot 1 at once and holds it for 4 s: its worker waits and
     # gets it; the other worker claims slot 2 before the controller and clones its own.
-    monkeypatch.setenv("PC_CLONE_DELAY", "4")  # workers boot in ~0.5 s; 4 s leaves margin
+    monkeypatch.setenv("PC_CLONE_DELAY", "1")
+    monkeypatch.setenv("PC_CLONE_UNTIL_SLOT", "2")  # and until slot 2's worker has cloned
     result = _run(inner, "-n", "2", "-p", "slow_clone")
     result.assert_outcomes(passed=5)
     # The name slot 2's worker claimed first leaves no key behind either.
