@@ -31,6 +31,12 @@ async def test_warns_here():
 
 
 @pytest.mark.asyncio
+async def test_expects_a_warning():
+    with pytest.warns(DeprecationWarning, match="expected"):
+        warnings.warn("expected", DeprecationWarning, stacklevel=2)
+
+
+@pytest.mark.asyncio
 async def test_warns_then_fails():
     warnings.warn("then-fails", DeprecationWarning, stacklevel=2)
     raise AssertionError("failed")
@@ -45,14 +51,15 @@ def test_warnings_in_async_tests_are_reported_at_the_test(
     result = inner.runpytest_subprocess(
         "-n", workers, "-p", "no:randomly", "-W", "default::DeprecationWarning", "test_warns.py"
     )
-    result.assert_outcomes(passed=3, failed=1)
+    result.assert_outcomes(passed=4, failed=1)
     out = result.stdout.str()
     assert "_sandbox.py" not in out, out
+    assert "DeprecationWarning: expected" not in out, out  # pytest.warns caught it
     result.stdout.fnmatch_lines_random(
         [
             "*test_warns.py:12: DeprecationWarning: old-api",
             "*test_warns.py:15: DeprecationWarning: its-caller",  # where the test starts
             "*test_warns.py:22: DeprecationWarning: here",
-            "*test_warns.py:25: DeprecationWarning: then-fails",
+            "*test_warns.py:31: DeprecationWarning: then-fails",
         ]
     )
