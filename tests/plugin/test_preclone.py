@@ -43,21 +43,41 @@ def _record(request):
 
 
 @pytest.mark.no_sandbox
-def test_commit_then_die(corral_database_url):
+def test_commit_then_die(corral_database_url, request):
     if not os.environ.get("PC_CRASH"):
         return
     with psycopg.connect(corral_database_url, autocommit=True) as conn:
         conn.execute("INSERT INTO item (name) VALUES ('ghost')")
+    (FACTS / "crashed-slot").write_text(str(request.config.stash[STATE].database.slot))
     (FACTS / "crashed").write_text(str(os.getpid()))
     os._exit(3)  # before no_sandbox's recreation: the slot's database keeps the ghost
 
 
+def _after_the_crash(slot):
+    # With PC_CRASH, the other worker runs nothing until the crashed worker's replacement
+    # has run a test: else, on a loaded machine, it drains the queue while the replacement
+    # boots. (Run with --maxschedchunk=1, the queue stays with the controller meanwhile.)
+    if not os.environ.get("PC_CRASH"):
+        return
+    deadline = time.monotonic() + 45
+    while time.monotonic() < deadline:
+        crashed = FACTS / "crashed-slot"
+        if crashed.exists() and crashed.read_text():
+            if int(crashed.read_text()) == slot or (FACTS / "replacement-ran").exists():
+                return
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("n", range(int(os.environ.get("PC_TESTS", "4"))))
-def test_sees_only_the_seed(n, corral_database_url):
+def test_sees_only_the_seed(n, corral_database_url, request):
+    slot = request.config.stash[STATE].database.slot
+    _after_the_crash(slot)
     time.sleep(0.05)
     with psycopg.connect(corral_database_url) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM item ORDER BY id")]
     (FACTS / f"seen-{os.getpid()}-{n}.json").write_text(json.dumps(names))
+    if os.environ.get("PC_CRASH") and (FACTS / "crashed").exists():
+        (FACTS / "replacement-ran").touch()
     assert names == ["seed"]
 """
 
@@ -69,19 +89,36 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     time.sleep(float(os.environ.get("PC_BOOT_DELAY", "0")))
 """
 
-# Loaded with -p in the controller: its background clones sleep first (or fail).
+# Loaded with -p in the controller: its background clones sleep first (or fail). With
+# PC_CLONE_UNTIL_SLOT, the clone also waits (up to 60 s) until that slot's worker has its
+# own database: on a loaded machine, workers take longer to boot than any fixed delay.
 _SLOW_CLONE = """
-import os, pathlib, threading, time
+import json, os, pathlib, threading, time
 
 from corral._plugin import _database
 
 _real = _database.clone_database
 
 
+def _slot_ready(facts, slot):
+    for record in facts.glob("process-*.json"):
+        try:
+            if json.loads(record.read_text())["slot"] == slot:
+                return True
+        except ValueError:
+            pass  # being written
+    return False
+
+
 def _clone(*args, **kwargs):
     if threading.current_thread().name == "corral-preclone":
-        pathlib.Path(os.environ["PC_FACTS"], "precloning").write_text("x")
+        facts = pathlib.Path(os.environ["PC_FACTS"])
+        (facts / "precloning").write_text("x")
         time.sleep(float(os.environ["PC_CLONE_DELAY"]))
+        until = os.environ.get("PC_CLONE_UNTIL_SLOT")
+        deadline = time.monotonic() + 60
+        while until and not _slot_ready(facts, int(until)) and time.monotonic() < deadline:
+            time.sleep(0.05)
     return _real(*args, **kwargs)
 
 
@@ -136,7 +173,8 @@ def test_a_worker_arriving_mid_clone_waits_for_it(
 ) -> None:
     # The controller claims slot 1 at once and holds it for 4 s: its worker waits and
     # gets it; the other worker claims slot 2 before the controller and clones its own.
-    monkeypatch.setenv("PC_CLONE_DELAY", "4")  # workers boot in ~0.5 s; 4 s leaves margin
+    monkeypatch.setenv("PC_CLONE_DELAY", "1")
+    monkeypatch.setenv("PC_CLONE_UNTIL_SLOT", "2")  # and until slot 2's worker has cloned
     result = _run(inner, "-n", "2", "-p", "slow_clone")
     result.assert_outcomes(passed=5)
     # The name slot 2's worker claimed first leaves no key behind either.
@@ -157,7 +195,8 @@ def test_a_crashed_workers_replacement_gets_a_fresh_database(
     monkeypatch.setenv("PC_BOOT_DELAY", "1")
     monkeypatch.setenv("PC_CRASH", "1")
     monkeypatch.setenv("PC_TESTS", "60")
-    result = _run(inner, "-n", "2", "-p", "boot_delay")
+    # One test at a time from the controller's queue (see _after_the_crash).
+    result = _run(inner, "-n", "2", "--maxschedchunk=1", "-p", "boot_delay")
     result.assert_outcomes(passed=60, failed=1)
     result.stdout.fnmatch_lines(["*corral: crashed workers*"])
     dead = int((suite / "crashed").read_text())

@@ -353,6 +353,10 @@ def test_pgserver_wheel_binaries_run_through_corrals_launcher(runtime_dir: Path)
     assert run_dirs(runtime_dir) == []
 
 
+def _default_sigquit() -> None:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
 def test_watchdog_tells_which_process_went_first(
     monkeypatch: pytest.MonkeyPatch, pidfd: bool
@@ -363,7 +367,9 @@ def test_watchdog_tells_which_process_went_first(
         monkeypatch.setattr(_watchdog, "_pidfd", lambda pid: None)
     # Each process exits by itself while the watchdog waits (a zombie until reaped).
     owner = subprocess.Popen(["sleep", "0.3"])
-    server = subprocess.Popen(["sleep", "60"])
+    # A stand-in for postgres, which handles SIGQUIT itself: `sleep` must die of it even
+    # where this run inherited it ignored (started with `&` from a script).
+    server = subprocess.Popen(["sleep", "60"], preexec_fn=_default_sigquit)
     other_owner = subprocess.Popen(["sleep", "60"])
     short_server = subprocess.Popen(["sleep", "0.3"])
     try:

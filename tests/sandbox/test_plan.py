@@ -189,3 +189,28 @@ def test_close_tells_open_transactions() -> None:
     assert plan.close() == "ROLLBACK"
     with pytest.raises(SandboxError):
         plan.before_statement(app)
+
+
+def test_session_advisory_locks_are_freed_with_the_level_whose_sql_named_them() -> None:
+    plan = opened()
+    plan.note_sql("SELECT count(*) FROM item")
+    assert plan.close() == "ROLLBACK"  # no SQL named them: nothing more to send
+    plan = opened()
+    plan.note_sql("SELECT PG_Advisory_Lock(1)")
+    plan.push_sandbox()
+    assert plan.pop_sandbox().sql == "ROLLBACK TO SAVEPOINT corral_sandbox_1; RELEASE " + (
+        "SAVEPOINT corral_sandbox_1"
+    )  # the outer level took it: it outlives the nested one
+    plan.push_sandbox()
+    plan.note_sql("SELECT pg_advisory_lock(2)")
+    assert plan.restore().sql == (
+        "ROLLBACK TO SAVEPOINT corral_sandbox_2; SELECT pg_catalog.pg_advisory_unlock_all()"
+    )
+    assert plan.pop_sandbox().sql.endswith("RELEASE SAVEPOINT corral_sandbox_2")
+    # pg_advisory_unlock_all() freed the outer level's lock too: nothing left to free.
+    assert plan.close() == "ROLLBACK"
+    plan = opened()
+    plan.note_sql("SELECT pg_advisory_lock(3)")
+    assert plan.restore().sql.startswith("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all(); ")
+    plan.note_sql("SELECT pg_advisory_lock(3)")
+    assert plan.close() == "ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()"

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -111,6 +112,28 @@ _SYNC_BOXES = pytest.StashKey[list[tuple[AnyController, Any]]]()
 # Set once the async sandboxes of a test are open (by the pytest-asyncio fixture or by the
 # test wrapper, whichever runs first), so the other does not open a second level.
 _ASYNC_OPENED = pytest.StashKey[bool]()
+
+
+@contextlib.contextmanager
+def _warnings_at(test: Callable[..., Any]) -> Iterator[None]:
+    """Warnings aimed at the test's caller (``stacklevel=2`` in its body) would land on
+    :meth:`SandboxManager.wrap`'s line and blame corral: they land on the test instead.
+    Every other warning is passed on as it was raised."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        code = test.__code__
+        for w in caught:
+            here = w.filename == __file__
+            warnings.warn_explicit(
+                w.message,
+                w.category,
+                code.co_filename if here else w.filename,
+                code.co_firstlineno if here else w.lineno,
+                source=w.source,
+            )
 
 
 class SandboxManager:
@@ -249,7 +272,8 @@ class SandboxManager:
         async def run(*args: Any, **kwargs: Any) -> Any:
             opened = await self.open_async(item)
             try:
-                return await test(*args, **kwargs)
+                with _warnings_at(test):
+                    return await test(*args, **kwargs)
             finally:
                 try:
                     await self.close_async(opened)

@@ -82,8 +82,6 @@ class _Box(BoxBase):
         #: the real transaction is failed until a ROLLBACK (TO) (asyncpg does not say)
         self.inerror = False
         self.schema_changed = False
-        #: an app statement mentioned advisory locks (see close)
-        self.advisory = False
         self._isolation: str | None = None
 
     @property
@@ -186,14 +184,8 @@ class _Box(BoxBase):
         rolled_back = False
         if self.broken is None and not _closed(real):
             try:
-                # Session-level advisory locks survive ROLLBACK; the next test must not
-                # inherit them (asyncpg's pool reset would release them too). Freeing
-                # them costs ~20% of an empty sandbox, so only after SQL that named them.
-                self.plan.close()
-                if self.advisory:
-                    await real.execute("ROLLBACK; SELECT pg_advisory_unlock_all()")
-                else:
-                    await real.execute("ROLLBACK")
+                # With session advisory locks freed if the sandbox's SQL named any.
+                await real.execute(self.plan.close())
                 if self.schema_changed:
                     await self.reload_schema()  # the rollback undid the DDL
                 rolled_back = True

@@ -136,8 +136,7 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
         None (``fetchval("BEGIN")`` is None in asyncpg too).
         """
         self._usable()
-        if "advisory" in query or "ADVISORY" in query:
-            self._box.advisory = True
+        self._box.plan.note_sql(query)
         stmts = _classify_script(query)
         if len(stmts) == 1 and stmts[0].kind is Kind.OTHER:
             return await self._statement(stmts[0], query, run)
@@ -215,10 +214,12 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
             raise refused(st)
         if kind is Kind.BEGIN:
             await box.run(plan.begin(app, st))
-        elif kind is Kind.COMMIT:
-            await self._end(commit=True)
-        elif kind is Kind.ROLLBACK:
-            await self._end(commit=False)
+        elif kind in (Kind.COMMIT, Kind.ROLLBACK):
+            try:
+                plan.check_chain(app, st)
+            except EmulatedServerError as err:
+                raise _emulated(err) from None
+            await self._end(commit=kind is Kind.COMMIT)
         elif kind is Kind.SET_TRANSACTION:
             if not app.frames:
                 return "SET"  # production: a warning, no effect
@@ -234,6 +235,14 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
             except EmulatedServerError as err:
                 raise _emulated(err) from None
             await box.run(plan.before_statement(app))
+            try:
+                instead = plan.foreign_savepoint(app, st, failed=box.inerror)
+            except EmulatedServerError as err:
+                raise _emulated(err) from None
+            if instead is not None:
+                box.inerror = True
+                await box.run(instead)  # fails, as production's statement
+                raise AssertionError("a statement made to fail succeeded")  # pragma: no cover
             try:
                 result = await run()
             except Exception as exc:

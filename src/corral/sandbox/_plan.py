@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from corral.errors import SandboxError
-from corral.sandbox._statements import Kind, Statement, classify, classify_script, split
+from corral.sandbox._statements import (
+    Kind,
+    Statement,
+    classify,
+    classify_script,
+    mentions_advisory_locks,
+    split,
+)
 
 __all__ = [
     "AppState",
@@ -35,6 +42,10 @@ __all__ = [
 #: trigger) exists; without one, the deferred-constraint check at commit is skipped.
 DEFERRABLE_QUERY = "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgdeferrable)"
 
+#: Session-level advisory locks survive ROLLBACK (and ROLLBACK TO): sent after the
+#: rollback of a sandbox level whose SQL named advisory locks, in the same round trip.
+UNLOCK_ADVISORY = "; SELECT pg_catalog.pg_advisory_unlock_all()"
+
 
 class FrameKind(enum.Enum):
     SANDBOX = "sandbox"  #: a sandbox level (the outer transaction, or a nested sandbox)
@@ -51,8 +62,12 @@ class Frame:
     kind: FrameKind
     name: str  #: as sent (quoted when needed); "" for the outer transaction itself
     app: AppState | None = None
-    key: str | None = None  #: folded name of a USER savepoint
+    #: the name the app knows it by (folded, unquoted): its USER savepoints and the
+    #: blocks it named; None for names the sandbox made up, which the app cannot use
+    key: str | None = None
     read_only: bool = False
+    #: SANDBOX: SQL run in this level named advisory locks (freed when it rolls back)
+    advisory: bool = False
 
 
 @dataclass(eq=False)
@@ -99,6 +114,26 @@ def quote_ident(name: str) -> str:
 def _lock_timeout_sql(seconds: float) -> str:
     """The setting that bounds lock waits, as sent after BEGIN (one text per handle)."""
     return f"SET LOCAL lock_timeout = {max(1, round(seconds * 1000))}; "
+
+
+def _dollar_quoted(text: str, tag: str) -> str:
+    while f"${tag}$" in text:
+        tag += "_"
+    return f"${tag}${text}${tag}$"
+
+
+def _raise_sql(sqlstate: str, message: str) -> str:
+    """A statement that fails on the server with *sqlstate* and *message*, aborting the
+    transaction as the statement it stands for would in production."""
+    body = (
+        f"BEGIN RAISE EXCEPTION USING ERRCODE = '{sqlstate}', "
+        f"MESSAGE = {_dollar_quoted(message, 'msg')}; END"
+    )
+    return f"DO {_dollar_quoted(body, 'corral')}"
+
+
+def _unquoted(name: str) -> str:
+    return name[1:-1].replace('""', '"') if name.startswith('"') else name
 
 
 def _release(f: Frame) -> str:
@@ -202,27 +237,50 @@ class Plan:
         if frame.name == "":
             return Step(self.close())
         self._discard_from(frame, reason="the nested sandbox it ran in was closed")
-        return Step(_rollback_to(frame))
+        return Step(_rollback_to(frame) + self._unlock(frame))
 
     def restore(self) -> Step:
         """Roll back to the start of the innermost sandbox level and keep it open."""
         frame = self._innermost_sandbox()
         self._discard_from(frame, reason="the sandbox was restored", keep=True)
+        unlock = self._unlock(frame)
         if frame.name == "":
             # Rolling the whole transaction back and beginning again is as cheap as a
             # savepoint and refreshes now() for the next test.
-            return Step("ROLLBACK; " + self._begin_sql())
-        return Step(f"ROLLBACK TO SAVEPOINT {frame.name}")
+            return Step("ROLLBACK" + unlock + "; " + self._begin_sql())
+        return Step(f"ROLLBACK TO SAVEPOINT {frame.name}" + unlock)
 
     def close(self) -> str:
         """Roll the whole sandbox back (the connection may then go back to its pool)."""
+        unlock = any(f.advisory for f in self.stack)
         for f in self.stack:
             if f.app is not None and f.app.frames:
                 f.app.frames.clear()
                 f.app.lost = "the sandbox it ran in was closed"
         self.stack.clear()
         self.pending = None
-        return "ROLLBACK"
+        return "ROLLBACK" + UNLOCK_ADVISORY if unlock else "ROLLBACK"
+
+    def note_sql(self, sql: str) -> None:
+        """See the text of an app statement before it runs: SQL that names advisory
+        locks makes the rollback of this sandbox level free the session's ones.
+
+        Only SQL text is seen: a lock taken inside a server-side function whose call
+        does not name it stays held, as it would on a pooled connection in production.
+        """
+        if self.stack and mentions_advisory_locks(sql):
+            self._innermost_sandbox().advisory = True
+
+    def _unlock(self, frame: Frame) -> str:
+        """SQL freeing session advisory locks after *frame*'s level rolled back, if it
+        took any. All of the session's go (PostgreSQL has no finer call), so an outer
+        level's too: rare, and better than a lock leaking into the next test."""
+        if not frame.advisory:
+            return ""
+        for f in self.stack:
+            f.advisory = False
+        frame.advisory = False
+        return UNLOCK_ADVISORY
 
     def _innermost_sandbox(self) -> Frame:
         for f in reversed(self.stack):
@@ -367,16 +425,29 @@ class Plan:
         """The app's BEGIN / START TRANSACTION (a no-op, as in production, when in one)."""
         self._usable(app)
         if app.frames:
-            return None
+            # The server answers as production's would: a warning, or in a failed
+            # transaction 25P02.
+            return Step(stmt.text) if stmt is not None else None
         return self._begin_tx(app, None, read_only=stmt.read_only if stmt else None)
 
     def block(self, app: AppState, name: str | None = None) -> tuple[Step, Frame]:
-        """Enter a transaction block (psycopg ``conn.transaction()``): outer or nested."""
+        """Enter a transaction block (psycopg ``conn.transaction()``): outer or nested.
+
+        :param name: the savepoint name the app gave (quoted), which it may then use in
+            its own SQL; None to make one up.
+        """
         self._usable(app)
+        key = _unquoted(name) if name else None
         if not app.frames:
-            step = self._begin_tx(app, name)
-            return step, app.frames[-1]
-        frame = Frame(FrameKind.NESTED, name or self._name("corral_tx"), app)
+            step = self._begin_tx(app, None)
+            base = app.frames[-1]
+            if name:
+                # Production: BEGIN, then SAVEPOINT name; the app may release that one
+                # and stay in its transaction.
+                sql = step.sql + "; " + self._push(Frame(FrameKind.NESTED, name, app, key=key))
+                step = Step(sql)
+            return step, base
+        frame = Frame(FrameKind.NESTED, name or self._name("corral_tx"), app, key=key)
         return Step(self._push(frame)), frame
 
     def end_block(self, app: AppState, frame: Frame, *, commit: bool) -> Step | None:
@@ -407,6 +478,15 @@ class Plan:
             return Step(prefix + _rollback_to(base))
         return Step(prefix + self._check_deferred() + _release(base), _rollback_to(base))
 
+    def check_chain(self, app: AppState, stmt: Statement) -> None:
+        """Raise what PostgreSQL raises for COMMIT / ROLLBACK AND CHAIN outside a
+        transaction (an autocommit connection that has not begun one)."""
+        if stmt.chain and app.autocommit and not app.frames:
+            command = "COMMIT" if stmt.kind is Kind.COMMIT else "ROLLBACK"
+            raise EmulatedServerError(
+                "25P01", f"{command} AND CHAIN can only be used in transaction blocks"
+            )
+
     def rollback(self, app: AppState) -> Step | None:
         """The app rolls its transaction back: back to its savepoint."""
         if app.lost is not None and not app.frames:
@@ -429,6 +509,39 @@ class Plan:
                 "25P01", f"{stmt.command} can only be used in transaction blocks"
             )
 
+    def foreign_savepoint(self, app: AppState, stmt: Statement, *, failed: bool) -> Step | None:
+        """Vet the app's RELEASE / ROLLBACK TO: a name the app did not make (the
+        sandbox's own, another connection's) does not exist for it, as in production.
+
+        :param failed: the app's transaction is failed (aborted).
+        :returns: None when the name is the app's own (run its statement); else a step
+            to send instead, which fails on the server as production's statement would
+            (3B001), and so aborts the transaction as production's does.
+        :raises EmulatedServerError: for a ROLLBACK TO in a failed transaction, which
+            production answers with 3B001 and leaves failed: there is nothing to send.
+        """
+        name = stmt.name
+        if stmt.kind is Kind.SAVEPOINT or name is None:
+            return None
+        if any(f.key == name for f in app.frames):
+            return None
+        if failed:
+            if stmt.kind is Kind.RELEASE:
+                return None  # the server answers 25P02 first, as production's does
+            raise EmulatedServerError("3B001", f'savepoint "{name}" does not exist')
+        return Step(_raise_sql("3B001", f'savepoint "{name}" does not exist'))
+
+    def missing_savepoint(self, app: AppState, command: str, name: str) -> Step:
+        """What production answers to *command* (RELEASE / ROLLBACK TO SAVEPOINT) naming
+        a savepoint *name* that no longer exists: a step that fails as it would.
+
+        :raises EmulatedServerError: outside a transaction (25P01: nothing to abort).
+        """
+        self._usable(app)
+        if not app.frames:
+            raise EmulatedServerError("25P01", f"{command} can only be used in transaction blocks")
+        return Step(_raise_sql("3B001", f'savepoint "{_unquoted(name)}" does not exist'))
+
     def user_savepoint_done(self, app: AppState, stmt: Statement) -> None:
         """Track the app's own SAVEPOINT / RELEASE / ROLLBACK TO after it succeeded."""
         if stmt.kind is Kind.SAVEPOINT:
@@ -436,10 +549,7 @@ class Plan:
             self.stack.append(frame)
             app.frames.append(frame)
             return
-        target = next(
-            (f for f in reversed(self.stack) if f.kind is FrameKind.USER and f.key == stmt.name),
-            None,
-        )
+        target = next((f for f in reversed(app.frames) if f.key == stmt.name), None)
         if target is None:
             return
         if stmt.kind is Kind.RELEASE:

@@ -17,6 +17,7 @@ from corral.sandbox._plan import (
     AppState,
     EmulatedServerError,
     Frame,
+    FrameKind,
     Kind,
     Statement,
     Step,
@@ -181,7 +182,11 @@ class ConnectionBase(ProxyBase[BoxT]):
         """The statements of one app query (or script), each with the call that runs it."""
         self._usable()
         text = query_text(query, self._real)
-        stmts = _classify_script(text) if text is not None else None
+        if text is None:
+            stmts = None
+        else:
+            self._box.plan.note_sql(text)
+            stmts = _classify_script(text)
         if stmts is None or len(stmts) == 1:
             return [(stmts[0] if stmts else None, text, run)]
         if not script:
@@ -213,6 +218,10 @@ class ConnectionBase(ProxyBase[BoxT]):
         if kind is Kind.BEGIN:
             yield Send(plan.begin(app, st), on_cursor=True)
         elif kind in (Kind.COMMIT, Kind.ROLLBACK):
+            try:
+                plan.check_chain(app, st)
+            except EmulatedServerError as err:
+                raise emulated(err) from None
             yield Send(self._end_step(commit=kind is Kind.COMMIT), on_cursor=True)
             if st.chain:
                 yield Send(plan.begin(app), on_cursor=True)
@@ -232,6 +241,14 @@ class ConnectionBase(ProxyBase[BoxT]):
                 except EmulatedServerError as err:
                     raise emulated(err) from None
             yield Send(plan.before_statement(app))
+            failed = self._box.real_status() == TransactionStatus.INERROR
+            try:
+                instead = plan.foreign_savepoint(app, st, failed=failed)
+            except EmulatedServerError as err:
+                raise emulated(err) from None
+            if instead is not None:
+                yield Send(instead, on_cursor=True)  # fails, as production's statement
+                return
             yield RUN_APP
             plan.user_savepoint_done(app, st)
 
@@ -324,14 +341,38 @@ class TransactionBase(Generic[ConnT]):
         commit = et is None and not self.force_rollback
         if conn._box.closed or conn._box.broken is not None:
             return None
-        if commit and conn._box.real_status() == TransactionStatus.INERROR:
+        if (
+            commit
+            and self._frame.kind is FrameKind.TRANSACTION
+            and conn._box.real_status() == TransactionStatus.INERROR
+        ):
+            # COMMIT of a failed transaction rolls it back; a nested block's RELEASE
+            # fails instead (25P02, from the server), as in production.
             commit = False
         return swallow, commit
 
     def _exit_step(self, *, commit: bool) -> Step | None:
         conn = self._conn
-        assert self._frame is not None
-        step: Step | None = conn._box.plan.end_block(conn._app, self._frame, commit=commit)
+        frame = self._frame
+        assert frame is not None
+        app, plan = conn._app, conn._box.plan
+        ended = frame not in app.frames and app.lost is None
+        if ended and frame.kind is FrameKind.TRANSACTION:
+            # The app's own SQL ended it; psycopg's COMMIT / ROLLBACK ends whatever
+            # transaction is open now.
+            ends: Step | None = conn._end_step(commit=commit)
+            return ends
+        if ended:
+            # The app's own SQL ended this block's savepoint (COMMIT, ROLLBACK, RELEASE
+            # or ROLLBACK TO past it): psycopg's RELEASE / ROLLBACK TO fails, as on the
+            # server.
+            command = "RELEASE SAVEPOINT" if commit else "ROLLBACK TO SAVEPOINT"
+            try:
+                fails: Step = plan.missing_savepoint(app, command, frame.name)
+            except EmulatedServerError as err:
+                raise emulated(err) from None
+            return fails
+        step: Step | None = plan.end_block(app, frame, commit=commit)
         return step
 
 
@@ -355,8 +396,12 @@ class CursorBase(Generic[ConnT, CurT]):
         return {k: v for k, v in (("prepare", prepare), ("binary", binary)) if v is not None}
 
     def _text(self, query: Any) -> str | None:
-        self._conn._usable()
-        return query_text(query, self._conn._real)
+        conn = self._conn
+        conn._usable()
+        text = query_text(query, conn._real)
+        if text is not None:
+            conn._box.plan.note_sql(text)
+        return text
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)

@@ -218,9 +218,12 @@ class SandboxTransaction(TransactionBase[SandboxConnection]):
         try:
             self._conn._box.run(self._exit_step(commit=commit))
         except Exception:
-            if et is None:
+            # As psycopg: a failed commit raises; a failed rollback is logged, and the
+            # block's own exception (a Rollback too) goes on.
+            if commit:
                 raise
-            logger.warning("error ignored while rolling back a transaction block", exc_info=True)
+            logger.warning("error ignored in rollback of a transaction block", exc_info=True)
+            return False
         return swallow
 
 

@@ -9,7 +9,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-__all__ = ["Kind", "Statement", "classify", "classify_script", "split"]
+__all__ = ["Kind", "Statement", "classify", "classify_script", "mentions_advisory_locks", "split"]
 
 
 class Kind(enum.Enum):
@@ -355,3 +355,11 @@ def classify_script(sql: str) -> list[Statement]:
     if all(s.kind is Kind.OTHER for s in stmts):
         return [Statement(Kind.OTHER, sql, stmts[0].command, ddl=any(s.ddl for s in stmts))]
     return stmts
+
+
+def mentions_advisory_locks(sql: str) -> bool:
+    """Whether *sql* may take session-level advisory locks (names a ``pg_*advisory*``
+    function). Such locks survive ROLLBACK: the sandbox frees them when it closes."""
+    # Two substring checks cost a tenth of a case-insensitive regex on every statement;
+    # they miss only a name cased like "pg_aDvIsOrY_lock".
+    return "dvisory" in sql or "DVISORY" in sql
