@@ -10,6 +10,8 @@ live here.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 from typing import Any, ClassVar, TypeVar
 
@@ -128,9 +130,63 @@ class BoxController(SandboxController[B]):
 
 
 class AsyncBoxController(AsyncSandboxController[B]):
-    """:class:`AsyncSandboxController` operations over boxes of one driver (asyncio)."""
+    """:class:`AsyncSandboxController` operations over boxes of one driver (asyncio).
+
+    Connections kept between sandboxes belong to the event loop that made them (an
+    asyncpg connection cannot wait on another loop). When sandboxes move to another
+    loop (an event loop per test), the kept ones are taken out of reach, never handed
+    out again, and closed on their own loop when it shuts down: a keeper task per loop
+    (an ``asyncio.Runner`` cancels it before closing the loop) does that.
+    """
 
     _dead_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        #: the loop the kept connections belong to (None: none kept yet)
+        self._kept_loop: asyncio.AbstractEventLoop | None = None
+        #: connections kept on a loop sandboxes moved away from, for its keeper to close
+        self._orphans: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        self._keepers: set[asyncio.Task[None]] = set()  # strong references to running tasks
+
+    def _unkeep(self) -> list[Any]:
+        """Take the connections kept for the next sandboxes out of reach (no I/O)."""
+        return []
+
+    async def _close_kept(self, kept: list[Any]) -> None:
+        """Close what :meth:`_unkeep` took, on the loop it belongs to."""
+
+    async def _follow_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        old = self._kept_loop
+        if loop is old:
+            return
+        if old is not None:
+            stale = self._unkeep()
+            if stale and not old.is_closed():
+                self._orphans.setdefault(old, []).extend(stale)
+            # A closed loop's connections cannot be closed politely any more (their
+            # keeper ran already, so there are none unless the loop was closed without
+            # cancelling its tasks): dropped, their sockets close when collected.
+        self._kept_loop = loop
+        # A fresh context: the keeper must not hold the sandboxes of the test it starts in.
+        keeper = loop.create_task(self._keep(loop), context=contextvars.Context())
+        self._keepers.add(keeper)
+        keeper.add_done_callback(self._keepers.discard)
+
+    async def _keep(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            await loop.create_future()  # until the loop shuts down (its tasks are cancelled)
+        finally:
+            kept = self._orphans.pop(loop, [])
+            if self._kept_loop is loop:
+                kept += self._unkeep()
+                self._kept_loop = None
+            if kept:
+                try:
+                    await self._close_kept(kept)
+                except Exception as exc:
+                    logger.info("closing kept connections at the end of their loop: %s", exc)
 
     async def _take(self) -> Any:
         raise NotImplementedError
@@ -154,6 +210,7 @@ class AsyncBoxController(AsyncSandboxController[B]):
         return self._new_proxy(box, **options)
 
     async def _open_box(self) -> B:
+        await self._follow_loop()
         last: BaseException | None = None
         for _ in range(_OPEN_ATTEMPTS):
             real = await self._take()

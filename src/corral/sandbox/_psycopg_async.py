@@ -229,6 +229,14 @@ class AsyncConnectSandbox(_Controller):
         else:
             self._idle.append(real)
 
+    def _unkeep(self) -> list[Any]:
+        kept, self._idle = self._idle, []
+        return kept
+
+    async def _close_kept(self, kept: list[Any]) -> None:
+        for conn in kept:
+            await conn.close()
+
     async def connect(self, **kwargs: Any) -> Any:
         """A new connection; in sandbox mode, a proxy of the sandbox's connection."""
         if not self.sandboxing:
