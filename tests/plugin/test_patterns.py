@@ -79,3 +79,235 @@ def test_an_event_loop_per_test(
     inner.makepyfile(test_loop_per_test=LOOP_PER_TEST)
     result = run(inner, "test_loop_per_test", workers, seed)
     result.assert_outcomes(passed=12)
+
+
+# ---------------------------------------------------------------------------- patterns 3, 4, 6
+
+# Pattern 3: a sync app behind a sync TestClient (its requests run on AnyIO worker
+# threads and a portal loop), while the test holds its own open session. The per-test
+# sandbox is shared by default; a session whose transaction only read lends the
+# connection between statements; one holding uncommitted writes while it waits for a
+# request is a deadlock, reported within a second.
+THREADS = """
+import os
+import time
+import warnings
+
+import pytest
+from fastapi import Depends, FastAPI
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
+engine = create_engine(URL)
+sandbox(engine)
+app = FastAPI()
+
+
+def get_session():
+    with Session(engine) as session:
+        yield session
+
+
+@app.post("/items/{name}")
+def add(name: str, session: Session = Depends(get_session)):
+    session.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
+    session.commit()
+    return {"ok": True}
+
+
+@app.get("/items")
+def names(session: Session = Depends(get_session)):
+    return [r[0] for r in session.execute(text("SELECT name FROM item ORDER BY id"))]
+
+
+@pytest.fixture
+def client():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette 1.x: "install httpx2 instead"
+        from fastapi.testclient import TestClient
+
+        c = TestClient(app)
+    with c:
+        yield c
+
+
+@pytest.fixture
+def db():
+    with Session(engine) as session:
+        yield session
+
+
+def count(db):
+    return db.execute(text("SELECT count(*) FROM item")).scalar()
+
+
+def test_a_request_while_the_test_holds_an_open_session(client, db):
+    assert count(db) == 1  # the session's transaction stays open across the requests
+    assert client.post("/items/a").status_code == 200
+    assert client.get("/items").json() == ["seed", "a"]
+    assert count(db) == 2  # READ COMMITTED: it sees what the app committed
+
+
+def test_the_test_commits_then_the_app_sees_it(client, db):
+    db.execute(text("INSERT INTO item (name) VALUES ('t')"))
+    db.commit()
+    assert client.get("/items").json() == ["seed", "t"]
+    assert client.post("/items/a").status_code == 200
+    assert count(db) == 3
+
+
+def test_uncommitted_writes_held_across_a_request_fail_fast(client, db):
+    db.execute(text("INSERT INTO item (name) VALUES ('w')"))  # not committed
+    started = time.monotonic()
+    with pytest.raises(Exception) as info:
+        client.get("/items")
+    assert time.monotonic() - started < 3
+    assert "deadlock" in str(info.value), info.value
+    assert "session held across a request" in str(info.value), info.value
+    db.rollback()
+
+
+def test_each_test_starts_clean(client):
+    assert client.get("/items").json() == ["seed"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
+def test_threads_serving_the_app(
+    inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
+) -> None:
+    inner.makepyfile(test_threads=THREADS)
+    result = run(inner, "test_threads", workers, seed)
+    result.assert_outcomes(passed=4)
+
+
+# Patterns 4 and 6: an async app whose endpoint gathers over two AsyncSessions, behind a
+# Starlette BaseHTTPMiddleware (each request in a child task), called while the test's
+# fixture session holds the connection.
+TASKS = """
+import asyncio
+import os
+import time
+
+import httpx
+import pytest
+import pytest_asyncio
+from fastapi import Depends, FastAPI
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"].replace("postgresql://", "postgresql+asyncpg://", 1)
+engine = create_async_engine(URL)
+sandbox(engine)
+Session = async_sessionmaker(engine, expire_on_commit=False)
+
+
+class Passthrough(BaseHTTPMiddleware):
+    async def dispatch(self, request, call_next):
+        return await call_next(request)
+
+
+app = FastAPI()
+app.add_middleware(Passthrough)
+
+
+async def get_session():
+    async with Session() as session:
+        yield session
+
+
+@app.post("/items/{name}")
+async def add(name: str, session=Depends(get_session)):
+    await session.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
+    await session.commit()
+    return {"ok": True}
+
+
+@app.get("/page")
+async def page():
+    async def names():
+        async with Session() as s:
+            return [r[0] for r in await s.execute(text("SELECT name FROM item ORDER BY id"))]
+
+    async def total():
+        async with Session() as s:
+            return (await s.execute(text("SELECT count(*) FROM item"))).scalar()
+
+    items, n = await asyncio.gather(names(), total())
+    return {"items": items, "total": n}
+
+
+@pytest_asyncio.fixture
+async def db():
+    async with Session() as session:
+        yield session
+
+
+def client():
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+
+
+def messages(exc):
+    out = [str(exc)]
+    for sub in getattr(exc, "exceptions", ()):
+        out += messages(sub)
+    if exc.__cause__ is not None:
+        out += messages(exc.__cause__)
+    return " | ".join(out)
+
+
+async def count(db):
+    return (await db.execute(text("SELECT count(*) FROM item"))).scalar()
+
+
+@pytest.mark.asyncio
+async def test_gather_behind_middleware_while_a_fixture_session_reads(db):
+    assert await count(db) == 1
+    async with client() as c:
+        assert (await c.post("/items/a")).status_code == 200
+        assert (await c.get("/page")).json() == {"items": ["seed", "a"], "total": 2}
+    assert await count(db) == 2
+
+
+@pytest.mark.asyncio
+async def test_a_fixture_commit_is_seen_by_the_app(db):
+    await db.execute(text("INSERT INTO item (name) VALUES ('f')"))
+    await db.commit()
+    async with client() as c:
+        assert (await c.get("/page")).json() == {"items": ["seed", "f"], "total": 2}
+
+
+@pytest.mark.asyncio
+async def test_uncommitted_writes_while_awaiting_a_request_fail_fast(db):
+    await db.execute(text("INSERT INTO item (name) VALUES ('w')"))
+    started = time.monotonic()
+    async with client() as c:
+        with pytest.raises(BaseException) as info:
+            await c.get("/page")
+    assert time.monotonic() - started < 3
+    assert "deadlock" in messages(info.value), messages(info.value)
+    await db.rollback()
+
+
+@pytest.mark.asyncio
+async def test_each_test_starts_clean():
+    async with client() as c:
+        assert (await c.get("/page")).json() == {"items": ["seed"], "total": 1}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
+def test_tasks_serving_the_app(
+    inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
+) -> None:
+    inner.makepyfile(test_tasks=TASKS)
+    result = run(inner, "test_tasks", workers, seed)
+    result.assert_outcomes(passed=4)

@@ -119,6 +119,9 @@ class SandboxManager:
             for controller in _candidates(is_async=False):
                 controller.create_sandbox()
                 opened.append(controller)
+                # One test at a time per process: threads and executors with no sandbox
+                # of their own (a TestClient's, a server's) join this test's.
+                controller.share()
             item.stash[_SYNC_BOXES] = [(c, c._router.owned()) for c in opened]
             self.seconds += time.perf_counter() - started
             yield
@@ -236,6 +239,7 @@ class SandboxManager:
                     continue
                 await controller.create_sandbox()  # type: ignore[misc]
                 opened.append(controller)
+                controller.share()  # tasks of this loop started with a context of their own
         except BaseException:
             await self.close_async(opened)
             raise

@@ -15,8 +15,14 @@ import contextvars
 import logging
 from typing import Any, ClassVar, TypeVar
 
-from corral.errors import SandboxBroken, SandboxBusy
-from corral.sandbox._controller import AsyncSandboxController, BoxBase, SandboxController
+from corral.errors import SandboxBroken, SandboxBusy, SandboxNotActive
+from corral.sandbox._controller import (
+    PATTERNS_DOCS,
+    AsyncSandboxController,
+    BoxBase,
+    SandboxController,
+    _where,
+)
 
 __all__ = ["AsyncBoxController", "BoxController"]
 
@@ -101,7 +107,7 @@ class BoxController(SandboxController[B]):
         box: Any = self._owned()
         busy: SandboxBusy | None = None
         try:
-            box.lock.acquire(self.checkout_timeout)
+            box.lock.acquire(self.checkout_timeout, exclusive=True)
         except SandboxBusy as exc:
             busy = exc  # close anyway: a leaked checkout must not leak the sandbox
             box.abort()
@@ -121,7 +127,7 @@ class BoxController(SandboxController[B]):
         if not self.sandboxing:
             return
         box: Any = self._owned()
-        box.lock.acquire(self.checkout_timeout)
+        box.lock.acquire(self.checkout_timeout, exclusive=True)
         try:
             box.run(box.plan.restore())
             box.rolled_back()
@@ -206,11 +212,24 @@ class AsyncBoxController(AsyncSandboxController[B]):
     async def _checkout(self, timeout: float | None, **options: Any) -> Any:
         box: Any = self._route()
         box.check()
+        if box.loop is not asyncio.get_running_loop() and self._router.only_shared(box):
+            raise SandboxNotActive(
+                f"{type(self).__name__}: the test's shared sandbox belongs to another event "
+                f"loop ({_where()} runs a loop of its own, e.g. a sync TestClient's portal "
+                "thread); an async connection serves one loop. Pattern: an async app behind "
+                "a sync client. Drive the app on the test's loop (httpx.AsyncClient over "
+                f"ASGITransport in an async test). See {PATTERNS_DOCS}"
+            )
         await box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
         return self._new_proxy(box, **options)
 
     async def _open_box(self) -> B:
         await self._follow_loop()
+        box = await self._open_box_here()
+        box.loop = self._kept_loop
+        return box
+
+    async def _open_box_here(self) -> B:
         last: BaseException | None = None
         for _ in range(_OPEN_ATTEMPTS):
             real = await self._take()
@@ -248,7 +267,7 @@ class AsyncBoxController(AsyncSandboxController[B]):
         box: Any = self._owned()
         busy: SandboxBusy | None = None
         try:
-            await box.lock.acquire(self.checkout_timeout)
+            await box.lock.acquire(self.checkout_timeout, exclusive=True)
         except SandboxBusy as exc:
             busy = exc  # close anyway: a leaked checkout must not leak the sandbox
             await box.abort()
@@ -268,7 +287,7 @@ class AsyncBoxController(AsyncSandboxController[B]):
         if not self.sandboxing:
             return
         box: Any = self._owned()
-        await box.lock.acquire(self.checkout_timeout)
+        await box.lock.acquire(self.checkout_timeout, exclusive=True)
         try:
             await box.run(box.plan.restore())
             await box.rolled_back()

@@ -63,12 +63,14 @@ class AppState:
     :ivar read_only: the app's ``read_only`` default for the transactions it begins.
     :ivar frames: this app's open frames, outermost first; empty means "idle".
     :ivar lost: why the app's open transaction no longer exists, when it does not.
+    :ivar wrote: its open transaction may have written (kept by the sandbox's turns).
     """
 
     autocommit: bool = False
     read_only: bool | None = None
     frames: list[Frame] = field(default_factory=list)
     lost: str | None = None
+    wrote: bool = False
 
     @property
     def in_transaction(self) -> bool:
