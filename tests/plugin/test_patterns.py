@@ -72,6 +72,7 @@ async def test_asyncio_loop_per_test(n):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
 @pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_an_event_loop_per_test(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
@@ -149,6 +150,8 @@ def test_a_request_while_the_test_holds_an_open_session(client, db):
     assert client.post("/items/a").status_code == 200
     assert client.get("/items").json() == ["seed", "a"]
     assert count(db) == 2  # READ COMMITTED: it sees what the app committed
+    db.rollback()  # its own (read) transaction: the app's commit stays, as in production
+    assert count(db) == 2
 
 
 def test_the_test_commits_then_the_app_sees_it(client, db):
@@ -176,6 +179,7 @@ def test_each_test_starts_clean(client):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
 @pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_threads_serving_the_app(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
@@ -274,6 +278,8 @@ async def test_gather_behind_middleware_while_a_fixture_session_reads(db):
         assert (await c.post("/items/a")).status_code == 200
         assert (await c.get("/page")).json() == {"items": ["seed", "a"], "total": 2}
     assert await count(db) == 2
+    await db.rollback()  # its own (read) transaction: the app's commit stays
+    assert await count(db) == 2
 
 
 @pytest.mark.asyncio
@@ -304,10 +310,73 @@ async def test_each_test_starts_clean():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
 @pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_tasks_serving_the_app(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
 ) -> None:
     inner.makepyfile(test_tasks=TASKS)
     result = run(inner, "test_tasks", workers, seed)
+    result.assert_outcomes(passed=4)
+
+
+# ---------------------------------------------------------------------------- pattern 7
+
+# Pattern 7: a sync test requesting async fixtures that write through an async handle;
+# pytest-asyncio runs them on its loop. The async sandboxes are open for them too.
+SYNC_TEST_ASYNC_FIXTURE = """
+import os
+
+import psycopg
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"]
+engine = create_async_engine(URL.replace("postgresql://", "postgresql+asyncpg://", 1))
+sandbox(engine)
+
+
+async def names():
+    async with engine.connect() as conn:
+        return [r[0] for r in await conn.execute(text("SELECT name FROM item ORDER BY id"))]
+
+
+def committed():
+    with psycopg.connect(URL) as other:
+        return [r[0] for r in other.execute("SELECT name FROM item ORDER BY id")]
+
+
+@pytest_asyncio.fixture
+async def gadget():
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO item (name) VALUES ('gadget')"))
+    yield "gadget"
+    assert await names() == ["seed", "gadget"]  # teardown: still inside the sandbox
+
+
+@pytest.mark.parametrize("n", range(3))
+def test_a_sync_test_with_an_async_fixture(gadget, n):
+    # The same unique name each time: a row left behind would fail the next insert.
+    assert gadget == "gadget"
+    assert committed() == ["seed"]
+
+
+@pytest.mark.asyncio
+async def test_an_async_test_after_it():
+    assert await names() == ["seed"]
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
+@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
+def test_a_sync_test_with_async_fixtures(
+    inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
+) -> None:
+    inner.makepyfile(test_sync_async=SYNC_TEST_ASYNC_FIXTURE)
+    result = run(inner, "test_sync_async", workers, seed)
     result.assert_outcomes(passed=4)

@@ -402,12 +402,33 @@ class Plan:
             return None
         base = app.frames[0]
         prefix = self._flush()
+        readers = self._readers_below(base)
         self._merge_from(base)
         if base.read_only:
             # A read-only transaction changed nothing; rolling it back also drops its
             # READ ONLY setting, which RELEASE would leak into the rest of the sandbox.
             return Step(prefix + _rollback_to(base))
-        return Step(prefix + self._check_deferred() + _release(base), _rollback_to(base))
+        sql = prefix + self._check_deferred() + _release(base)
+        if readers:
+            # Other apps' transactions right below, which have only read (they lent the
+            # connection): in production this commit is outside them, and their rollback
+            # cannot undo it. Re-open their savepoints above it, under the same names.
+            sql += "; " + _release(readers[0])
+            sql += "".join(f"; SAVEPOINT {f.name}" for f in readers)
+        return Step(sql, _rollback_to(base))
+
+    def _readers_below(self, base: Frame) -> list[Frame]:
+        """The other apps' read-only-so-far transactions directly below *base*, lowest first."""
+        found: list[Frame] = []
+        for f in reversed(self.stack[: self.stack.index(base)]):
+            a = f.app
+            if f.kind is not FrameKind.TRANSACTION or a is None or a is base.app:
+                break
+            if a.wrote or a.frames != [f] or f.read_only:
+                break
+            found.append(f)
+        found.reverse()
+        return found
 
     def rollback(self, app: AppState) -> Step | None:
         """The app rolls its transaction back: back to its savepoint."""
