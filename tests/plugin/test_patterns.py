@@ -380,3 +380,130 @@ def test_a_sync_test_with_async_fixtures(
     inner.makepyfile(test_sync_async=SYNC_TEST_ASYNC_FIXTURE)
     result = run(inner, "test_sync_async", workers, seed)
     result.assert_outcomes(passed=4)
+
+
+# ---------------------------------------------------------------------------- pattern 1
+
+# Pattern 1: a session-scoped ORM session shared by every test (the most popular FastAPI
+# template's layout), the user's fixtures unchanged: no sandboxed() around them. The
+# plugin opens an outer sandbox for each fixture scope; each test nests inside.
+LONG_LIVED_SESSION = """
+import os
+import warnings
+
+import pytest
+from fastapi import Depends, FastAPI
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
+engine = create_engine(URL)
+sandbox(engine)
+app = FastAPI()
+
+
+def get_session():
+    with Session(engine) as session:
+        yield session
+
+
+@app.post("/items/{name}")
+def add(name: str, session: Session = Depends(get_session)):
+    session.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
+    session.commit()
+    return {"ok": True}
+
+
+@app.get("/items")
+def names(session: Session = Depends(get_session)):
+    return [r[0] for r in session.execute(text("SELECT name FROM item ORDER BY id"))]
+
+
+@pytest.fixture(scope="session")
+def db():
+    with Session(engine) as session:
+        yield session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def superuser(db):
+    db.execute(text("INSERT INTO item (name) VALUES ('admin')"))
+    db.commit()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette 1.x: "install httpx2 instead"
+        from fastapi.testclient import TestClient
+
+        c = TestClient(app)
+    with c:
+        yield c
+
+
+def count(db, name):
+    return db.execute(text("SELECT count(*) FROM item WHERE name = :n"), {"n": name}).scalar()
+
+
+def test_uses_session(db):
+    db.execute(text("INSERT INTO item (name) VALUES ('x')"))
+    db.commit()
+    assert count(db, "x") == 1
+
+
+def test_uses_session_again(db):
+    assert db.execute(text("SELECT count(*) FROM item WHERE name='x'")).scalar() == 0
+
+
+def test_leaves_its_transaction_open(db):
+    db.execute(text("INSERT INTO item (name) VALUES ('y')"))  # never committed
+    assert count(db, "y") == 1
+
+
+def test_after_an_open_transaction(db):
+    assert count(db, "y") == 0
+
+
+def test_a_request_sees_the_session_fixtures_data(client, db):
+    assert client.get("/items").json() == ["seed", "admin"]
+    assert client.post("/items/r").status_code == 200
+    assert count(db, "r") == 1
+
+
+def test_the_session_fixtures_data_is_there_for_every_test(db):
+    assert count(db, "admin") == 1
+    assert count(db, "r") == 0
+
+
+class TestAClassScope:
+    @pytest.fixture(scope="class")
+    def gadget(self, db):
+        db.execute(text("INSERT INTO item (name) VALUES ('gadget')"))
+        db.commit()
+
+    def test_one(self, gadget, db):
+        assert count(db, "gadget") == 1
+        db.execute(text("DELETE FROM item WHERE name = 'gadget'"))
+        db.commit()
+
+    def test_two(self, gadget, db):
+        assert count(db, "gadget") == 1  # the class's data, as its fixture left it
+
+
+def test_a_class_scope_is_rolled_back_when_it_ends(db):
+    assert count(db, "gadget") == 0
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
+@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
+def test_a_session_scoped_orm_session(
+    inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
+) -> None:
+    inner.makepyfile(test_long_lived=LONG_LIVED_SESSION)
+    result = run(inner, "test_long_lived", workers, seed)
+    result.assert_outcomes(passed=9)

@@ -203,7 +203,9 @@ class Plan:
         frame = self._innermost_sandbox()
         if frame.name == "":
             return Step(self.close())
-        self._discard_from(frame, reason="the nested sandbox it ran in was closed")
+        # Quietly: an app transaction left open in the level (a session of a wider-scoped
+        # fixture, used by the test) ends with it; its next statement begins a new one.
+        self._discard_from(frame, reason="", quiet=True)
         return Step(_rollback_to(frame))
 
     def restore(self) -> Step:
@@ -264,11 +266,13 @@ class Plan:
         reason: str,
         keep: bool = False,
         actor: AppState | None = None,
+        quiet: bool = False,
     ) -> None:
         """Pop *frame* (unless *keep*) and every frame above it after a ROLLBACK TO.
 
         Other apps whose frames are rolled back this way lost their work: they are told
-        so at their next use rather than silently carrying on in a transaction that is gone.
+        so at their next use rather than silently carrying on in a transaction that is gone
+        (unless *quiet*: a sandbox level ended, taking its data with it by design).
         """
         if self.pending is not None and self.pending in self.stack:
             self.pending = None
@@ -278,7 +282,9 @@ class Plan:
             a = f.app
             if a is not None and f in a.frames:
                 del a.frames[a.frames.index(f) :]
-                if a is not actor and f.kind is not FrameKind.STATEMENT:
+                if quiet:
+                    a.wrote = a.wrote and bool(a.frames)
+                elif a is not actor and f.kind is not FrameKind.STATEMENT:
                     a.lost = a.lost or reason
         del self.stack[cut:]
 
