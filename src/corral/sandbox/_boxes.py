@@ -146,6 +146,9 @@ class AsyncBoxController(AsyncSandboxController[B]):
     """
 
     _dead_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: whether a connection serves only the loop it was made on (asyncpg, SQLAlchemy's
+    #: async adapters); psycopg's own async connections wait on whichever loop runs them
+    _loop_bound: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -212,7 +215,11 @@ class AsyncBoxController(AsyncSandboxController[B]):
     async def _checkout(self, timeout: float | None, **options: Any) -> Any:
         box: Any = self._route()
         box.check()
-        if box.loop is not asyncio.get_running_loop() and self._router.only_shared(box):
+        if (
+            self._loop_bound
+            and box.loop is not asyncio.get_running_loop()
+            and self._router.only_shared(box)
+        ):
             raise SandboxNotActive(
                 f"{type(self).__name__}: the test's shared sandbox belongs to another event "
                 f"loop ({_where()} runs a loop of its own, e.g. a sync TestClient's portal "

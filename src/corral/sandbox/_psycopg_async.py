@@ -104,6 +104,7 @@ class _Controller(AsyncBoxController[_Box]):
     """Sandbox operations common to the async pool and factory adapters."""
 
     _dead_errors = (psycopg.OperationalError,)
+    _loop_bound = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

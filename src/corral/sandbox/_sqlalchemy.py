@@ -22,7 +22,7 @@ import logging
 import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -306,6 +306,8 @@ class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
 
     Other parameters as :class:`EngineSandbox`.
     """
+
+    _loop_bound: ClassVar[bool] = True  # SQLAlchemy's async adapters, whatever the driver
 
     async def _take_fairy(self) -> PoolProxiedConnection:
         while self._idle:  # the common case: no I/O, so no greenlet either
