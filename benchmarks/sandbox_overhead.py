@@ -516,6 +516,50 @@ DRIVER_GROUPS = [
 ]  # fmt: skip
 
 
+def run_handles(dsn: str, rounds: int) -> dict[str, list[float]]:
+    """Issue 15: per test, what the plugin does with 1, 2 and 3 sandboxed sync handles on
+    one database (a psycopg pool, a SQLAlchemy engine, a second pool): open a sandbox on
+    each, share it, one read and one small write transaction through each, close."""
+    pools = [psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=2) for _ in range(2)]
+    engine = sqlalchemy.create_engine(sa_url(dsn, "psycopg"))
+    handles: list[Any] = [sandbox(pools[0]), sandbox(engine), sandbox(pools[1])]
+    n = iter(range(1 << 62))
+
+    def through(db: Any) -> None:
+        if db is handles[1]:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT count(*) FROM users")).scalar()
+            with engine.begin() as conn:
+                conn.execute(sqlalchemy.text(f"INSERT INTO audit (what) VALUES ('e{next(n)}')"))
+            return
+        with db.connection() as conn:
+            conn.execute("SELECT count(*) FROM users").fetchone()
+        with db.connection() as conn:
+            conn.execute("INSERT INTO audit (what) VALUES (%s)", (f"p{next(n)}",))
+
+    def one_test(count: int) -> None:
+        used = handles[:count]
+        for db in used:
+            db.create_sandbox()
+            db.share()
+        for db in used:
+            through(db)
+        for db in reversed(used):
+            db.close_sandbox()
+
+    try:
+        return alternate(
+            {f"{k} handle(s): sandbox + body": functools.partial(one_test, k) for k in (1, 2, 3)},
+            rounds,
+        )
+    finally:
+        for db in handles:
+            db.close()
+        engine.dispose()
+        for pool in pools:
+            pool.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
@@ -529,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         help="do not pin this process and its backends to one CPU (the plugin's default)",
     )
     parser.add_argument(
-        "--only", choices=["psycopg", "drivers"], help="run one half (default: both)"
+        "--only",
+        choices=["psycopg", "drivers", "handles"],
+        help="run one half (default: both), or only the per-test cost with 1-3 handles",
     )
     parser.add_argument(
         "--transport",
@@ -552,6 +598,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 compared = transport_compare.compare(bench, _TCP_ADMIN[-1], args.rounds)
                 transport_compare.report(compared)
+                return 0
+            if args.only == "handles":
+                rows = run_handles(bench.dsn(bench.db), args.rounds)
+                for name, times in rows.items():
+                    print(f"{name:40s} median {statistics.median(times) * 1e6:8.0f} us")
                 return 0
             if args.only != "drivers":
                 rows.update(measure(bench, args.rounds, args.slow_rounds))

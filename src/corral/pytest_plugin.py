@@ -10,7 +10,7 @@ import atexit
 import inspect
 import os
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
@@ -201,6 +201,28 @@ def _process(request: pytest.FixtureRequest) -> CorralProcess:
     if process is None or process.info is None:
         pytest.fail("the corral plugin is not active in this run", pytrace=False)
     return process
+
+
+def _scope_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
+    """An outer sandbox for one fixture scope: its fixtures' data, rolled back at its end."""
+    process = request.config.stash.get(STATE, None)
+    if process is None or process.manager is None or not process.manager.wants_scope(request):
+        yield
+        return
+    with process.manager.scope():
+        yield
+
+
+def _scope_fixture(scope: Literal["session", "package", "module", "class"]) -> Any:
+    return pytest.fixture(scope=scope, autouse=True, name=f"_corral_{scope}_sandbox")(
+        _scope_sandbox
+    )
+
+
+_corral_session_sandbox = _scope_fixture("session")
+_corral_package_sandbox = _scope_fixture("package")
+_corral_module_sandbox = _scope_fixture("module")
+_corral_class_sandbox = _scope_fixture("class")
 
 
 @pytest.fixture(autouse=True)

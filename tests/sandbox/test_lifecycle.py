@@ -136,9 +136,14 @@ async def test_holding_a_connection_while_waiting_for_work_that_needs_one_is_rep
     await ad.open()
     await ad.create()
     try:
-        async with ad.connection():
-            with pytest.raises(SandboxBusy, match="deadlock"):
-                await asyncio.gather(ad.fetchval("SELECT 1"))
+        async with ad.connection() as held:
+            # Nothing written: the holder lends the connection to the work it awaits.
+            assert list(await asyncio.gather(ad.fetchval("SELECT 1"))) == [1]
+            async with held.transaction():
+                await held.execute("INSERT INTO item (name) VALUES ('held')")
+                # Written and uncommitted: one connection cannot interleave that.
+                with pytest.raises(SandboxBusy, match=r"deadlock.*gather"):
+                    await asyncio.gather(ad.fetchval("SELECT 1"))
     finally:
         await ad.close()
         await ad.aclose()

@@ -127,6 +127,25 @@ def test_rolling_back_past_another_apps_transaction_tells_that_app() -> None:
     assert plan.before_statement(b) is not None  # told once; then a fresh transaction
 
 
+def test_a_commit_above_a_lenders_read_transaction_survives_its_rollback() -> None:
+    # a's transaction has only read when b (a borrower) commits above it: in production
+    # a's rollback cannot undo b's commit, so a's savepoint is re-opened above it.
+    plan, a, b = opened(), AppState(), AppState()
+    plan.before_statement(a)
+    base = a.frames[0]
+    plan.before_statement(b)
+    step = plan.commit(b)
+    assert step is not None
+    assert step.sql.endswith(f"; RELEASE SAVEPOINT {base.name}; SAVEPOINT {base.name}")
+    assert a.frames == [base]
+    assert plan.stack[-1] is base
+    a.wrote = True  # once a has written, b's commit goes into a's transaction (LIFO)
+    plan.before_statement(b)
+    step = plan.commit(b)
+    assert step is not None
+    assert step.sql.count("SAVEPOINT") == 1
+
+
 def test_committing_past_another_apps_transaction_merges_it() -> None:
     plan, a, b = opened(), AppState(), AppState()
     plan.before_statement(a)

@@ -50,18 +50,47 @@ _corral_async_sandbox_package = _make("package")
 _corral_async_sandbox_session = _make("session")
 
 
+def _async_fixture_loop_scope(item: pytest.Item) -> str | None:
+    """For a sync test: the loop scope of the function-scoped async fixtures it requests
+    (pytest-asyncio runs them on its loop), None if it requests none."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    for defs in info.name2fixturedefs.values():
+        fixturedef = defs[-1]
+        func = fixturedef.func
+        if fixturedef.scope != "function" or not (
+            inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
+        ):
+            continue
+        default = item.config.getini("asyncio_default_fixture_loop_scope")
+        scope: str = getattr(func, "_loop_scope", None) or default or "function"
+        return "function" if scope == "function" else scope
+    return None
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """Put the sandbox fixture of the test's loop scope first among its fixtures."""
+    """Put the sandbox fixture of the test's loop scope first among its fixtures.
+
+    A sync test that requests async fixtures gets it too, with their loop scope: they
+    write through async handles on pytest-asyncio's loop, inside the test's sandbox.
+    """
     marker = item.get_closest_marker("asyncio")
-    if marker is None or not inspect.iscoroutinefunction(getattr(item, "obj", None)):
+    if marker is not None and inspect.iscoroutinefunction(getattr(item, "obj", None)):
+        scope = (
+            marker.kwargs.get("loop_scope")
+            or marker.kwargs.get("scope")
+            or item.config.getini("asyncio_default_test_loop_scope")
+            or "function"
+        )
+    elif not inspect.iscoroutinefunction(getattr(item, "obj", None)):
+        found = _async_fixture_loop_scope(item)
+        if found is None:
+            return
+        scope = found
+    else:
         return
-    scope = (
-        marker.kwargs.get("loop_scope")
-        or marker.kwargs.get("scope")
-        or item.config.getini("asyncio_default_test_loop_scope")
-        or "function"
-    )
     if scope not in _SCOPES:
         return
     names: list[str] = item.fixturenames  # type: ignore[attr-defined]

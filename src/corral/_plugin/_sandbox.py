@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import time
@@ -106,6 +107,29 @@ def _dbname(real: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _user_fixtures_of(session: pytest.Session, node: pytest.Item | Any, scope: str) -> bool:
+    """Whether a test under *node* uses a fixture of *scope* defined under the rootdir
+    (the project's own, not a plugin's)."""
+    root = str(session.config.rootpath)
+    for item in session.items:
+        if node is not session and node not in item.listchain():
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        for defs in info.name2fixturedefs.values():
+            fixturedef = defs[-1]
+            if fixturedef.scope != scope or fixturedef.func.__module__.startswith("corral."):
+                continue
+            try:
+                path = inspect.getfile(fixturedef.func)
+            except TypeError:
+                continue
+            if path.startswith(root) and "site-packages" not in path:
+                return True
+    return False
+
+
 _ASYNC_HANDLES = pytest.StashKey[list["weakref.ref[AnyController]"]]()
 # The sync sandboxes of a test, for an async runner whose task predates them (anyio's).
 _SYNC_BOXES = pytest.StashKey[list[tuple[AnyController, Any]]]()
@@ -154,8 +178,59 @@ class SandboxManager:
         # Async handles whose idle connections died with a recreated database; they are
         # refreshed on their own loop, by the next async test.
         self._stale: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: (scope, node id) -> whether that scope gets a sandbox level (wants_scope)
+        self._scopes: dict[tuple[str, str], bool] = {}
 
     # ------------------------------------------------------------------ sync side
+
+    def wants_scope(self, request: pytest.FixtureRequest) -> bool:
+        """Whether a test under this scope's node requests a fixture of that scope from
+        the project's own files (conftest, test modules): only then does the scope get a
+        sandbox level of its own (each one is a round trip, and keeps now() fixed)."""
+        if not self.enabled:
+            return False
+        node, scope = request.node, request.scope
+        if scope == "class" and getattr(request, "cls", None) is None:
+            return False  # a test outside any class: class scope is the test itself
+        key = (scope, node.nodeid)
+        known = self._scopes.get(key)
+        if known is None:
+            known = self._scopes[key] = _user_fixtures_of(request.session, node, scope)
+        return known
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """An outer sandbox level on every sync handle for one fixture scope (session,
+        package, module, class): that scope's fixtures write inside it, each test nests
+        inside it, and it rolls back when the scope ends."""
+        if not self.enabled:
+            yield
+            return
+        opened: list[tuple[AnyController, Any, int]] = []
+        started = time.perf_counter()
+        try:
+            for controller in _candidates(is_async=False):
+                controller.create_sandbox()
+                controller.share()
+                box = controller._router.owned()
+                opened.append((controller, box, box.plan.depth if box is not None else 0))
+        finally:
+            self.seconds += time.perf_counter() - started
+        try:
+            yield
+        finally:
+            errors = []
+            for controller, box, depth in reversed(opened):
+                # A no_sandbox test in the scope closed every level (its database was
+                # replaced): nothing of this scope is left to roll back.
+                if box is None or box.closed or controller._router.owned() is not box:
+                    continue
+                if box.plan.depth == depth:
+                    error = self._close_sync(controller)
+                    if error is not None:
+                        errors.append(error)
+            if errors:
+                raise errors[0]
 
     @contextlib.contextmanager
     def around(self, item: pytest.Item) -> Iterator[None]:
@@ -176,6 +251,9 @@ class SandboxManager:
             for controller in _candidates(is_async=False):
                 controller.create_sandbox()
                 opened.append(controller)
+                # One test at a time per process: threads and executors with no sandbox
+                # of their own (a TestClient's, a server's) join this test's.
+                controller.share()
             item.stash[_SYNC_BOXES] = [(c, c._router.owned()) for c in opened]
             self.seconds += time.perf_counter() - started
             for controller, box in item.stash[_SYNC_BOXES]:
@@ -217,6 +295,10 @@ class SandboxManager:
         """Handles in normal mode for one test; then a fresh database, handles refreshed."""
         switched = _sandbox.registered()
         for controller in switched:
+            # Fixture scopes' sandboxes too: this test commits for real, and the database
+            # is replaced afterwards, their data with it.
+            while not controller.is_async and controller._router.owned() is not None:
+                controller.close_sandbox()
             controller.mode = "normal"
         saved = os.environ.get(ENV_SANDBOX_MODE)
         os.environ[ENV_SANDBOX_MODE] = "normal"  # handles the test itself creates
@@ -317,6 +399,7 @@ class SandboxManager:
                     if name is None and hasattr(real, "fetchval"):  # asyncpg: ask, once
                         name = await real.fetchval("SELECT current_database()")
                     self._compare(item, controller, name)
+                controller.share()  # tasks of this loop started with a context of their own
         except BaseException:
             await self.close_async(opened)
             raise

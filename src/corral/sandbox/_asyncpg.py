@@ -293,6 +293,14 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
         while self._idle:
             await self._release(self._idle.pop())
 
+    def _unkeep(self) -> list[Any]:
+        kept, self._idle = self._idle, []
+        return kept
+
+    async def _close_kept(self, kept: list[Any]) -> None:
+        for real in kept:
+            await self._release(real)
+
     async def _normal(self) -> Any:
         """The pool, for a call in normal mode: first the connections kept for sandboxes
         go back to it (a ``no_sandbox`` test may need every connection the pool has)."""

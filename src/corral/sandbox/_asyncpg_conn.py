@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from asyncpg import exceptions as pgexc
 
 from corral.errors import SandboxError, SandboxLockTimeout
+from corral.sandbox._locks import reads
 from corral.sandbox._messages import lock_contention, refused
 from corral.sandbox._plan import (
     AppState,
@@ -163,6 +164,12 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
     async def _statement(
         self, st: Statement | None, text: str | None, run: Callable[[], Awaitable[T]]
     ) -> T:
+        async with self._box.lock.turn(self._app, self._timeout, write=not reads(st)):
+            return await self._statement_in_turn(st, text, run)
+
+    async def _statement_in_turn(
+        self, st: Statement | None, text: str | None, run: Callable[[], Awaitable[T]]
+    ) -> T:
         box, plan, app = self._box, self._box.plan, self._app
         for attempt in (1, 2):
             await box.run(plan.before_statement(app))
@@ -208,6 +215,10 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
         await box.run(plan.after_statement(self._app))
 
     async def _control(self, st: Statement, run: Callable[[], Awaitable[Any]]) -> Any:
+        async with self._box.lock.turn(self._app, self._timeout, write=False):
+            return await self._control_in_turn(st, run)
+
+    async def _control_in_turn(self, st: Statement, run: Callable[[], Awaitable[Any]]) -> Any:
         box, plan, app = self._box, self._box.plan, self._app
         kind = st.kind
         if kind is Kind.REFUSED:
@@ -260,7 +271,8 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
         box, plan, app = self._box, self._box.plan, self._app
         if commit and box.inerror and app.frames:
             commit = False  # COMMIT of a failed transaction rolls it back, as on the server
-        await box.run(plan.commit(app) if commit else plan.rollback(app))
+        async with box.lock.turn(app, self._timeout, write=False):
+            await box.run(plan.commit(app) if commit else plan.rollback(app))
 
     async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
         real = self._real
@@ -299,7 +311,8 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
     async def prepare(self, query: str, **kwargs: Any) -> AsyncpgSandboxPreparedStatement:
         """Like ``Connection.prepare``; its executions go through the sandbox's plan."""
         self._usable()
-        real = await self._box.prepare(query, **kwargs)
+        async with self._box.lock.turn(self._app, self._timeout, write=False):
+            real = await self._box.prepare(query, **kwargs)
         return AsyncpgSandboxPreparedStatement(self, query, real, kwargs)
 
     def cursor(self, query: str, *args: Any, **kwargs: Any) -> Any:
@@ -309,6 +322,9 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
             raise pgexc.NoActiveSQLTransactionError(
                 "cursor cannot be created outside of a transaction"
             )
+        # Its fetches use the connection outside any statement turn: the transaction
+        # keeps its turn (is never lent) until it ends.
+        self._app.wrote = True
         return self._real.cursor(query, *args, **kwargs)
 
     async def _other(self, run: Callable[[], Awaitable[T]]) -> T:
@@ -399,6 +415,11 @@ class AsyncpgSandboxTransaction:
     async def start(self) -> None:
         """Enter the block: the app's outermost transaction, or a nested one."""
         conn = self._conn
+        async with conn._box.lock.turn(conn._app, conn._timeout, write=False):
+            await self._start()
+
+    async def _start(self) -> None:
+        conn = self._conn
         conn._usable()
         self._check("start", "new")
         box, app = conn._box, conn._app
@@ -447,6 +468,11 @@ class AsyncpgSandboxTransaction:
         )
 
     async def _finish(self, *, commit: bool) -> None:
+        conn = self._conn
+        async with conn._box.lock.turn(conn._app, conn._timeout, write=False):
+            await self._finish_in_turn(commit=commit)
+
+    async def _finish_in_turn(self, *, commit: bool) -> None:
         conn = self._conn
         self._check("commit" if commit else "rollback", "started")
         if conn._top is self:

@@ -10,11 +10,19 @@ live here.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 from typing import Any, ClassVar, TypeVar
 
-from corral.errors import SandboxBroken, SandboxBusy
-from corral.sandbox._controller import AsyncSandboxController, BoxBase, SandboxController
+from corral.errors import SandboxBroken, SandboxBusy, SandboxNotActive
+from corral.sandbox._controller import (
+    PATTERNS_DOCS,
+    AsyncSandboxController,
+    BoxBase,
+    SandboxController,
+    _where,
+)
 
 __all__ = ["AsyncBoxController", "BoxController"]
 
@@ -99,7 +107,7 @@ class BoxController(SandboxController[B]):
         box: Any = self._owned()
         busy: SandboxBusy | None = None
         try:
-            box.lock.acquire(self.checkout_timeout)
+            box.lock.acquire(self.checkout_timeout, exclusive=True)
         except SandboxBusy as exc:
             busy = exc  # close anyway: a leaked checkout must not leak the sandbox
             box.abort()
@@ -119,7 +127,7 @@ class BoxController(SandboxController[B]):
         if not self.sandboxing:
             return
         box: Any = self._owned()
-        box.lock.acquire(self.checkout_timeout)
+        box.lock.acquire(self.checkout_timeout, exclusive=True)
         try:
             box.run(box.plan.restore())
             box.rolled_back()
@@ -128,9 +136,66 @@ class BoxController(SandboxController[B]):
 
 
 class AsyncBoxController(AsyncSandboxController[B]):
-    """:class:`AsyncSandboxController` operations over boxes of one driver (asyncio)."""
+    """:class:`AsyncSandboxController` operations over boxes of one driver (asyncio).
+
+    Connections kept between sandboxes belong to the event loop that made them (an
+    asyncpg connection cannot wait on another loop). When sandboxes move to another
+    loop (an event loop per test), the kept ones are taken out of reach, never handed
+    out again, and closed on their own loop when it shuts down: a keeper task per loop
+    (an ``asyncio.Runner`` cancels it before closing the loop) does that.
+    """
 
     _dead_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+    #: whether a connection serves only the loop it was made on (asyncpg, SQLAlchemy's
+    #: async adapters); psycopg's own async connections wait on whichever loop runs them
+    _loop_bound: ClassVar[bool] = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        #: the loop the kept connections belong to (None: none kept yet)
+        self._kept_loop: asyncio.AbstractEventLoop | None = None
+        #: connections kept on a loop sandboxes moved away from, for its keeper to close
+        self._orphans: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        self._keepers: set[asyncio.Task[None]] = set()  # strong references to running tasks
+
+    def _unkeep(self) -> list[Any]:
+        """Take the connections kept for the next sandboxes out of reach (no I/O)."""
+        return []
+
+    async def _close_kept(self, kept: list[Any]) -> None:
+        """Close what :meth:`_unkeep` took, on the loop it belongs to."""
+
+    async def _follow_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        old = self._kept_loop
+        if loop is old:
+            return
+        if old is not None:
+            stale = self._unkeep()
+            if stale and not old.is_closed():
+                self._orphans.setdefault(old, []).extend(stale)
+            # A closed loop's connections cannot be closed politely any more (their
+            # keeper ran already, so there are none unless the loop was closed without
+            # cancelling its tasks): dropped, their sockets close when collected.
+        self._kept_loop = loop
+        # A fresh context: the keeper must not hold the sandboxes of the test it starts in.
+        keeper = loop.create_task(self._keep(loop), context=contextvars.Context())
+        self._keepers.add(keeper)
+        keeper.add_done_callback(self._keepers.discard)
+
+    async def _keep(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            await loop.create_future()  # until the loop shuts down (its tasks are cancelled)
+        finally:
+            kept = self._orphans.pop(loop, [])
+            if self._kept_loop is loop:
+                kept += self._unkeep()
+                self._kept_loop = None
+            if kept:
+                try:
+                    await self._close_kept(kept)
+                except Exception as exc:
+                    logger.info("closing kept connections at the end of their loop: %s", exc)
 
     async def _take(self) -> Any:
         raise NotImplementedError
@@ -150,10 +215,28 @@ class AsyncBoxController(AsyncSandboxController[B]):
     async def _checkout(self, timeout: float | None, **options: Any) -> Any:
         box: Any = self._route()
         box.check()
+        if (
+            self._loop_bound
+            and box.loop is not asyncio.get_running_loop()
+            and self._router.only_shared(box)
+        ):
+            raise SandboxNotActive(
+                f"{type(self).__name__}: the test's shared sandbox belongs to another event "
+                f"loop ({_where()} runs a loop of its own, e.g. a sync TestClient's portal "
+                "thread); an async connection serves one loop. Pattern: an async app behind "
+                "a sync client. Drive the app on the test's loop (httpx.AsyncClient over "
+                f"ASGITransport in an async test). See {PATTERNS_DOCS}"
+            )
         await box.lock.acquire(timeout if timeout is not None else self.checkout_timeout)
         return self._new_proxy(box, **options)
 
     async def _open_box(self) -> B:
+        await self._follow_loop()
+        box = await self._open_box_here()
+        box.loop = self._kept_loop
+        return box
+
+    async def _open_box_here(self) -> B:
         last: BaseException | None = None
         for _ in range(_OPEN_ATTEMPTS):
             real = await self._take()
@@ -191,7 +274,7 @@ class AsyncBoxController(AsyncSandboxController[B]):
         box: Any = self._owned()
         busy: SandboxBusy | None = None
         try:
-            await box.lock.acquire(self.checkout_timeout)
+            await box.lock.acquire(self.checkout_timeout, exclusive=True)
         except SandboxBusy as exc:
             busy = exc  # close anyway: a leaked checkout must not leak the sandbox
             await box.abort()
@@ -211,7 +294,7 @@ class AsyncBoxController(AsyncSandboxController[B]):
         if not self.sandboxing:
             return
         box: Any = self._owned()
-        await box.lock.acquire(self.checkout_timeout)
+        await box.lock.acquire(self.checkout_timeout, exclusive=True)
         try:
             await box.run(box.plan.restore())
             await box.rolled_back()

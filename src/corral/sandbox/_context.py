@@ -88,6 +88,12 @@ class Router(Generic[B]):
         shared = self._shared
         return shared if shared is not None and not shared.closed else None
 
+    def only_shared(self, box: B) -> bool:
+        """Whether *box* serves the current context only through shared mode."""
+        if box is not self._shared or _SANDBOXES.get().get(self) is box:
+            return False
+        return not (self._allowed and self._allowed_here() is box)
+
     def _allowed_here(self) -> B | None:
         """The open sandbox allow() gave the current task or thread, if any."""
         if self._tasks:

@@ -23,6 +23,7 @@ from corral.sandbox._plan import Plan
 __all__ = [
     "ENV_MODE",
     "MODES",
+    "PATTERNS_DOCS",
     "AsyncSandboxController",
     "BaseController",
     "BoxBase",
@@ -36,6 +37,8 @@ logger = logging.getLogger("corral.sandbox")
 
 #: The environment variable read when ``mode`` is not given (the pytest plugin sets it).
 ENV_MODE = "CORRAL_SANDBOX_MODE"
+#: Where the docs explain the test patterns behind a missing or busy sandbox.
+PATTERNS_DOCS = "https://corral.readthedocs.io/en/latest/sandbox/#patterns"
 MODES = ("sandbox", "normal")
 
 T = TypeVar("T")
@@ -66,6 +69,8 @@ class BoxBase:
         self.broken: BaseException | None = None
         self.previous: BoxBase | None = None
         self.proxies: weakref.WeakSet[Any] | None = None
+        #: the event loop an async sandbox was opened on (its connection's)
+        self.loop: Any = None
 
     def track(self, proxy: Any) -> None:
         """Remember *proxy*, a checkout of this sandbox, to detach it at close."""
@@ -206,11 +211,23 @@ class BaseController(Generic[B]):
             raise SandboxNotActive(
                 f"{type(self).__name__} is in sandbox mode but this code runs in a context "
                 f"with no sandbox ({_where()}), so its query was refused rather than "
-                "committed. Open one here (create_sandbox() / sandboxed()), or let this "
-                "thread, task or executor into the test's sandbox with db.allow(...), or "
-                "make the test's sandbox shared (db.share()) for a server under test."
+                f"committed. {self._no_sandbox_hint()}Open one here (create_sandbox() / "
+                "sandboxed()), or let this thread, task or executor into the test's sandbox "
+                "with db.allow(...), or make the test's sandbox shared (db.share()) for a "
+                f"server under test. See {PATTERNS_DOCS}"
             )
         return box
+
+    def _no_sandbox_hint(self) -> str:
+        """The pattern most likely behind a query with no sandbox."""
+        if self.is_async:
+            return (
+                "Pattern: an async handle outside an async test's loop. Async handles get "
+                "their sandbox on the event loop of an async test: a sync test (or a sync "
+                "TestClient, whose portal runs the app on a loop of its own) has none for "
+                "them; make the test async (httpx.AsyncClient over ASGITransport). "
+            )
+        return ""
 
     def _owned(self) -> B:
         box = self._router.owned()

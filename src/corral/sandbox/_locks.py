@@ -1,135 +1,358 @@
-"""The checkout locks that serialise concurrent users of one sandbox connection.
+"""Turns on a sandbox's one connection: who may send statements on it, and when.
 
-Reentrant for their holder (a thread, or an asyncio task), bounded waits that end in
-:class:`~corral.errors.SandboxBusy` naming the holder, never a silent hang.
+Users of one sandbox (sessions, checkouts) take turns at statement granularity where
+that is indistinguishable from production: a holder between statements whose transaction
+has made no writes *lends* the connection (the borrower's savepoints go above the
+lender's, so the stack stays LIFO; the lender's next statement waits until the borrower
+has handed everything back). A holder with a written transaction keeps its turn until
+that transaction ends. A waiter blocked for a second on a holder that sits idle with
+written work is deadlocked on it (it holds the connection while it waits for the waiter:
+a session held across a request, a middleware's child task): it fails at once, naming
+both. Only a holder busy in a statement is waited for up to ``checkout_timeout``.
+
+The bookkeeping (:class:`_Turns`) is plain logic; :class:`OwnerLock` (threads) and
+:class:`AsyncOwnerLock` (asyncio tasks) are its blocking and awaiting shells.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Generic, TypeVar
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 
 from corral.errors import SandboxBusy
 from corral.sandbox._context import owner_name
+from corral.sandbox._controller import PATTERNS_DOCS as DOCS
+from corral.sandbox._plan import AppState, FrameKind
+from corral.sandbox._statements import Kind, Statement
 
-__all__ = ["AsyncOwnerLock", "OwnerLock"]
+__all__ = ["STALL", "AsyncOwnerLock", "OwnerLock", "reads"]
 
-H = TypeVar("H")
-L = TypeVar("L", threading.Lock, asyncio.Lock)
+#: Seconds a waiter lets a holder sit idle on written, uncommitted work before calling
+#: it a deadlock (the holder is waiting for the waiter).
+STALL = 0.5
+#: How often a waiter looks again at an idle holder (for the stall) while it waits.
+_POLL = 0.1
+
+_READS = frozenset({"SELECT", "SHOW", "VALUES", "TABLE", "FETCH", "EXPLAIN"})
+_LOCKING = (" FOR UPDATE", " FOR SHARE", " FOR NO KEY", " FOR KEY SHARE")
+
+
+def reads(st: Statement | None) -> bool:
+    """Whether *st* only reads (a transaction of such statements may lend its turn).
+
+    Unknown statements (prepared, unparsed) count as writes; so do row-locking SELECTs.
+    """
+    if st is None or st.kind is not Kind.OTHER or st.command not in _READS:
+        return False
+    upper = st.text.upper()
+    return not any(word in upper for word in _LOCKING)
+
+
+def _clean(app: AppState) -> bool:
+    """An app that owns nothing on the stack but a transaction that only read."""
+    frames = app.frames
+    if not frames:
+        return True
+    return not app.wrote and len(frames) == 1 and frames[0].kind is FrameKind.TRANSACTION
+
+
+class _Turn:
+    """One owner's hold: checkouts and statements (depth), and its apps' state."""
+
+    __slots__ = ("apps", "busy", "depth", "idle_since", "owner")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.depth = 0
+        self.busy = 0  #: statements in progress
+        self.apps: list[AppState] = []
+        self.idle_since = time.monotonic()
+
+
+class _Turns:
+    """The stack of holders: the top one uses the connection; those below lent it."""
+
+    __slots__ = ("stack",)
+
+    def __init__(self) -> None:
+        self.stack: list[_Turn] = []
+
+    def find(self, owner: object) -> _Turn | None:
+        for turn in self.stack:
+            if turn.owner is owner:
+                return turn
+        return None
+
+    def owner(self, app: AppState, current: object) -> object:
+        """Who a statement of *app* runs for: the holder of its checkout (the checkout,
+        not the task, holds the turn: SQLAlchemy may finish it in a task of its own)."""
+        for turn in self.stack:
+            if app in turn.apps:
+                return turn.owner
+        return current
+
+    @staticmethod
+    def lendable(turn: _Turn) -> bool:
+        """Between statements, holding checkouts whose transactions only read (a sandbox
+        operation, or a checkout not yet adopted, holds no app: never lent)."""
+        return turn.busy == 0 and bool(turn.apps) and all(_clean(app) for app in turn.apps)
+
+    def take(self, owner: object, statement: bool, exclusive: bool = False) -> bool:
+        """Take a turn (reentrant; *exclusive*: never borrowed); False: wait."""
+        stack = self.stack
+        if stack:
+            top = stack[-1]
+            if top.owner is owner:
+                turn = top
+            elif exclusive or self.find(owner) is not None or not self.lendable(top):
+                return False  # a lender waits for its borrowers; a writer is waited for
+            else:
+                turn = _Turn(owner)
+                stack.append(turn)
+        else:
+            turn = _Turn(owner)
+            stack.append(turn)
+        turn.depth += 1
+        if statement:
+            turn.busy += 1
+        return True
+
+    def give(
+        self, owner: object, *, app: AppState | None = None, wrote: bool | None = None
+    ) -> None:
+        """Hand back what :meth:`take` took.
+
+        :param app: with *wrote* None, the app of a checkout that ends (forgotten); with
+            *wrote*, the app whose statement just ran.
+        :param wrote: None for a checkout or a sandbox operation; else whether the
+            statement that just ran may have written.
+        """
+        turn = self.find(owner)
+        if wrote is None and app is not None:
+            # A checkout may be handed back elsewhere (a pool's reset, another task):
+            # its turn is the one that adopted it.
+            turn = next((t for t in self.stack if app in t.apps), turn)
+        if turn is None:
+            return
+        if wrote is not None:
+            turn.busy = max(0, turn.busy - 1)
+            turn.idle_since = time.monotonic()
+            if app is not None:
+                app.wrote = bool(app.frames) and (app.wrote or wrote)
+        elif app is not None and app in turn.apps:
+            turn.apps.remove(app)
+        turn.depth -= 1
+        if turn.depth <= 0:
+            self.stack.remove(turn)
+
+    def adopt(self, owner: object, app: AppState) -> None:
+        turn = self.find(owner)
+        if turn is not None:
+            turn.apps.append(app)
+
+    def stalled(self, *, patience: float = STALL) -> _Turn | None:
+        """The holder a waiter is deadlocked on: idle on written work for *patience* s."""
+        if not self.stack:
+            return None
+        top = self.stack[-1]
+        if top.busy or time.monotonic() - top.idle_since < patience:
+            return None
+        return top if any(not _clean(app) for app in top.apps) else None
+
+
+def _pattern(holder: object, waiter: object) -> str:
+    if isinstance(holder, asyncio.Task) and isinstance(waiter, asyncio.Task):
+        return (
+            "a task waiting for a task it started: a middleware's child task (Starlette "
+            "BaseHTTPMiddleware), or asyncio.gather over sessions of one sandbox"
+        )
+    if isinstance(holder, threading.Thread) and isinstance(waiter, threading.Thread):
+        return (
+            "a session held across a request: the test (or a fixture) keeps a transaction "
+            "with writes open while the app, on another thread (a sync TestClient), needs "
+            "the connection"
+        )
+    return "a thread and a task waiting for each other"
+
+
+def _deadlock(turn: _Turn, waiter: object) -> SandboxBusy:
+    return SandboxBusy(
+        f"deadlock: {owner_name(waiter)} needs the sandbox's connection, but "
+        f"{owner_name(turn.owner)} holds it with an uncommitted transaction that wrote, "
+        "and has stopped using it: it is waiting for "
+        f"{owner_name(waiter)}. Pattern: {_pattern(turn.owner, waiter)}. A sandbox has one "
+        "connection, so two write transactions cannot interleave on it. Commit (or roll "
+        "back) before the request or the awaited task, or give the work its own session "
+        f"after the commit. See {DOCS}"
+    )
 
 
 def _busy(holder: object, timeout: float) -> SandboxBusy:
     return SandboxBusy(
-        f"the sandbox's connection stayed in use by {owner_name(holder)} for {timeout:g} s. "
-        "Users of one sandbox take turns (one checkout at a time, like one connection in "
-        "production). If that holder is itself waiting for this code (e.g. it holds a "
-        "connection while it awaits tasks that need one), that is a deadlock: return the "
-        "connection first, or give each task its own sandbox; otherwise raise checkout_timeout."
+        f"the sandbox's connection stayed in use by {owner_name(holder)} for {timeout:g} s "
+        "(a statement that long, or a holder stuck elsewhere). Users of one sandbox take "
+        "turns on its one connection; raise checkout_timeout if the statement is "
+        f"legitimately slow. See {DOCS}"
     )
 
 
-class _Reentrant(Generic[H, L]):
-    """Holder, depth and release of a reentrant lock over *L*; acquiring is the shells'."""
+class _Shell:
+    """What both shells share: the turns, who holds, force_release, adopt."""
 
-    __slots__ = ("_depth", "_holder", "_lock")
+    __slots__ = ("_turns",)
 
-    _lock: L | None  #: None: no underlying lock (yet), holder and depth say it all
-    _holder: H | None
-    _depth: int
+    def __init__(self) -> None:
+        self._turns = _Turns()
 
     @property
-    def holder(self) -> H | None:
-        return self._holder
-
-    def release(self) -> None:
-        if self._depth == 0:
-            return
-        self._depth -= 1
-        if self._depth == 0:
-            self._holder = None
-            if self._lock is not None:
-                self._lock.release()
+    def holder(self) -> object | None:
+        stack = self._turns.stack
+        return stack[-1].owner if stack else None
 
     def force_release(self) -> None:
         """Free the lock whoever holds it (the sandbox is closing)."""
-        if self._depth:
-            self._depth = 0
-            self._holder = None
-            if self._lock is not None:
-                self._lock.release()
+        self._turns.stack.clear()
+
+    def _timed_out(self, waiter: object, timeout: float) -> SandboxBusy:
+        stalled = self._turns.stalled(patience=0.0)
+        return _deadlock(stalled, waiter) if stalled is not None else _busy(self.holder, timeout)
 
 
-class OwnerLock(_Reentrant[threading.Thread, threading.Lock]):
-    """A reentrant lock owned by a thread, with bounded waits."""
+class OwnerLock(_Shell):
+    """Turns for threads: a reentrant lock that lends between read-only statements."""
 
-    __slots__ = ()
-
-    _lock: threading.Lock  # always made: a thread lock costs nothing to make or take
+    __slots__ = ("_cond",)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._holder = None
-        self._depth = 0
+        super().__init__()
+        self._cond = threading.Condition(threading.Lock())
 
-    def acquire(self, timeout: float | None) -> None:
-        me = threading.current_thread()
-        if self._holder is me:  # only this thread can have set it to itself
-            self._depth += 1
-            return
-        if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            assert timeout is not None
-            raise _busy(self._holder, timeout)
-        self._holder = me
-        self._depth = 1
-
-
-class AsyncOwnerLock(_Reentrant["asyncio.Task[object]", asyncio.Lock]):
-    """A reentrant lock owned by an asyncio task, with bounded waits.
-
-    Most sandboxes never see two tasks want the lock at once (an empty test's close
-    takes it once): the ``asyncio.Lock`` that queues waiters is made at the first
-    contention, until then the holder and depth alone say who has it.
-    """
-
-    def __init__(self) -> None:
-        self._lock = None
-        self._holder = None
-        self._depth = 0
-        self._waiting = 0
-
-    async def acquire(self, timeout: float | None) -> None:
-        me = asyncio.current_task()
-        if me is not None and self._holder is me:
-            self._depth += 1
-            return
-        lock = self._lock
-        if lock is None:
-            if not self._depth:  # free, and never wanted by two tasks at once
-                self._holder = me
-                self._depth = 1
+    def acquire(
+        self,
+        timeout: float | None,
+        *,
+        statement: bool = False,
+        exclusive: bool = False,
+        me: object | None = None,
+    ) -> None:
+        """Take a turn: for a checkout, a *statement*, or a sandbox operation that must
+        not borrow (*exclusive*: closing or restoring waits for every other holder)."""
+        me = me if me is not None else threading.current_thread()
+        with self._cond:
+            if self._turns.take(me, statement, exclusive):
                 return
-            lock = self._lock = await _taken_lock()  # the first contention
-        if not lock.locked() and not self._waiting:
-            # Free and nobody queued: the acquire cannot wait, so it needs no timer
-            # (an asyncio.timeout costs more than the rest of a checkout).
-            await lock.acquire()
-        else:
-            self._waiting += 1
-            try:
-                async with asyncio.timeout(timeout):
-                    await lock.acquire()
-            except TimeoutError:
-                assert timeout is not None
-                raise _busy(self._holder, timeout) from None
-            finally:
-                self._waiting -= 1
-        self._holder = me
-        self._depth = 1
+            deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._timed_out(me, timeout or 0.0)
+                self._cond.wait(_POLL if left is None else min(_POLL, left))
+                if self._turns.take(me, statement, exclusive):
+                    return
+                stalled = self._turns.stalled()
+                if stalled is not None:
+                    raise _deadlock(stalled, me)
+
+    def release(self, app: AppState | None = None) -> None:
+        """Hand back a checkout (*app*: the proxy's, now done) or a sandbox operation."""
+        with self._cond:
+            self._turns.give(threading.current_thread(), app=app)
+            self._cond.notify_all()
+
+    def adopt(self, app: AppState) -> None:
+        """The current holder's new checkout: its transaction state decides lending."""
+        with self._cond:
+            self._turns.adopt(threading.current_thread(), app)
+
+    @contextmanager
+    def turn(self, app: AppState, timeout: float | None, *, write: bool) -> Iterator[None]:
+        """Around one statement of *app* (*write*: it may write) or transaction step."""
+        with self._cond:
+            me = self._turns.owner(app, threading.current_thread())
+        self.acquire(timeout, statement=True, me=me)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._turns.give(me, app=app, wrote=write)
+                self._cond.notify_all()
+
+    def force_release(self) -> None:
+        with self._cond:
+            super().force_release()
+            self._cond.notify_all()
 
 
-async def _taken_lock() -> asyncio.Lock:
-    """A new ``asyncio.Lock``, taken on behalf of an :class:`AsyncOwnerLock`'s holder."""
-    lock = asyncio.Lock()
-    await lock.acquire()  # free, so it returns at once
-    return lock
+def _task() -> object:
+    task = asyncio.current_task()
+    return task if task is not None else threading.current_thread()
+
+
+class AsyncOwnerLock(_Shell):
+    """Turns for asyncio tasks of one event loop; the same rules as :class:`OwnerLock`."""
+
+    __slots__ = ("_waiters",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def acquire(
+        self,
+        timeout: float | None,
+        *,
+        statement: bool = False,
+        exclusive: bool = False,
+        me: object | None = None,
+    ) -> None:
+        """See :meth:`OwnerLock.acquire`."""
+        me = me if me is not None else _task()
+        if self._turns.take(me, statement, exclusive):
+            return
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, timeout)
+        while True:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise self._timed_out(me, timeout or 0.0)
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(fut, _POLL if left is None else min(_POLL, left))
+            if self._turns.take(me, statement, exclusive):
+                return
+            stalled = self._turns.stalled()
+            if stalled is not None:
+                raise _deadlock(stalled, me)
+
+    def release(self, app: AppState | None = None) -> None:
+        self._turns.give(_task(), app=app)
+        self._wake()
+
+    def adopt(self, app: AppState) -> None:
+        self._turns.adopt(_task(), app)
+
+    @asynccontextmanager
+    async def turn(
+        self, app: AppState, timeout: float | None, *, write: bool
+    ) -> AsyncIterator[None]:
+        me = self._turns.owner(app, _task())
+        await self.acquire(timeout, statement=True, me=me)
+        try:
+            yield
+        finally:
+            self._turns.give(me, app=app, wrote=write)
+            self._wake()
+
+    def force_release(self) -> None:
+        super().force_release()
+        self._wake()

@@ -78,12 +78,14 @@ class AppState:
     :ivar read_only: the app's ``read_only`` default for the transactions it begins.
     :ivar frames: this app's open frames, outermost first; empty means "idle".
     :ivar lost: why the app's open transaction no longer exists, when it does not.
+    :ivar wrote: its open transaction may have written (kept by the sandbox's turns).
     """
 
     autocommit: bool = False
     read_only: bool | None = None
     frames: list[Frame] = field(default_factory=list)
     lost: str | None = None
+    wrote: bool = False
 
     @property
     def in_transaction(self) -> bool:
@@ -236,7 +238,9 @@ class Plan:
         frame = self._innermost_sandbox()
         if frame.name == "":
             return Step(self.close())
-        self._discard_from(frame, reason="the nested sandbox it ran in was closed")
+        # Quietly: an app transaction left open in the level (a session of a wider-scoped
+        # fixture, used by the test) ends with it; its next statement begins a new one.
+        self._discard_from(frame, reason="", quiet=True)
         return Step(_rollback_to(frame) + self._unlock(frame))
 
     def restore(self) -> Step:
@@ -320,11 +324,13 @@ class Plan:
         reason: str,
         keep: bool = False,
         actor: AppState | None = None,
+        quiet: bool = False,
     ) -> None:
         """Pop *frame* (unless *keep*) and every frame above it after a ROLLBACK TO.
 
         Other apps whose frames are rolled back this way lost their work: they are told
-        so at their next use rather than silently carrying on in a transaction that is gone.
+        so at their next use rather than silently carrying on in a transaction that is gone
+        (unless *quiet*: a sandbox level ended, taking its data with it by design).
         """
         if self.pending is not None and self.pending in self.stack:
             self.pending = None
@@ -334,7 +340,9 @@ class Plan:
             a = f.app
             if a is not None and f in a.frames:
                 del a.frames[a.frames.index(f) :]
-                if a is not actor and f.kind is not FrameKind.STATEMENT:
+                if quiet:
+                    a.wrote = a.wrote and bool(a.frames)
+                elif a is not actor and f.kind is not FrameKind.STATEMENT:
                     a.lost = a.lost or reason
         del self.stack[cut:]
 
@@ -471,12 +479,33 @@ class Plan:
             return None
         base = app.frames[0]
         prefix = self._flush()
+        readers = self._readers_below(base)
         self._merge_from(base)
         if base.read_only:
             # A read-only transaction changed nothing; rolling it back also drops its
             # READ ONLY setting, which RELEASE would leak into the rest of the sandbox.
             return Step(prefix + _rollback_to(base))
-        return Step(prefix + self._check_deferred() + _release(base), _rollback_to(base))
+        sql = prefix + self._check_deferred() + _release(base)
+        if readers:
+            # Other apps' transactions right below, which have only read (they lent the
+            # connection): in production this commit is outside them, and their rollback
+            # cannot undo it. Re-open their savepoints above it, under the same names.
+            sql += "; " + _release(readers[0])
+            sql += "".join(f"; SAVEPOINT {f.name}" for f in readers)
+        return Step(sql, _rollback_to(base))
+
+    def _readers_below(self, base: Frame) -> list[Frame]:
+        """The other apps' read-only-so-far transactions directly below *base*, lowest first."""
+        found: list[Frame] = []
+        for f in reversed(self.stack[: self.stack.index(base)]):
+            a = f.app
+            if f.kind is not FrameKind.TRANSACTION or a is None or a is base.app:
+                break
+            if a.wrote or a.frames != [f] or f.read_only:
+                break
+            found.append(f)
+        found.reverse()
+        return found
 
     def check_chain(self, app: AppState, stmt: Statement) -> None:
         """Raise what PostgreSQL raises for COMMIT / ROLLBACK AND CHAIN outside a

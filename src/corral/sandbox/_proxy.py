@@ -13,7 +13,8 @@ __all__ = ["ProxyBase", "ProxyBox"]
 
 
 class _Releasable(Protocol):
-    def release(self) -> None: ...
+    def release(self, app: AppState | None = None) -> None: ...
+    def adopt(self, app: AppState) -> None: ...
 
 
 class ProxyBox(Protocol):
@@ -29,6 +30,8 @@ class ProxyBox(Protocol):
     def real(self) -> Any: ...
     @property
     def lock(self) -> _Releasable: ...
+    @property
+    def controller(self) -> Any: ...
     def track(self, proxy: Any) -> None: ...
     def check(self) -> None: ...
 
@@ -53,7 +56,10 @@ class ProxyBase(Generic[BoxT]):
         self._pooled = pooled
         self._closed = False
         self._returned = False
+        #: how long a statement waits for its turn on the connection
+        self._timeout: float | None = box.controller.checkout_timeout
         box.track(self)
+        box.lock.adopt(app)  # the checkout's turn: its transaction state decides lending
 
     def _closed_error(self) -> Exception:
         """The driver's error for using a connection the app closed."""
@@ -91,4 +97,4 @@ class ProxyBase(Generic[BoxT]):
             self._returned = True
             self._closed = True
             if not self._box.closed:
-                self._box.lock.release()
+                self._box.lock.release(self._app)

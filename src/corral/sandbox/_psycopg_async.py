@@ -104,6 +104,7 @@ class _Controller(AsyncBoxController[_Box]):
     """Sandbox operations common to the async pool and factory adapters."""
 
     _dead_errors = (psycopg.OperationalError,)
+    _loop_bound = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -228,6 +229,14 @@ class AsyncConnectSandbox(_Controller):
             await real.close()
         else:
             self._idle.append(real)
+
+    def _unkeep(self) -> list[Any]:
+        kept, self._idle = self._idle, []
+        return kept
+
+    async def _close_kept(self, kept: list[Any]) -> None:
+        for conn in kept:
+            await conn.close()
 
     async def connect(self, **kwargs: Any) -> Any:
         """A new connection; in sandbox mode, a proxy of the sandbox's connection."""

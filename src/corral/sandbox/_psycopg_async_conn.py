@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from corral.sandbox._locks import reads
 from corral.sandbox._plan import Kind, Statement
 from corral.sandbox._psycopg_common import translate
 from corral.sandbox._psycopg_proxy import ConnectionBase, CursorBase, Send, TransactionBase
@@ -87,42 +88,45 @@ class AsyncSandboxConnection(ConnectionBase["_Box"]):
     @asynccontextmanager
     async def _statement(self, st: Statement | None, text: str | None) -> AsyncIterator[None]:
         box = self._box
-        await box.run(box.plan.before_statement(self._app))
-        try:
-            yield
-        except psycopg.Error as exc:
-            box.note(exc)
-            await box.send(self._failure_sql())
-            new = translate(exc, text, box.plan.lock_timeout)
-            if new is exc:
-                raise
-            raise new from exc
-        except BaseException:
-            if box.real_status() == TransactionStatus.INERROR:
+        async with box.lock.turn(self._app, self._timeout, write=not reads(st)):
+            await box.run(box.plan.before_statement(self._app))
+            try:
+                yield
+            except psycopg.Error as exc:
+                box.note(exc)
                 await box.send(self._failure_sql())
-            else:
-                await box.run(self._success_step(st))
-            raise
-        await box.run(self._success_step(st))
+                new = translate(exc, text, box.plan.lock_timeout)
+                if new is exc:
+                    raise
+                raise new from exc
+            except BaseException:
+                if box.real_status() == TransactionStatus.INERROR:
+                    await box.send(self._failure_sql())
+                else:
+                    await box.run(self._success_step(st))
+                raise
+            await box.run(self._success_step(st))
 
     async def _control(
         self, st: Statement, run: Callable[[], Awaitable[Any]], cur: psycopg.AsyncCursor[Any]
     ) -> None:
         box = self._box
-        for op in self._control_flow(st):
-            if isinstance(op, Send):
-                await box.run(op.step, cur if op.on_cursor else None)
-                continue
-            try:
-                await run()
-            except psycopg.Error as exc:
-                box.note(exc)
-                raise
+        async with box.lock.turn(self._app, self._timeout, write=False):
+            for op in self._control_flow(st):
+                if isinstance(op, Send):
+                    await box.run(op.step, cur if op.on_cursor else None)
+                    continue
+                try:
+                    await run()
+                except psycopg.Error as exc:
+                    box.note(exc)
+                    raise
 
     # ------------------------------------------------------------------ transactions
 
     async def _end(self, *, commit: bool, cur: psycopg.AsyncCursor[Any] | None = None) -> None:
-        await self._box.run(self._end_step(commit=commit), cur)
+        async with self._box.lock.turn(self._app, self._timeout, write=False):
+            await self._box.run(self._end_step(commit=commit), cur)
 
     async def commit(self) -> None:
         self._check_commit()
@@ -178,7 +182,9 @@ class AsyncSandboxTransaction(TransactionBase[AsyncSandboxConnection]):
     """What ``conn.transaction()`` returns in a sandbox: a savepoint block."""
 
     async def __aenter__(self) -> AsyncSandboxTransaction:
-        await self._conn._box.run(self._enter_step())
+        conn = self._conn
+        async with conn._box.lock.turn(conn._app, conn._timeout, write=False):
+            await conn._box.run(self._enter_step())
         self._conn._blocks += 1
         return self
 
@@ -190,7 +196,9 @@ class AsyncSandboxTransaction(TransactionBase[AsyncSandboxConnection]):
             return False
         swallow, commit = leaving
         try:
-            await self._conn._box.run(self._exit_step(commit=commit))
+            conn = self._conn
+            async with conn._box.lock.turn(conn._app, conn._timeout, write=False):
+                await conn._box.run(self._exit_step(commit=commit))
         except Exception:
             # As psycopg: a failed commit raises; a failed rollback is logged, and the
             # block's own exception (a Rollback too) goes on.

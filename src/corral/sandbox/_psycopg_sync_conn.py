@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from corral.sandbox._locks import reads
 from corral.sandbox._plan import Kind, Statement
 from corral.sandbox._psycopg_common import translate
 from corral.sandbox._psycopg_proxy import ConnectionBase, CursorBase, Send, TransactionBase
@@ -115,40 +116,43 @@ class SandboxConnection(ConnectionBase["_Box"]):
     @contextmanager
     def _statement(self, st: Statement | None, text: str | None) -> Iterator[None]:
         box = self._box
-        box.run(box.plan.before_statement(self._app))
-        try:
-            yield
-        except psycopg.Error as exc:
-            box.note(exc)
-            box.send(self._failure_sql())
-            new = translate(exc, text, box.plan.lock_timeout)
-            if new is exc:
-                raise
-            raise new from exc
-        except BaseException:
-            if box.real_status() == TransactionStatus.INERROR:
+        with box.lock.turn(self._app, self._timeout, write=not reads(st)):
+            box.run(box.plan.before_statement(self._app))
+            try:
+                yield
+            except psycopg.Error as exc:
+                box.note(exc)
                 box.send(self._failure_sql())
-            else:
-                box.run(self._success_step(st))
-            raise
-        box.run(self._success_step(st))
+                new = translate(exc, text, box.plan.lock_timeout)
+                if new is exc:
+                    raise
+                raise new from exc
+            except BaseException:
+                if box.real_status() == TransactionStatus.INERROR:
+                    box.send(self._failure_sql())
+                else:
+                    box.run(self._success_step(st))
+                raise
+            box.run(self._success_step(st))
 
     def _control(self, st: Statement, run: Callable[[], Any], cur: psycopg.Cursor[Any]) -> None:
         box = self._box
-        for op in self._control_flow(st):
-            if isinstance(op, Send):
-                box.run(op.step, cur if op.on_cursor else None)
-                continue
-            try:
-                run()
-            except psycopg.Error as exc:
-                box.note(exc)
-                raise
+        with box.lock.turn(self._app, self._timeout, write=False):
+            for op in self._control_flow(st):
+                if isinstance(op, Send):
+                    box.run(op.step, cur if op.on_cursor else None)
+                    continue
+                try:
+                    run()
+                except psycopg.Error as exc:
+                    box.note(exc)
+                    raise
 
     # ------------------------------------------------------------------ transactions
 
     def _end(self, *, commit: bool, cur: psycopg.Cursor[Any] | None = None) -> None:
-        self._box.run(self._end_step(commit=commit), cur)
+        with self._box.lock.turn(self._app, self._timeout, write=False):
+            self._box.run(self._end_step(commit=commit), cur)
 
     def commit(self) -> None:
         self._check_commit()
@@ -204,7 +208,9 @@ class SandboxTransaction(TransactionBase[SandboxConnection]):
     """What ``conn.transaction()`` returns in a sandbox: a savepoint block."""
 
     def __enter__(self) -> SandboxTransaction:
-        self._conn._box.run(self._enter_step())
+        conn = self._conn
+        with conn._box.lock.turn(conn._app, conn._timeout, write=False):
+            conn._box.run(self._enter_step())
         self._conn._blocks += 1
         return self
 
@@ -216,7 +222,9 @@ class SandboxTransaction(TransactionBase[SandboxConnection]):
             return False
         swallow, commit = leaving
         try:
-            self._conn._box.run(self._exit_step(commit=commit))
+            conn = self._conn
+            with conn._box.lock.turn(conn._app, conn._timeout, write=False):
+                conn._box.run(self._exit_step(commit=commit))
         except Exception:
             # As psycopg: a failed commit raises; a failed rollback is logged, and the
             # block's own exception (a Rollback too) goes on.

@@ -22,7 +22,7 @@ import logging
 import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
@@ -307,12 +307,36 @@ class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
     Other parameters as :class:`EngineSandbox`.
     """
 
+    _loop_bound: ClassVar[bool] = True  # SQLAlchemy's async adapters, whatever the driver
+
     async def _take_fairy(self) -> PoolProxiedConnection:
         while self._idle:  # the common case: no I/O, so no greenlet either
             fairy = self._idle.pop()
             if fairy.is_valid:
                 return fairy
         return await greenlet_spawn(self._connect_real)
+
+    def _unkeep(self) -> list[Any]:
+        # The kept connections, and the pool they came from: its idle ones are of the
+        # same loop. The next sandbox makes a new pool on the running loop.
+        kept: list[Any] = [*self._idle, self._real_pool] if self._real_pool else [*self._idle]
+        self._idle, self._real_pool = [], None
+        return kept
+
+    async def _close_kept(self, kept: list[Any]) -> None:
+        def close() -> None:
+            token = _REAL.set(True)
+            try:
+                for item in kept:
+                    if isinstance(item, Pool):
+                        item.dispose()
+                        _retire(item)
+                    else:
+                        item.close()
+            finally:
+                _REAL.reset(token)
+
+        await greenlet_spawn(close)
 
     async def _give_fairy(self, fairy: PoolProxiedConnection, healthy: bool) -> None:
         if healthy and len(self._idle) < self.max_idle:

@@ -42,6 +42,11 @@ class AsyncpgEngineSandbox(AsyncEngineSandbox, _asyncpg.AsyncpgSandboxBase):
             self._reals.pop(id(real.conn), None)
         await self._give_fairy(fairy, healthy=healthy)
 
+    def _unkeep(self) -> list[Any]:
+        # Forget the kept connections' prepared-statement holders too (not those in use).
+        self._reals = {k: r for k, r in self._reals.items() if id(r) in self._fairies}
+        return super()._unkeep()
+
     async def checkout_async(self) -> Any:
         return await self._checkout(None)
 
