@@ -41,8 +41,8 @@ sys.meta_path.insert(0, _Hide())
 
 #: app -> (number of tests, whether psycopg is hidden)
 CASES = {
-    "sqlmodel_sync": (15, False),
-    "async_parts": (8, False),
+    "sqlmodel_sync": (17, False),
+    "async_parts": (7, False),
     "asyncpg_lifespan": (7, True),
 }
 
@@ -77,11 +77,14 @@ def run_app(app: Path, *args: str, dsn: str | None, hide_psycopg: bool) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("server", ["throwaway", "dsn"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_the_app_suite_passes(name: str, server: str, postgres_dsn: str, tmp_path: Path) -> None:
+def test_the_app_suite_passes(
+    name: str, server: str, postgres_dsn: str, postgres_tcp_dsn: str, tmp_path: Path
+) -> None:
     tests, hide = CASES[name]
     app = tmp_path / name
     shutil.copytree(APPS / name, app)
-    dsn = postgres_dsn if server == "dsn" else None
+    # A URL with a host and a port: apps that build theirs from parts need one.
+    dsn = postgres_tcp_dsn if server == "dsn" else None
     before = _clones(postgres_dsn)
     for workers, seed in (("0", 1), ("2", 2)):
         output = run_app(app, "-n", workers, f"--randomly-seed={seed}", dsn=dsn, hide_psycopg=hide)

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 from shop.settings import get_settings
+from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_the_settings_point_at_this_process_database(client: httpx.AsyncClient) -> None:
-    import os
-
-    assert get_settings().name == os.environ["CORRAL_DATABASE_URL"].rsplit("/", 1)[-1]
+    url = make_url(os.environ["CORRAL_DATABASE_URL"])
+    assert get_settings().name == url.database
 
 
 @pytest.mark.parametrize("n", range(4))
