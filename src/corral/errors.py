@@ -33,7 +33,7 @@
     └── PostgresError                    the throwaway PostgreSQL or a template database
         ├── PostgresNotFound             (FileNotFoundError) no PostgreSQL binaries on the machine
         ├── PostgresStartError           the server did not start; carries its log
-        ├── PostgresDriverMissing        (ImportError) SQL work needs corral[psycopg]
+        ├── PostgresDriverMissing        (ImportError) SQL work needs psycopg or asyncpg
         ├── TemplateBuildError           the schema failed to build; nothing is left behind
         └── DatabaseInUse                (TimeoutError) other sessions kept a database busy
 
@@ -339,7 +339,8 @@ class PostgresStartError(PostgresError):
 
 
 class PostgresDriverMissing(PostgresError, ImportError):
-    """SQL work (templates, clones) needs psycopg 3: ``pip install 'corral[psycopg]'``."""
+    """SQL work (templates, clones) needs psycopg 3 or asyncpg: ``pip install 'corral[psycopg]'``
+    or ``'corral[asyncpg]'``."""
 
 
 class TemplateBuildError(PostgresError):
