@@ -12,8 +12,8 @@ __all__ = ["FLOORS", "TOOL_FLOORS", "check_floors", "installed", "release", "too
 
 #: What corral integrates with when it is installed: an older one is a usage error.
 FLOORS: dict[str, str] = {
-    "pytest": "7.4.0",
-    "pytest-asyncio": "0.21.0",
+    "pytest": "8.2.0",
+    "pytest-asyncio": "0.24.0",
     "pytest-xdist": "3.5.0",
     "anyio": "4.0.0",
     "sqlalchemy": "2.0.25",
@@ -38,10 +38,6 @@ TOOL_FLOORS: dict[str, str] = {
     "ruff": "0.6.0",
     "mypy": "1.11.0",
 }
-
-#: pytest-asyncio gained ``loop_scope`` and carries the context an async fixture sets into
-#: the test here: below it, the test's async fixtures run outside its sandboxes.
-ASYNCIO_FIXTURE_CONTEXT = "0.24.0"
 
 
 def release(version: str) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from corral._plugin._process import STATE, CorralProcess, worker_name
 from corral._plugin._report import report, snapshot
 from corral._plugin._run import RunInfo
 from corral._plugin._settings import add_options
-from corral._versions import ASYNCIO_FIXTURE_CONTEXT, check_floors, installed, release
+from corral._versions import check_floors
 from corral.broker import AsyncClient, Client
 
 if TYPE_CHECKING:
@@ -82,7 +82,9 @@ def pytest_configure(config: pytest.Config) -> None:
     if process.is_controller:
         config.pluginmanager.register(_ControllerHooks(process), "corral-controller")
     if _has_plugin(config, "asyncio", "pytest_asyncio.plugin"):
-        _register_asyncio(config, sandboxing=process.settings.sandbox)
+        from corral._plugin import _asyncio
+
+        config.pluginmanager.register(_asyncio, "corral-asyncio")
     if config.pluginmanager.hasplugin("anyio"):
         from corral._plugin import _anyio
 
@@ -92,26 +94,6 @@ def pytest_configure(config: pytest.Config) -> None:
         from corral._plugin._xdist import XdistHooks
 
         config.pluginmanager.register(XdistHooks(config), "corral-xdist")
-
-
-def _register_asyncio(config: pytest.Config, *, sandboxing: bool) -> None:
-    """The pytest-asyncio glue, where pytest-asyncio can carry a fixture's context into
-    the test; below that version the test wrapper opens the sandboxes, after the async
-    fixtures ran: a one-line warning says so (only where sandboxes open around tests)."""
-    version = installed("pytest-asyncio") or ""
-    if release(version) >= release(ASYNCIO_FIXTURE_CONTEXT):
-        from corral._plugin import _asyncio
-
-        config.pluginmanager.register(_asyncio, "corral-asyncio")
-    elif sandboxing:
-        config.issue_config_time_warning(
-            pytest.PytestConfigWarning(
-                f"corral: pytest-asyncio {version} runs async fixtures outside the test's "
-                f"sandbox (their writes are not rolled back); pytest-asyncio >= "
-                f"{ASYNCIO_FIXTURE_CONTEXT} runs them inside it"
-            ),
-            stacklevel=2,
-        )
 
 
 def _has_plugin(config: pytest.Config, *names: str) -> bool:
