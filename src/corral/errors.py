@@ -34,6 +34,7 @@
         ├── PostgresNotFound             (FileNotFoundError) no PostgreSQL binaries on the machine
         ├── PostgresStartError           the server did not start; carries its log
         ├── PostgresDriverMissing        (ImportError) SQL work needs psycopg or asyncpg
+        ├── AdminError                   an admin statement (CREATE/DROP DATABASE...) failed
         ├── TemplateBuildError           the schema failed to build; nothing is left behind
         └── DatabaseInUse                (TimeoutError) other sessions kept a database busy
 
@@ -341,6 +342,21 @@ class PostgresStartError(PostgresError):
 class PostgresDriverMissing(PostgresError, ImportError):
     """SQL work (templates, clones) needs psycopg 3 or asyncpg: ``pip install 'corral[psycopg]'``
     or ``'corral[asyncpg]'``."""
+
+
+class AdminError(PostgresError):
+    """A statement of corral's own database work (templates, clones, drops) failed.
+
+    The driver's error (psycopg's or asyncpg's) is ``__cause__``.
+
+    :ivar sqlstate: PostgreSQL's error code, e.g. ``"55006"`` (object in use).
+    :ivar kind: the driver's error class name, e.g. ``"UndefinedTable"``.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc).strip())
+        self.sqlstate: str | None = getattr(exc, "sqlstate", None)
+        self.kind = type(exc).__name__
 
 
 class TemplateBuildError(PostgresError):

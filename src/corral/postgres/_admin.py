@@ -15,7 +15,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from corral.errors import PostgresDriverMissing, PostgresError
+from corral.errors import AdminError, PostgresDriverMissing
 
 __all__ = [
     "AdminConnection",
@@ -33,16 +33,6 @@ LOCK_NOT_AVAILABLE = "55P03"
 OBJECT_IN_USE = "55006"
 INVALID_CATALOG_NAME = "3D000"
 DUPLICATE_DATABASE = "42P04"
-
-
-class AdminError(PostgresError):
-    """A database error from an admin statement; ``__cause__`` is the driver's own."""
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(str(exc).strip())
-        self.sqlstate: str | None = getattr(exc, "sqlstate", None)
-        #: the driver's error class name, e.g. ``UndefinedTable``
-        self.kind = type(exc).__name__
 
 
 def quote_ident(name: str) -> str:
