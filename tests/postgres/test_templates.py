@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from corral.postgres import (
     schema_hash,
     template_name,
 )
-from corral.postgres._admin import admin
+from corral.postgres._admin import admin, conninfo_params
 from corral.postgres._databases import _end_sessions, make_mark, set_mark
 
 
@@ -363,3 +364,30 @@ def test_asyncpg_alone_builds_clones_and_drops(
     assert drop_database(admin_dsn, clone) is True
     assert drop_database(admin_dsn, clone) is False
     assert drop_database(admin_dsn, template) is True
+
+
+def test_asyncpg_admin_work_from_async_code(
+    admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A running loop in the calling thread: the private loop runs in a helper thread.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+
+    async def main() -> list[str]:
+        return [db.name for db in list_databases(admin_dsn)]
+
+    assert isinstance(asyncio.run(main()), list)
+
+
+def test_dsn_parts_without_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    url = "postgresql+asyncpg://app:s%40cret@db.example:6543/my%20db?sslmode=disable"
+    assert conninfo_params(url) == {
+        "host": "db.example",
+        "port": "6543",
+        "user": "app",
+        "password": "s@cret",
+        "dbname": "my db",
+        "sslmode": "disable",
+    }
+    socket = conninfo_params("postgresql://postgres@:5432/db?host=/run/pg")
+    assert socket == {"host": "/run/pg", "port": "5432", "user": "postgres", "dbname": "db"}
