@@ -75,6 +75,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def _default_test_loop_scope(config: pytest.Config) -> str | None:
     try:
         value = config.getini("asyncio_default_test_loop_scope")
-    except ValueError:  # added after pytest-asyncio 0.24, where tests default to "function"
+    except ValueError:  # added after pytest-asyncio 0.25, where tests default to "function"
         return None
     return str(value) if value else None
