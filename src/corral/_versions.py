@@ -13,7 +13,7 @@ __all__ = ["FLOORS", "TOOL_FLOORS", "check_floors", "installed", "release", "too
 #: What corral integrates with when it is installed: an older one is a usage error.
 FLOORS: dict[str, str] = {
     "pytest": "8.2.0",
-    "pytest-asyncio": "0.25.0",
+    "pytest-asyncio": "0.26.0",
     "pytest-xdist": "3.5.0",
     "anyio": "4.0.0",
     "sqlalchemy": "2.0.25",
