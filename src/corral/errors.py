@@ -35,7 +35,8 @@
     └── PostgresError                    the throwaway PostgreSQL or a template database
         ├── PostgresNotFound             (FileNotFoundError) no PostgreSQL binaries on the machine
         ├── PostgresStartError           the server did not start; carries its log
-        ├── PostgresDriverMissing        (ImportError) SQL work needs corral[psycopg]
+        ├── PostgresDriverMissing        (ImportError) SQL work needs psycopg or asyncpg
+        ├── AdminError                   an admin statement (CREATE/DROP DATABASE...) failed
         ├── TemplateBuildError           the schema failed to build; nothing is left behind
         │   └── EmptyTemplate            the schema step ran but created nothing in the template
         └── DatabaseInUse                (TimeoutError) other sessions kept a database busy
@@ -362,7 +363,23 @@ class PostgresStartError(PostgresError):
 
 
 class PostgresDriverMissing(PostgresError, ImportError):
-    """SQL work (templates, clones) needs psycopg 3: ``pip install 'corral[psycopg]'``."""
+    """SQL work (templates, clones) needs psycopg 3 or asyncpg: ``pip install 'corral[psycopg]'``
+    or ``'corral[asyncpg]'``."""
+
+
+class AdminError(PostgresError):
+    """A statement of corral's own database work (templates, clones, drops) failed.
+
+    The driver's error (psycopg's or asyncpg's) is ``__cause__``.
+
+    :ivar sqlstate: PostgreSQL's error code, e.g. ``"55006"`` (object in use).
+    :ivar kind: the driver's error class name, e.g. ``"UndefinedTable"``.
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(str(exc).strip())
+        self.sqlstate: str | None = getattr(exc, "sqlstate", None)
+        self.kind = type(exc).__name__
 
 
 class TemplateBuildError(PostgresError):

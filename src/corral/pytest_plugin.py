@@ -20,6 +20,7 @@ from corral._plugin._report import finish_run, report, snapshot
 from corral._plugin._run import RunInfo
 from corral._plugin._sandbox import WrongDatabaseWarning
 from corral._plugin._settings import add_options
+from corral._versions import check_floors
 from corral.broker import AsyncClient, Client
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 
 
 def _start(config: pytest.Config, info: RunInfo | None = None) -> None:
+    too_old = check_floors()
+    if too_old is not None:
+        raise pytest.UsageError(too_old)
     process = CorralProcess.start(config, info)
     config.stash[STATE] = process
     config.add_cleanup(process.stop)

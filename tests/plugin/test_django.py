@@ -50,9 +50,10 @@ def _clones(dsn: str) -> set[str]:
 
 def _mark_half_built(dsn: str, name: str) -> None:
     """Make *name* look like a build whose process was killed (what ensure_template marks)."""
+    from corral.postgres._admin import admin
     from corral.postgres._databases import make_mark, set_mark
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with admin(dsn) as conn:
         conn.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE false ALLOW_CONNECTIONS true')
         set_mark(conn, name, make_mark("template", state="building", source="killed"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from corral.postgres import (
     schema_hash,
     template_name,
 )
+from corral.postgres._admin import admin, conninfo_params
 from corral.postgres._databases import _end_sessions, make_mark, set_mark
 
 
@@ -208,7 +210,7 @@ def test_a_step_that_creates_nothing_fails_and_leaves_nothing(admin_dsn: str) ->
 def test_half_built_template_of_a_killed_build_is_replaced(admin_dsn: str, tmp_path: Path) -> None:
     path = _schema(tmp_path, _USERS + "\n-- killed build")
     name = template_name([path])
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+    with admin(admin_dsn) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
         set_mark(conn, name, make_mark("template", owner_pid=2**22 + 1, state="building"))
     assert ensure_template(admin_dsn, [path]) == name
@@ -270,13 +272,13 @@ def test_ending_sessions_waits_until_their_backends_are_gone(
     busy = psycopg.connect(database_dsn(admin_dsn, clone))
     busy.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")  # idle in transaction
     try:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
-            assert _end_sessions(admin, clone) == 2
-            (left,) = admin.execute(  # type: ignore[misc]
+        with admin(admin_dsn) as conn:
+            assert _end_sessions(conn, clone) == 2
+            [(left,)] = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [clone]
-            ).fetchone()
+            )
             assert left == 0
-            assert _end_sessions(admin, clone) == 0
+            assert _end_sessions(conn, clone) == 0
         with pytest.raises(psycopg.OperationalError):
             busy.execute("SELECT 1")
     finally:
@@ -382,8 +384,60 @@ def test_database_dsn_rewrites_only_the_database() -> None:
     }
 
 
-def test_missing_psycopg_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_drivers_say_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "psycopg", None)  # makes `import psycopg` fail
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
     with pytest.raises(PostgresDriverMissing, match=r"pip install 'corral\[psycopg\]'") as info:
         clone_database("postgresql:///postgres", "anything")
     assert isinstance(info.value, ImportError)
+
+
+def test_asyncpg_alone_builds_clones_and_drops(
+    admin_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An app on asyncpg only: the admin work runs on asyncpg (its own event loop).
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    path = _schema(tmp_path, _USERS + "\n-- asyncpg alone")
+    template = ensure_template(admin_dsn, [path])
+    assert ensure_template(admin_dsn, [path]) == template  # found and reused
+    clone = clone_database(admin_dsn, template)
+    assert {db.name for db in list_databases(admin_dsn)} >= {template, clone}
+    broken = _schema(tmp_path, "CREATE TABLE t (id int REFERENCES nowhere(id));", "2.sql")
+    with pytest.raises(TemplateBuildError, match="UndefinedTableError") as info:
+        ensure_template(admin_dsn, [broken])
+    assert type(info.value.__cause__).__module__.startswith("asyncpg")
+    monkeypatch.delitem(sys.modules, "psycopg")
+    assert _databases(admin_dsn)[template] is True
+    with psycopg.connect(database_dsn(admin_dsn, clone)) as conn:
+        conn.execute("SELECT count(*) FROM users")
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    assert drop_database(admin_dsn, clone) is True
+    assert drop_database(admin_dsn, clone) is False
+    assert drop_database(admin_dsn, template) is True
+
+
+def test_asyncpg_admin_work_from_async_code(
+    admin_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A running loop in the calling thread: the private loop runs in a helper thread.
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+
+    async def main() -> list[str]:
+        return [db.name for db in list_databases(admin_dsn)]
+
+    assert isinstance(asyncio.run(main()), list)
+
+
+def test_dsn_parts_without_psycopg(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    url = "postgresql+asyncpg://app:s%40cret@db.example:6543/my%20db?sslmode=disable"
+    assert conninfo_params(url) == {
+        "host": "db.example",
+        "port": "6543",
+        "user": "app",
+        "password": "s@cret",
+        "dbname": "my db",
+        "sslmode": "disable",
+    }
+    socket = conninfo_params("postgresql://postgres@:5432/db?host=/run/pg")
+    assert socket == {"host": "/run/pg", "port": "5432", "user": "postgres", "dbname": "db"}

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from corral._versions import installed, release
 from corral.errors import SandboxError
 from corral.sandbox import AsyncpgPoolSandbox, AsyncpgSandboxConnection, sandbox
 from tests.sandbox._adapters import asyncpg_params
@@ -143,6 +144,11 @@ async def test_prepared_statements_survive_ddl(db: AsyncpgPoolSandbox) -> None:
         assert list((await conn.fetchrow("SELECT * FROM item")).keys()) == ["id", "name", "note"]
 
 
+@pytest.mark.skipif(
+    release(installed("asyncpg") or "0") < release("0.32"),
+    reason="before asyncpg 0.32 a cursor needs a transaction begun by asyncpg's own "
+    "transaction() (a private flag), which a sandbox's savepoint is not",
+)
 async def test_cursor_needs_a_transaction_as_in_asyncpg(db: AsyncpgPoolSandbox) -> None:
     async with db.acquire() as conn:
         await conn.executemany(

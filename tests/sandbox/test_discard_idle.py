@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from corral._versions import installed, release
 from corral.sandbox import sandbox
 from tests.sandbox._adapters import Adapter
 
@@ -89,6 +90,14 @@ async def make_idle(ad: Adapter, *, sandboxed: bool) -> set[int]:
     return pids
 
 
+def _needs_pool_drain(ad: Adapter) -> None:
+    # psycopg_pool < 3.3 has no drain(): discard_idle() replaces only the idle connections
+    # that no longer work (documented in PsycopgPoolSandbox.discard_idle).
+    pool = installed("psycopg-pool") or "0"
+    if ad.name.startswith("psycopg-") and release(pool) < release("3.3"):
+        pytest.skip(f"psycopg_pool {pool} has no drain(): idle connections are kept")
+
+
 @asynccontextmanager
 async def held(ad: Adapter) -> AsyncIterator[tuple[Any, int]]:
     async with ad.connection() as conn:
@@ -96,6 +105,7 @@ async def held(ad: Adapter) -> AsyncIterator[tuple[Any, int]]:
 
 
 async def test_normal_mode_closes_idle_keeps_checked_out(ad: Adapter, outside: Any) -> None:
+    _needs_pool_drain(ad)
     ad.db.mode = "normal"
     idle = await make_idle(ad, sandboxed=False)
     async with held(ad) as (conn, mine):
@@ -113,6 +123,7 @@ async def test_normal_mode_closes_idle_keeps_checked_out(ad: Adapter, outside: A
 
 
 async def test_sandbox_mode_closes_idle_keeps_the_open_sandbox(ad: Adapter, outside: Any) -> None:
+    _needs_pool_drain(ad)
     idle = await make_idle(ad, sandboxed=True)
     await ad.create()
     await ad.execute("INSERT INTO item (name) VALUES ('kept')")

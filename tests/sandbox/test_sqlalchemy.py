@@ -16,6 +16,7 @@ from sqlalchemy import ForeignKey, String, event, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from corral.errors import SandboxError, SandboxNotActive
 from corral.sandbox import sandbox
@@ -383,3 +384,29 @@ async def test_pool_pre_ping_engines(sandbox_dsn: str, driver: str, outside: Any
         await ctl.close()
         ctl.remove()
         await eng.dispose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_null_pool_engines_keep_connecting_for_real(
+    sandbox_dsn: str, driver: str, outside: Any
+) -> None:
+    # Every checkout of a NullPool engine connects through do_connect. On SQLAlchemy 2.0
+    # its connect arguments are the engine's own dict: a virtual connection's arguments
+    # written there would make each later real connection a virtual one.
+    eng = create_async_engine(sqlalchemy_url(sandbox_dsn, driver), poolclass=NullPool)
+    ctl: Any = sandbox(eng, mode="sandbox")
+    try:
+        for i in range(2):
+            async with ctl.sandboxed(), AsyncSession(eng) as session:
+                session.add(Item(name=f"n{i}"))
+                await session.commit()
+                assert len((await session.scalars(select(Item))).all()) == 1
+            await ctl.discard_idle()  # the next sandbox connects afresh
+        assert count_outside(outside) == 0
+    finally:
+        await ctl.close()
+        ctl.remove()
+    async with eng.connect() as conn:  # a plain engine again, connecting for real
+        assert (await conn.execute(text("SELECT count(*) FROM item"))).scalar() == 0
+    await eng.dispose()

@@ -81,7 +81,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         scope = (
             marker.kwargs.get("loop_scope")
             or marker.kwargs.get("scope")
-            or item.config.getini("asyncio_default_test_loop_scope")
+            or _default_test_loop_scope(item.config)
             or "function"
         )
     elif not inspect.iscoroutinefunction(getattr(item, "obj", None)):
@@ -99,3 +99,11 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         # Right after the sync sandbox fixture, before every other fixture.
         anchor = names.index("_corral_sandbox") + 1 if "_corral_sandbox" in names else 0
         names.insert(anchor, name)
+
+
+def _default_test_loop_scope(config: pytest.Config) -> str | None:
+    try:
+        value = config.getini("asyncio_default_test_loop_scope")
+    except ValueError:  # added after pytest-asyncio 0.25, where tests default to "function"
+        return None
+    return str(value) if value else None

@@ -37,7 +37,8 @@ from typing import Any
 import pytest
 
 from corral._plugin._cpuclaim import CpuClaim, claim_cpu, preference
-from corral.postgres._sql import connect as admin_connect
+from corral.postgres._admin import admin as admin_connect
+from corral.postgres._admin import conninfo_params
 
 __all__ = [
     "MODES",
@@ -253,10 +254,8 @@ class Colocation:
         generation: Callable[[], int] = lambda: 0,
     ) -> tuple[Colocation | None, str]:
         """A Colocation for this process, or None and the reason."""
-        from psycopg.conninfo import conninfo_to_dict
-
         supported = hasattr(os, "sched_setaffinity") and Path("/proc/self/stat").exists()
-        postmaster = postmaster_pid(conninfo_to_dict(admin_dsn)) if supported else None
+        postmaster = postmaster_pid(conninfo_params(admin_dsn)) if supported else None
         allowed = os.sched_getaffinity(0) if supported else set()
         on, why = decide(
             mode,
@@ -333,7 +332,7 @@ class Colocation:
                 "SELECT pid FROM pg_stat_activity WHERE datname = %s "
                 "AND backend_type = 'client backend'",
                 [self.database],
-            ).fetchall()
+            )
         except Exception as exc:  # never fail a test over a speed-up
             self._give_up(f"cannot list the database's backends: {exc}")
             return 0

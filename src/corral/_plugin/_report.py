@@ -226,7 +226,7 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
             f"{', '.join(process.crashed)} died mid-run; the tests they were running are "
             "reported as failed, and their databases were recycled for the replacements."
         )
-    if config.get_verbosity() < 1:
+    if config.getoption("verbose") < 1:
         return
     terminal.write_sep("-", "corral")
     for name, seconds in process.timings.items():

@@ -39,6 +39,7 @@ from corral.postgres import (
     ensure_template,
     list_databases,
 )
+from corral.postgres._admin import conninfo_params
 
 if TYPE_CHECKING:
     from corral.broker.redis import RedisClient
@@ -389,7 +390,12 @@ def _redact(dsn: str) -> str:
     """The DSN without its password, for messages."""
     try:
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
+    except ImportError:  # asyncpg alone: a URL
+        parts = conninfo_params(dsn)
+        if "password" in parts:
+            parts["password"] = "***"
+        return " ".join(f"{key}={value}" for key, value in parts.items())
+    try:
         params = conninfo_to_dict(dsn)
     except Exception:
         return "<the configured DSN>"

@@ -17,8 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.errors import DatabaseInUse, PostgresError
+from corral.postgres._admin import (
+    DUPLICATE_DATABASE,
+    INVALID_CATALOG_NAME,
+    OBJECT_IN_USE,
+    AdminConnection,
+    AdminError,
+    admin,
+    quote_ident,
+    quote_literal,
+)
 from corral.postgres._procs import is_alive, process_start_time
-from corral.postgres._sql import connect, ident, literal, psycopg_module, server_version, sql
 
 log = logging.getLogger("corral.postgres")
 
@@ -65,8 +74,8 @@ def make_mark(kind: str, *, owner_pid: int | None = None, **extra: Any) -> str:
     return json.dumps(mark, sort_keys=True)
 
 
-def set_mark(conn: Any, name: str, mark: str) -> None:
-    conn.execute(sql("COMMENT ON DATABASE {} IS {}").format(ident(name), literal(mark)))
+def set_mark(conn: AdminConnection, name: str, mark: str) -> None:
+    conn.execute(f"COMMENT ON DATABASE {quote_ident(name)} IS {quote_literal(mark)}")
 
 
 def parse_mark(name: str, comment: str | None, is_template: bool) -> CorralDatabase | None:
@@ -98,25 +107,25 @@ _END_POLL_MAX = 0.01
 
 def list_databases(admin_dsn: str) -> list[CorralDatabase]:
     """Every database on the server that carries corral's mark."""
-    with connect(admin_dsn) as conn:
+    with admin(admin_dsn) as conn:
         rows = conn.execute(
             "SELECT datname, shobj_description(oid, 'pg_database'), datistemplate"
             " FROM pg_database ORDER BY datname"
-        ).fetchall()
+        )
     found = (parse_mark(name, comment, is_tpl) for name, comment, is_tpl in rows)
     return [db for db in found if db is not None]
 
 
-def _terminate_sessions(conn: Any, name: str) -> int:
+def _terminate_sessions(conn: AdminConnection, name: str) -> int:
     rows = conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE datname = %s AND pid <> pg_backend_pid()",
         [name],
-    ).fetchall()
+    )
     return len(rows)
 
 
-def _end_sessions(conn: Any, name: str, wait: float = _END_WAIT) -> int:
+def _end_sessions(conn: AdminConnection, name: str, wait: float = _END_WAIT) -> int:
     """End *name*'s sessions and wait (up to *wait* seconds) until their backends are gone.
 
     ``DROP DATABASE ... WITH (FORCE)`` and ``CREATE DATABASE ... TEMPLATE`` end or refuse
@@ -140,16 +149,19 @@ def _end_sessions(conn: Any, name: str, wait: float = _END_WAIT) -> int:
         delay = min(delay * 2, _END_POLL_MAX)  # a pool that keeps reconnecting: back off
 
 
-def _retry_in_use(conn: Any, name: str, statement: Any, timeout: float, what: str) -> None:
+def _retry_in_use(
+    conn: AdminConnection, name: str, statement: str, timeout: float, what: str
+) -> None:
     """Run *statement*, ending *name*'s sessions and retrying while it is in use."""
-    errors = psycopg_module().errors
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:
         try:
             conn.execute(statement)
             return
-        except errors.ObjectInUse as exc:
+        except AdminError as exc:
+            if exc.sqlstate != OBJECT_IN_USE:
+                raise
             # Either live sessions, or backends that disconnected and are still exiting:
             # PostgreSQL counts those too for a few milliseconds.
             if time.monotonic() >= deadline:
@@ -194,32 +206,32 @@ def clone_database(
     if run_id is not None:
         extra["run"] = run_id
     mark = make_mark("clone", owner_pid=owner_pid, **extra)
-    with connect(admin_dsn) as conn:
-        strategy = " STRATEGY FILE_COPY" if server_version(conn) >= 150000 else ""
-        statement = sql("CREATE DATABASE {} TEMPLATE {}" + strategy).format(
-            ident(name), ident(template)
-        )
+    with admin(admin_dsn) as conn:
+        strategy = " STRATEGY FILE_COPY" if conn.server_version >= 150000 else ""
+        statement = f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(template)}"
+        statement += strategy
         # PostgreSQL waits 5 s for sessions on the template before it gives up; end them
         # first. Templates from ensure_template() refuse connections, so this is rare.
         ended = _end_sessions(conn, template)
         if ended:
             log.warning("ended %d session(s) on template %s to clone it", ended, template)
-        errors = psycopg_module().errors
         try:
             _retry_in_use(conn, template, statement, timeout, f"clone {template!r}")
-        except errors.InvalidCatalogName as exc:
-            raise PostgresError(
-                f"cannot clone {template!r}: no such database; build it with ensure_template()"
-            ) from exc
-        except errors.DuplicateDatabase as exc:
+        except AdminError as exc:
+            if exc.sqlstate == INVALID_CATALOG_NAME:
+                raise PostgresError(
+                    f"cannot clone {template!r}: no such database; build it with ensure_template()"
+                ) from exc.__cause__
+            if exc.sqlstate != DUPLICATE_DATABASE:
+                raise
             raise PostgresError(
                 f"cannot clone {template!r} into {name!r}: a database of that name exists; "
                 "drop it or let clone_database() pick a name"
-            ) from exc
+            ) from exc.__cause__
         try:
             set_mark(conn, name, mark)
         except BaseException:
-            conn.execute(sql("DROP DATABASE IF EXISTS {}").format(ident(name)))
+            conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)}")
             raise
     return name
 
@@ -232,17 +244,15 @@ def drop_database(admin_dsn: str, name: str, *, timeout: float = 30.0) -> bool:
 
     :raises DatabaseInUse: sessions kept reconnecting for *timeout* seconds.
     """
-    with connect(admin_dsn) as conn:
-        row = conn.execute(
-            "SELECT datistemplate FROM pg_database WHERE datname = %s", [name]
-        ).fetchone()
-        if row is None:
+    with admin(admin_dsn) as conn:
+        rows = conn.execute("SELECT datistemplate FROM pg_database WHERE datname = %s", [name])
+        if not rows:
             return False
-        if row[0]:
-            conn.execute(sql("ALTER DATABASE {} WITH IS_TEMPLATE false").format(ident(name)))
+        if rows[0][0]:
+            conn.execute(f"ALTER DATABASE {quote_ident(name)} WITH IS_TEMPLATE false")
         _end_sessions(conn, name)  # FORCE would too, but then wait 100 ms for them to go
-        force = " WITH (FORCE)" if server_version(conn) >= 130000 else ""
-        statement = sql("DROP DATABASE IF EXISTS {}" + force).format(ident(name))
+        force = " WITH (FORCE)" if conn.server_version >= 130000 else ""
+        statement = f"DROP DATABASE IF EXISTS {quote_ident(name)}{force}"
         _retry_in_use(conn, name, statement, timeout, f"drop {name!r}")
     return True
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from corral.errors import EmptyTemplate, TemplateBuildError
+from corral.postgres._admin import LOCK_NOT_AVAILABLE, AdminError, admin, quote_ident
 from corral.postgres._databases import drop_database, make_mark, parse_mark, set_mark
-from corral.postgres._sql import connect, database_dsn, ident, psycopg_module, sql
+from corral.postgres._sql import database_dsn
 
 log = logging.getLogger("corral.postgres")
 
@@ -148,8 +149,7 @@ def _build(schema: SchemaSource, dsn: str, template: str) -> None:
                 source=_describe(schema),
             ) from exc
         return
-    psycopg = psycopg_module()
-    with connect(dsn) as conn:
+    with admin(dsn) as conn:
         for path in _sql_files(schema):
             try:
                 text = path.read_text()
@@ -160,16 +160,15 @@ def _build(schema: SchemaSource, dsn: str, template: str) -> None:
                     source=str(path),
                 ) from exc
             try:
-                # No parameters: psycopg sends the text as one simple query, so a file may
-                # hold many statements (and its own BEGIN/COMMIT), like psql -f.
-                conn.execute(text.encode())
-            except psycopg.Error as exc:
+                # As one simple query, so a file may hold many statements (and its own
+                # BEGIN/COMMIT), like psql -f.
+                conn.script(text)
+            except AdminError as exc:
                 raise TemplateBuildError(
-                    f"building template {template!r}: schema file {path} failed: "
-                    f"{type(exc).__name__}: {str(exc).strip()}",
+                    f"building template {template!r}: schema file {path} failed: {exc.kind}: {exc}",
                     template=template,
                     source=str(path),
-                ) from exc
+                ) from exc.__cause__
 
 
 def ensure_template(
@@ -202,13 +201,14 @@ def ensure_template(
         template was dropped.
     """
     name = name or template_name(schema, watch=watch)
-    psycopg = psycopg_module()
-    with connect(admin_dsn) as conn:
-        conn.execute(sql("SET lock_timeout = {}").format(int(lock_timeout * 1000)))
+    with admin(admin_dsn) as conn:
+        conn.execute(f"SET lock_timeout = {int(lock_timeout * 1000)}")
         started = time.perf_counter()
         try:
             conn.execute("SELECT pg_advisory_lock(%s)", [_lock_key(name)])
-        except psycopg.errors.LockNotAvailable as exc:
+        except AdminError as exc:
+            if exc.sqlstate != LOCK_NOT_AVAILABLE:
+                raise
             raise TemplateBuildError(
                 f"waited {lock_timeout:g} s for another process building template {name!r}",
                 template=name,
@@ -216,11 +216,12 @@ def ensure_template(
             ) from exc
         conn.execute("SET lock_timeout = 0")
         try:
-            row = conn.execute(
+            rows = conn.execute(
                 "SELECT datistemplate, shobj_description(oid, 'pg_database')"
                 " FROM pg_database WHERE datname = %s",
                 [name],
-            ).fetchone()
+            )
+            row = rows[0] if rows else None
             if row is not None:
                 mark = parse_mark(name, row[1], row[0])
                 if row[0] and (mark is None or mark.state == "ready"):
@@ -239,9 +240,9 @@ def ensure_template(
 
 def _created(dsn: str) -> tuple[int, ...]:
     """The counts of :data:`_CREATED_QUERY` in the database at *dsn*."""
-    with connect(dsn) as conn:
-        row = conn.execute(_CREATED_QUERY).fetchone()
-    return tuple(row or ())
+    with admin(dsn) as conn:
+        rows = conn.execute(_CREATED_QUERY)
+    return tuple(rows[0]) if rows else ()
 
 
 def _create_and_build(
@@ -254,7 +255,7 @@ def _create_and_build(
 ) -> None:
     source = _describe(schema)
     dsn = database_dsn(admin_dsn, name)
-    conn.execute(sql("CREATE DATABASE {} TEMPLATE {}").format(ident(name), ident(base_template)))
+    conn.execute(f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(base_template)}")
     try:
         set_mark(conn, name, make_mark("template", state="building", source=source))
         # Compared with what the base template brought, not with nothing: a server whose
@@ -277,9 +278,7 @@ def _create_and_build(
             [name],
         )
         conn.execute(
-            sql("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true").format(
-                ident(name)
-            )
+            f"ALTER DATABASE {quote_ident(name)} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true"
         )
         set_mark(conn, name, make_mark("template", state="ready", source=source))
     except BaseException:

@@ -579,6 +579,13 @@ class AsyncpgSandboxPreparedStatement:
     def get_query(self) -> str:
         return self._query
 
+    def get_statusmsg(self) -> str:
+        # A statement the sandbox ran as something else (BEGIN as a SAVEPOINT) left the
+        # real one unexecuted, whose status is None: SQLAlchemy 2.0's asyncpg dialect
+        # matches a regex against it.
+        status = self._real.get_statusmsg()
+        return str(status) if status is not None else ""
+
     def __getattr__(self, name: str) -> Any:
-        # get_attributes, get_parameters, get_statusmsg, get_name, cursor: the statement's own
+        # get_attributes, get_parameters, get_name, cursor: the statement's own
         return getattr(self._real, name)

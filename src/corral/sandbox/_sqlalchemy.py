@@ -3,8 +3,11 @@
 
 - ``DialectEvents.do_connect`` makes the engine's pool hold virtual connections
   (:mod:`._sqlalchemy_virtual`) in sandbox mode: a handler may return the DBAPI
-  connection itself (sync), or name the driver-level connection through the
-  ``async_creator_fn`` connect argument (``create_async_engine(async_creator=...)``).
+  connection itself. Async dialects make it with ``Dialect.connect()``, naming the
+  driver-level connection through the ``async_creator_fn`` connect argument
+  (``create_async_engine(async_creator=...)``) in a copy of the connect arguments: on
+  SQLAlchemy 2.0 the ``cparams`` a handler gets are the engine's own, shared by every
+  later connection (2.1 passes a copy).
 - ``PoolEvents.checkout`` / ``checkin`` bind a virtual connection to the current
   context's sandbox and let go of it; a connection of the wrong kind for the mode
   (real in sandbox mode, virtual in normal mode) raises ``DisconnectionError``, which
@@ -29,7 +32,12 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, PoolProxiedConnection
-from sqlalchemy.util import await_, greenlet_spawn
+from sqlalchemy.util import greenlet_spawn
+
+try:  # SQLAlchemy 2.0 and 2.1 (where it is the old name of await_, kept until 2.2)
+    from sqlalchemy.util import await_only as await_
+except ImportError:  # pragma: no cover - SQLAlchemy 2.2+
+    from sqlalchemy.util import await_
 
 from corral.errors import SandboxError
 from corral.sandbox._controller import AsyncSandboxController, BaseController
@@ -184,13 +192,14 @@ class EngineHooks(BaseController[Any]):
             return self._virtual_class(self)
 
         # The documented async_creator mechanism: the dialect wraps what this returns
-        # in its own adapter, exactly as for a real driver connection.
-        cparams["async_creator_fn"] = virtual
+        # in its own adapter, exactly as for a real driver connection. In a copy: the
+        # engine's own connect arguments must stay those of a real connection.
+        params = {**cparams, "async_creator_fn": virtual}
         if dialect.driver == "asyncpg":
             # SQLAlchemy's per-connection statement cache would outlive the sandbox
             # that prepared them; corral keeps one per real connection instead.
-            cparams["prepared_statement_cache_size"] = 0
-        return None
+            params["prepared_statement_cache_size"] = 0
+        return dialect.connect(*cargs, **params)
 
     @staticmethod
     def _virtual_of(dbapi_connection: Any) -> Virtual | None:

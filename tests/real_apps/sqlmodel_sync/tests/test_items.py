@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from app.models import Item, User
 from fastapi.testclient import TestClient
-from sqlmodel import Session, func, select
+from sqlalchemy import func
+from sqlmodel import Session, select
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from app.models import User
 from fastapi.testclient import TestClient
-from sqlmodel import Session, func, select, text
+from sqlalchemy import func, text
+from sqlmodel import Session, select
 
 
 def count_users(db: Session) -> int:

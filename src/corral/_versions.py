@@ -1,0 +1,80 @@
+"""The lowest version corral supports of each package: the one table that pyproject.toml's
+lower bounds and ``.ci/constraints-lowest.txt`` repeat (``tests/test_versions.py`` checks
+that the three agree), and the check that turns an older installed one into one line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+
+__all__ = ["FLOORS", "TOOL_FLOORS", "check_floors", "installed", "release", "too_old"]
+
+#: What corral integrates with when it is installed: an older one is a usage error.
+FLOORS: dict[str, str] = {
+    "pytest": "8.2.0",
+    "pytest-asyncio": "0.26.0",
+    "pytest-xdist": "3.5.0",
+    "anyio": "4.0.0",
+    "sqlalchemy": "2.0.25",
+    "psycopg": "3.2.1",
+    "psycopg-pool": "3.2.0",
+    "asyncpg": "0.29.0",
+    "redis": "5.0.0",
+}
+
+#: The rest of pyproject's lower bounds: extras and the test suite's tools, not checked at
+#: run time (the floor run installs exactly these).
+TOOL_FLOORS: dict[str, str] = {
+    "pgserver": "0.1.4",
+    "pytest-timeout": "2.2.0",
+    "pytest-randomly": "3.15.0",
+    "flask-sqlalchemy": "3.1.0",
+    "sqlmodel": "0.0.16",
+    "hypothesis": "6.100.0",
+    "filelock": "3.13.0",
+    "fastapi": "0.110.0",
+    "httpx": "0.27.0",
+    "pydantic-settings": "2.1.0",
+    "alembic": "1.13.0",
+    "django": "4.2.30",
+    "pytest-django": "4.8.0",
+    "ruff": "0.6.0",
+    "mypy": "1.11.0",
+}
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The release numbers of *version*, trailing zeros dropped so that ``"0.24"`` and
+    ``"0.24.0"`` compare equal: ``"1.4.1.post1"`` -> ``(1, 4, 1)``."""
+    match = re.match(r"\d+(?:\.\d+)*", version.strip())
+    if match is None:
+        return ()
+    numbers = [int(part) for part in match.group().split(".")]
+    while numbers and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers)
+
+
+def installed(name: str) -> str | None:
+    """The installed version of distribution *name*, or ``None``."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def too_old(name: str, floor: str) -> str | None:
+    """The one-line complaint about an installed *name* older than *floor*, if it is."""
+    version = installed(name)
+    if version is None or release(version) >= release(floor):
+        return None
+    return f"corral: {name} {version} is too old (corral needs >= {floor})"
+
+
+def check_floors() -> str | None:
+    """One line about the installed packages below their floors, or ``None``."""
+    messages = [m for name, floor in FLOORS.items() if (m := too_old(name, floor))]
+    if not messages:
+        return None
+    return "; ".join([messages[0], *(m.removeprefix("corral: ") for m in messages[1:])])

@@ -1,0 +1,115 @@
+"""The supported versions: one table (``corral._versions``) that pyproject's lower bounds
+and the lowest-versions constraints file repeat, and the one-line refusal of older ones.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from corral import _versions
+from corral._versions import FLOORS, TOOL_FLOORS, check_floors, release, too_old
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def _lower_bounds() -> dict[str, set[str]]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    bounds: dict[str, set[str]] = {}
+    for extra in project["optional-dependencies"].values():
+        for requirement in extra:
+            if requirement.startswith("corral["):
+                continue
+            match = re.search(r">=\s*([^,;\s]+)", requirement)
+            assert match, f"{requirement!r} has no lower bound"
+            bounds.setdefault(_name(requirement), set()).add(match.group(1))
+    return bounds
+
+
+def _constraints() -> dict[str, str]:
+    pins: dict[str, str] = {}
+    for line in (ROOT / ".ci" / "constraints-lowest.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints-lowest.txt: {line!r} is not a pin"
+            pins[_name(name)] = version.strip()
+    return pins
+
+
+def test_pyproject_lower_bounds_are_the_floors() -> None:
+    # The bench extra (matplotlib) is the one exception: the floor run installs
+    # [dev,pgserver], the newest run the newest matplotlib.
+    bounds = {name: v for name, v in _lower_bounds().items() if name != "matplotlib"}
+    assert bounds == {name: {v} for name, v in {**FLOORS, **TOOL_FLOORS}.items()}
+
+
+def test_constraints_file_pins_every_floor() -> None:
+    floors = {**FLOORS, **TOOL_FLOORS, "psycopg-binary": FLOORS["psycopg"]}
+    assert _constraints() == floors
+
+
+def test_release_numbers() -> None:
+    assert release("0.21.0") < release("0.24.0") == release("0.24")
+    assert release("1.4.1.post1") == release("1.4.1")
+    assert release("2.1.0b1") == release("2.1.0")
+    assert release("0.9") < release("0.10") < release("1")
+    assert release("4.0.0rc1") >= release("4.0.0")  # a pre-release of the floor is let in
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_each_floor_refuses_an_older_version_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    floor = FLOORS[name]
+    older = ".".join(str(max(0, n - 1)) if i == 1 else str(n) for i, n in enumerate(release(floor)))
+    if release(older) >= release(floor):  # x.0.y: step the major back instead
+        older = f"{release(floor)[0] - 1}.99"
+    monkeypatch.setattr(_versions, "installed", lambda dist: older if dist == name else None)
+    expected = f"corral: {name} {older} is too old (corral needs >= {floor})"
+    assert too_old(name, floor) == expected
+    assert check_floors() == expected
+    monkeypatch.setattr(_versions, "installed", lambda dist: floor if dist == name else None)
+    assert check_floors() is None
+
+
+def test_several_too_old_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    old = {"asyncpg": "0.25.0", "redis": "4.6.0"}
+    monkeypatch.setattr(_versions, "installed", old.get)
+    assert check_floors() == (
+        "corral: asyncpg 0.25.0 is too old (corral needs >= 0.29.0); "
+        "redis 4.6.0 is too old (corral needs >= 5.0.0)"
+    )
+
+
+def test_an_installed_old_version_is_a_usage_error_not_a_traceback(
+    pytester: pytest.Pytester,
+) -> None:
+    # A fake distribution ahead of the real one on sys.path: what importlib.metadata (and
+    # pip) see as the installed version.
+    fake = pytester.path / "fake-site"
+    info = fake / "pytest_asyncio-0.19.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pytest-asyncio\nVersion: 0.19.0\n")
+    monkeypatch = pytest.MonkeyPatch()
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    pytester.makeini(textwrap.dedent("[pytest]\ncorral_sandbox = false\n"))
+    try:
+        monkeypatch.setenv("PYTHONPATH", str(fake), prepend=":")
+        result = pytester.runpytest_subprocess("-p", "no:randomly")
+    finally:
+        monkeypatch.undo()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    floor = FLOORS["pytest-asyncio"]
+    expected = f"ERROR: corral: pytest-asyncio 0.19.0 is too old (corral needs >= {floor})"
+    assert result.stderr.lines[0] == expected
+    assert "Traceback" not in result.stderr.str()
+    assert not [line for line in result.stderr.lines[1:] if line.strip()]
