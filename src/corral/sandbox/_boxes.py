@@ -174,9 +174,14 @@ class AsyncBoxController(AsyncSandboxController[B]):
             stale = self._unkeep()
             if stale and not old.is_closed():
                 self._orphans.setdefault(old, []).extend(stale)
-            # A closed loop's connections cannot be closed politely any more (their
-            # keeper ran already, so there are none unless the loop was closed without
-            # cancelling its tasks): dropped, their sockets close when collected.
+            elif stale and not self._loop_bound:
+                # The loop was closed without cancelling its tasks (pytest-asyncio < 1.0
+                # closes its function loops so), so its keeper never ran; connections that
+                # serve any loop (psycopg's) are closed here instead of left to the
+                # collector, which warns about each.
+                await self._close_kept(stale)
+            # A closed loop's loop-bound connections cannot be closed politely any more:
+            # dropped, their sockets close when collected.
         self._kept_loop = loop
         # A fresh context: the keeper must not hold the sandboxes of the test it starts in.
         keeper = loop.create_task(self._keep(loop), context=contextvars.Context())
