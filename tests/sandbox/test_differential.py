@@ -265,6 +265,27 @@ def production_dsn(postgres_dsn: str, sandbox_dsn: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@dataclass
+class Outside:
+    """Autocommit connections beside the runs: production is put back after each
+    sequence; the sandbox's database must be as before once its sandbox closed."""
+
+    sandbox_db: psycopg.Connection[Any]
+    production: psycopg.Connection[Any]
+
+    def reset_production(self) -> None:
+        self.production.execute(RESET)
+
+    def assert_sandbox_left_nothing(self) -> None:
+        assert self.sandbox_db.execute("SELECT v FROM diff").fetchall() == START
+
+
+@pytest.fixture
+def outside(production_dsn: str, sandbox_dsn: str) -> Iterator[Outside]:
+    with connect_outside(sandbox_dsn) as sandbox_db, connect_outside(production_dsn) as prod:
+        yield Outside(sandbox_db, prod)
+
+
 _SETTINGS = settings(
     max_examples=int(os.environ.get("CORRAL_DIFF_EXAMPLES", "30")),
     deadline=None,
@@ -273,11 +294,9 @@ _SETTINGS = settings(
 
 
 def test_the_app_sees_in_a_sandbox_what_it_sees_in_production(
-    production_dsn: str, sandbox_dsn: str
+    production_dsn: str, sandbox_dsn: str, outside: Outside
 ) -> None:
     db = sandbox(sandbox_dsn, mode="sandbox")  # no pool: no threads drawing random numbers
-    outside = connect_outside(sandbox_dsn)
-    outside_prod = connect_outside(production_dsn)
 
     @_SETTINGS
     @given(_ops())
@@ -287,7 +306,7 @@ def test_the_app_sees_in_a_sandbox_what_it_sees_in_production(
             expected = run(plain, ops)
         finally:
             plain.close()
-            outside_prod.execute(RESET)
+            outside.reset_production()
         db.create_sandbox()
         try:
             conn = db.connect()
@@ -298,23 +317,19 @@ def test_the_app_sees_in_a_sandbox_what_it_sees_in_production(
         finally:
             db.close_sandbox()
         assert got == expected
-        assert outside.execute("SELECT v FROM diff").fetchall() == START
+        outside.assert_sandbox_left_nothing()
 
     try:
         check()
     finally:
-        outside.close()
-        outside_prod.close()
         db.close()
 
 
 def test_the_async_app_sees_in_a_sandbox_what_it_sees_in_production(
-    production_dsn: str, sandbox_dsn: str
+    production_dsn: str, sandbox_dsn: str, outside: Outside
 ) -> None:
     loop = asyncio.new_event_loop()  # one loop: the sandbox keeps its connection between runs
     db = sandbox(sandbox_dsn, mode="sandbox", is_async=True)
-    outside = connect_outside(sandbox_dsn)
-    outside_prod = connect_outside(production_dsn)
 
     async def both(ops: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
         plain = await psycopg.AsyncConnection.connect(production_dsn)
@@ -322,7 +337,7 @@ def test_the_async_app_sees_in_a_sandbox_what_it_sees_in_production(
             expected = await arun(plain, ops)
         finally:
             await plain.close()
-            outside_prod.execute(RESET)
+            outside.reset_production()
         await db.create_sandbox()
         try:
             conn = await db.connect()
@@ -339,12 +354,10 @@ def test_the_async_app_sees_in_a_sandbox_what_it_sees_in_production(
     def check(ops: list[tuple[Any, ...]]) -> None:
         got, expected = loop.run_until_complete(both(ops))
         assert got == expected
-        assert outside.execute("SELECT v FROM diff").fetchall() == START
+        outside.assert_sandbox_left_nothing()
 
     try:
         check()
     finally:
-        outside.close()
-        outside_prod.close()
         loop.run_until_complete(db.close())
         loop.close()
