@@ -1,6 +1,11 @@
-"""The environment of a pytest run that a test starts: what it must not inherit from ours."""
+"""A pytest run that a test starts: the variables it must not inherit from ours; starting it."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Run-scoped variables of corral and xdist: an inner run inheriting them would join (or
 # be mistaken for a worker of) the outer run instead of starting its own.
@@ -32,3 +37,22 @@ RUN_VARIABLES = (
     "PYTEST_ADDOPTS",
     "PYTEST_CURRENT_TEST",
 )
+
+
+def inner_env(**extra: str) -> dict[str, str]:
+    """Our environment without the run's variables, plus *extra*."""
+    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}
+    env.update(extra)
+    return env
+
+
+def start_pytest(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``pytest *args`` in *cwd* (no cache), its output (stdout and stderr) piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

@@ -54,6 +54,17 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def redis_keys(url: str, run_id: str) -> list[bytes]:
+    """The keys of a Redis run still on the server."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match=f"corral:{{{run_id}}}:*"))
+    finally:
+        client.close()
+
+
 def server_dir(url: str) -> str | None:
     """The throwaway server's run directory (its socket directory), if the URL has one."""
     hosts = parse_qs(urlsplit(url).query).get("host", [])

@@ -7,11 +7,14 @@ throwaway-server path use corral's warm initdb cache.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+from collections.abc import Iterator
 
+import psycopg
 import pytest
 
-from corral.postgres import default_cache_dir
+from corral.postgres import database_dsn, default_cache_dir, drop_database
 from tests._inner import RUN_VARIABLES
 from tests.plugin._checks import SAMPLE
 
@@ -42,3 +45,13 @@ def shared_server(postgres_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """Inner runs use this session's server (as a user's own server would be used)."""
     monkeypatch.setenv("CORRAL_DSN", postgres_dsn)
     return postgres_dsn
+
+
+@pytest.fixture
+def developer_database(shared_server: str) -> Iterator[str]:
+    """A database standing for the developer's own, which a bad env.py migrates."""
+    name = f"corral_devdb_{secrets.token_hex(4)}"
+    with psycopg.connect(shared_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield database_dsn(shared_server, name)
+    drop_database(shared_server, name)

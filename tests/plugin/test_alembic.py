@@ -9,12 +9,11 @@ instead, and the run says so and stops.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 
-from corral.postgres import database_dsn, drop_database, list_databases
+from corral.postgres import list_databases
 from tests._inner import RUN_VARIABLES
 
 pytest.importorskip("alembic")
@@ -156,15 +155,6 @@ def test_an_alembic_project_reading_cached_app_settings_passes(
     _project(pytester, "DATABASE_URL")
     result = pytester.runpytest_subprocess("-n", workers)
     result.assert_outcomes(passed=4)
-
-
-@pytest.fixture
-def developer_database(shared_server: str) -> Iterator[str]:
-    name = f"corral_devdb_{secrets.token_hex(4)}"
-    with psycopg.connect(shared_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield database_dsn(shared_server, name)
-    drop_database(shared_server, name)
 
 
 @pytest.mark.usefixtures("clean_env")

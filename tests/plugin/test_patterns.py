@@ -13,7 +13,19 @@ RUNS = [("0", None), ("2", 1), ("0", 2), ("0", 3), ("2", 4), ("0", 5)]
 RUN_IDS = [f"n{n}-" + ("ordered" if seed is None else f"seed{seed}") for n, seed in RUNS]
 
 
-def run(inner: pytest.Pytester, name: str, workers: str, seed: int | None) -> pytest.RunResult:
+# Every test here is one inner run of one suite, in each of RUNS.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(360),  # an inner run on two workers, on a busy machine
+    pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS),
+]
+
+
+def run(
+    inner: pytest.Pytester, name: str, suite: str, workers: str, seed: int | None
+) -> pytest.RunResult:
+    """Write *suite* as ``<name>.py`` in the inner directory and run it, in this order."""
+    inner.makepyfile(**{name: suite})
     order = ["-p", "no:randomly"] if seed is None else ["-p", "randomly", f"--randomly-seed={seed}"]
     return inner.runpytest_subprocess("-n", workers, *order, f"{name}.py")
 
@@ -71,25 +83,17 @@ async def test_asyncio_loop_per_test(n):
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
-@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_an_event_loop_per_test(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
 ) -> None:
-    inner.makepyfile(test_loop_per_test=LOOP_PER_TEST)
-    result = run(inner, "test_loop_per_test", workers, seed)
-    result.assert_outcomes(passed=12)
+    run(inner, "test_loop_per_test", LOOP_PER_TEST, workers, seed).assert_outcomes(passed=12)
 
 
 # ---------------------------------------------------------------------------- patterns 3, 4, 6
 
-# Pattern 3: a sync app behind a sync TestClient (its requests run on AnyIO worker
-# threads and a portal loop), while the test holds its own open session. The per-test
-# sandbox is shared by default; a session whose transaction only read lends the
-# connection between statements; one holding uncommitted writes while it waits for a
-# request is a deadlock, reported within a second.
-THREADS = """
+# The sync app of patterns 3 and 1 (their suites follow it): a FastAPI app on a sandboxed
+# engine, a session per request, and a TestClient made without starlette's notice.
+SYNC_APP = """
 import os
 import time
 import warnings
@@ -124,14 +128,24 @@ def names(session: Session = Depends(get_session)):
     return [r[0] for r in session.execute(text("SELECT name FROM item ORDER BY id"))]
 
 
-@pytest.fixture
-def client():
+def new_client():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # starlette 1.x: "install httpx2 instead"
         from fastapi.testclient import TestClient
 
-        c = TestClient(app)
-    with c:
+        return TestClient(app)
+"""
+
+# Pattern 3: a sync app behind a sync TestClient (its requests run on AnyIO worker
+# threads and a portal loop), while the test holds its own open session. The per-test
+# sandbox is shared by default; a session whose transaction only read lends the
+# connection between statements; one holding uncommitted writes while it waits for a
+# request is a deadlock, reported within a second.
+THREADS = """
+
+@pytest.fixture
+def client():
+    with new_client() as c:
         yield c
 
 
@@ -178,15 +192,10 @@ def test_each_test_starts_clean(client):
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
-@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_threads_serving_the_app(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
 ) -> None:
-    inner.makepyfile(test_threads=THREADS)
-    result = run(inner, "test_threads", workers, seed)
-    result.assert_outcomes(passed=4)
+    run(inner, "test_threads", SYNC_APP + THREADS, workers, seed).assert_outcomes(passed=4)
 
 
 # Patterns 4 and 6: an async app whose endpoint gathers over two AsyncSessions, behind a
@@ -309,15 +318,10 @@ async def test_each_test_starts_clean():
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
-@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_tasks_serving_the_app(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
 ) -> None:
-    inner.makepyfile(test_tasks=TASKS)
-    result = run(inner, "test_tasks", workers, seed)
-    result.assert_outcomes(passed=4)
+    run(inner, "test_tasks", TASKS, workers, seed).assert_outcomes(passed=4)
 
 
 # ---------------------------------------------------------------------------- pattern 7
@@ -371,15 +375,10 @@ async def test_an_async_test_after_it():
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
-@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_a_sync_test_with_async_fixtures(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
 ) -> None:
-    inner.makepyfile(test_sync_async=SYNC_TEST_ASYNC_FIXTURE)
-    result = run(inner, "test_sync_async", workers, seed)
-    result.assert_outcomes(passed=4)
+    run(inner, "test_sync_async", SYNC_TEST_ASYNC_FIXTURE, workers, seed).assert_outcomes(passed=4)
 
 
 # ---------------------------------------------------------------------------- pattern 1
@@ -388,38 +387,6 @@ def test_a_sync_test_with_async_fixtures(
 # template's layout), the user's fixtures unchanged: no sandboxed() around them. The
 # plugin opens an outer sandbox for each fixture scope; each test nests inside.
 LONG_LIVED_SESSION = """
-import os
-import warnings
-
-import pytest
-from fastapi import Depends, FastAPI
-from sqlalchemy import create_engine, text
-from sqlalchemy.orm import Session
-
-from corral.sandbox import sandbox
-
-URL = os.environ["CORRAL_DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
-engine = create_engine(URL)
-sandbox(engine)
-app = FastAPI()
-
-
-def get_session():
-    with Session(engine) as session:
-        yield session
-
-
-@app.post("/items/{name}")
-def add(name: str, session: Session = Depends(get_session)):
-    session.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
-    session.commit()
-    return {"ok": True}
-
-
-@app.get("/items")
-def names(session: Session = Depends(get_session)):
-    return [r[0] for r in session.execute(text("SELECT name FROM item ORDER BY id"))]
-
 
 @pytest.fixture(scope="session")
 def db():
@@ -435,12 +402,7 @@ def superuser(db):
 
 @pytest.fixture(scope="module")
 def client():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # starlette 1.x: "install httpx2 instead"
-        from fastapi.testclient import TestClient
-
-        c = TestClient(app)
-    with c:
+    with new_client() as c:
         yield c
 
 
@@ -498,12 +460,8 @@ def test_a_class_scope_is_rolled_back_when_it_ends(db):
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(360)  # an inner run on two workers, on a busy machine
-@pytest.mark.parametrize(("workers", "seed"), RUNS, ids=RUN_IDS)
 def test_a_session_scoped_orm_session(
     inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
 ) -> None:
-    inner.makepyfile(test_long_lived=LONG_LIVED_SESSION)
-    result = run(inner, "test_long_lived", workers, seed)
-    result.assert_outcomes(passed=9)
+    suite = SYNC_APP + LONG_LIVED_SESSION
+    run(inner, "test_long_lived", suite, workers, seed).assert_outcomes(passed=9)

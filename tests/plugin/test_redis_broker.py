@@ -7,17 +7,15 @@ they are told apart by ``CORRAL_HOST`` (and their pids), as runners on two hosts
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from corral.postgres import clone_database, drop_database, list_databases
-from tests._inner import RUN_VARIABLES
+from tests._inner import inner_env, start_pytest
+from tests.plugin._checks import redis_keys
 
 pytestmark = pytest.mark.slow
 
@@ -109,33 +107,6 @@ def _write_suite(path: Path) -> None:
     )
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}
-    env.update(extra)
-    return env
-
-
-def _pytest(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _redis_keys(url: str, run_id: str) -> list[bytes]:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return list(client.scan_iter(match=f"corral:{{{run_id}}}:*"))
-    finally:
-        client.close()
-
-
 def test_two_machines_share_one_run(
     pytester: pytest.Pytester, redis_url: str, postgres_dsn: str
 ) -> None:
@@ -151,16 +122,16 @@ def test_two_machines_share_one_run(
     }
     # Machine A passes options; machine B only has the environment a CI job would set.
     # Each runs its half of the suite (4 tests: 2 for each of its workers).
-    a = _pytest(
+    a = start_pytest(
         pytester.path,
         ["-n", "2", "--corral-broker", redis_url, "--corral-run-id", run_id,
          "--corral-machines", "2", "--corral-shard", "1/2", "-v"],
-        _env(CORRAL_HOST="machine-a", **common),
+        inner_env(CORRAL_HOST="machine-a", **common),
     )  # fmt: skip
-    b = _pytest(
+    b = start_pytest(
         pytester.path,
         ["-n", "2"],
-        _env(
+        inner_env(
             CORRAL_HOST="machine-b",
             CORRAL_BROKER_URL=redis_url,
             CORRAL_RUN_ID=run_id,
@@ -201,7 +172,7 @@ def test_two_machines_share_one_run(
     assert [
         db.name for db in list_databases(postgres_dsn) if db.run == run_id and db.kind == "clone"
     ] == []
-    assert _redis_keys(redis_url, run_id) == []  # the last machine out deleted the run
+    assert redis_keys(redis_url, run_id) == []  # the last machine out deleted the run
     drop_database(postgres_dsn, infos[0]["template"])
 
 
@@ -223,20 +194,22 @@ def test_a_machine_drops_only_its_own_clones(
     }
     other = f"corral_{run_id}_elsewhere"
     # The two invocations run the two halves of the suite: the run check passes.
-    first = _pytest(
-        pytester.path, ["-n", "0"], _env(CORRAL_HOST="machine-a", CORRAL_SHARD="1/2", **common)
+    first = start_pytest(
+        pytester.path, ["-n", "0"], inner_env(CORRAL_HOST="machine-a", CORRAL_SHARD="1/2", **common)
     )
     out, _ = first.communicate(timeout=100)
     assert first.returncode == 0, out
-    assert _redis_keys(redis_url, run_id) != []  # one of two: the run goes on
+    assert redis_keys(redis_url, run_id) != []  # one of two: the run goes on
     template = json.loads((pytester.path / "facts.jsonl").read_text().splitlines()[0])["run"][
         "template"
     ]
     # "Another machine's" clone of the same run, created by a live process (this one).
     clone_database(postgres_dsn, template, other, run_id=run_id)
     try:
-        again = _pytest(
-            pytester.path, ["-n", "0"], _env(CORRAL_HOST="machine-a", CORRAL_SHARD="2/2", **common)
+        again = start_pytest(
+            pytester.path,
+            ["-n", "0"],
+            inner_env(CORRAL_HOST="machine-a", CORRAL_SHARD="2/2", **common),
         )
         out, _ = again.communicate(timeout=100)
         assert again.returncode == 0, out
@@ -250,7 +223,7 @@ def test_a_machine_drops_only_its_own_clones(
         drop_database(postgres_dsn, other)
         drop_database(postgres_dsn, template)
     # Two invocations counted out of two: the second deleted the run's keys.
-    assert _redis_keys(redis_url, run_id) == []
+    assert redis_keys(redis_url, run_id) == []
 
 
 def test_a_crashed_worker_on_redis(
@@ -260,7 +233,7 @@ def test_a_crashed_worker_on_redis(
     # run completes; the controller drops the dead worker's clone with its own.
     _write_suite(pytester.path)
     run_id = f"crash-{secrets.token_hex(4)}"
-    env = _env(
+    env = inner_env(
         CORRAL_DSN=postgres_dsn,
         FACTS=str(pytester.path / "facts.jsonl"),
         BUILD_LOG=str(pytester.path / "builds.log"),
@@ -269,7 +242,7 @@ def test_a_crashed_worker_on_redis(
         CORRAL_HOST="machine-a",
     )
     args = ["-n", "2", "--corral-broker", redis_url, "--corral-run-id", run_id]
-    proc = _pytest(pytester.path, [*args, "--corral-machines", "1"], env)
+    proc = start_pytest(pytester.path, [*args, "--corral-machines", "1"], env)
     out, _ = proc.communicate(timeout=100)
     assert proc.returncode == pytest.ExitCode.TESTS_FAILED, out
     assert "7 passed" in out
@@ -279,7 +252,7 @@ def test_a_crashed_worker_on_redis(
     assert {f["run"]["run_id"] for f in facts} == {run_id}
     clones = [db for db in list_databases(postgres_dsn) if db.run == run_id]
     assert [db.name for db in clones if db.kind == "clone"] == []
-    assert _redis_keys(redis_url, run_id) == []
+    assert redis_keys(redis_url, run_id) == []
     drop_database(postgres_dsn, facts[0]["run"]["template"])
 
 
@@ -308,22 +281,24 @@ def test_without_machines_the_last_controller_out_deletes_the_run(
     run_id = f"last-{secrets.token_hex(4)}"
     a_started, b_started, a_done = (pytester.path / name for name in ("a", "b", "a-done"))
     args = ["-n", "0", "--corral-broker", redis_url, "--corral-run-id", run_id]
-    a = _pytest(
+    a = start_pytest(
         pytester.path,
         args,
-        _env(CORRAL_HOST="machine-a", STARTED=str(a_started), GO=str(b_started)),
+        inner_env(CORRAL_HOST="machine-a", STARTED=str(a_started), GO=str(b_started)),
     )
-    b = _pytest(
-        pytester.path, args, _env(CORRAL_HOST="machine-b", STARTED=str(b_started), GO=str(a_done))
+    b = start_pytest(
+        pytester.path,
+        args,
+        inner_env(CORRAL_HOST="machine-b", STARTED=str(b_started), GO=str(a_done)),
     )
     try:
         out_a, _ = a.communicate(timeout=100)
         assert a.returncode == 0, out_a
-        assert _redis_keys(redis_url, run_id) != []  # B still tests: A left the run alone
+        assert redis_keys(redis_url, run_id) != []  # B still tests: A left the run alone
         a_done.touch()
         out_b, _ = b.communicate(timeout=100)
         assert b.returncode == 0, out_b
-        assert _redis_keys(redis_url, run_id) == []  # the last one out deleted it
+        assert redis_keys(redis_url, run_id) == []  # the last one out deleted it
     finally:
         for proc in (a, b):
             if proc.poll() is None:
@@ -366,9 +341,9 @@ def test_report_lists_what_is_held_in_the_redis_run(
         "filterwarnings = error\n"
     )
     run_id = f"leak-{secrets.token_hex(4)}"
-    env = _env(CORRAL_HOST="machine-a")
+    env = inner_env(CORRAL_HOST="machine-a")
     args = ["-n", "0", "--corral-broker", redis_url, "--corral-run-id", run_id]
-    proc = _pytest(pytester.path, args, env)
+    proc = start_pytest(pytester.path, args, env)
     out, _ = proc.communicate(timeout=60)
     try:
         assert proc.returncode == 0, out
@@ -411,8 +386,8 @@ def test_usage_errors(
     message: str,
 ) -> None:
     pytester.makepyfile("def test_never(): pass")
-    full_env = _env(**{k: v.format(redis=redis_url) for k, v in env.items()})
-    proc = _pytest(pytester.path, [a.format(redis=redis_url) for a in args], full_env)
+    full_env = inner_env(**{k: v.format(redis=redis_url) for k, v in env.items()})
+    proc = start_pytest(pytester.path, [a.format(redis=redis_url) for a in args], full_env)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, out
     assert "test_never" not in out

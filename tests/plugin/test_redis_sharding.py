@@ -7,19 +7,17 @@ the broker part is what sharding concerns.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shlex
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from corral._plugin._shard import shard_of
-from tests._inner import RUN_VARIABLES
+from tests._inner import RUN_VARIABLES, inner_env, start_pytest
+from tests.plugin._checks import redis_keys
 
 pytestmark = pytest.mark.slow
 
@@ -86,25 +84,8 @@ def suite(pytester: pytest.Pytester) -> Path:
     return pytester.path
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES}
-    env.update(extra)
-    return env
-
-
-def _pytest(cwd: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 def _run(cwd: Path, args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    proc = _pytest(cwd, args, env)
+    proc = start_pytest(cwd, args, env)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, out
 
@@ -114,16 +95,6 @@ def _ran(path: Path) -> list[tuple[str, str]]:
     if not path.exists():
         return []
     return [(m, n) for m, _, n in (line.partition(" ") for line in path.read_text().splitlines())]
-
-
-def _redis_keys(url: str, run_id: str) -> list[bytes]:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return list(client.scan_iter(match=f"corral:{{{run_id}}}:*"))
-    finally:
-        client.close()
 
 
 def _purge(url: str, run_id: str) -> None:
@@ -161,8 +132,8 @@ def test_the_docs_recipe_runs_every_test_exactly_once(suite: Path, redis_url: st
             args[args.index("-n") + 1] = "0"
         host = f"machine-{shard}"
         # --corral-machines 4: no need to meet, the 4th to finish checks the run.
-        env = _env(CORRAL_HOST=host, RAN=str(suite / "ran.txt"))
-        procs.append((host, _pytest(suite, args, env)))
+        env = inner_env(CORRAL_HOST=host, RAN=str(suite / "ran.txt"))
+        procs.append((host, start_pytest(suite, args, env)))
     try:
         outputs = {host: proc.communicate(timeout=240)[0] for host, proc in procs}
     finally:
@@ -182,7 +153,7 @@ def test_the_docs_recipe_runs_every_test_exactly_once(suite: Path, redis_url: st
     assert set(counts.values()) == {1}, [n for n, c in counts.items() if c > 1]
     for machine, nodeid in ran:  # each on the machine of its shard
         assert machine == f"machine-{shard_of(nodeid, len(shards))}"
-    assert _redis_keys(redis_url, run_id) == []  # the last of 4 deleted the run
+    assert redis_keys(redis_url, run_id) == []  # the last of 4 deleted the run
 
 
 @pytest.mark.parametrize("machines", [True, False], ids=["with-machines", "without"])
@@ -199,14 +170,14 @@ def test_a_shard_no_machine_ran_is_named(suite: Path, redis_url: str, machines: 
     else:
         meet = {"MEET": "2"}  # both running before either finishes (see the conftest)
     ran_file = str(suite / "ran.txt")
-    a = _pytest(
+    a = start_pytest(
         suite,
         [*args, "-n", "2" if machines else "0", "-k", "not excluded", "--corral-shard", "1/3"],
-        _env(CORRAL_HOST="machine-a", RAN=ran_file, **meet),
+        inner_env(CORRAL_HOST="machine-a", RAN=ran_file, **meet),
     )
     # Machine B takes its shard from the environment, as a CI job may.
-    b_env = _env(CORRAL_HOST="machine-b", RAN=ran_file, CORRAL_SHARD="2/3", **meet)
-    b = _pytest(suite, [*args, "-n", "0", "-k", "test_n"], b_env)
+    b_env = inner_env(CORRAL_HOST="machine-b", RAN=ran_file, CORRAL_SHARD="2/3", **meet)
+    b = start_pytest(suite, [*args, "-n", "0", "-k", "test_n"], b_env)
     try:
         out_a, _ = a.communicate(timeout=120)
         out_b, _ = b.communicate(timeout=120)
@@ -248,11 +219,11 @@ def test_a_test_run_on_two_machines_is_named(suite: Path, redis_url: str) -> Non
     ran = str(suite / "ran.txt")
     try:
         code_a, out_a = _run(
-            suite, [*args, "--corral-shard", "1/2"], _env(CORRAL_HOST="machine-a", RAN=ran)
+            suite, [*args, "--corral-shard", "1/2"], inner_env(CORRAL_HOST="machine-a", RAN=ran)
         )
         assert code_a == 0, out_a
         assert "corral error" not in out_a  # one of two: not the last
-        code_b, out_b = _run(suite, args, _env(CORRAL_HOST="machine-b", RAN=ran))
+        code_b, out_b = _run(suite, args, inner_env(CORRAL_HOST="machine-b", RAN=ran))
     finally:
         _purge(redis_url, run_id)
     assert code_b == 1, out_b
@@ -308,10 +279,12 @@ def test_what_a_running_machine_holds_is_not_a_leak(
     holding, go = str(pytester.path / "holding"), str(pytester.path / "go")
     args = ["-n", "0", "--corral-broker", redis_url, "--corral-run-id", run_id]
     env = {"HOLDING": holding, "GO": go}
-    a = _pytest(pytester.path, [*args, "test_hold.py"], _env(CORRAL_HOST="machine-a", **env))
+    a = start_pytest(
+        pytester.path, [*args, "test_hold.py"], inner_env(CORRAL_HOST="machine-a", **env)
+    )
     try:
         code_b, out_b = _run(
-            pytester.path, [*args, "test_wait.py"], _env(CORRAL_HOST="machine-b", **env)
+            pytester.path, [*args, "test_wait.py"], inner_env(CORRAL_HOST="machine-b", **env)
         )
         Path(go).touch()
         out_a, _ = a.communicate(timeout=120)

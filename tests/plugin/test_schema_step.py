@@ -15,14 +15,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from corral._plugin._schema import SchemaChild, _tail, child_env, module_source, set_variables
-from corral.postgres import database_dsn, drop_database, list_databases, template_name
+from corral.postgres import list_databases, template_name
 from tests._inner import RUN_VARIABLES
 from tests.plugin._checks import processes_mentioning
 
@@ -301,16 +300,6 @@ def migrate(dsn):
     with psycopg.connect(os.environ["APP_DATABASE_URL"]) as conn:
         conn.execute("CREATE TABLE IF NOT EXISTS item (id int)")
 """
-
-
-@pytest.fixture
-def developer_database(shared_server: str) -> Iterator[str]:
-    """A database standing for the developer's own, which a bad env.py migrates."""
-    name = f"corral_devdb_{secrets.token_hex(4)}"
-    with psycopg.connect(shared_server, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield database_dsn(shared_server, name)
-    drop_database(shared_server, name)
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

@@ -30,6 +30,7 @@ from tests.sandbox._adapters import connect_outside
 SCHEMA = "CREATE TABLE diff (v int PRIMARY KEY)"
 START = [(0,)]  # committed before every sequence, on both sides
 ROWS = "SELECT coalesce(array_agg(v ORDER BY v), '{}') FROM diff"
+RESET = "DELETE FROM diff; INSERT INTO diff VALUES (0)"  # back to START
 
 SQL = [
     "INSERT INTO diff VALUES (1)",
@@ -102,20 +103,50 @@ class Run:
             raise
         except Exception as exc:
             result = ("error", *_error(exc))
+        self.record(op, result)
+
+    def record(self, op: tuple[Any, ...], result: Any) -> None:
         label = op if op[0] != "block" else ("block", op[2])
         self.seen.append((label, result, self.status()))
 
     def status(self) -> str:
         return str(self.conn.info.transaction_status.name)
 
+    def skipped(self, sql: str) -> bool:
+        """Known difference (not fixed yet): production runs a script of several statements
+        in autocommit in one implicit transaction (a SAVEPOINT in it fails, undoing the
+        statements before it); a sandbox runs its statements one by one."""
+        return ";" in sql and self.conn.autocommit and self.status() == "IDLE"
+
+    @staticmethod
+    def leave(end: str) -> None:
+        """End a ``transaction()`` block's body as *end* says (else it is left normally)."""
+        if end == "raise":
+            raise Boom
+        if end == "rollback":
+            raise psycopg.Rollback
+
+    def gives_up(self, exc: psycopg.Error) -> bool:
+        """After a ``transaction()`` block failed: whether the app now rolls back.
+
+        Known difference, left alone: a nested block whose RELEASE failed (in a failed
+        transaction) leaves its savepoint; psycopg's next block at that depth reuses the
+        name, and rolling back its failed SAVEPOINT recovers the transaction. The
+        sandbox's savepoints have names of their own (its connection may be shared). The
+        app here gives up, as apps do: it rolls back, or leaves the enclosing block with
+        an error.
+        """
+        if self.status() != "INERROR":
+            return False
+        if self.depth:
+            raise Boom from exc
+        return True
+
     def _do(self, op: tuple[Any, ...]) -> Any:
         kind = op[0]
         conn = self.conn
         if kind == "sql":
-            if ";" in op[1] and conn.autocommit and self.status() == "IDLE":
-                # Known difference (not fixed yet): production runs such a script in one
-                # implicit transaction (a SAVEPOINT in it fails, undoing the statements
-                # before it); a sandbox runs its statements one by one.
+            if self.skipped(op[1]):
                 return "skipped"
             cur = conn.execute(op[1])
             return cur.fetchall() if cur.description else None
@@ -137,22 +168,11 @@ class Run:
                         self.step(inner)
                 finally:
                     self.depth -= 1
-                if end == "raise":
-                    raise Boom
-                if end == "rollback":
-                    raise psycopg.Rollback
+                self.leave(end)
         except Boom:
             return "boom"
         except psycopg.Error as exc:
-            # Known difference, left alone: a nested block whose RELEASE failed (in a
-            # failed transaction) leaves its savepoint; psycopg's next block at that depth
-            # reuses the name, and rolling back its failed SAVEPOINT recovers the
-            # transaction. The sandbox's savepoints have names of their own (its
-            # connection may be shared). The app here gives up, as apps do: it rolls
-            # back, or leaves the enclosing block with an error.
-            if self.status() == "INERROR":
-                if self.depth:
-                    raise Boom from exc
+            if self.gives_up(exc):
                 conn.rollback()
             return ("error", *_error(exc))
         return "left"
@@ -169,15 +189,14 @@ class AsyncRun(Run):
             raise
         except Exception as exc:
             result = ("error", *_error(exc))
-        label = op if op[0] != "block" else ("block", op[2])
-        self.seen.append((label, result, self.status()))
+        self.record(op, result)
 
     async def _ado(self, op: tuple[Any, ...]) -> Any:
         kind = op[0]
         conn = self.conn
         if kind == "sql":
-            if ";" in op[1] and conn.autocommit and self.status() == "IDLE":
-                return "skipped"  # see Run._do
+            if self.skipped(op[1]):
+                return "skipped"
             cur = await conn.execute(op[1])
             return await cur.fetchall() if cur.description else None
         if kind == "commit":
@@ -197,16 +216,11 @@ class AsyncRun(Run):
                         await self.astep(inner)
                 finally:
                     self.depth -= 1
-                if end == "raise":
-                    raise Boom
-                if end == "rollback":
-                    raise psycopg.Rollback
+                self.leave(end)
         except Boom:
             return "boom"
         except psycopg.Error as exc:
-            if self.status() == "INERROR":  # see Run._do
-                if self.depth:
-                    raise Boom from exc
+            if self.gives_up(exc):
                 await conn.rollback()
             return ("error", *_error(exc))
         return "left"
@@ -251,21 +265,40 @@ def production_dsn(postgres_dsn: str, sandbox_dsn: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-_EXAMPLES = int(os.environ.get("CORRAL_DIFF_EXAMPLES", "30"))
+@dataclass
+class Outside:
+    """Autocommit connections beside the runs: production is put back after each
+    sequence; the sandbox's database must be as before once its sandbox closed."""
+
+    sandbox_db: psycopg.Connection[Any]
+    production: psycopg.Connection[Any]
+
+    def reset_production(self) -> None:
+        self.production.execute(RESET)
+
+    def assert_sandbox_left_nothing(self) -> None:
+        assert self.sandbox_db.execute("SELECT v FROM diff").fetchall() == START
+
+
+@pytest.fixture
+def outside(production_dsn: str, sandbox_dsn: str) -> Iterator[Outside]:
+    with connect_outside(sandbox_dsn) as sandbox_db, connect_outside(production_dsn) as prod:
+        yield Outside(sandbox_db, prod)
+
+
+_SETTINGS = settings(
+    max_examples=int(os.environ.get("CORRAL_DIFF_EXAMPLES", "30")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def test_the_app_sees_in_a_sandbox_what_it_sees_in_production(
-    production_dsn: str, sandbox_dsn: str
+    production_dsn: str, sandbox_dsn: str, outside: Outside
 ) -> None:
     db = sandbox(sandbox_dsn, mode="sandbox")  # no pool: no threads drawing random numbers
-    outside = connect_outside(sandbox_dsn)
-    outside_prod = connect_outside(production_dsn)
 
-    @settings(
-        max_examples=_EXAMPLES,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @_SETTINGS
     @given(_ops())
     def check(ops: list[tuple[Any, ...]]) -> None:
         plain = psycopg.Connection.connect(production_dsn)
@@ -273,7 +306,7 @@ def test_the_app_sees_in_a_sandbox_what_it_sees_in_production(
             expected = run(plain, ops)
         finally:
             plain.close()
-            outside_prod.execute("DELETE FROM diff; INSERT INTO diff VALUES (0)")
+            outside.reset_production()
         db.create_sandbox()
         try:
             conn = db.connect()
@@ -284,23 +317,19 @@ def test_the_app_sees_in_a_sandbox_what_it_sees_in_production(
         finally:
             db.close_sandbox()
         assert got == expected
-        assert outside.execute("SELECT v FROM diff").fetchall() == START
+        outside.assert_sandbox_left_nothing()
 
     try:
         check()
     finally:
-        outside.close()
-        outside_prod.close()
         db.close()
 
 
 def test_the_async_app_sees_in_a_sandbox_what_it_sees_in_production(
-    production_dsn: str, sandbox_dsn: str
+    production_dsn: str, sandbox_dsn: str, outside: Outside
 ) -> None:
     loop = asyncio.new_event_loop()  # one loop: the sandbox keeps its connection between runs
     db = sandbox(sandbox_dsn, mode="sandbox", is_async=True)
-    outside = connect_outside(sandbox_dsn)
-    outside_prod = connect_outside(production_dsn)
 
     async def both(ops: list[tuple[Any, ...]]) -> tuple[list[Any], list[Any]]:
         plain = await psycopg.AsyncConnection.connect(production_dsn)
@@ -308,7 +337,7 @@ def test_the_async_app_sees_in_a_sandbox_what_it_sees_in_production(
             expected = await arun(plain, ops)
         finally:
             await plain.close()
-            outside_prod.execute("DELETE FROM diff; INSERT INTO diff VALUES (0)")
+            outside.reset_production()
         await db.create_sandbox()
         try:
             conn = await db.connect()
@@ -320,21 +349,15 @@ def test_the_async_app_sees_in_a_sandbox_what_it_sees_in_production(
             await db.close_sandbox()
         return got, expected
 
-    @settings(
-        max_examples=_EXAMPLES,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @_SETTINGS
     @given(_ops())
     def check(ops: list[tuple[Any, ...]]) -> None:
         got, expected = loop.run_until_complete(both(ops))
         assert got == expected
-        assert outside.execute("SELECT v FROM diff").fetchall() == START
+        outside.assert_sandbox_left_nothing()
 
     try:
         check()
     finally:
-        outside.close()
-        outside_prod.close()
         loop.run_until_complete(db.close())
         loop.close()

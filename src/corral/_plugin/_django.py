@@ -412,7 +412,8 @@ class DjangoHooks:
                 os.environ[ENV_DJANGO] = self._env_saved
 
     def _drop_clones(self, info: DjangoInfo) -> None:
-        from corral.postgres import drop_database, list_databases
+        from corral.postgres import drop_database
+        from corral.postgres._databases import controller_clones
 
         started = time.perf_counter()
         for admin in dict.fromkeys(entry["admin_dsn"] for entry in info.groups):
@@ -421,11 +422,8 @@ class DjangoHooks:
             try:
                 names = [
                     db.name
-                    for db in list_databases(admin)
-                    if db.kind == "clone"
-                    and db.run == info.run_id
-                    and db.pid == info.controller_pid
-                    and db.name.startswith(f"corral_{info.run_id}_dj")
+                    for db in controller_clones(admin, info.run_id, info.controller_pid)
+                    if db.name.startswith(f"corral_{info.run_id}_dj")
                 ]
                 for name in names:
                     drop_database(admin, name)

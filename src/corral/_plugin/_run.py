@@ -37,9 +37,9 @@ from corral.postgres import (
     drop_database,
     drop_stale_databases,
     ensure_template,
-    list_databases,
 )
 from corral.postgres._admin import conninfo_params
+from corral.postgres._databases import controller_clones
 
 if TYPE_CHECKING:
     from corral.broker.redis import RedisClient
@@ -310,11 +310,8 @@ class Run:
         try:
             names = [
                 db.name
-                for db in list_databases(admin)
-                if db.kind == "clone"
-                and db.run == info.run_id
-                and db.pid == info.controller_pid
-                and db.host == host
+                for db in controller_clones(admin, info.run_id, info.controller_pid)
+                if db.host == host
             ]
         except Exception as exc:  # never let clean-up hide the run's own result
             log.warning("could not list this run's databases to drop them: %s", exc)

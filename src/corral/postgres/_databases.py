@@ -116,6 +116,16 @@ def list_databases(admin_dsn: str) -> list[CorralDatabase]:
     return [db for db in found if db is not None]
 
 
+def controller_clones(admin_dsn: str, run_id: str, controller_pid: int) -> list[CorralDatabase]:
+    """The clones one controller of run *run_id* made on the server: only these are its
+    to drop (other machines of a sharded run share the run id and the server)."""
+    return [
+        db
+        for db in list_databases(admin_dsn)
+        if db.kind == "clone" and db.run == run_id and db.pid == controller_pid
+    ]
+
+
 def _terminate_sessions(conn: AdminConnection, name: str) -> int:
     rows = conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 
 from corral.errors import SandboxBusy
@@ -220,6 +220,33 @@ class _Shell:
         stalled = self._turns.stalled(patience=0.0)
         return _deadlock(stalled, waiter) if stalled is not None else _busy(self.holder, timeout)
 
+    def _waits(
+        self,
+        me: object,
+        timeout: float | None,
+        statement: bool,
+        exclusive: bool,
+        now: Callable[[], float],
+    ) -> Iterator[float]:
+        """The wait for a turn that was not free, for both shells: yields how long to
+        wait for a wake-up (the shell blocks or awaits), returns once the turn is taken.
+
+        Only the slow path comes here: the shells try :meth:`_Turns.take` first.
+
+        :raises SandboxBusy: the holder is deadlocked on *me*, or *timeout* ran out.
+        """
+        deadline = None if timeout is None else now() + max(0.0, timeout)
+        while True:
+            left = None if deadline is None else deadline - now()
+            if left is not None and left <= 0:
+                raise self._timed_out(me, timeout or 0.0)
+            yield _POLL if left is None else min(_POLL, left)
+            if self._turns.take(me, statement, exclusive):
+                return
+            stalled = self._turns.stalled()
+            if stalled is not None:
+                raise _deadlock(stalled, me)
+
 
 class OwnerLock(_Shell):
     """Turns for threads: a reentrant lock that lends between read-only statements."""
@@ -244,17 +271,8 @@ class OwnerLock(_Shell):
         with self._cond:
             if self._turns.take(me, statement, exclusive):
                 return
-            deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
-            while True:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise self._timed_out(me, timeout or 0.0)
-                self._cond.wait(_POLL if left is None else min(_POLL, left))
-                if self._turns.take(me, statement, exclusive):
-                    return
-                stalled = self._turns.stalled()
-                if stalled is not None:
-                    raise _deadlock(stalled, me)
+            for wait in self._waits(me, timeout, statement, exclusive, time.monotonic):
+                self._cond.wait(wait)
 
     def release(self, app: AppState | None = None) -> None:
         """Hand back a checkout (*app*: the proxy's, now done) or a sandbox operation."""
@@ -319,20 +337,11 @@ class AsyncOwnerLock(_Shell):
         if self._turns.take(me, statement, exclusive):
             return
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + max(0.0, timeout)
-        while True:
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                raise self._timed_out(me, timeout or 0.0)
+        for wait in self._waits(me, timeout, statement, exclusive, loop.time):
             fut = loop.create_future()
             self._waiters.append(fut)
             with suppress(TimeoutError):
-                await asyncio.wait_for(fut, _POLL if left is None else min(_POLL, left))
-            if self._turns.take(me, statement, exclusive):
-                return
-            stalled = self._turns.stalled()
-            if stalled is not None:
-                raise _deadlock(stalled, me)
+                await asyncio.wait_for(fut, wait)
 
     def release(self, app: AppState | None = None) -> None:
         self._turns.give(_task(), app=app)
