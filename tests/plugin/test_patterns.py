@@ -440,12 +440,14 @@ def test_the_session_fixtures_data_is_there_for_every_test(db):
     assert count(db, "r") == 0
 
 
-class TestAClassScope:
-    @pytest.fixture(scope="class")
-    def gadget(self, db):
-        db.execute(text("INSERT INTO item (name) VALUES ('gadget')"))
-        db.commit()
+@pytest.fixture(scope="class")
+def gadget(db):
+    # At module level: pytest 9.1 deprecates class-scoped fixtures as instance methods.
+    db.execute(text("INSERT INTO item (name) VALUES ('gadget')"))
+    db.commit()
 
+
+class TestAClassScope:
     def test_one(self, gadget, db):
         assert count(db, "gadget") == 1
         db.execute(text("DELETE FROM item WHERE name = 'gadget'"))
