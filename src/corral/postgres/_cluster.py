@@ -341,17 +341,17 @@ class EphemeralPostgres:
 
         Until this runs, TCP logins fail (no password is set): nobody gets in early.
         """
-        from corral.postgres._sql import connect, literal, sql
+        from corral.postgres._admin import admin, quote_literal
 
         password = self._password_arg or secrets.token_urlsafe(24)
         # A pre-hashed verifier: the password never appears in a statement (or a log), and
         # PostgreSQL 10-13, whose default is md5, store what scram-sha-256 in pg_hba needs.
         # SASLprep leaves ASCII alone; other passwords are hashed by the server.
         stored = scram_verifier(password) if password.isascii() else password
-        with connect(self.dsn) as conn:
+        with admin(self.dsn) as conn:  # psycopg, else asyncpg
             if stored is password:
                 conn.execute("SET password_encryption = 'scram-sha-256'")
-            conn.execute(sql("ALTER ROLE postgres PASSWORD {}").format(literal(stored)))
+            conn.execute(f"ALTER ROLE postgres PASSWORD {quote_literal(stored)}")
         self._password = password
 
     def _argv(self, run_dir: Path, binaries: PostgresBinaries) -> list[str]:
