@@ -124,6 +124,7 @@ def _project(pytester: pytest.Pytester, variable: str) -> None:
     pytester.makeini(
         "[pytest]\ncorral_schema = tests.migrate:upgrade\ncorral_schema_watch = migrations\n"
         "corral_database_env = DATABASE_URL\nfilterwarnings = error\n"
+        "asyncio_default_fixture_loop_scope = function\n"
     )
     root = pytester.path
     (root / "alembic.ini").write_text(_ALEMBIC_INI)

@@ -38,7 +38,15 @@ def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytes
 
 def _ini(project: pytest.Pytester, schema: str, *lines: str) -> None:
     (project.path / "pytest.ini").write_text(
-        "\n".join(["[pytest]", f"corral_schema = {schema}", *lines, "filterwarnings = error"])
+        "\n".join(
+            [
+                "[pytest]",
+                f"corral_schema = {schema}",
+                *lines,
+                "filterwarnings = error",
+                "asyncio_default_fixture_loop_scope = function",
+            ]
+        )
         + "\n"
     )
 
