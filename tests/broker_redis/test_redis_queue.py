@@ -130,7 +130,16 @@ class Interrupted(RedisClient):
 
 
 def blocked_in_blmove(client: RedisClient) -> bool:
-    return "cmd=blmove" in str(client._r.execute_command("CLIENT", "LIST"))
+    """Whether a connection is blocked in BLMOVE now. ``cmd`` is a connection's last
+    command, so an idle one whose last BLMOVE returned shows it too: only those flagged
+    ``b`` (blocked) count."""
+    listing = client._r.execute_command("CLIENT", "LIST")
+    text = listing.decode() if isinstance(listing, bytes) else str(listing)
+    for line in text.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if fields.get("cmd") == "blmove" and "b" in fields.get("flags", ""):
+            return True
+    return False
 
 
 @pytest.mark.parametrize("waits", [False, True], ids=["item-ready", "item-waited-for"])
