@@ -497,19 +497,11 @@ def _where(settings_dict: dict[str, Any]) -> str:
 def _ready(admin: str, template: str) -> bool:
     """Whether a finished template of that name exists (a half-built one does not count:
     :func:`~corral.postgres.ensure_template` drops and rebuilds it)."""
-    from corral.postgres._databases import parse_mark
-    from corral.postgres._sql import connect
+    from corral.postgres._admin import admin as connect
+    from corral.postgres._databases import template_ready
 
     with connect(admin) as conn:
-        row = conn.execute(
-            "SELECT datistemplate, shobj_description(oid, 'pg_database')"
-            " FROM pg_database WHERE datname = %s",
-            [template],
-        ).fetchone()
-    if row is None or not row[0]:
-        return False
-    mark = parse_mark(template, row[1], row[0])
-    return mark is None or mark.state == "ready"
+        return bool(template_ready(conn, template))
 
 
 def _outcome(stdout: str) -> dict[str, Any] | None:

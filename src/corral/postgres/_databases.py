@@ -105,6 +105,21 @@ _END_POLL = 0.0005
 _END_POLL_MAX = 0.01
 
 
+def template_ready(conn: AdminConnection, name: str) -> bool | None:
+    """Whether database *name* is a finished template (None: no such database; False: a
+    build that has not finished, or whose process died)."""
+    rows = conn.execute(
+        "SELECT datistemplate, shobj_description(oid, 'pg_database')"
+        " FROM pg_database WHERE datname = %s",
+        [name],
+    )
+    if not rows:
+        return None
+    is_template, comment = rows[0]
+    mark = parse_mark(name, comment, is_template)
+    return bool(is_template) and (mark is None or mark.state == "ready")
+
+
 def list_databases(admin_dsn: str) -> list[CorralDatabase]:
     """Every database on the server that carries corral's mark."""
     with admin(admin_dsn) as conn:

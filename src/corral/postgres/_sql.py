@@ -43,15 +43,6 @@ def sql(text: str) -> Any:
     return psycopg_module().sql.SQL(text)
 
 
-def literal(value: str) -> Any:
-    return psycopg_module().sql.Literal(value)
-
-
-def server_version(conn: psycopg.Connection[Any]) -> int:
-    """``server_version_num``, e.g. 150004."""
-    return int(conn.info.server_version)
-
-
 def database_dsn(admin_dsn: str, name: str) -> str:
     """*admin_dsn* pointing at database *name* instead (URL or ``key=value`` form).
 

@@ -17,7 +17,12 @@ from typing import Any, TypeAlias
 
 from corral.errors import EmptyTemplate, TemplateBuildError
 from corral.postgres._admin import LOCK_NOT_AVAILABLE, AdminError, admin, quote_ident
-from corral.postgres._databases import drop_database, make_mark, parse_mark, set_mark
+from corral.postgres._databases import (
+    drop_database,
+    make_mark,
+    set_mark,
+    template_ready,
+)
 from corral.postgres._sql import database_dsn
 
 log = logging.getLogger("corral.postgres")
@@ -216,15 +221,9 @@ def ensure_template(
             ) from exc
         conn.execute("SET lock_timeout = 0")
         try:
-            rows = conn.execute(
-                "SELECT datistemplate, shobj_description(oid, 'pg_database')"
-                " FROM pg_database WHERE datname = %s",
-                [name],
-            )
-            row = rows[0] if rows else None
-            if row is not None:
-                mark = parse_mark(name, row[1], row[0])
-                if row[0] and (mark is None or mark.state == "ready"):
+            ready = template_ready(conn, name)
+            if ready is not None:
+                if ready:
                     log.debug("template %s exists; reusing it", name)
                     return name
                 # Under the lock, a database that is not a finished template can only be a
