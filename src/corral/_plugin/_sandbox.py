@@ -107,27 +107,39 @@ def _dbname(real: Any) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _user_fixtures_of(session: pytest.Session, node: pytest.Item | Any, scope: str) -> bool:
-    """Whether a test under *node* uses a fixture of *scope* defined under the rootdir
-    (the project's own, not a plugin's)."""
+def _scopes_with_user_fixtures(session: pytest.Session) -> set[tuple[str, str]]:
+    """Each (scope, node id) under which a test uses a fixture of that scope defined under
+    the rootdir (the project's own, not a plugin's): one pass over the collected tests."""
     root = str(session.config.rootpath)
+    own: dict[Any, bool] = {}  # fixture function -> whether the project defined it
+
+    def project_defined(func: Any) -> bool:
+        if func not in own:
+            try:
+                path = inspect.getfile(func)
+            except TypeError:
+                path = ""
+            own[func] = (
+                not func.__module__.startswith("corral.")
+                and path.startswith(root)
+                and "site-packages" not in path
+            )
+        return own[func]
+
+    found: set[tuple[str, str]] = set()
     for item in session.items:
-        if node is not session and node not in item.listchain():
-            continue
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
             continue
-        for defs in info.name2fixturedefs.values():
-            fixturedef = defs[-1]
-            if fixturedef.scope != scope or fixturedef.func.__module__.startswith("corral."):
-                continue
-            try:
-                path = inspect.getfile(fixturedef.func)
-            except TypeError:
-                continue
-            if path.startswith(root) and "site-packages" not in path:
-                return True
-    return False
+        scopes = {
+            defs[-1].scope
+            for defs in info.name2fixturedefs.values()
+            if defs[-1].scope != "function" and project_defined(defs[-1].func)
+        }
+        if scopes:
+            chain = [node.nodeid for node in item.listchain()]
+            found.update((scope, nodeid) for scope in scopes for nodeid in chain)
+    return found
 
 
 _ASYNC_HANDLES = pytest.StashKey[list["weakref.ref[AnyController]"]]()
@@ -178,8 +190,9 @@ class SandboxManager:
         # Async handles whose idle connections died with a recreated database; they are
         # refreshed on their own loop, by the next async test.
         self._stale: weakref.WeakSet[Any] = weakref.WeakSet()
-        #: (scope, node id) -> whether that scope gets a sandbox level (wants_scope)
-        self._scopes: dict[tuple[str, str], bool] = {}
+        #: the (scope, node id) pairs that get a sandbox level (wants_scope), found at the
+        #: first scope fixture
+        self._scopes: set[tuple[str, str]] | None = None
 
     # ------------------------------------------------------------------ sync side
 
@@ -192,11 +205,9 @@ class SandboxManager:
         node, scope = request.node, request.scope
         if scope == "class" and getattr(request, "cls", None) is None:
             return False  # a test outside any class: class scope is the test itself
-        key = (scope, node.nodeid)
-        known = self._scopes.get(key)
-        if known is None:
-            known = self._scopes[key] = _user_fixtures_of(request.session, node, scope)
-        return known
+        if self._scopes is None:
+            self._scopes = _scopes_with_user_fixtures(request.session)
+        return (scope, node.nodeid) in self._scopes
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
