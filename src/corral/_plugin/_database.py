@@ -14,9 +14,9 @@ import os
 import threading
 import time
 
-from corral._plugin._dbenv import parse_entries, render
+from corral._plugin._dbenv import process_env
 from corral._plugin._run import AnyClient, RunInfo
-from corral._plugin._settings import ENV_DATABASE_URL, restore_env
+from corral._plugin._settings import restore_env
 from corral.broker import Client
 from corral.errors import BrokerError, BrokerTimeout
 from corral.postgres import clone_database, database_dsn, drop_database
@@ -152,10 +152,8 @@ class WorkerDatabase:
 
     def _export(self) -> None:
         """The URL under ``CORRAL_DATABASE_URL``, each ``corral_database_env`` entry in its
-        shape, and libpq's ``PGHOST``... (:func:`~corral._plugin._dbenv.render`)."""
-        env = render(self.url, parse_entries(self.info.database_env))
-        env[ENV_DATABASE_URL] = self.url
-        for name, value in env.items():
+        shape, and libpq's ``PGHOST``... (:func:`~corral._plugin._dbenv.process_env`)."""
+        for name, value in process_env(self.url, self.info.database_env).items():
             self._env_saved.setdefault(name, os.environ.get(name))
             os.environ[name] = value
 

@@ -18,13 +18,18 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 __all__ = [
     "LIBPQ_VARIABLES",
     "PARTS",
+    "URL_VARIABLE",
     "EnvEntry",
     "EnvEntryError",
     "parse_entries",
     "parse_entry",
+    "process_env",
     "render",
     "url_parts",
 ]
+
+#: The variable that always holds a test process's (or the schema step's) whole URL.
+URL_VARIABLE = "CORRAL_DATABASE_URL"
 
 #: Every ``{part}`` an entry may name, with what it holds.
 PARTS: Mapping[str, str] = {
@@ -238,3 +243,12 @@ def render(dsn: str, entries: Iterable[EnvEntry], *, libpq: bool = True) -> dict
     for entry in entries:
         env[entry.name] = entry.render(parts)
     return env
+
+
+def process_env(dsn: str, entry_texts: Iterable[str]) -> dict[str, str]:
+    """Everything a process whose database is *dsn* gets: :data:`URL_VARIABLE` first, then
+    the ``corral_database_env`` entries (raw texts) and libpq's variables (:func:`render`).
+
+    :raises EnvEntryError: an entry is malformed (the settings reject those first).
+    """
+    return {URL_VARIABLE: dsn, **render(dsn, parse_entries(entry_texts))}

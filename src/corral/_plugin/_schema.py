@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from corral._plugin._dbenv import parse_entries, render
+from corral._plugin._dbenv import parse_entries, process_env
 from corral._plugin._settings import ENV_DATABASE_URL, ENV_SANDBOX_MODE
 from corral.postgres._templates import TEMPLATE_PREFIX, function_hash
 
@@ -122,8 +122,7 @@ def child_env(
     :raises ValueError: an entry is malformed (the settings reject those first).
     """
     env = dict(os.environ if base is None else base)
-    env.update(render(dsn, parse_entries(database_env)))
-    env[ENV_DATABASE_URL] = dsn
+    env.update(process_env(dsn, database_env))
     # No test process: handles it wraps with sandbox(...) pass through.
     env[ENV_SANDBOX_MODE] = "normal"
     return env
@@ -132,9 +131,9 @@ def child_env(
 def set_variables(dsn: str, database_env: Iterable[str]) -> list[str]:
     """The names :func:`child_env` gives the URL (or a part of it) under, for messages:
     ``CORRAL_DATABASE_URL``, the entries, then libpq's."""
-    entries = parse_entries(database_env)
-    names = [ENV_DATABASE_URL, *(e.name for e in entries)]
-    return names + [n for n in render(dsn, entries) if n not in names]
+    entries = [e.name for e in parse_entries(database_env)]
+    names = [ENV_DATABASE_URL, *entries]
+    return names + [n for n in process_env(dsn, database_env) if n not in names]
 
 
 class SchemaChild:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from corral._plugin._dbenv import EnvEntryError, parse_entries
+from corral._plugin._dbenv import URL_VARIABLE, EnvEntryError, parse_entries
 
 __all__ = [
     "ENV_BROKER_URL",
@@ -38,7 +38,7 @@ __all__ = [
 #: An admin DSN of a PostgreSQL server the user runs (else corral starts a throwaway one).
 ENV_DSN = "CORRAL_DSN"
 #: Each test process's own database, exported before collection.
-ENV_DATABASE_URL = "CORRAL_DATABASE_URL"
+ENV_DATABASE_URL = URL_VARIABLE
 #: Read by ``corral.sandbox.sandbox()`` when no mode is given; the plugin sets "sandbox".
 ENV_SANDBOX_MODE = "CORRAL_SANDBOX_MODE"
 #: What the controlling process hands to its xdist workers (JSON; internal).
