@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from corral.broker._redis_flows import Script
+from corral.broker.redis._flows import Script
 
 ROOT = Path(__file__).resolve().parent.parent
 OPS = ("ping", "get", "set", "incr", "add", "lock", "once", "push+pop")

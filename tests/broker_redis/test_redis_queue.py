@@ -225,7 +225,7 @@ def test_timed_out_pops_leave_nothing_in_flight(redis_url: str, run: str) -> Non
 
 _POPPER = """
 import sys, time
-from corral.broker import _redis_flows as flows
+from corral.broker.redis import _flows as flows
 from corral.broker.redis import RedisClient
 
 client = RedisClient(sys.argv[1], run_id=sys.argv[2], session_ttl=float(sys.argv[3]))
@@ -286,6 +286,6 @@ def test_closing_a_popper_requeues_what_it_had_in_flight(redis_url: str, run: st
 
 
 def _first_step(sid: str, tid: str) -> Any:
-    from corral.broker import _redis_flows as flows
+    from corral.broker.redis import _flows as flows
 
     return (yield flows.Script("pop", [sid, tid, "jobs", 0]))

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from corral.broker._redis_scripts import helpers, scripts
 from corral.broker.redis import AsyncRedisClient, RedisClient
+from corral.broker.redis._scripts import helpers, scripts
 from corral.errors import BrokerTimeout, BrokerUnavailable
 
 

@@ -1,5 +1,6 @@
 """Where the broker is and how long to wait for it: the socket path and secret from the
-environment, the error for an unreachable broker, each request's answer timeout.
+environment, the error for an unreachable broker, each request's answer timeout, and
+whether an address means the Redis backend (without importing it).
 
 Shared by the blocking and the asyncio client.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Final
 
 from corral.broker.messages import Call
 from corral.errors import BrokerTimeout, BrokerUnavailable
@@ -15,12 +17,30 @@ from corral.errors import BrokerTimeout, BrokerUnavailable
 __all__ = [
     "busy",
     "is_busy",
+    "is_redis_url",
     "next_delay",
     "resolve_path",
     "resolve_secret",
     "timeout_for",
     "unavailable",
+    "wants_redis",
 ]
+
+REDIS_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+
+
+def is_redis_url(value: object) -> bool:
+    """True when *value* is a URL the Redis backend serves (``redis://``, ``rediss://``,
+    ``unix://``)."""
+    return isinstance(value, str) and value.startswith(REDIS_SCHEMES)
+
+
+def wants_redis(path: object) -> bool:
+    """Whether ``Client(path)`` means the Redis backend: *path* is a Redis URL, or no path
+    was given and ``$CORRAL_BROKER_URL`` is set (it takes precedence over EPHEMERAL_PIPE)."""
+    if path is None:
+        return bool(os.environ.get("CORRAL_BROKER_URL"))
+    return is_redis_url(path)
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> str:

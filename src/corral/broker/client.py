@@ -28,9 +28,9 @@ from corral.broker._address import (
     resolve_secret,
     timeout_for,
     unavailable,
+    wants_redis,
 )
 from corral.broker._flows import MISSING, Handshake
-from corral.broker._redis_session import wants_redis
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Compute, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message

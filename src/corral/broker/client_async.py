@@ -26,9 +26,9 @@ from corral.broker._address import (
     resolve_secret,
     timeout_for,
     unavailable,
+    wants_redis,
 )
 from corral.broker._flows import MISSING, Handshake
-from corral.broker._redis_session import wants_redis
 from corral.broker.messages import CLOSED, Call, Compute, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection, dumps, sign_message
 from corral.errors import BrokerError, BrokerTimeout, BrokerUnavailable

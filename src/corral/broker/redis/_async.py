@@ -14,9 +14,9 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from corral.broker import _redis_flows as flows
 from corral.broker._flows import MISSING
-from corral.broker._redis_base import (
+from corral.broker.redis import _flows as flows
+from corral.broker.redis._base import (
     RedisBase,
     T,
     health,
@@ -27,8 +27,8 @@ from corral.broker._redis_base import (
     metrics,
     redact,
 )
-from corral.broker._redis_scripts import scripts
-from corral.broker._redis_session import AsyncSession
+from corral.broker.redis._scripts import scripts
+from corral.broker.redis._session import AsyncSession
 from corral.errors import BrokerError, BrokerRequestError, BrokerUnavailable
 
 if TYPE_CHECKING:

@@ -19,20 +19,14 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any
 
+from corral.broker._address import is_redis_url
 from corral.errors import BrokerError, BrokerUnavailable
 
 log = logging.getLogger("corral.broker.redis")
 
-SCHEMES: Final = ("redis://", "rediss://", "unix://")
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-def is_redis_url(value: object) -> bool:
-    """True when *value* is a URL the Redis backend serves (``redis://``, ``rediss://``,
-    ``unix://``)."""
-    return isinstance(value, str) and value.startswith(SCHEMES)
 
 
 def resolve_url(url: str | None) -> str:
@@ -279,11 +273,3 @@ class AsyncSession:
                 await self._beat(sid, "end")
             except BrokerError as exc:
                 log.warning("could not end Redis session %s (%s); it expires by itself", sid, exc)
-
-
-def wants_redis(path: object) -> bool:
-    """Whether ``Client(path)`` means the Redis backend: *path* is a Redis URL, or no path
-    was given and ``$CORRAL_BROKER_URL`` is set (it takes precedence over EPHEMERAL_PIPE)."""
-    if path is None:
-        return bool(os.environ.get("CORRAL_BROKER_URL"))
-    return is_redis_url(path)

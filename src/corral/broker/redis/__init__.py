@@ -7,9 +7,9 @@ under a run-scoped prefix and ownership tied to a heartbeated session (``docs/re
 
 from __future__ import annotations
 
-from corral.broker._redis_async import AsyncRedisClient
-from corral.broker._redis_base import DEFAULT_SESSION_TTL
-from corral.broker._redis_session import is_redis_url
-from corral.broker._redis_sync import RedisClient
+from corral.broker._address import is_redis_url
+from corral.broker.redis._async import AsyncRedisClient
+from corral.broker.redis._base import DEFAULT_SESSION_TTL
+from corral.broker.redis._sync import RedisClient
 
 __all__ = ["DEFAULT_SESSION_TTL", "AsyncRedisClient", "RedisClient", "is_redis_url"]

@@ -1,4 +1,4 @@
-"""The blocking Redis client: executes the flows of :mod:`corral.broker._redis_flows`.
+"""The blocking Redis client: executes the flows of :mod:`corral.broker.redis._flows`.
 
 A daemon thread keeps its session alive; waits block in BLPOP on a second connection pool.
 """
@@ -13,9 +13,9 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from corral.broker import _redis_flows as flows
 from corral.broker._flows import MISSING
-from corral.broker._redis_base import (
+from corral.broker.redis import _flows as flows
+from corral.broker.redis._base import (
     RedisBase,
     T,
     health,
@@ -26,8 +26,8 @@ from corral.broker._redis_base import (
     metrics,
     redact,
 )
-from corral.broker._redis_scripts import scripts
-from corral.broker._redis_session import SyncSession
+from corral.broker.redis._scripts import scripts
+from corral.broker.redis._session import SyncSession
 from corral.errors import BrokerError, BrokerRequestError, BrokerUnavailable
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ import time
 from itertools import count
 from typing import Any, TypeVar
 
-from corral.broker import _redis_flows as flows
-from corral.broker._redis_session import prefix_for, resolve_run_id, resolve_url, session_info
+from corral.broker.redis import _flows as flows
+from corral.broker.redis._session import prefix_for, resolve_run_id, resolve_url, session_info
 from corral.errors import (
     AuthFailed,
     BrokerError,
