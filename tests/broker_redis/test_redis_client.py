@@ -208,6 +208,30 @@ def test_session_lost_in_process_is_replaced(make: Make, caplog: pytest.LogCaptu
     assert b.stats()["sessions"] == 2
 
 
+def test_the_socket_clients_arguments_work_when_the_env_selects_redis(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Code written for the socket broker (Client(spin=0), AsyncClient(compress_threshold=...))
+    # must not break with TypeError when CORRAL_BROKER_URL turns it into a Redis run.
+    monkeypatch.setenv("CORRAL_BROKER_URL", redis_url)
+    monkeypatch.setenv("CORRAL_RUN_ID", run_id())
+    values: dict[str, Any] = {"secret": None, "timeout": 2.0, "compress_threshold": 100, "spin": 0}
+    for socket_cls, redis_cls in ((Client, RedisClient), (AsyncClient, AsyncRedisClient)):
+        params = inspect.signature(socket_cls.__init__).parameters
+        named: dict[str, Any] = {
+            name: values[name] for name in params if name not in ("self", "path")
+        }
+        client: Any = socket_cls(**named)
+        assert isinstance(client, redis_cls)
+        assert client.timeout == 2.0
+        if isinstance(client, RedisClient):
+            with client:
+                client.set("k", 1, ttl=60)
+                assert client.get("k") == 1
+                client.purge()
+        assert set(named) <= set(inspect.signature(redis_cls.__init__).parameters)
+
+
 def test_redis_client_mirrors_the_socket_client_signatures() -> None:
     for name, member in inspect.getmembers(Client, inspect.isfunction):
         if name.startswith("_"):

@@ -52,10 +52,13 @@ class RedisClient(RedisBase):
     :param worker_id: shown by :meth:`status`; default ``$PYTEST_XDIST_WORKER``.
     :param compress_threshold: accepted for parity with :class:`~corral.broker.Client`;
         Redis stores values as plain JSON.
+    :param spin: accepted for parity with :class:`~corral.broker.Client` (whose polling
+        only pays for a broker on this machine); ignored: answers come over the network.
     :raises ValueError: no Redis URL or no run id.
 
-    Thread-safe (one session per process, shared by its threads) and fork-aware (a child
-    gets its own session).
+    ``Client(...)`` returns this client when ``$CORRAL_BROKER_URL`` is set, so it takes
+    every argument ``Client`` takes. Thread-safe (one session per process, shared by its
+    threads) and fork-aware (a child gets its own session).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class RedisClient(RedisBase):
         default_ttl: float = 1800.0,
         worker_id: str | None = None,
         compress_threshold: int | None = None,
+        spin: float | None = None,
     ) -> None:
         super().__init__(url, secret, timeout, run_id, session_ttl, default_ttl, worker_id)
         redis = import_redis()
