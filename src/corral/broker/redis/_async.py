@@ -1,6 +1,7 @@
-"""The asyncio Redis client: the same flows as the blocking one, awaited.
+"""The asyncio Redis client: executes the flows of :mod:`corral.broker.redis._flows`.
 
-A task keeps its session alive; use one client per event loop.
+A heartbeat task keeps its session alive; waits block in BLPOP on a second connection pool.
+The blocking client, ``_sync.py``, is generated from ``_async.py`` by tools/async_to_sync.py.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ import asyncio
 import contextlib
 import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from corral._twins import ASYNC
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (
@@ -38,10 +40,29 @@ __all__ = ["AsyncRedisClient"]
 
 
 class AsyncRedisClient(RedisBase):
-    """The asyncio twin of :class:`RedisClient` (same methods, awaitable; ``aclose()``).
+    """An asyncio client of a corral run on Redis: the full broker client API, awaitable.
 
-    ``once`` accepts an async *compute*; ``lock``/``acquire`` are ``async with``.
-    The heartbeat is a task on the loop of first use: use one client per event loop.
+    :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS) or
+        ``unix:///path/redis.sock``; default ``$CORRAL_BROKER_URL``.
+    :param secret: the Redis password when the URL carries none.
+    :param timeout: seconds to wait for each answer (and to connect).
+    :param run_id: the run's name, shared by every machine of the run; default
+        ``$CORRAL_RUN_ID``. Keys live under ``corral:{RUN_ID}:``.
+    :param session_ttl: seconds after which a client that stopped heartbeating (killed,
+        frozen) loses what it holds; the heartbeat runs every ``session_ttl / 3``.
+        Default ``$CORRAL_SESSION_TTL``, else 5.
+    :param default_ttl: TTL of keys and leases set without one (the broker's 30 minutes).
+    :param worker_id: shown by :meth:`status`; default ``$PYTEST_XDIST_WORKER``.
+    :param compress_threshold: accepted for parity with :class:`~corral.broker.Client`;
+        Redis stores values as plain JSON.
+    :param spin: accepted for parity with :class:`~corral.broker.Client` (whose polling
+        only pays for a broker on this machine); ignored: answers come over the network.
+    :raises ValueError: no Redis URL or no run id.
+
+    ``AsyncClient(...)`` returns this client when ``$CORRAL_BROKER_URL`` is set, so it takes
+    every argument ``AsyncClient`` takes. ``once`` accepts an async *compute*; ``lock`` and
+    ``acquire`` are ``async with``; the heartbeat is a task on the loop of first use: use
+    one client per event loop.
     """
 
     def __init__(
@@ -55,39 +76,56 @@ class AsyncRedisClient(RedisBase):
         default_ttl: float = 1800.0,
         worker_id: str | None = None,
         compress_threshold: int | None = None,
+        spin: float | None = None,
     ) -> None:
         super().__init__(url, secret, timeout, run_id, session_ttl, default_ttl, worker_id)
         redis = import_redis()
         self._redis_error: type[Exception] = redis.RedisError
-        self._r: redis_py.asyncio.Redis = redis.asyncio.Redis.from_url(
-            self.url, **self._options(False)
-        )
-        self._rb: redis_py.asyncio.Redis = redis.asyncio.Redis.from_url(
-            self.url, **self._options(True)
-        )
+        connect = redis.asyncio.Redis.from_url
+        self._r: redis_py.asyncio.Redis = connect(self.url, **self._options(False))
+        self._rb: redis_py.asyncio.Redis = connect(self.url, **self._options(True))
         self._scripts = {name: self._r.register_script(src) for name, src in scripts().items()}
         self._session = AsyncSession(self._beat, self.session_ttl)
+        if not ASYNC:
+            import weakref
+
+            # Ends the session at interpreter exit too, so a worker that forgot close()
+            # frees its claims at once instead of after session_ttl.
+            self._finalizer = weakref.finalize(self, self._session.end)
+
+    # ------------------------------------------------------------------ key/value
 
     async def ping(self) -> float:
         """Round-trip latency to Redis, in milliseconds."""
         started = time.perf_counter()
-        await self._call(self._r.ping())
+        await self._call(lambda: self._r.ping())
         return (time.perf_counter() - started) * 1000.0
 
     async def get(self, key: str, default: Any = MISSING) -> Any:
-        """The value of *key*, or *default*. :raises KeyNotFound: missing or expired."""
+        """The value of *key*, or *default* when it is missing or expired.
+
+        :raises KeyNotFound: no *default* and the key never existed or expired.
+        """
         return await self._run(flows.get(self.prefix, key, default))
 
     async def set(self, key: str, value: Any, ttl: float | None = None) -> None:
-        """Store a JSON value. :raises TypeError: not JSON (nothing was sent)."""
+        """Store a JSON value under *key* for *ttl* seconds (``default_ttl`` if None).
+
+        :raises TypeError: *value* is not JSON-serialisable (nothing was sent).
+        :raises InvalidTTL: *ttl* is not a positive number.
+        """
         await self._run(flows.set_(key, value, ttl, self._default_ms))
 
     async def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
-        """Set *key* only if absent, atomically; True when this call set it."""
+        """Set *key* only if it is absent, atomically; True when this call set it."""
         return bool(await self._run(flows.set_(key, value, ttl, self._default_ms, nx=True)))
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
-        """Atomic counter, created at 0."""
+        """Add *amount* to the integer at *key* (created at 0) and return the result.
+
+        A new counter gets *ttl* or ``default_ttl``; an existing one keeps its TTL unless
+        *ttl* is given. :raises InvalidRequest: the value is not an integer.
+        """
         return int(await self._run(flows.incr(key, amount, ttl, self._default_ms)))
 
     async def delete(self, key: str) -> bool:
@@ -98,15 +136,26 @@ class AsyncRedisClient(RedisBase):
         """The run's live keys."""
         return list(await self._run(flows.keys()))
 
+    # ------------------------------------------------------------------ leases
+
     async def lease(self, key: str, worker_id: str, ttl: float | None = None) -> int:
-        """Lease the smallest free integer under *key* for *worker_id*."""
+        """Lease the smallest free integer under *key* for *worker_id* (renews its own).
+
+        Freed by :meth:`release`, when its TTL passes, or when this client's session ends.
+
+        :raises LeaseError: *worker_id* already leases under another key.
+        """
         return int(
-            await self._owned(lambda sid: flows.lease(sid, key, worker_id, ttl, self._default_ms))
+            await self._owned(
+                lambda sid: flows.lease(sid, key, worker_id, ttl, self._default_ms),
+            )
         )
 
     async def release(self, worker_id: str) -> bool:
         """Free *worker_id*'s lease; True when it held one."""
         return bool(await self._run(flows.release(worker_id)))
+
+    # ------------------------------------------------------------------ coordination
 
     async def once(
         self,
@@ -115,7 +164,16 @@ class AsyncRedisClient(RedisBase):
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> Any:
-        """Exactly one caller in the run computes *key*; *compute* may be async."""
+        """The value of *key*, computed by exactly one caller in the whole run.
+
+        The others wait for it (up to *timeout* seconds). The value is stored under *key*
+        for *ttl* seconds (``get(key)`` reads it). If *compute* raises, that caller gets
+        its exception and every other caller :class:`~corral.errors.OnceFailed` with its
+        message; if the computing process dies, one waiter is elected to compute instead.
+
+        :raises OnceFailed: the computing caller's *compute* raised.
+        :raises BrokerTimeout: the value was not ready within *timeout*.
+        """
         if not callable(compute):
             raise TypeError("compute must be callable")
         result = await self._owned(
@@ -125,13 +183,13 @@ class AsyncRedisClient(RedisBase):
             return result
         try:
             value = compute()
-            if inspect.isawaitable(value):
+            if ASYNC and inspect.isawaitable(value):
                 value = await value
             return await self._run(flows.once_done(result, value, ttl, self._default_ms))
         except Exception as exc:
             await self._run(flows.once_fail(result, exc, ttl, self._default_ms))
             raise
-        except BaseException:
+        except BaseException:  # Ctrl-C: not a failure of compute; let another caller try
             with contextlib.suppress(BrokerError):
                 await asyncio.shield(self._execute(flows.give_up(result)))
             raise
@@ -139,27 +197,57 @@ class AsyncRedisClient(RedisBase):
     def lock(
         self, name: str, ttl: float | None = None, timeout: float | None = None
     ) -> AbstractAsyncContextManager[int]:
-        """``async with client.lock(name) as token:`` run-wide FIFO mutual exclusion."""
+        """``with client.lock(name) as token:`` run-wide mutual exclusion, FIFO-fair.
+
+        :param ttl: free the lock after this many seconds even if still held (a safety net
+            for a holder that hangs); None: held until released or the session ends.
+        :param timeout: give up waiting after this many seconds (0: do not wait).
+        :returns: a context manager yielding the fencing token (increasing per name).
+        :raises BrokerTimeout: not acquired within *timeout*.
+        :raises ClaimLost: on exit, when the lock had already been freed (TTL, session).
+        """
         return self._hold("lock", name, ttl, timeout)
 
     async def pool(self, name: str, items: Sequence[Any]) -> bool:
-        """Declare pool *name* (idempotent). :raises PoolConflict: other items before."""
+        """Declare pool *name* of JSON *items* (idempotent); True when this call created it.
+
+        :raises PoolConflict: it was declared before with different items.
+        """
         return bool(await self._run(flows.pool(name, items)))
 
     def acquire(
         self, name: str, timeout: float | None = None, ttl: float | None = None
     ) -> AbstractAsyncContextManager[Any]:
-        """``async with client.acquire(name) as item:`` a free pool item, FIFO-fair."""
+        """``with client.acquire(name) as item:`` take a free item of a pool, FIFO-fair.
+
+        :raises KeyNotFound: the pool was never declared.
+        :raises BrokerTimeout: no item freed up within *timeout*.
+        :raises ClaimLost: on exit, when the item had already been freed (TTL, session).
+        """
         return self._hold("pool", name, ttl, timeout)
 
     async def throttle(
         self, name: str, rate: float, per: float = 1.0, timeout: float | None = None
     ) -> None:
-        """Wait until the run-wide rate allows a call."""
+        """Block until the run-wide rate of *rate* calls per *per* seconds allows a call.
+
+        Calls are served in arrival order: each reserves the next free slot in Redis
+        and sleeps until it starts.
+
+        :raises BrokerTimeout: the next slot starts later than *timeout* seconds from now
+            (nothing is reserved then).
+        """
         await self._run(flows.throttle(name, rate, per, timeout))
 
     async def barrier(self, name: str, parties: int, timeout: float | None = None) -> int:
-        """Wait for *parties* callers. :raises BarrierBroken: a member died or timed out."""
+        """Wait until *parties* callers reached barrier *name*; returns this arrival's index.
+
+        The barrier is reusable (the next *parties* callers form the next round). If a
+        waiting member dies or times out, it is broken for every member, for good.
+
+        :raises BarrierBroken: a member died or timed out.
+        :raises BrokerTimeout: the others did not arrive within *timeout* (this breaks it).
+        """
         return int(
             await self._owned(
                 lambda sid: flows.barrier(self.prefix, sid, self._tid(sid), name, parties, timeout)
@@ -171,18 +259,33 @@ class AsyncRedisClient(RedisBase):
         return int(await self._run(flows.push(queue, items)))
 
     async def pop(self, queue: str, timeout: float | None = None) -> Any:
-        """Take the first item of *queue*, waiting up to *timeout* seconds.
+        """Take the first item of *queue*, waiting for one up to *timeout* seconds.
 
-        Cancellation-safe: a pop cancelled at any point, even as Redis hands it the item,
-        leaves the item at the head of the queue. Delivery is at least once across a
-        crash of the popper (see :meth:`RedisClient.pop`).
+        A reliable queue: the item moves into this client's in-flight list in Redis and
+        is removed from there only once it has reached this process. A pop that fails
+        before that (a Ctrl-C, a lost connection) puts the item back at the head of the
+        queue; so does the end of this client's session (``close()``, or ``session_ttl``
+        after the process died). While poppers live, every item is returned by exactly
+        one call. Delivery is *at least once*: an item is never lost when a popper
+        crashes, but one can be returned twice when a popper's session expired while it
+        was paused in the middle of a pop. An item is not returned again once ``pop`` has
+        returned it, even if the caller then dies: requeue unfinished work yourself.
+
+        :raises BrokerTimeout: the queue stayed empty.
         """
         return await self._owned(
-            lambda sid: flows.pop(self.prefix, sid, self._tid(sid), queue, timeout)
+            lambda sid: flows.pop(self.prefix, sid, self._tid(sid), queue, timeout),
         )
 
+    # ------------------------------------------------------------------ observability
+
     async def status(self) -> dict[str, Any]:
-        """Holders, waiters and sessions of the run (see :meth:`RedisClient.status`)."""
+        """Holders, waiters and sessions of the run: what, who, since when, TTL left.
+
+        ``{"holders": [...], "waiters": [...], "sessions": [...], "time": EPOCH_S}``; each
+        entry has ``kind``, ``name``, ``who`` (``pid``, ``host``, ``worker``, ``session``),
+        ``since`` (epoch seconds) and, for holders, ``ttl_left`` (seconds or None).
+        """
         return dict(await self._run(flows.status()))
 
     async def stats(self) -> dict[str, Any]:
@@ -190,53 +293,78 @@ class AsyncRedisClient(RedisBase):
         return dict(await self._run(flows.stats()))
 
     async def health(self) -> dict[str, Any]:
-        """``status``, Redis version and uptime, ping latency."""
+        """``status`` (``healthy``), Redis version and uptime, and the ping latency."""
         latency = await self.ping()
-        info = await self._call(self._r.info("server"))
+        info = await self._call(lambda: self._r.info("server"))
         return health(info, latency)
 
     async def metrics(self) -> str:
-        """Prometheus text with the run's counts."""
+        """Prometheus text with the run's counts (the socket broker's ``corral_broker_*``)."""
         return metrics(await self.stats(), self.run_id)
 
     async def purge(self) -> int:
-        """Delete every key of this run; returns how many."""
+        """Delete every key of this run (end of a CI pipeline); returns how many.
+
+        Do not call it while other clients of the run still work.
+        """
 
         async def collect() -> list[str]:
-            return [key async for key in self._r.scan_iter(match=self.prefix + "*", count=500)]
+            found = []
+            async for key in self._r.scan_iter(match=self.prefix + "*", count=500):
+                found.append(key)
+            return found
 
-        keys: list[str] = await self._call(collect())
+        keys = await self._call(collect)
         deleted = 0
         for start in range(0, len(keys), 500):
-            deleted += int(await self._call(self._r.unlink(*keys[start : start + 500])))
+            chunk = keys[start : start + 500]
+            deleted += int(await self._call(lambda: self._r.unlink(*chunk)))  # noqa: B023
         return deleted
 
     async def join(self) -> None:
-        """Register this client's session now (see :meth:`RedisClient.join`)."""
+        """Register this client's session now (the first claim does it otherwise), so the
+        run counts this process as working until :meth:`close`: while it lives, another
+        client's :meth:`purge_if_last` leaves the run's keys alone."""
         await self._session.current()
 
     async def purge_if_last(self) -> int | None:
-        """Delete the run's keys if no other client has a live session; None otherwise
-        (see :meth:`RedisClient.purge_if_last`). Ends this client's session."""
+        """Delete every key of this run if no other client of it has a live session.
+
+        One script decides and deletes, so two clients finishing together cannot both
+        leave the keys, nor delete them under a client that is still working. Sessions
+        that expired (killed processes) do not count. This client's session ends either
+        way; a later claim starts a new one. Sessions are what a run knows of its
+        clients: call :meth:`join` at the start of each process that must keep the run.
+
+        :returns: how many keys were deleted, or None when other clients still live
+            (nothing was deleted; the keys expire by themselves otherwise).
+        """
         if self._closed:
             raise BrokerUnavailable(f"this AsyncRedisClient is closed ({redact(self.url)})")
         return await self._run(flows.purge_last(await self._session.detach()))
 
+    # ------------------------------------------------------------------ lifecycle
+
     async def connect(self) -> AsyncRedisClient:
-        """Check now that Redis answers."""
+        """Check now that Redis answers (instead of on the first request)."""
         await self.ping()
         return self
 
     async def aclose(self) -> None:
-        """End the session (releasing what it holds at once) and close. Idempotent."""
+        """End the session (everything it holds is released at once), close. Idempotent."""
         if self._closed:
             return
-        await self._session.end()
+        if ASYNC:
+            await self._session.end()
+        else:
+            self._finalizer()
         self._closed = True
         for connection in (self._r, self._rb):
-            # aclose() since redis-py 5.0.1; close() (deprecated since) before it.
-            closer = getattr(connection, "aclose", None) or connection.close
-            await closer()
+            if ASYNC:
+                # aclose() since redis-py 5.0.1; close() (deprecated since) before it.
+                await (getattr(connection, "aclose", None) or connection.close)()
+            else:
+                connection.close()
 
     async def __aenter__(self) -> AsyncRedisClient:
         return self
@@ -254,46 +382,51 @@ class AsyncRedisClient(RedisBase):
     async def _beat(self, sid: str, mode: str) -> Any:
         return await self._execute(flows.Script("session", self._session_args(sid, mode)))
 
-    async def _call(self, awaitable: Any) -> Any:
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         if self._closed:
-            if inspect.iscoroutine(awaitable):
-                awaitable.close()  # never awaited: no "coroutine was never awaited" warning
             raise BrokerUnavailable(f"this AsyncRedisClient is closed ({redact(self.url)})")
         try:
-            return await awaitable
+            return await fn()
         except self._redis_error as exc:
-            if self._closed:  # aclose() in another task pulled the connection away
-                raise BrokerUnavailable(self._closed_message()) from exc
+            if self._closed:  # close() elsewhere pulled the connection away
+                raise BrokerUnavailable(
+                    f"this AsyncRedisClient was closed ({redact(self.url)})"
+                ) from exc
             raise mapped(exc, self.url) from exc
         except Exception as exc:
             if self._closed:  # redis-py can trip over a connection closed under it
-                raise BrokerUnavailable(self._closed_message()) from exc
+                raise BrokerUnavailable(
+                    f"this AsyncRedisClient was closed ({redact(self.url)})"
+                ) from exc
             raise
-
-    def _closed_message(self) -> str:
-        return f"this AsyncRedisClient was closed ({redact(self.url)})"
 
     async def _execute(self, op: flows.Op) -> Any:
         if isinstance(op, flows.Script):
             script = self._scripts[op.name]
             try:
-                return await self._call(script(keys=[self.prefix], args=op.args, client=self._r))
-            except BaseException:  # cancelled or lost with the outcome unknown: undo it
+                return await self._call(
+                    lambda: script(keys=[self.prefix], args=op.args, client=self._r),
+                )
+            except BaseException:
+                # Interrupted (Ctrl-C, a lost connection) with the outcome unknown: the
+                # script may have queued a ticket or granted a claim nobody would take.
                 if op.cancel is not None:
                     with contextlib.suppress(BrokerError):
                         await asyncio.shield(self._execute(op.cancel))
                 raise
         if isinstance(op, flows.Command):
-            return await self._call(self._r.execute_command(*op.args))  # type: ignore[no-untyped-call]
+            command = self._r.execute_command
+            return await self._call(lambda: command(*op.args))  # type: ignore[no-untyped-call]
         if isinstance(op, flows.Wait):
+            into = op.into
             try:
-                if op.into is not None:
+                if into is not None:
                     # Fractional seconds are fine (Redis >= 6); redis-py types it int.
-                    moved = self._rb.blmove(op.key, op.into, op.timeout)  # type: ignore[arg-type]
-                    return await self._call(moved)
-                reply = await self._call(self._rb.blpop([op.key], timeout=op.timeout))
+                    move = self._rb.blmove
+                    return await self._call(lambda: move(op.key, into, op.timeout))  # type: ignore[arg-type]
+                reply = await self._call(lambda: self._rb.blpop([op.key], timeout=op.timeout))
             except BaseException:
-                if op.cancel is not None:
+                if op.cancel is not None:  # interrupted: never leave a grant behind
                     with contextlib.suppress(BrokerError):
                         await asyncio.shield(self._execute(op.cancel))
                 raise
@@ -312,6 +445,8 @@ class AsyncRedisClient(RedisBase):
             return stop.value  # type: ignore[no-any-return]
 
     async def _owned(self, build: Callable[[str], Generator[flows.Op, Any, T]]) -> T:
+        """Run the flow *build(sid)* that takes claims for this client's session; if Redis
+        says the session expired meanwhile, run it once more under a new session."""
         sid = await self._session.current()
         try:
             return await self._run(build(sid))
