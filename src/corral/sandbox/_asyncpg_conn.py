@@ -102,7 +102,6 @@ class Box(ProxyBox, Protocol):
     def generation(self) -> int: ...
     def note(self, exc: BaseException) -> None: ...
     async def run(self, step: Step | None) -> None: ...
-    async def send(self, sql: str | None) -> None: ...
     async def isolation(self) -> str: ...
     async def reload_schema(self) -> None: ...
     async def prepare(self, query: str, **options: Any) -> Any: ...
@@ -221,7 +220,7 @@ class AsyncpgSandboxConnection(ProxyBase[Box]):
         box = self._box
         if box.broken is None:
             box.inerror = True
-            await box.send(box.plan.statement_failed(self._app))
+            await box.run(box.plan.statement_failed(self._app))
 
     async def _succeeded(self, st: Statement | None) -> None:
         box, plan = self._box, self._box.plan
@@ -456,7 +455,7 @@ class AsyncpgSandboxTransaction:
                 )
         step, self._frame = box.plan.block(app)
         if top is None and self._readonly:
-            step = Step(step.sql + "; SET TRANSACTION READ ONLY", step.undo)
+            step = step._replace(sql=step.sql + "; SET TRANSACTION READ ONLY")
             self._frame.read_only = True
         try:
             await box.run(step)
