@@ -16,7 +16,7 @@ from asyncpg import exceptions as pgexc
 
 from corral.errors import SandboxError, SandboxLockTimeout
 from corral.sandbox._locks import AsyncOwnerLock, reads
-from corral.sandbox._messages import lock_contention, refused
+from corral.sandbox._messages import is_lock_timeout, lock_contention, refused
 from corral.sandbox._plan import (
     AppState,
     EmulatedServerError,
@@ -82,7 +82,9 @@ def _emulated(err: EmulatedServerError) -> Exception:
 
 
 def _translate(exc: Exception, text: str | None, lock_timeout: float | None) -> Exception:
-    if isinstance(exc, pgexc.LockNotAvailableError) and "lock timeout" in str(exc):
+    if isinstance(exc, pgexc.LockNotAvailableError) and is_lock_timeout(
+        exc.sqlstate, getattr(exc, "server_source_function", None)
+    ):
         return AsyncpgLockTimeout(
             lock_contention(lock_timeout, getattr(exc, "context", None), text)
         )
