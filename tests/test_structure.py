@@ -1,5 +1,5 @@
 """The package's shape: no import cycles between its modules, and every module imports on
-its own (in a fresh interpreter, first), whatever else was imported before it.
+its own, first in a fresh interpreter.
 
 The graph is read from the source (``ast``), so a cycle fails here with its files and
 lines before it fails at runtime in an import order no other test happens to use.
@@ -267,7 +267,8 @@ def test_every_module_imports_first(tmp_path: Path) -> None:
         if not k.startswith(("CORRAL_", "EPHEMERAL_")) and k != "PYTHONDONTWRITEBYTECODE"
     }
     env["PYTHONPATH"] = str(SRC)
-    # Compiled once by the first child that imports a module, read by the others.
+    # The parent compiles each module once, the children read that: the run may have no
+    # bytecode cache (PYTHONDONTWRITEBYTECODE), and this one stays out of the source tree.
     env["PYTHONPYCACHEPREFIX"] = str(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-c", _IMPORT_EACH, " ".join(names), " ".join(OPTIONAL)],
