@@ -316,3 +316,74 @@ def test_deep_nesting_is_rejected_not_a_crash() -> None:
     assert isinstance(rejected, Rejected)
     assert "deep" in rejected.detail
     assert isinstance(ok, Request)
+
+
+# What the codec makes of awkward input, as comparable text: run here (with json's C
+# accelerator) and in a child without it (as on PyPy), the two must agree.
+_CODEC_CORPUS = r"""
+import json
+from corral.broker.protocol import ServerConnection, dumps
+
+def describe(event):
+    return [type(event).__name__, *(str(v) for v in vars(event).values())] if hasattr(
+        event, "__dict__") else [type(event).__name__, repr(event)]
+
+lines = [
+    b'{"action":"set","key":"k","value":{"a":[1,2.5,-0.0,1e-7,12345678901234567890],"b":null}}',
+    b'  {"action":"ping"}', b'\t\r{"x":true}  ', b'{"s":"\\u00e9\\ud83d\\ude00 \\"q\\" \\\\"}',
+    b'not json', b'\xff\xfe', b'[1,2]', b'"str"', b'{"a":1', b'{"a":1} x', b'{"a":NaN}',
+    b'{"a":[1,{"b":1e400}]}', b'{"a":-Infinity}', b'{"a":01}', b'{"a":1,}', b'{}',
+    b'[' * 5000, b'{"a":"\x01"}', b'{"\xc3\xa9":1}',
+]
+out = []
+for line in lines:
+    conn = ServerConnection()
+    conn.receive_data(line + b"\n")
+    event = conn.next_event()
+    out.append(["line", type(event).__name__, repr(getattr(event, "obj", None)),
+                getattr(event, "code", None), getattr(event, "detail", None)])
+loop = []
+loop.append(loop)
+values = [{"a": "\u00e9\U0001f600", "b": [1.5, 1e300, -0.0, True, None, 10**30]}, "s", 3,
+          {1: "int key", 2.5: "float key", None: "n", True: "t"}, {"v": float("nan")},
+          {"v": float("inf")}, {"v": {1, 2}}, {"v": loop}, {"v": object()}, {(1,): 2}]
+for value in values:
+    try:
+        out.append(["dumps", dumps(value).decode()])
+    except Exception as exc:
+        out.append(["dumps", type(exc).__name__])
+print(json.dumps(out))
+"""
+
+
+def test_without_the_json_accelerator_the_codec_gives_the_same_results() -> None:
+    import os
+    import subprocess
+    import sys
+
+    here = subprocess.run(
+        [sys.executable, "-c", _CODEC_CORPUS], capture_output=True, text=True, check=True
+    ).stdout
+    blocked = "import sys; sys.modules['_json'] = None\n" + _CODEC_CORPUS.replace(
+        "import json\n",
+        "import json, json.decoder, json.scanner\nassert json.scanner.c_make_scanner is None\n"
+        "assert json.encoder.c_make_encoder is None\n",
+        1,
+    )
+    without = subprocess.run(
+        [sys.executable, "-c", blocked],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(BROKER_SRC.parent.parent)},
+    )
+    assert without.returncode == 0, without.stderr
+
+    def comparable(results: list[list[Any]]) -> list[list[Any]]:
+        # CPython's C and Python scanners word some of their own messages differently
+        # (a control character in a string): compare what corral says, "not JSON".
+        return [
+            [*r[:4], r[4].split(": ")[0]] if r[0] == "line" and r[3] == "invalid_json" else r
+            for r in results
+        ]
+
+    assert comparable(json.loads(without.stdout)) == comparable(json.loads(here))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import resource
 import selectors
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from corral import Broker, Client
+from corral.broker import _spin
 from corral.broker._spin import (
     DEFAULT_BUDGET,
     SpinningSelector,
@@ -333,3 +335,18 @@ def test_requests_that_wake_a_waiter_do_not_poll() -> None:
     assert first_call(_flows.push("q", ("item",))).wakes
     assert not first_call(_flows.get("k")).wakes
     assert not first_call(_flows.ping()).wakes
+
+
+def test_the_spin_polls_the_selector_through_public_apis(pair: tuple[socket.socket, ...]) -> None:
+    """The probe polls the epoll descriptor (``fileno()``), not the selector's private
+    epoll object; it sees readiness without consuming it (level-triggered)."""
+    a, b = pair
+    with SpinningSelector(0.001) as sel:
+        sel.register(a, selectors.EVENT_READ)
+        assert (sel._probe is not None) == hasattr(selectors, "EpollSelector")
+        assert not sel._spin()
+        b.send(b"x")
+        assert sel._spin()
+        assert sel._spin()
+        assert [key.fileobj for key, _ in sel.select(0)] == [a]
+    assert not re.search(r"[.\"]_selector\b", Path(_spin.__file__).read_text())

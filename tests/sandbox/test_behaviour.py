@@ -473,6 +473,22 @@ async def test_a_connection_dead_in_the_pool_is_replaced_at_create(
 # 11 ------------------------------------------------------------------------------------
 
 
+#: Message languages a server may have (``lc_messages``): the lock-timeout test runs in the
+#: first one the server accepts, so its detection cannot rest on English text.
+_LANGUAGES = ("de_DE.UTF-8", "de_DE.utf8", "fr_FR.UTF-8", "fr_FR.utf8", "es_ES.UTF-8")
+
+
+def _foreign_lc_messages(outside: Any) -> str | None:
+    for name in _LANGUAGES:
+        try:
+            outside.execute(f"SET lc_messages = '{name}'")
+        except Exception:  # the server has no such locale, or we may not set it
+            continue
+        outside.execute("RESET lc_messages")
+        return name
+    return None
+
+
 async def test_lock_contention_between_sandboxes_ends_in_a_clear_bounded_error(
     ad: Adapter, outside: Any
 ) -> None:
@@ -480,6 +496,8 @@ async def test_lock_contention_between_sandboxes_ends_in_a_clear_bounded_error(
     ad = type(ad)(ad.dsn, lock_timeout=0.3)
     await ad.open(max_size=2)
     holder_has_row, release = ad.event(), ad.event()
+    # Known by its SQLSTATE (and the server function raising it), whatever the language.
+    language = _foreign_lc_messages(outside)
 
     async def holder() -> None:
         await ad.create()
@@ -491,6 +509,8 @@ async def test_lock_contention_between_sandboxes_ends_in_a_clear_bounded_error(
     async def contender() -> BaseException | None:
         await holder_has_row.wait()
         await ad.create()
+        if language is not None:
+            await ad.execute(f"SET lc_messages = '{language}'")  # undone with the sandbox
         started = time.monotonic()
         try:
             await ad.execute("INSERT INTO item (name) VALUES ('same-key')")
@@ -520,6 +540,45 @@ async def test_lock_contention_between_sandboxes_ends_in_a_clear_bounded_error(
     assert "lock contention" in str(err)
     assert "item_name_key" in str(err)  # names the contended index / relation
     assert count_outside(outside) == 0
+
+
+async def test_nowait_finding_a_lock_taken_is_the_servers_error_not_contention(
+    ad: Adapter,
+) -> None:
+    """NOWAIT fails with the same SQLSTATE as a lock timeout (55P03); it did not wait, so
+    it is no contention report: the app's own error, as in production."""
+    await ad.aclose()
+    ad = type(ad)(ad.dsn, lock_timeout=0.3)
+    await ad.open(max_size=2)
+    holder_has_lock, release = ad.event(), ad.event()
+
+    async def run(i: int) -> BaseException | None:
+        if i == 0:
+            await ad.create()
+            await ad.execute("INSERT INTO item (name) VALUES ('held')")  # ROW EXCLUSIVE
+            holder_has_lock.set()
+            await release.wait()
+            await ad.close()
+            return None
+        await holder_has_lock.wait()
+        await ad.create()
+        try:
+            await ad.execute("LOCK TABLE item IN SHARE MODE NOWAIT")
+        except BaseException as exc:
+            return exc
+        finally:
+            release.set()
+            await ad.close()
+        return None
+
+    try:
+        err = (await ad.concurrently(2, run))[1]
+    finally:
+        await ad.aclose()
+    assert err is not None
+    assert ad.sqlstate(err) == "55P03"
+    assert not isinstance(ad.original(err), SandboxLockTimeout), err
+    assert "lock contention" not in str(err)
 
 
 async def test_deferred_constraints_in_autocommit_fail_the_statement_itself(ad: Adapter) -> None:

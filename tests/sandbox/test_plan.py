@@ -11,6 +11,7 @@ from corral.sandbox._plan import (
     EmulatedServerError,
     FrameKind,
     Plan,
+    Step,
     classify,
 )
 
@@ -25,7 +26,9 @@ def opened(**kwargs: object) -> Plan:
 def test_open_sets_a_bounded_lock_timeout_and_asks_for_deferrable_constraints() -> None:
     plan = Plan(lock_timeout=1.5, isolation_level="REPEATABLE READ")
     step = plan.open()
-    assert step.sql == "BEGIN ISOLATION LEVEL REPEATABLE READ; " + DEFERRABLE_QUERY
+    assert step.sql == "BEGIN ISOLATION LEVEL REPEATABLE READ"
+    assert step.ask == DEFERRABLE_QUERY  # asked after it, in the same round trip for psycopg
+    assert step.script == step.sql + "; " + DEFERRABLE_QUERY
     assert plan.depth == 1
     # The setting rides on the first SQL the plan sends, before any savepoint...
     first = plan.before_statement(AppState(autocommit=True))
@@ -52,11 +55,44 @@ def test_autocommit_statements_share_one_round_trip_of_savepoint_work() -> None:
     second = plan.before_statement(app)
     assert second is not None
     assert second.sql == "RELEASE SAVEPOINT corral_stmt; SAVEPOINT corral_stmt"  # ...here
-    assert plan.statement_failed(app) == (
-        "ROLLBACK TO SAVEPOINT corral_stmt; RELEASE SAVEPOINT corral_stmt"
+    assert plan.statement_failed(app) == Step(
+        "ROLLBACK TO SAVEPOINT corral_stmt; RELEASE SAVEPOINT corral_stmt", rolls_back=True
     )
     assert not app.frames
     assert [f.kind for f in plan.stack] == [FrameKind.SANDBOX]
+
+
+def test_steps_say_whether_they_roll_back() -> None:
+    """What a step does is data (asyncpg's adapter clears its failed-transaction flag on
+    it), never read from the SQL text: a savepoint or query may contain "ROLLBACK"."""
+    plan = opened(check_deferred=True)
+    plan.push_sandbox()
+    app, ro = AppState(), AppState(read_only=True)
+    began = plan.before_statement(app)
+    assert began is not None
+    assert not began.rolls_back
+    step, block = plan.block(app, '"ROLLBACK"')  # a name that is not a rollback
+    assert not step.rolls_back
+    ended = plan.end_block(app, block, commit=False)
+    assert ended is not None
+    assert ended.rolls_back
+    committed = plan.commit(app)  # SET CONSTRAINTS check: ROLLBACK TO corral_check inside
+    assert committed is not None
+    assert "ROLLBACK" in committed.sql
+    assert not committed.rolls_back
+    plan.before_statement(ro)
+    read_only = plan.commit(ro)  # a read-only transaction commits by rolling back
+    assert read_only is not None
+    assert read_only.rolls_back
+    plan.before_statement(app)
+    rolled = plan.rollback(app)
+    assert rolled is not None
+    assert rolled.rolls_back
+    assert plan.restore().rolls_back
+    assert plan.pop_sandbox().rolls_back
+    assert plan.restore().rolls_back  # the outer level: ROLLBACK; BEGIN
+    assert plan.pop_sandbox().rolls_back
+    assert not Plan().open().rolls_back
 
 
 def test_autocommit_with_deferrable_constraints_checks_after_each_statement() -> None:

@@ -14,12 +14,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from corral._plugin._django_info import DjangoInfo
 from corral.errors import CorralError, TemplateBuildError
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ log = logging.getLogger("corral.pytest")
 ENV_DJANGO = "CORRAL_DJANGO"
 _SWITCH = ("auto", "on", "off")
 _PROBE_TIMEOUT = 3
-_MAX_NAME = 63
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -44,43 +43,6 @@ def add_options(parser: pytest.Parser) -> None:
         "clones: auto (when a database uses PostgreSQL), on, off",
         default="auto",
     )
-
-
-@dataclass(frozen=True)
-class DjangoInfo:
-    """The run's Django templates, as the workers need them (JSON in ``CORRAL_DJANGO``).
-
-    :ivar groups: per test database: its aliases (the first is migrated), its template,
-        the admin DSN of its server, and the ``HOST``/``PORT``/``USER``/``PASSWORD`` that
-        point the aliases at that server (empty: the settings' own server).
-    :ivar mirrors: ``TEST["MIRROR"]`` aliases -> the alias they mirror.
-    :ivar others: aliases on other backends (SQLite...), which Django sets up itself.
-    """
-
-    run_id: str
-    controller_pid: int
-    clone_tag: str
-    groups: list[dict[str, Any]]
-    mirrors: dict[str, str] = field(default_factory=dict)
-    others: list[str] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> DjangoInfo:
-        return cls(**json.loads(text))
-
-    def clone_name(self, index: int, worker: str) -> str:
-        """``corral_<run>_dj<index>_<worker>`` (with the machine's tag in a Redis run)."""
-        tag = f"_{self.clone_tag}" if self.clone_tag else ""
-        name = f"corral_{self.run_id}_dj{index}{tag}_{worker}"
-        if len(name) > _MAX_NAME:
-            import hashlib
-
-            digest = hashlib.sha1(name.encode()).hexdigest()[:10]
-            name = f"corral_dj{index}_{digest}_{worker}"[:_MAX_NAME]
-        return name
 
 
 def configure(config: pytest.Config, process: CorralProcess) -> None:

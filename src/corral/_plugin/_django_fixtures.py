@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from corral._plugin._django import DjangoHooks, DjangoInfo
+from corral._plugin._django_info import DjangoInfo
 from corral._plugin._process import worker_name
 
 __all__ = ["django_db_setup"]
@@ -112,15 +112,14 @@ def django_db_setup(
     django_db_modify_db_settings: None,
 ) -> Iterator[None]:
     """Point Django's test databases at clones of the run's migrated templates."""
-    hooks = request.config.pluginmanager.get_plugin("corral-django")
-    assert isinstance(hooks, DjangoHooks)
-    assert hooks.info is not None
+    info = getattr(request.config.pluginmanager.get_plugin("corral-django"), "info", None)
+    assert isinstance(info, DjangoInfo)  # registered by _django.configure with its info
     keepdb = django_db_keepdb and not django_db_createdb
     if not django_db_use_migrations:
         from corral._plugin._django_setup import disable_migrations
 
         disable_migrations()  # as pytest-django does: the template was built so too
-    databases = _Databases(hooks.info, int(request.config.option.verbose))
+    databases = _Databases(info, int(request.config.option.verbose))
     with django_db_blocker.unblock():
         databases.setup(_used_aliases(request.session.items), keepdb)
     yield

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from corral._plugin._dbenv import parse_entries, process_env
-from corral._plugin._settings import ENV_DATABASE_URL, ENV_SANDBOX_MODE
+from corral._plugin._dbenv import ENV_SANDBOX_MODE, URL_VARIABLE, parse_entries, process_env
 from corral.postgres._templates import TEMPLATE_PREFIX, function_hash
 
 __all__ = ["SchemaChild", "SchemaStepFailed", "child_env", "module_source", "set_variables"]
@@ -132,7 +131,7 @@ def set_variables(dsn: str, database_env: Iterable[str]) -> list[str]:
     """The names :func:`child_env` gives the URL (or a part of it) under, for messages:
     ``CORRAL_DATABASE_URL``, the entries, then libpq's."""
     entries = [e.name for e in parse_entries(database_env)]
-    names = [ENV_DATABASE_URL, *entries]
+    names = [URL_VARIABLE, *entries]
     return names + [n for n in process_env(dsn, database_env) if n not in names]
 
 

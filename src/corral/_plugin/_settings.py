@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from corral._plugin._dbenv import URL_VARIABLE, EnvEntryError, parse_entries
+from corral._plugin._dbenv import ENV_SANDBOX_MODE, URL_VARIABLE, EnvEntryError, parse_entries
 
 __all__ = [
     "ENV_BROKER_URL",
@@ -39,8 +39,6 @@ __all__ = [
 ENV_DSN = "CORRAL_DSN"
 #: Each test process's own database, exported before collection.
 ENV_DATABASE_URL = URL_VARIABLE
-#: Read by ``corral.sandbox.sandbox()`` when no mode is given; the plugin sets "sandbox".
-ENV_SANDBOX_MODE = "CORRAL_SANDBOX_MODE"
 #: What the controlling process hands to its xdist workers (JSON; internal).
 ENV_RUN = "CORRAL_PLUGIN_RUN"
 #: A Redis URL: the run's broker is Redis, shared by every machine of the run.

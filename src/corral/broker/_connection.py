@@ -9,19 +9,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from corral.broker._coord import describe
-from corral.broker._core import Session
-from corral.broker._spin import peer_in_other_process
+from corral.broker._core import Core, Session
+from corral.broker._spin import SpinningSelector, peer_in_other_process
 from corral.broker._store import Ticket
 from corral.broker.messages import Rejected, Request, TooLarge
 from corral.broker.protocol import ServerConnection
 
-if TYPE_CHECKING:
-    from corral.broker.server import Broker
-
-__all__ = ["Connection"]
+__all__ = ["Connection", "Host"]
 
 log = logging.getLogger("corral.broker")
 
@@ -46,6 +43,23 @@ def _encode_answer(answer: dict[str, object], session: int) -> bytes:
         return _encode({"ok": False, "error": "internal_error", "detail": detail[:500]})
 
 
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (the
+    :class:`~corral.broker.server.Broker`), declared here so this module does not import
+    the server that imports it."""
+
+    max_request_size: int
+    idle_timeout: float | None
+    debug: bool
+    _connections: dict[int, Connection]
+    _selector: SpinningSelector | None
+    _next_session: int
+    _last_activity: float
+
+    def _core_or_raise(self) -> Core: ...
+    def _after_batch(self) -> None: ...
+
+
 class Connection(asyncio.BufferedProtocol):
     """One client connection: strict in-order answers, backpressure, ownership.
 
@@ -54,7 +68,7 @@ class Connection(asyncio.BufferedProtocol):
     than handling a small request.
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Host) -> None:
         self.broker = broker
         self.core = broker._core_or_raise()
         self.proto = ServerConnection(broker.max_request_size)

@@ -15,6 +15,7 @@ import json.encoder
 import json.scanner
 import re
 import zlib
+from collections.abc import Callable
 from typing import Any, Final
 
 from corral.broker.messages import (
@@ -124,22 +125,62 @@ def out_of_range_detail(text: str) -> str:
     return f"number out of range{where}: {token} (JSON numbers must be finite doubles)"
 
 
-# The C encoder and scanner behind json.dumps/json.loads, built once: the public
-# functions rebuild them on every call, which costs more than encoding a small answer.
-# No circular-reference markers: parsed values cannot be circular, and a circular user
-# value ends in RecursionError, mapped to TypeError below.
-_c_encode = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
-    None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
-)
+def _compact_encoder() -> Callable[[Any], str]:
+    """Compact, ASCII-only JSON text of a value, refusing NaN and infinities.
+
+    With CPython's C accelerator, its encoder built once: ``json.dumps`` and
+    ``JSONEncoder.encode`` build it again on every call, which costs more than encoding a
+    small answer. It is an undocumented internal (None on PyPy and some builds), so
+    without it the public encoder does the same work, with the same text and errors.
+    No circular-reference markers: parsed values cannot be circular, and a circular user
+    value ends in RecursionError, mapped to TypeError by :func:`dumps`.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return json.JSONEncoder(
+            separators=(",", ":"), allow_nan=False, check_circular=False, default=_not_json
+        ).encode
+    c_encode = make(
+        None, _not_json, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, False
+    )
+
+    def encode(obj: Any) -> str:
+        return "".join(c_encode(obj, 0))
+
+    return encode
+
+
+_encode = _compact_encoder()
 _js_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-_scan = json.scanner.c_make_scanner(_decoder)  # type: ignore[attr-defined]
+
+
+def _json_scanner() -> Callable[[str, int], tuple[Any, int]]:
+    """``scan(text, index) -> (value, end)``, StopIteration where no value starts.
+
+    Finite numbers only. json's C scanner, built once, when there is one: it is what
+    ``JSONDecoder.raw_decode`` calls, minus that method's Python frame (a sixth of the
+    time to read a small request), but an undocumented internal (None on PyPy and some
+    builds); without it, the same through the documented ``raw_decode``.
+    """
+    decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+    make = getattr(json.scanner, "c_make_scanner", None)
+    if make is not None:
+        return make(decoder)  # type: ignore[no-any-return]
+
+    def scan(text: str, index: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, index)
+        except json.JSONDecodeError as exc:
+            if exc.pos == index and exc.msg == "Expecting value":
+                raise StopIteration(index) from None  # as the scanner says it
+            raise
+
+    return scan
+
+
+_scan = _json_scanner()
 _JSON_SPACE = " \t\n\r"
 _SPACE_BYTES = frozenset(b" \t\n\r\x0b\x0c")
-
-
-def _encode(obj: Any) -> str:
-    return "".join(_c_encode(obj, 0))
 
 
 def dumps(obj: Any) -> bytes:

@@ -191,7 +191,7 @@ def sandbox(
 
             return AsyncpgPoolSandbox(handle, mode=mode, **options)
     if root == "sqlalchemy":
-        from corral.sandbox._sqlalchemy import sandbox_engine
+        from corral.sandbox._sqlalchemy_engines import sandbox_engine
 
         controller: SandboxController[Any] | AsyncSandboxController[Any]
         controller = sandbox_engine(handle, mode=mode, **options)

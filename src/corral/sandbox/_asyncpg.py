@@ -21,7 +21,7 @@ from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._messages import LOST_NOTE
-from corral.sandbox._plan import DEFERRABLE_QUERY, Step
+from corral.sandbox._plan import Step
 
 __all__ = ["AsyncpgPoolSandbox", "AsyncpgSandboxBase"]
 
@@ -92,13 +92,10 @@ class _Box(BoxBase):
         real = self.real
         if real.is_in_transaction():
             await real.execute("ROLLBACK")
-        ask = self.plan.asks_deferrable
-        sql = self.plan.open().sql
-        if ask:
-            sql = sql.removesuffix("; " + DEFERRABLE_QUERY)
-        await real.execute(sql)
-        if ask:
-            self.plan.opened(bool(await real.fetchval(DEFERRABLE_QUERY)))
+        step = self.plan.open()
+        await real.execute(step.sql)
+        if step.ask:
+            self.plan.opened(bool(await real.fetchval(step.ask)))
 
     # ------------------------------------------------------------------ sending
 
@@ -124,12 +121,8 @@ class _Box(BoxBase):
                 except Exception as again:
                     self.note(again)
             raise
-        if "ROLLBACK" in step.sql:
+        if step.rolls_back:
             self.inerror = False
-
-    async def send(self, sql: str | None) -> None:
-        if sql:
-            await self.run(Step(sql))
 
     async def isolation(self) -> str:
         """The outer transaction's isolation level, as ``SHOW transaction_isolation`` says."""

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from asyncpg import exceptions as pgexc
 
 from corral.errors import SandboxError, SandboxLockTimeout
-from corral.sandbox._locks import reads
-from corral.sandbox._messages import lock_contention, refused
+from corral.sandbox._locks import AsyncOwnerLock, reads
+from corral.sandbox._messages import is_lock_timeout, lock_contention, refused
 from corral.sandbox._plan import (
     AppState,
     EmulatedServerError,
@@ -27,10 +27,7 @@ from corral.sandbox._plan import (
     Step,
 )
 from corral.sandbox._plan import classify_script as _classify_script
-from corral.sandbox._proxy import ProxyBase
-
-if TYPE_CHECKING:
-    from corral.sandbox._asyncpg import _Box
+from corral.sandbox._proxy import ProxyBase, ProxyBox
 
 __all__ = [
     "AsyncpgLockTimeout",
@@ -85,14 +82,34 @@ def _emulated(err: EmulatedServerError) -> Exception:
 
 
 def _translate(exc: Exception, text: str | None, lock_timeout: float | None) -> Exception:
-    if isinstance(exc, pgexc.LockNotAvailableError) and "lock timeout" in str(exc):
+    if isinstance(exc, pgexc.LockNotAvailableError) and is_lock_timeout(
+        exc.sqlstate, getattr(exc, "server_source_function", None)
+    ):
         return AsyncpgLockTimeout(
             lock_contention(lock_timeout, getattr(exc, "context", None), text)
         )
     return exc
 
 
-class AsyncpgSandboxConnection(ProxyBase["_Box"]):
+class Box(ProxyBox, Protocol):
+    """What these proxies need of their box (:mod:`._asyncpg`'s, which imports this
+    module): said here, so this module needs nothing from there."""
+
+    #: the real transaction is failed until a ROLLBACK (TO) (asyncpg does not say)
+    inerror: bool
+
+    @property
+    def lock(self) -> AsyncOwnerLock: ...
+    @property
+    def generation(self) -> int: ...
+    def note(self, exc: BaseException) -> None: ...
+    async def run(self, step: Step | None) -> None: ...
+    async def isolation(self) -> str: ...
+    async def reload_schema(self) -> None: ...
+    async def prepare(self, query: str, **options: Any) -> Any: ...
+
+
+class AsyncpgSandboxConnection(ProxyBase[Box]):
     """The application's view of the sandbox's connection: an ``asyncpg.Connection``
     look-alike. Anything not about statements or transactions is the real connection's
     (``__getattr__`` forwards: type codecs, server version, settings, ...).
@@ -100,7 +117,7 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
 
     _get_another: ClassVar[str] = "acquire a new"
 
-    def __init__(self, box: _Box, *, pooled: bool = True) -> None:
+    def __init__(self, box: Box, *, pooled: bool = True) -> None:
         self._top: AsyncpgSandboxTransaction | None = None
         super().__init__(box, AppState(autocommit=True), pooled=pooled)
 
@@ -205,7 +222,7 @@ class AsyncpgSandboxConnection(ProxyBase["_Box"]):
         box = self._box
         if box.broken is None:
             box.inerror = True
-            await box.send(box.plan.statement_failed(self._app))
+            await box.run(box.plan.statement_failed(self._app))
 
     async def _succeeded(self, st: Statement | None) -> None:
         box, plan = self._box, self._box.plan
@@ -440,7 +457,7 @@ class AsyncpgSandboxTransaction:
                 )
         step, self._frame = box.plan.block(app)
         if top is None and self._readonly:
-            step = Step(step.sql + "; SET TRANSACTION READ ONLY", step.undo)
+            step = step._replace(sql=step.sql + "; SET TRANSACTION READ ONLY")
             self._frame.read_only = True
         try:
             await box.run(step)

@@ -10,7 +10,15 @@ from __future__ import annotations
 from corral.errors import UnsupportedStatement
 from corral.sandbox._statements import Statement
 
-__all__ = ["LOST_NOTE", "lock_contention", "refused", "short"]
+__all__ = ["LOST_NOTE", "is_lock_timeout", "lock_contention", "refused", "short"]
+
+#: SQLSTATE lock_not_available: a lock wait ran out (lock_timeout), or NOWAIT found the
+#: lock taken.
+LOCK_NOT_AVAILABLE = "55P03"
+#: The server function that raises it when lock_timeout runs out (NOWAIT's come from the
+#: lock manager). A name in the server's source, not a message: the same whatever
+#: language ``lc_messages`` makes the messages.
+_LOCK_TIMEOUT_SOURCE = "ProcessInterrupts"
 
 LOST_NOTE = (
     "corral: the sandbox's connection was lost (was its backend terminated?). "
@@ -35,6 +43,16 @@ def refused(stmt: Statement) -> UnsupportedStatement:
         f'sandbox(..., mode="normal") for it. Statement: {short(stmt.text)}',
         statement=stmt.command,
     )
+
+
+def is_lock_timeout(sqlstate: str | None, source_function: str | None) -> bool:
+    """Whether a server error is a lock wait that ran out of ``lock_timeout``.
+
+    :param source_function: the error's source function field (psycopg's
+        ``diag.source_function``, asyncpg's ``server_source_function``); a server that
+        does not send it (None) is taken at its SQLSTATE's word.
+    """
+    return sqlstate == LOCK_NOT_AVAILABLE and source_function in (None, _LOCK_TIMEOUT_SOURCE)
 
 
 def lock_contention(lock_timeout: float | None, context: str | None, text: str | None) -> str:

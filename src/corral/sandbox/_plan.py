@@ -93,10 +93,23 @@ class AppState:
 
 
 class Step(NamedTuple):
-    """SQL to send; if it fails, send *undo* (when given) and raise the error to the app."""
+    """SQL to send; if it fails, send *undo* (when given) and raise the error to the app.
+
+    What a step does is said here as data, so that no adapter reads it from the SQL text.
+    """
 
     sql: str
     undo: str | None = None
+    #: it ends with a ROLLBACK (TO SAVEPOINT): once it ran, the transaction is no longer
+    #: failed (for drivers that do not report that state, asyncpg's)
+    rolls_back: bool = False
+    #: a query whose one value the plan wants back after *sql* (:meth:`Plan.opened`)
+    ask: str | None = None
+
+    @property
+    def script(self) -> str:
+        """*sql* then *ask* in one text, for drivers that read a script's last result."""
+        return f"{self.sql}; {self.ask}" if self.ask else self.sql
 
 
 class EmulatedServerError(Exception):
@@ -205,7 +218,7 @@ class Plan:
 
     @property
     def asks_deferrable(self) -> bool:
-        """Whether :meth:`open`'s SQL ends with :data:`DEFERRABLE_QUERY` (read its answer)."""
+        """Whether :meth:`open`'s step asks :data:`DEFERRABLE_QUERY` (its ``ask``)."""
         return self.check_deferred is None and self.deferrable_exists is None
 
     def open(self) -> Step:
@@ -213,10 +226,8 @@ class Plan:
         if self.stack:
             raise SandboxError("this sandbox connection is already open")
         self.stack.append(Frame(FrameKind.SANDBOX, ""))
-        sql = self._begin_sql()
-        if self.asks_deferrable:
-            sql += "; " + DEFERRABLE_QUERY
-        return Step(sql, "ROLLBACK")
+        ask = DEFERRABLE_QUERY if self.asks_deferrable else None
+        return Step(self._begin_sql(), "ROLLBACK", ask=ask)
 
     def opened(self, deferrable_exists: bool) -> None:
         """Record the server's answer to :data:`DEFERRABLE_QUERY`."""
@@ -237,11 +248,11 @@ class Plan:
         """Close the innermost nested sandbox level: roll back everything done in it."""
         frame = self._innermost_sandbox()
         if frame.name == "":
-            return Step(self.close())
+            return Step(self.close(), rolls_back=True)
         # Quietly: an app transaction left open in the level (a session of a wider-scoped
         # fixture, used by the test) ends with it; its next statement begins a new one.
         self._discard_from(frame, reason="", quiet=True)
-        return Step(_rollback_to(frame) + self._unlock(frame))
+        return Step(_rollback_to(frame) + self._unlock(frame), rolls_back=True)
 
     def restore(self) -> Step:
         """Roll back to the start of the innermost sandbox level and keep it open."""
@@ -251,8 +262,8 @@ class Plan:
         if frame.name == "":
             # Rolling the whole transaction back and beginning again is as cheap as a
             # savepoint and refreshes now() for the next test.
-            return Step("ROLLBACK" + unlock + "; " + self._begin_sql())
-        return Step(f"ROLLBACK TO SAVEPOINT {frame.name}" + unlock)
+            return Step("ROLLBACK" + unlock + "; " + self._begin_sql(), rolls_back=True)
+        return Step(f"ROLLBACK TO SAVEPOINT {frame.name}" + unlock, rolls_back=True)
 
     def close(self) -> str:
         """Roll the whole sandbox back (the connection may then go back to its pool)."""
@@ -409,12 +420,12 @@ class Plan:
         self.stack.remove(frame)
         return Step(check + _release(frame), _rollback_to(frame))
 
-    def statement_failed(self, app: AppState) -> str | None:
+    def statement_failed(self, app: AppState) -> Step | None:
         """After it failed. An autocommit statement rolls back to its own savepoint."""
         if app.frames and app.frames[-1].kind is FrameKind.STATEMENT:
             frame = app.frames[-1]
             self._discard_from(frame, reason="its statement failed", actor=app)
-            return _rollback_to(frame)
+            return Step(_rollback_to(frame), rolls_back=True)
         return None
 
     # ------------------------------------------------------------------ app transactions
@@ -470,7 +481,7 @@ class Plan:
             self._merge_from(frame)
             return Step(self._flush() + _release(frame))
         self._discard_from(frame, reason="an enclosing block rolled back", actor=app)
-        return Step(self._flush() + _rollback_to(frame))
+        return Step(self._flush() + _rollback_to(frame), rolls_back=True)
 
     def commit(self, app: AppState) -> Step | None:
         """The app commits its transaction: release it into the sandbox."""
@@ -484,7 +495,7 @@ class Plan:
         if base.read_only:
             # A read-only transaction changed nothing; rolling it back also drops its
             # READ ONLY setting, which RELEASE would leak into the rest of the sandbox.
-            return Step(prefix + _rollback_to(base))
+            return Step(prefix + _rollback_to(base), rolls_back=True)
         sql = prefix + self._check_deferred() + _release(base)
         if readers:
             # Other apps' transactions right below, which have only read (they lent the
@@ -527,7 +538,7 @@ class Plan:
         base = app.frames[0]
         prefix = self._flush()
         self._discard_from(base, reason="another connection rolled back past it", actor=app)
-        return Step(prefix + _rollback_to(base))
+        return Step(prefix + _rollback_to(base), rolls_back=True)
 
     # ------------------------------------------------------------------ app savepoints
 

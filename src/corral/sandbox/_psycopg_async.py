@@ -45,8 +45,8 @@ class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
             await real.set_autocommit(True)  # the plan sends BEGIN/SAVEPOINT itself
         self._cur = self.controller._cursors.get(real)
         step = self.plan.open()
-        await self._cur.execute(step.sql.encode())
-        if self.plan.asks_deferrable:
+        await self._cur.execute(step.script.encode())
+        if step.ask:
             while self._cur.nextset():
                 pass
             row = await self._cur.fetchone()

@@ -9,25 +9,41 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from corral.sandbox._locks import reads
-from corral.sandbox._plan import Kind, Statement
+from corral.sandbox._locks import AsyncOwnerLock, reads
+from corral.sandbox._plan import Kind, Statement, Step
 from corral.sandbox._psycopg_common import translate
-from corral.sandbox._psycopg_proxy import ConnectionBase, CursorBase, Send, TransactionBase
-
-if TYPE_CHECKING:
-    from corral.sandbox._psycopg_async import _Box  # noqa: F401 - the base class's type argument
+from corral.sandbox._psycopg_proxy import (
+    ConnectionBase,
+    CursorBase,
+    PsycopgBox,
+    Send,
+    TransactionBase,
+)
 
 __all__ = ["AsyncSandboxConnection", "AsyncSandboxCursor", "AsyncSandboxTransaction"]
 
 logger = logging.getLogger("corral.sandbox.psycopg")
 
 
-class AsyncSandboxConnection(ConnectionBase["_Box"]):
+class Box(PsycopgBox, Protocol):
+    """What these proxies need of their box (:mod:`._psycopg_async`'s, which imports this
+    module): said here, so this module needs nothing from there."""
+
+    @property
+    def lock(self) -> AsyncOwnerLock: ...
+    def note(self, exc: BaseException) -> None: ...
+    async def run(
+        self, step: Step | None, cursor: psycopg.AsyncCursor[Any] | None = None
+    ) -> None: ...
+    async def send(self, sql: str | None) -> None: ...
+
+
+class AsyncSandboxConnection(ConnectionBase[Box]):
     """The application's view of a sandbox connection: a ``psycopg.AsyncConnection`` look-alike.
 
     See :class:`corral.sandbox.SandboxConnection`; the async API (``await

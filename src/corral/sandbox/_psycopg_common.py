@@ -15,7 +15,7 @@ from psycopg.rows import tuple_row
 
 from corral.errors import SandboxLockTimeout
 from corral.sandbox._controller import BoxBase
-from corral.sandbox._messages import LOST_NOTE, lock_contention, refused
+from corral.sandbox._messages import LOST_NOTE, is_lock_timeout, lock_contention, refused
 from corral.sandbox._plan import AppState, EmulatedServerError, Plan
 
 __all__ = [
@@ -54,7 +54,7 @@ def query_text(query: Any, context: Any) -> str | None:
 
 def translate(exc: psycopg.Error, text: str | None, lock_timeout: float | None) -> psycopg.Error:
     """Map a server error to what the sandbox reports (the same object when unchanged)."""
-    if isinstance(exc, pgerrors.LockNotAvailable) and "lock timeout" in str(exc):
+    if is_lock_timeout(exc.sqlstate, exc.diag.source_function):
         return PsycopgLockTimeout(lock_contention(lock_timeout, exc.diag.context, text), exc)
     return exc
 

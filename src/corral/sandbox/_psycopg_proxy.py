@@ -198,9 +198,8 @@ class ConnectionBase(ProxyBase[BoxT]):
 
     def _failure_sql(self) -> str | None:
         """What to send after the app's statement failed (None: nothing, or the box is lost)."""
-        if self._box.broken is None:
-            return self._box.plan.statement_failed(self._app)
-        return None
+        step = self._box.plan.statement_failed(self._app) if self._box.broken is None else None
+        return step.sql if step is not None else None
 
     def _success_step(self, st: Statement | None) -> Step | None:
         """What to send after the app's statement *st* succeeded."""

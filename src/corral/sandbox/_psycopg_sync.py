@@ -42,8 +42,8 @@ class _Box(PsycopgBoxBase["psycopg.Connection[Any]"]):
             real.autocommit = True  # the plan sends BEGIN/SAVEPOINT itself
         self._cur = self.controller._cursors.get(real)
         step = self.plan.open()
-        self._cur.execute(step.sql.encode())
-        if self.plan.asks_deferrable:
+        self._cur.execute(step.script.encode())
+        if step.ask:
             while self._cur.nextset():
                 pass
             row = self._cur.fetchone()

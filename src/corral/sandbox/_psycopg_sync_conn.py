@@ -8,25 +8,39 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.pq import TransactionStatus
 
-from corral.sandbox._locks import reads
-from corral.sandbox._plan import Kind, Statement
+from corral.sandbox._locks import OwnerLock, reads
+from corral.sandbox._plan import Kind, Statement, Step
 from corral.sandbox._psycopg_common import translate
-from corral.sandbox._psycopg_proxy import ConnectionBase, CursorBase, Send, TransactionBase
-
-if TYPE_CHECKING:
-    from corral.sandbox._psycopg_sync import _Box  # noqa: F401 - the base class's type argument
+from corral.sandbox._psycopg_proxy import (
+    ConnectionBase,
+    CursorBase,
+    PsycopgBox,
+    Send,
+    TransactionBase,
+)
 
 __all__ = ["SandboxConnection", "SandboxCursor", "SandboxTransaction"]
 
 logger = logging.getLogger("corral.sandbox.psycopg")
 
 
-class SandboxConnection(ConnectionBase["_Box"]):
+class Box(PsycopgBox, Protocol):
+    """What these proxies need of their box (:mod:`._psycopg_sync`'s, which imports this
+    module): said here, so this module needs nothing from there."""
+
+    @property
+    def lock(self) -> OwnerLock: ...
+    def note(self, exc: BaseException) -> None: ...
+    def run(self, step: Step | None, cursor: psycopg.Cursor[Any] | None = None) -> None: ...
+    def send(self, sql: str | None) -> None: ...
+
+
+class SandboxConnection(ConnectionBase[Box]):
     """The application's view of a sandbox connection: a psycopg ``Connection`` look-alike.
 
     Transaction control (``commit``, ``rollback``, ``transaction()``, ``autocommit``,

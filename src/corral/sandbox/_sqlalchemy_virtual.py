@@ -9,12 +9,19 @@ checkouts, as a real connection's would.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from corral.sandbox._sqlalchemy import EngineHooks
+__all__ = ["AsyncpgVirtual", "Hooks", "PsycopgAsyncVirtual", "PsycopgVirtual", "Virtual"]
 
-__all__ = ["AsyncpgVirtual", "PsycopgAsyncVirtual", "PsycopgVirtual", "Virtual"]
+
+class Hooks(Protocol):
+    """Where a virtual connection finds its sandbox (the engine's controller,
+    :class:`~._sqlalchemy.EngineHooks`, which imports this module)."""
+
+    def checkout_sync(self) -> Any: ...
+    async def checkout_async(self) -> Any: ...
+    def checkin_sync(self, target: Any) -> None: ...
+    async def checkin_async(self, target: Any) -> None: ...
 
 
 class Virtual:
@@ -23,7 +30,7 @@ class Virtual:
     #: settings the app (or SQLAlchemy) makes on the connection, kept across checkouts
     _SETTINGS: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, hooks: EngineHooks) -> None:
+    def __init__(self, hooks: Hooks) -> None:
         object.__setattr__(self, "_hooks", hooks)
         object.__setattr__(self, "_target", None)
         object.__setattr__(self, "_settings", {})
