@@ -235,3 +235,22 @@ def test_a_connection_factory_keeps_its_own_connection(pool: Any, sandbox_dsn: s
             handle.close_sandbox()
         opaque.close()
         by_string.close()
+
+
+def test_a_no_sandbox_test_closes_shared_levels_in_order(
+    pool: Any, engines: list[sqlalchemy.Engine]
+) -> None:
+    from corral._plugin._sandbox import SandboxManager
+
+    db, eng = sandbox(pool, mode="sandbox"), sandbox(engines[0], mode="sandbox")
+    for _ in range(2):  # a session scope's level and a module scope's, both shared
+        db.create_sandbox()
+        eng.create_sandbox()
+    eng.create_sandbox()  # and a level of the engine's alone
+    box = box_of(db)
+    with SandboxManager(None).unsandboxed():
+        assert box.closed
+        assert db.mode == eng.mode == "normal"
+    assert box_of(db) is None
+    assert box_of(eng) is None
+    assert db.mode == eng.mode == "sandbox"
