@@ -209,6 +209,126 @@ def test_threads_serving_the_app(
     run(inner, "test_threads", SYNC_APP + THREADS, workers, seed).assert_outcomes(passed=4)
 
 
+# Pattern 2: several handles on one database. The app writes through a read-write engine
+# and reads through a read-only one, the tests check through an engine of their own, and
+# the sample's app module has a psycopg pool on the same database: all share the test's
+# one connection and transaction, so a commit through one is seen through the others, and
+# an open read transaction on one never undoes another's commit. own_connection=True
+# keeps today's separate connection.
+SEVERAL_HANDLES = """
+import os
+import warnings
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+import app as pool_app
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
+rw, ro, tests_engine, apart = (create_engine(URL) for _ in range(4))
+for engine in (rw, ro, tests_engine):
+    sandbox(engine)
+sandbox(apart, own_connection=True)
+api = FastAPI()
+
+
+@api.post("/items/{name}")
+def add(name: str):
+    with Session(rw) as session:
+        session.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
+        session.commit()
+
+
+@api.get("/items")
+def names():
+    with Session(ro) as session:
+        return [r[0] for r in session.execute(text("SELECT name FROM item ORDER BY id"))]
+
+
+@pytest.fixture
+def client():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # starlette 1.x: "install httpx2 instead"
+        from fastapi.testclient import TestClient
+
+        with TestClient(api) as c:
+            yield c
+
+
+@pytest.fixture(scope="class")
+def gadget():
+    with Session(rw) as session:
+        session.execute(text("INSERT INTO item (name) VALUES ('gadget')"))
+        session.commit()
+
+
+def seen(engine):
+    with Session(engine) as session:
+        return [r[0] for r in session.execute(text("SELECT name FROM item ORDER BY id"))]
+
+
+def test_a_write_through_rw_is_read_through_ro(client):
+    assert client.post("/items/a").status_code == 200
+    assert client.get("/items").json() == ["seed", "a"]
+    assert seen(tests_engine) == ["seed", "a"]
+
+
+def test_the_app_sees_what_the_test_commits(client):
+    with Session(tests_engine) as session:
+        session.execute(text("INSERT INTO item (name) VALUES ('t')"))
+        session.commit()
+    assert client.get("/items").json() == ["seed", "t"]
+
+
+def test_an_open_read_transaction_never_undoes_a_commit():
+    with Session(ro) as reader:
+        assert reader.execute(text("SELECT count(*) FROM item")).scalar() == 1
+        with Session(rw) as writer:
+            writer.execute(text("INSERT INTO item (name) VALUES ('w')"))
+            writer.commit()
+        assert reader.execute(text("SELECT count(*) FROM item")).scalar() == 2
+    assert seen(tests_engine) == ["seed", "w"]  # the reader's rollback left it
+
+
+def test_a_psycopg_pool_beside_an_engine(client):
+    pool_app.add_item("p")
+    assert client.get("/items").json() == ["seed", "p"]
+    assert client.post("/items/q").status_code == 200
+    assert pool_app.names() == ["seed", "p", "q"]
+
+
+class TestAClassScope:
+    def test_its_fixtures_commit_is_seen_by_every_handle(self, gadget, client):
+        assert client.get("/items").json() == ["seed", "gadget"]
+        assert pool_app.names() == ["seed", "gadget"]
+
+
+def test_each_test_starts_clean(client):
+    assert client.get("/items").json() == ["seed"]
+    assert pool_app.names() == ["seed"]
+
+
+def test_own_connection_keeps_a_transaction_of_its_own():
+    with Session(rw) as session:
+        session.execute(text("INSERT INTO item (name) VALUES ('x')"))
+        session.commit()
+    with Session(apart) as session:
+        session.execute(text("INSERT INTO item (name) VALUES ('y')"))
+        session.commit()
+        assert [r[0] for r in session.execute(text("SELECT name FROM item"))] == ["seed", "y"]
+    assert seen(tests_engine) == ["seed", "x"]
+"""
+
+
+def test_several_handles_on_one_database(
+    inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
+) -> None:
+    run(inner, "test_handles", SEVERAL_HANDLES, workers, seed).assert_outcomes(passed=7)
+
+
 # Patterns 4 and 6: an async app whose endpoint gathers over two AsyncSessions, behind a
 # Starlette BaseHTTPMiddleware (each request in a child task), called while the test's
 # fixture session holds the connection.

@@ -75,6 +75,27 @@ def _candidates(is_async: bool) -> list[AnyController]:
     return [c for c in _sandbox.registered() if c.is_async == is_async and not _closed(c)]
 
 
+def _close_all(controllers: list[AnyController]) -> None:
+    """Close every sandbox level the sync *controllers* have open in this context.
+
+    Handles sharing a connection (docs/sandbox.md, "Patterns", 2) close level by level,
+    innermost first, each level by its own handles.
+    """
+    while True:
+        left = [c for c in reversed(controllers) if c._router.owned() is not None]
+        if not left:
+            return
+        # A handle of the innermost level of its sandbox; else the first, whose error
+        # names the handles in the way.
+        member = next((c for c in left if _of_innermost(c)), left[0])
+        member.close_sandbox()
+
+
+def _of_innermost(controller: AnyController) -> bool:
+    box: Any = controller._router.owned()
+    return box is not None and controller in box.members[-1]
+
+
 class WrongDatabaseWarning(pytest.PytestWarning):
     """A sandboxed handle is connected to another database than its test process's.
 
@@ -305,11 +326,10 @@ class SandboxManager:
     def unsandboxed(self) -> Iterator[None]:
         """Handles in normal mode for one test; then a fresh database, handles refreshed."""
         switched = _sandbox.registered()
+        # Fixture scopes' sandboxes too: this test commits for real, and the database is
+        # replaced afterwards, their data with it.
+        _close_all([c for c in switched if not c.is_async])
         for controller in switched:
-            # Fixture scopes' sandboxes too: this test commits for real, and the database
-            # is replaced afterwards, their data with it.
-            while not controller.is_async and controller._router.owned() is not None:
-                controller.close_sandbox()
             controller.mode = "normal"
         saved = os.environ.get(ENV_SANDBOX_MODE)
         os.environ[ENV_SANDBOX_MODE] = "normal"  # handles the test itself creates

@@ -175,8 +175,11 @@ def sandbox(
         the app uses ``psycopg.AsyncConnection``.
     :param options: ``lock_timeout`` (seconds, default 5), ``checkout_timeout``
         (seconds, default 30), ``isolation_level``, ``check_deferred``, ``max_idle``
-        (factories, asyncpg pools, engines); see :class:`PoolSandbox`,
-        :class:`ConnectSandbox`, :class:`AsyncpgPoolSandbox`, :class:`EngineSandbox`.
+        (factories, asyncpg pools, engines), ``own_connection`` (default False: handles
+        of one driver on one database share a test's connection and transaction; True
+        keeps this handle's sandboxes on a connection of its own); see
+        :class:`PoolSandbox`, :class:`ConnectSandbox`, :class:`AsyncpgPoolSandbox`,
+        :class:`EngineSandbox`.
     :returns: the controller: the handle's API plus ``create_sandbox()``,
         ``close_sandbox()``, ``restore_sandbox()``, ``sandboxed()``, ``allow()``,
         ``share()``.

@@ -21,7 +21,8 @@ from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._messages import LOST_NOTE
-from corral.sandbox._plan import Step
+from corral.sandbox._plan import DEFERRABLE_QUERY, Step
+from corral.sandbox._targets import Target, target
 
 __all__ = ["AsyncpgPoolSandbox", "AsyncpgSandboxBase"]
 
@@ -194,6 +195,7 @@ class AsyncpgSandboxBase(AsyncBoxController[_Box]):
     """Sandbox operations over asyncpg connections, wherever they come from."""
 
     _dead_errors = _DEAD
+    _connection_kind = "asyncpg"
 
     def _new_box(self, real: _Real) -> _Box:
         return _Box(self, real)
@@ -234,6 +236,17 @@ class AsyncpgPoolSandbox(AsyncpgSandboxBase):
         self.pool = pool
         self.max_idle = max_idle
         self._idle: list[_Real] = []
+
+    def _target(self) -> Target | None:
+        # asyncpg keeps what the pool connects with, but only privately: unreadable, the
+        # pool keeps a connection of its own.
+        args = getattr(self.pool, "_connect_args", None)
+        kwargs = getattr(self.pool, "_connect_kwargs", None)
+        if not isinstance(args, tuple) or not isinstance(kwargs, dict):
+            return None
+        params = dict(kwargs)
+        dsn = args[0] if args else params.pop("dsn", None)
+        return target(dsn, params) if dsn is None or isinstance(dsn, str) else None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)

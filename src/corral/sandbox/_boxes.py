@@ -61,6 +61,9 @@ class BoxController(SandboxController[B]):
         """The application's proxy of *box*'s connection (the checkout is taken)."""
         raise NotImplementedError
 
+    def _joined(self) -> None:
+        """After joining another handle's sandbox (the engine adapter's hook)."""
+
     def _checkout(self, timeout: float | None, **options: Any) -> Any:
         """A proxy of this context's sandbox connection, once no other user has it."""
         box: Any = self._route()
@@ -90,21 +93,28 @@ class BoxController(SandboxController[B]):
         if not self.sandboxing:
             return
         outer: Any = self._router.owned()
+        if self._join(outer, nest) is not None:
+            self._joined()
+            return
         if outer is not None and nest:
             outer.lock.acquire(self.checkout_timeout)
             try:
                 outer.run(outer.plan.push_sandbox())
+                outer.members.append([self])
             finally:
                 outer.lock.release()
             return
         box = self._open_box()
         box.previous = outer
+        self._opened(box)
         self._router.set(box)
 
     def close_sandbox(self) -> None:
         if not self.sandboxing:
             return
         box: Any = self._owned()
+        if self._leave(box):
+            return
         busy: SandboxBusy | None = None
         try:
             box.lock.acquire(self.checkout_timeout, exclusive=True)
@@ -115,6 +125,7 @@ class BoxController(SandboxController[B]):
             if box.plan.depth > 1 and busy is None and box.broken is None:
                 box.run(box.plan.pop_sandbox())
                 box.rolled_back()
+                self._popped(box)
                 return
             box.close()
             self._forget(box)
@@ -217,6 +228,9 @@ class AsyncBoxController(AsyncSandboxController[B]):
     def _new_proxy(self, box: B, **options: Any) -> Any:
         raise NotImplementedError
 
+    async def _joined(self) -> None:
+        """After joining another handle's sandbox (the engine adapter's hook)."""
+
     async def _checkout(self, timeout: float | None, **options: Any) -> Any:
         box: Any = self._route()
         box.check()
@@ -262,21 +276,28 @@ class AsyncBoxController(AsyncSandboxController[B]):
         if not self.sandboxing:
             return
         outer: Any = self._router.owned()
+        if self._join(outer, nest) is not None:
+            await self._joined()
+            return
         if outer is not None and nest:
             await outer.lock.acquire(self.checkout_timeout)
             try:
                 await outer.run(outer.plan.push_sandbox())
+                outer.members.append([self])
             finally:
                 outer.lock.release()
             return
         box = await self._open_box()
         box.previous = outer
+        self._opened(box)
         self._router.set(box)
 
     async def close_sandbox(self) -> None:
         if not self.sandboxing:
             return
         box: Any = self._owned()
+        if self._leave(box):
+            return
         busy: SandboxBusy | None = None
         try:
             await box.lock.acquire(self.checkout_timeout, exclusive=True)
@@ -287,6 +308,7 @@ class AsyncBoxController(AsyncSandboxController[B]):
             if box.plan.depth > 1 and busy is None and box.broken is None:
                 await box.run(box.plan.pop_sandbox())
                 await box.rolled_back()
+                self._popped(box)
                 return
             await box.close()
             self._forget(box)

@@ -28,6 +28,9 @@ class _Box(Protocol):
     @property
     def closed(self) -> bool: ...
 
+    @property
+    def key(self) -> object: ...
+
 
 B = TypeVar("B", bound=_Box)
 T = TypeVar("T")
@@ -75,6 +78,13 @@ class Router(Generic[B]):
         """The open sandbox the current context itself created (or inherited)."""
         box: B | None = _SANDBOXES.get().get(self)
         return None if box is None or box.closed else box
+
+    def joinable(self, key: object) -> B | None:
+        """An open sandbox of another handle in this context whose key is *key*."""
+        for box in _SANDBOXES.get().values():
+            if box.key == key and not box.closed:
+                return box  # type: ignore[no-any-return]
+        return None
 
     def current(self) -> B | None:
         """The sandbox to use here: owned, else allowed for this task/thread, else shared."""

@@ -71,6 +71,11 @@ class BoxBase:
         self.proxies: weakref.WeakSet[Any] | None = None
         #: the event loop an async sandbox was opened on (its connection's)
         self.loop: Any = None
+        #: what other handles must match to join this sandbox (None: none may)
+        self.key: object = None
+        #: per sandbox level, outermost first: the handles whose sandbox it is (one,
+        #: unless handles on one database share the connection: see BaseController)
+        self.members: list[list[Any]] = []
 
     def track(self, proxy: Any) -> None:
         """Remember *proxy*, a checkout of this sandbox, to detach it at close."""
@@ -138,9 +143,18 @@ class Sharing:
 
 
 class BaseController(Generic[B]):
-    """Mode, registry, routing and allowances of one sandboxed handle."""
+    """Mode, registry, routing and allowances of one sandboxed handle.
+
+    Handles of one connection kind (:attr:`_connection_kind`) that reach one database
+    share a context's sandbox: a handle opening its sandbox where another's is open on
+    the same database joins that one (its connection, its transaction) instead of
+    opening a second; each sandbox level remembers its handles (``box.members``), and
+    the last one to close it rolls it back. ``own_connection=True`` opts out.
+    """
 
     is_async: ClassVar[bool] = False
+    #: handles of one kind can share a connection (None: this one never does)
+    _connection_kind: ClassVar[str | None] = None
     _serials = iter(range(1, 1 << 62))
 
     def __init__(
@@ -151,8 +165,11 @@ class BaseController(Generic[B]):
         checkout_timeout: float | None = 30.0,
         isolation_level: str | None = None,
         check_deferred: bool | None = None,
+        own_connection: bool = False,
     ) -> None:
         self._mode = resolve_mode(mode)
+        self.own_connection = own_connection
+        self._key: object = _UNKNOWN
         self.lock_timeout = lock_timeout
         self.checkout_timeout = checkout_timeout
         self.isolation_level = isolation_level
@@ -197,6 +214,85 @@ class BaseController(Generic[B]):
         """
         if self._deferrable_exists is None:
             self._deferrable_exists = plan.deferrable_exists
+
+    # ------------------------------------------------------------------ sharing a connection
+
+    def _target(self) -> tuple[str, str, str] | None:
+        """The database this handle reaches, from its configuration; None: unknown."""
+        return None
+
+    def _join_key(self) -> object:
+        """What another handle's sandbox must match for this one to join it (None: never).
+
+        Same connection kind, same database, same isolation level of the outer
+        transaction. Worked out once per handle (parsing a conninfo costs microseconds).
+        """
+        if self._key is _UNKNOWN:
+            kind = self._connection_kind
+            where = None if self.own_connection or kind is None else self._target()
+            self._key = None if where is None else (kind, where, self.isolation_level)
+        return self._key
+
+    def _join(self, outer: B | None, nest: bool) -> B | None:
+        """The open sandbox :meth:`create_sandbox` joins instead of opening or nesting
+        one (no I/O); None: open (or nest) as usual.
+
+        A handle joins the innermost level of a sandbox it shares when another handle
+        opened that level; else, with no sandbox of its own here, the sandbox another
+        handle on its database has open in this context.
+        """
+        if not nest:
+            return None
+        if outer is not None:
+            level = outer.members[-1]
+            if self in level:
+                return None
+            level.append(self)
+            return outer
+        key = self._join_key()
+        if key is None:
+            return None
+        host = self._router.joinable(key)
+        if host is not None:
+            host.members[-1].append(self)
+            self._router.set(host)
+        return host
+
+    def _opened(self, box: B) -> None:
+        """*box* is this handle's newly opened sandbox (it may be joined from now on)."""
+        box.key = self._join_key()
+        box.members = [[self]]
+
+    def _leave(self, box: B) -> bool:
+        """Leave *box*'s innermost level if other handles still share it: True, nothing
+        else to do (no I/O). False: this handle is its last; roll it back.
+
+        :raises SandboxError: the innermost level belongs to other handles only.
+        """
+        level = box.members[-1] if box.members else [self]
+        if self not in level:
+            others = ", ".join(_handle_name(c) for c in level)
+            raise SandboxError(
+                f"closing the sandbox of {_handle_name(self)} in the wrong order: it shares "
+                f"its connection with {others}, whose sandbox level was opened inside it "
+                "and is still open. Close sandboxes in the reverse order of opening (or "
+                "give a handle its own connection: sandbox(..., own_connection=True))"
+            )
+        if len(level) == 1:
+            return False
+        level.remove(self)
+        self._drop_if_left(box)
+        return True
+
+    def _popped(self, box: B) -> None:
+        """This handle rolled back *box*'s innermost level (the box stays open)."""
+        box.members.pop()
+        self._drop_if_left(box)
+
+    def _drop_if_left(self, box: B) -> None:
+        if not any(self in level for level in box.members):
+            self._router.revoke(box)
+            self._router.set(None)
 
     # ------------------------------------------------------------------ routing
 
@@ -271,6 +367,14 @@ class BaseController(Generic[B]):
         self._router.revoke(box)
         nxt = box.previous
         self._router.set(nxt if nxt is not None and not nxt.closed else None)  # type: ignore[arg-type]
+
+
+_UNKNOWN = object()
+
+
+def _handle_name(controller: BaseController[Any]) -> str:
+    handle = vars(controller).get("pool") or vars(controller).get("engine")
+    return f"sandbox({handle!r})" if handle is not None else repr(controller)
 
 
 def _where() -> str:

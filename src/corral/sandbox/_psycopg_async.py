@@ -18,7 +18,13 @@ from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._plan import Step
 from corral.sandbox._psycopg_async_conn import AsyncSandboxConnection
-from corral.sandbox._psycopg_common import PsycopgBoxBase, SandboxCursors
+from corral.sandbox._psycopg_common import (
+    PsycopgBoxBase,
+    SandboxCursors,
+    factory_target,
+    pool_target,
+)
+from corral.sandbox._targets import Target
 
 __all__ = [
     "AsyncConnectSandbox",
@@ -104,6 +110,7 @@ class _Controller(AsyncBoxController[_Box]):
     """Sandbox operations common to the async pool and factory adapters."""
 
     _dead_errors = (psycopg.OperationalError,)
+    _connection_kind = "psycopg async"
     _loop_bound = False
 
     def __init__(self, **options: Any) -> None:
@@ -133,6 +140,9 @@ class AsyncPoolSandbox(_Controller):
     def __init__(self, pool: Any, **options: Any) -> None:
         super().__init__(**options)
         self.pool = pool
+
+    def _target(self) -> Target | None:
+        return pool_target(self.pool)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
@@ -229,6 +239,9 @@ class AsyncConnectSandbox(_Controller):
             await real.close()
         else:
             self._idle.append(real)
+
+    def _target(self) -> Target | None:
+        return factory_target(self._factory)
 
     def _unkeep(self) -> list[Any]:
         kept, self._idle = self._idle, []

@@ -17,6 +17,7 @@ from corral.errors import SandboxLockTimeout
 from corral.sandbox._controller import BoxBase
 from corral.sandbox._messages import LOST_NOTE, is_lock_timeout, lock_contention, refused
 from corral.sandbox._plan import AppState, EmulatedServerError, Plan
+from corral.sandbox._targets import Target, target
 
 __all__ = [
     "PsycopgBoxBase",
@@ -24,7 +25,9 @@ __all__ = [
     "SandboxCursors",
     "app_status",
     "emulated",
+    "factory_target",
     "lost_note",
+    "pool_target",
     "query_text",
     "refused",
     "translate",
@@ -132,3 +135,16 @@ class PsycopgBoxBase(BoxBase, Generic[C]):
             return TransactionStatus.UNKNOWN
         status: TransactionStatus = self.real.info.transaction_status
         return status
+
+
+def pool_target(pool: Any) -> Target | None:
+    """The database a ``psycopg_pool`` pool connects to (its conninfo and kwargs)."""
+    conninfo = getattr(pool, "conninfo", None)
+    if not isinstance(conninfo, str):
+        return None
+    return target(conninfo, getattr(pool, "kwargs", None))
+
+
+def factory_target(factory: Any) -> Target | None:
+    """The database a conninfo string reaches; None for a function (opaque)."""
+    return target(factory) if isinstance(factory, str) else None

@@ -17,8 +17,14 @@ from psycopg.pq import TransactionStatus
 from corral.sandbox._boxes import BoxController
 from corral.sandbox._locks import OwnerLock
 from corral.sandbox._plan import Step
-from corral.sandbox._psycopg_common import PsycopgBoxBase, SandboxCursors
+from corral.sandbox._psycopg_common import (
+    PsycopgBoxBase,
+    SandboxCursors,
+    factory_target,
+    pool_target,
+)
 from corral.sandbox._psycopg_sync_conn import SandboxConnection
+from corral.sandbox._targets import Target
 
 __all__ = ["ConnectSandbox", "PoolSandbox"]
 
@@ -101,6 +107,7 @@ class _Controller(BoxController[_Box]):
     """Sandbox operations common to the pool and the factory adapters."""
 
     _dead_errors = (psycopg.OperationalError,)
+    _connection_kind = "psycopg"
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -133,11 +140,18 @@ class PoolSandbox(_Controller):
     :param isolation_level: of each sandbox's outer transaction (default: server's).
     :param check_deferred: check deferred constraints at the app's commits; None: only
         when the database has deferrable constraints.
+    :param own_connection: False (default): where another handle of the same driver on
+        the same database has a sandbox open in this context, this one joins it (one
+        connection, one transaction, as production's commits are seen by every handle).
+        True: this handle's sandboxes always get a connection of their own.
     """
 
     def __init__(self, pool: Any, **options: Any) -> None:
         super().__init__(**options)
         self.pool = pool
+
+    def _target(self) -> Target | None:
+        return pool_target(self.pool)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pool, name)
@@ -221,6 +235,9 @@ class ConnectSandbox(_Controller):
         self._factory = connect
         self.max_idle = max_idle
         self._idle: list[psycopg.Connection[Any]] = []
+
+    def _target(self) -> Target | None:
+        return factory_target(self._factory)
 
     def _new(self, **kwargs: Any) -> psycopg.Connection[Any]:
         if isinstance(self._factory, str):

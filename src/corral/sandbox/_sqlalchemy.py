@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - SQLAlchemy 2.2+
 from corral.errors import SandboxError
 from corral.sandbox._controller import AsyncSandboxController, BaseController
 from corral.sandbox._sqlalchemy_virtual import Virtual
+from corral.sandbox._targets import Target, target
 
 __all__ = ["AsyncEngineSandbox", "EngineHooks"]
 
@@ -140,6 +141,13 @@ class EngineHooks(BaseController[Any]):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self.sync_engine!r} mode={self.mode}>"
 
+    def _target(self) -> Target | None:
+        # What the dialect makes of the URL (connect_args given to create_engine are
+        # the engine's own, out of reach; they rarely name another database).
+        cargs, cparams = self.sync_engine.dialect.create_connect_args(self.sync_engine.url)
+        dsn = cargs[0] if cargs and isinstance(cargs[0], str) else None
+        return target(dsn, cparams)
+
     # ------------------------------------------------------------------ events
 
     def _on_do_connect(
@@ -220,6 +228,16 @@ class EngineHooks(BaseController[Any]):
             return self._real_pool.connect()
         finally:
             _REAL.reset(token)
+
+    def _initialized(self) -> bool:
+        """Whether the dialect has met the server (SQLAlchemy does at the first connect).
+
+        A handle that joins another's sandbox may have made no connection of its own yet:
+        SQLAlchemy would then run its dialect's setup queries on a virtual connection,
+        which is no driver connection. One real connection first (kept for the next
+        sandboxes) does it.
+        """
+        return self.sync_engine.dialect.server_version_info is not None
 
     def _keep_or_return(self, fairy: PoolProxiedConnection, healthy: bool) -> None:
         if healthy and len(self._idle) < self.max_idle:
@@ -314,6 +332,12 @@ class AsyncEngineSandbox(EngineHooks, AsyncSandboxController[Any]):
             self._idle.append(fairy)  # no I/O, so no greenlet either
             return
         await greenlet_spawn(self._keep_or_return, fairy, healthy)
+
+    async def _joined(self) -> None:
+        if not self._initialized():
+            # The kept connection belongs to this loop (the drivers' AsyncBoxController).
+            await self._follow_loop()  # type: ignore[attr-defined]
+            await self._give_fairy(await self._take_fairy(), healthy=True)
 
     def checkout_sync(self) -> Any:
         self._route().check()  # no sandbox here: say so, even where nothing can be awaited

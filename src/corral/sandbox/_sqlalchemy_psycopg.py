@@ -42,6 +42,10 @@ class EngineSandbox(EngineHooks, _psycopg_sync._Controller):
         fairy = self._fairies.pop(id(real))
         self._keep_or_return(fairy, healthy=not (real.closed or real.broken))
 
+    def _joined(self) -> None:
+        if not self._initialized():
+            self._keep_or_return(self._connect_real(), healthy=True)
+
     def checkout_sync(self) -> Any:
         return self._checkout(None)
 
