@@ -2,9 +2,9 @@
 
 Run: ``python -m benchmarks.sandbox_overhead [--rounds 300] [--dsn DSN] [--png PATH]``.
 Without ``--dsn`` (or ``CORRAL_BENCH_DSN``) it starts corral's throwaway PostgreSQL, and
-``--transport tcp`` runs it over 127.0.0.1 instead of the Unix socket (what the pytest
-plugin hands out); ``--transport both`` prints TCP against the socket side by side
-(:mod:`benchmarks.transport_compare`).
+``--transport tcp`` runs it over 127.0.0.1 instead of the Unix socket; ``--transport both``
+prints TCP and the URL the pytest plugin hands out (a host and a port, the socket
+directory in the query) against the socket side by side (:mod:`benchmarks.transport_compare`).
 All strategies run in one process against the same server and database, in blocks of
 consecutive runs cycled so that drift in machine load hits them alike. Medians; ratios
 against the bare driver's ``BEGIN``/``ROLLBACK`` on one connection, block by block.
@@ -81,7 +81,7 @@ def server(dsn: str | None, transport: str = "socket") -> Iterator[str]:
 
     with EphemeralPostgres(tcp=transport != "socket") as pg:
         if transport != "socket":
-            _TCP_ADMIN.append(pg.tcp_dsn)
+            _TCP_ADMIN.append(pg.url)  # what the plugin hands out; tcp_dsn is its URL part
         yield pg.tcp_dsn if transport == "tcp" else pg.dsn
 
 
@@ -581,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         "--transport",
         choices=["socket", "tcp", "both"],
         default="socket",
-        help="the throwaway server's Unix socket (default), 127.0.0.1, or both side by side",
+        help="the throwaway server's Unix socket (default), 127.0.0.1, or both side by side "
+        "with the URL the plugin hands out",
     )
     args = parser.parse_args(argv)
     if args.transport != "socket" and args.dsn:

@@ -1,10 +1,14 @@
-"""What TCP on 127.0.0.1 costs per test against the Unix socket, side by side in one process.
+"""What TCP on 127.0.0.1 costs per test against the Unix socket, and what users get from the
+URL the pytest plugin hands out, side by side in one process.
 
 Run: ``python -m benchmarks.sandbox_overhead --transport both [--rounds 300]``.
 One throwaway server listening on both (as the pytest plugin starts it), one database,
-the same handles opened once over each: blocks of consecutive tests alternate between the
-two transports, so drift in machine load hits both alike; the ratio is TCP over socket,
-block by block (median). Target (issue 14): TCP costs no more than 5 % per test.
+the same handles opened once over each of three DSNs: ``socket`` (the socket directory
+only), ``tcp`` (``postgresql://postgres:PW@127.0.0.1:PORT/db``) and ``url`` (what the
+plugin hands out: the TCP URL with ``?host=<socket directory>``; each driver goes where
+it reads it to go: psycopg to the socket, asyncpg to 127.0.0.1). Blocks of consecutive
+tests alternate between them, so drift in machine load hits all alike; the ratios are
+over the socket, block by block (median). Target (issue 14): no more than 5 % per test.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from typing import Any
 import asyncpg
 import psycopg
 import psycopg_pool
-from psycopg import conninfo
 
 from benchmarks.sandbox_overhead import Bench, pin, timed, workload
 from corral._plugin._dbenv import url_parts
+from corral.postgres import database_dsn
 from corral.sandbox import sandbox
 
-TRANSPORTS = ("socket", "tcp")
+TRANSPORTS = ("socket", "tcp", "url")
 
 
 class Handles:
@@ -80,7 +84,7 @@ def _asyncpg_rows(dsns: dict[str, str], rounds: int, block: int) -> dict[str, li
     """An asyncpg pool in a sandbox, and asyncpg's own connect, over each transport."""
 
     async def main() -> dict[str, list[float]]:
-        # asyncpg takes URLs only: the key=value strings as URLs (what corral hands out).
+        # asyncpg takes URLs only: the key=value strings as URLs.
         urls = {t: url_parts(d)["url"] for t, d in dsns.items()}
         pools = {t: await asyncpg.create_pool(u, min_size=1, max_size=2) for t, u in urls.items()}
         sbs: dict[str, Any] = {t: sandbox(p, mode="sandbox") for t, p in pools.items()}
@@ -169,12 +173,13 @@ def _backends(admin: psycopg.Connection[Any], database: str) -> list[int]:
     return [int(r[0]) for r in rows]
 
 
-def compare(bench: Bench, tcp_admin: str, rounds: int) -> dict[str, list[float]]:
-    """Every strategy over both transports, in alternating blocks; rows ``name [transport]``
+def compare(bench: Bench, handed_out: str, rounds: int) -> dict[str, list[float]]:
+    """Every strategy over each transport (*handed_out*: the server's URL as the plugin
+    hands it out), in alternating blocks; rows ``name [transport]``
     (wall seconds per test) and ``name [transport] cpu`` (CPU seconds per test, by block,
     for the strategies that keep their connections)."""
-    tcp = conninfo.make_conninfo(tcp_admin, dbname=bench.db)
-    dsns = {"socket": bench.dsn(bench.db), "tcp": tcp}
+    url = database_dsn(handed_out, bench.db)
+    dsns = {"socket": bench.dsn(bench.db), "tcp": url.split("?", 1)[0], "url": url}
     handles = {t: Handles(dsn) for t, dsn in dsns.items()}
     admin = psycopg.Connection.connect(bench.admin, autocommit=True)
     block = max(1, min(20, rounds // 10))
@@ -182,8 +187,9 @@ def compare(bench: Bench, tcp_admin: str, rounds: int) -> dict[str, list[float]]
     try:
         for cycle in range(max(1, rounds // block)):
             for name, fn in STRATEGIES.items():
-                # Which transport goes first alternates too: no systematic warm-cache edge.
-                order = TRANSPORTS if cycle % 2 == 0 else TRANSPORTS[::-1]
+                # Which transport goes first rotates too: no systematic warm-cache edge.
+                shift = cycle % len(TRANSPORTS)
+                order = TRANSPORTS[shift:] + TRANSPORTS[:shift]
                 for transport in order:
                     h = handles[transport]
                     fn(h)  # warm
@@ -217,23 +223,27 @@ def paired(a: list[float], b: list[float]) -> float:
 def report(rows: dict[str, list[float]]) -> None:
     names = list(dict.fromkeys(k.rsplit(" [", 1)[0] for k in rows if not k.endswith(" cpu")))
     width = max(len(n) for n in names)
-    print("\nUnix socket vs TCP 127.0.0.1 (SCRAM login), same server and database, medians")
-    head = f"{'socket':>10} {'TCP':>10} {'TCP/socket':>11}"
+    others = TRANSPORTS[1:]
+    print("\nUnix socket vs TCP 127.0.0.1 (SCRAM login) vs the URL the plugin hands out")
+    print("(TCP URL + ?host=<socket dir>), same server and database, medians")
+    head = "".join(f"{t:>10}" for t in TRANSPORTS) + "".join(f"{t + '/sock':>11}" for t in others)
     print(f"  {'wall time per test':<{width}} {head} {'n':>5}")
     for name in names:
-        sock, tcp = rows[f"{name} [socket]"], rows[f"{name} [tcp]"]
-        print(
-            f"  {name:<{width}} {statistics.median(sock) * 1e6:>7.0f} us "
-            f"{statistics.median(tcp) * 1e6:>7.0f} us {paired(tcp, sock):>10.3f}x {len(tcp):>5}"
+        med = "".join(
+            f"{statistics.median(rows[f'{name} [{t}]']) * 1e6:>7.0f} us" for t in TRANSPORTS
         )
+        sock = rows[f"{name} [socket]"]
+        ratios = "".join(f"{paired(rows[f'{name} [{t}]'], sock):>10.3f}x" for t in others)
+        print(f"  {name:<{width}} {med} {ratios} {len(sock):>5}")
     print("\n  CPU time per test (this process + the database's backends; load-independent)")
-    print(f"  {'':<{width}} {'socket':>10} {'TCP':>10} {'TCP/socket':>11} {'blocks':>6}")
+    print(f"  {'':<{width}} {head} {'blocks':>6}")
     for name in names:
         if f"{name} [tcp] cpu" not in rows:
             continue
-        sock, tcp = rows[f"{name} [socket] cpu"], rows[f"{name} [tcp] cpu"]
-        ratio = statistics.median(t / s for t, s in zip(tcp, sock, strict=False) if s)
-        print(
-            f"  {name:<{width}} {statistics.median(sock) * 1e6:>7.0f} us "
-            f"{statistics.median(tcp) * 1e6:>7.0f} us {ratio:>10.3f}x {len(tcp):>6}"
+        cpu = {t: rows[f"{name} [{t}] cpu"] for t in TRANSPORTS}
+        med = "".join(f"{statistics.median(cpu[t]) * 1e6:>7.0f} us" for t in TRANSPORTS)
+        pairs = {t: zip(cpu[t], cpu["socket"], strict=False) for t in others}
+        ratios = "".join(
+            f"{statistics.median(a / s for a, s in pairs[t] if s):>10.3f}x" for t in others
         )
+        print(f"  {name:<{width}} {med} {ratios} {len(cpu['socket']):>6}")

@@ -36,6 +36,7 @@ TOOL_FLOORS: dict[str, str] = {
     "fastapi": "0.110.0",
     "httpx": "0.27.0",
     "pydantic-settings": "2.1.0",
+    "dj-database-url": "2.1.0",
     "alembic": "1.13.0",
     "django": "4.2.30",
     "pytest-django": "4.8.0",

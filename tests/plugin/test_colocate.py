@@ -336,8 +336,11 @@ def test_each_test_process_shares_its_cpu_with_its_backends(
 def test_on_the_throwaway_server_tcp_backends_share_the_cpu(
     affinity_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("CORRAL_DSN")  # corral's own server: the app connects over TCP
-    affinity_suite.makepyfile(app=_APP + "assert conn.info.hostaddr == '127.0.0.1'\n")
+    monkeypatch.delenv("CORRAL_DSN")  # corral's own server
+    # The URL without its socket directory (what asyncpg, Django or a URL built from
+    # parts use): the app connects over TCP.
+    app = _APP.replace('["CORRAL_DATABASE_URL"]', '["CORRAL_DATABASE_URL"].split("?")[0]')
+    affinity_suite.makepyfile(app=app + "assert conn.info.hostaddr == '127.0.0.1'\n")
     result = affinity_suite.runpytest_subprocess("-n", "0", "-p", "no:randomly", "-v")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*co-located (corral_colocate): *on CPU * with * backends*"])

@@ -1,9 +1,11 @@
 """corral_database_env end to end: every shape an app reads its database location in.
 
 On corral's throwaway server (TCP on 127.0.0.1 with a password) the URL has a host and a
-port, so strict parsers (pydantic's ``PostgresDsn``, SQLAlchemy's ``make_url``) take it;
-apps that build their URL from parts get the parts; libpq's variables reach the same
-database. The environment is put back when the process's database goes.
+port, so strict parsers (pydantic's ``PostgresDsn``, SQLAlchemy's ``make_url``,
+dj-database-url) take it, and the socket directory in its query, which libpq and
+SQLAlchemy use (asyncpg and Django keep the host: TCP); apps that build their URL from
+parts get the parts (TCP); libpq's variables reach the same database (the socket).
+The environment is put back when the process's database goes.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ import psycopg
 import pytest
 from pydantic import PostgresDsn, TypeAdapter
 from pydantic_settings import BaseSettings
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 URL = os.environ["CORRAL_DATABASE_URL"]
 
@@ -67,9 +72,12 @@ class UrlSettings(BaseSettings):
     DATABASE_URL: PostgresDsn
 
 
+WHERE = "SELECT current_database(), coalesce(host(inet_server_addr()), 'socket')"
+
+
 def database_of(dsn):
     with psycopg.connect(dsn) as conn:
-        return conn.execute("SELECT current_database(), inet_server_addr() IS NOT NULL").fetchone()
+        return tuple(conn.execute(WHERE).fetchone())
 
 
 def test_the_url_has_a_host_and_a_port_on_the_loopback():
@@ -81,8 +89,24 @@ def test_the_url_has_a_host_and_a_port_on_the_loopback():
     url = make_url(os.environ["SQLALCHEMY_DATABASE_URI"])
     assert (url.drivername, url.host, url.port) == ("postgresql+psycopg", "127.0.0.1", host["port"])
     assert make_url(os.environ["ASYNC_DATABASE_URL"]).drivername == "postgresql+asyncpg"
-    name, tcp = database_of(URL)
-    assert name == os.environ["POSTGRES_DB"] and tcp
+    # libpq takes the socket directory of the query over the URL's host: the faster way.
+    assert database_of(URL) == (os.environ["POSTGRES_DB"], "socket")
+
+
+def test_sqlalchemy_engines_use_the_socket():
+    engine = create_engine(os.environ["SQLALCHEMY_DATABASE_URI"], poolclass=NullPool)
+    with engine.connect() as conn:
+        assert tuple(conn.exec_driver_sql(WHERE).one()) == database_of(URL)
+
+    async def where():
+        engine = create_async_engine(os.environ["ASYNC_DATABASE_URL"], poolclass=NullPool)
+        try:
+            async with engine.connect() as conn:
+                return tuple((await conn.exec_driver_sql(WHERE)).one())
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(where()) == database_of(URL)
 
 
 def test_parts_build_a_url_to_the_same_database():
@@ -90,24 +114,47 @@ def test_parts_build_a_url_to_the_same_database():
     assert settings.POSTGRES_SERVER == "127.0.0.1"
     built = settings.uri.replace("+psycopg", "")
     name = database_of(URL)[0]
-    assert database_of(built)[0] == database_of(os.environ["DB_URL_BUILT"])[0] == name
+    # A URL built from parts has no socket directory: TCP, with the password.
+    assert database_of(built) == database_of(os.environ["DB_URL_BUILT"]) == (name, "127.0.0.1")
 
 
 def test_libpq_defaults_reach_the_same_database():
-    assert os.environ["PGHOST"] == "127.0.0.1"
+    assert os.environ["PGHOST"].startswith("/")  # the socket directory: libpq takes one
     assert os.environ["PGDATABASE"] == os.environ["POSTGRES_DB"]
     assert database_of("") == database_of(URL)
 
 
-def test_asyncpg_connects_over_tcp_too():
-    async def name():
-        conn = await asyncpg.connect(URL)
+def test_asyncpg_keeps_the_urls_host_and_connects_over_tcp():
+    async def where(*args):
+        conn = await asyncpg.connect(*args)
         try:
-            return await conn.fetchval("SELECT current_database()")
+            return tuple(await conn.fetchrow(WHERE))
         finally:
             await conn.close()
 
-    assert asyncio.run(name()) == os.environ["POSTGRES_DB"]
+    name = os.environ["POSTGRES_DB"]
+    assert asyncio.run(where(URL)) == (name, "127.0.0.1")
+    assert asyncio.run(where()) == (name, "socket")  # PGHOST & co.
+
+
+def test_dj_database_url_and_django_connect():
+    dj_database_url = pytest.importorskip("dj_database_url")
+    django = pytest.importorskip("django")
+    from django.conf import settings
+
+    config = dj_database_url.parse(URL)
+    assert (config["HOST"], config["NAME"]) == ("127.0.0.1", os.environ["POSTGRES_DB"])
+    settings.configure(DATABASES={"default": config})
+    django.setup()
+    from django.db import connection
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(WHERE)
+            # Django's HOST wins over OPTIONS' host: TCP, with the password.
+            assert tuple(cursor.fetchone()) == (os.environ["POSTGRES_DB"], "127.0.0.1")
+    finally:
+        connection.close()
 """
 
 
@@ -126,7 +173,7 @@ def test_every_shape_on_the_throwaway_server(inner: pytest.Pytester, workers: st
     (inner.path / "conftest.py").unlink()  # the sample's conftest imports its app
     inner.makepyfile(test_shapes=SHAPES_TEST)
     result = inner.runpytest_subprocess("-n", workers, "-p", "no:randomly", "test_shapes.py")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=6)
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,47 @@ def test_libpq_variables_are_set_too() -> None:
     assert "PGHOST" not in render(TCP, (), libpq=False)
 
 
+#: What the throwaway server hands out: a host and a port for URL parsers, the socket
+#: directory in the query for libpq.
+HANDED_OUT = TCP + "?host=/dev/shm/corral-pg-0/run-x1y2"
+
+
+def test_parts_of_a_url_with_a_host_and_a_socket_directory() -> None:
+    entries = parse_entries(["DATABASE_URL", "HOST={host}", "PORT={port}", "SA={sqlalchemy_url}"])
+    env = render(HANDED_OUT, entries)
+    # Apps build URLs from parts: they get the host a URL parser sees, not a directory.
+    assert (env["HOST"], env["PORT"]) == ("127.0.0.1", "5433")
+    assert env["DATABASE_URL"] == HANDED_OUT
+    assert env["SA"] == HANDED_OUT.replace("postgresql:", "postgresql+psycopg:")
+    # libpq's variables get what libpq connects to: the socket (it takes a directory).
+    assert (env["PGHOST"], env["PGPORT"]) == ("/dev/shm/corral-pg-0/run-x1y2", "5433")
+    assert (env["PGUSER"], env["PGDATABASE"], env["PGPASSWORD"]) == (
+        "postgres",
+        "corral_run_1",
+        "s3cr/t",
+    )
+
+
+def test_dj_database_url_reads_every_url_handed_out() -> None:
+    dj_database_url = pytest.importorskip("dj_database_url")
+    socket_only = "postgresql://postgres@/corral_run_1?host=/dev/shm/x&port=6000"
+    for url, host, port, options in [
+        (TCP, "127.0.0.1", 5433, {}),
+        (HANDED_OUT, "127.0.0.1", 5433, {"host": "/dev/shm/corral-pg-0/run-x1y2"}),
+        (socket_only, "", "", {"host": "/dev/shm/x", "port": 6000}),
+        (
+            url_parts(r"host=/dev/shm/x port=6000 dbname=corral_run_1 user=postgres")["url"],
+            "",
+            "",
+            {"host": "/dev/shm/x", "port": 6000},
+        ),
+    ]:
+        config = dj_database_url.parse(url)
+        assert (config["HOST"], config["PORT"], config["NAME"]) == (host, port, "corral_run_1")
+        assert config["ENGINE"] == "django.db.backends.postgresql"
+        assert config.get("OPTIONS", {}) == options
+
+
 def test_a_socket_directory_stays_in_the_query() -> None:
     parts = url_parts("postgresql://postgres@/db?host=/dev/shm/x&port=6000")
     assert parts["host"] == "/dev/shm/x"

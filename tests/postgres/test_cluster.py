@@ -105,6 +105,13 @@ def test_tcp_asks_for_a_password_the_socket_does_not(runtime_dir: Path) -> None:
         assert "password authentication failed" in _refused(server.tcp_dsn.replace(password, "x"))
         with psycopg.connect(server.dsn) as conn:  # the private socket trusts
             assert conn.execute("SELECT 1").fetchone() == (1,)
+        # url: the TCP URL for parsers, with the socket directory that libpq prefers.
+        assert server.url_for("app") == f"{server.tcp_dsn_for('app')}?host={server.host}"
+        assert TypeAdapter(PostgresDsn).validate_python(server.url).hosts()[0]["port"] == (
+            server.port
+        )
+        with psycopg.connect(server.url) as conn:
+            assert conn.info.hostaddr == ""  # the socket
         assert password not in server.log_text()
 
 

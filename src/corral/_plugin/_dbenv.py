@@ -38,7 +38,7 @@ ENV_SANDBOX_MODE = "CORRAL_SANDBOX_MODE"
 #: Every ``{part}`` an entry may name, with what it holds.
 PARTS: Mapping[str, str] = {
     "url": "the whole URL (postgresql://user:password@host:port/dbname), as NAME alone gets",
-    "host": "the server's host name or address (a directory for a Unix socket)",
+    "host": "the URL's host name or address (a socket directory only if the URL has no host)",
     "port": "the server's port",
     "user": "the user name",
     "password": "the password (empty when there is none)",
@@ -152,8 +152,9 @@ def _hosts(hostlist: str) -> tuple[list[str], list[str]]:
     return hosts, ports
 
 
-def _from_url(dsn: str) -> tuple[dict[str, str], dict[str, str]]:
-    """A URL's connection parameters, and its other query parameters."""
+def _from_url(dsn: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """A URL's connection parameters as libpq takes them (query parameters win), its other
+    query parameters, and the host and port a URL parser sees (the URL's own)."""
     split = urlsplit(dsn)
     userinfo, _, hostlist = split.netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
@@ -165,11 +166,12 @@ def _from_url(dsn: str) -> tuple[dict[str, str], dict[str, str]]:
         "password": unquote(password),
         "dbname": unquote(split.path.lstrip("/")),
     }
+    seen = {"host": params["host"], "port": params["port"]}
     query = dict(parse_qsl(split.query, keep_blank_values=True))
     for key in list(params):
         if query.get(key):
             params[key] = query.pop(key)
-    return params, query
+    return params, query, seen
 
 
 def _to_url(params: Mapping[str, str], query: Mapping[str, str]) -> str:
@@ -201,34 +203,50 @@ def _to_url(params: Mapping[str, str], query: Mapping[str, str]) -> str:
     return f"{url}?{query_text}" if query_text else url
 
 
-def url_parts(dsn: str) -> dict[str, str]:
-    """Every part of *dsn* (a ``postgresql://`` URL or libpq ``key=value`` string).
+def _ports(port: str) -> str:
+    """libpq's port list with its default filled in: ``""`` -> ``"5432"``."""
+    return ",".join(p or "5432" for p in port.split(",")) if port else "5432"
 
-    The ``url`` part is *dsn* itself when it is a URL (what ``CORRAL_DATABASE_URL``
-    holds), else the ``key=value`` string as a URL. A missing port is libpq's default,
-    5432. Several hosts (libpq's fail-over lists) give comma-separated hosts and ports,
-    as libpq's ``PGHOST`` and ``PGPORT`` take them.
-    """
+
+def _parts(dsn: str) -> tuple[dict[str, str], dict[str, str]]:
+    """:func:`url_parts`, and the host and port libpq connects to (``PGHOST``/``PGPORT``)."""
     if _URL.match(dsn):
-        params, query = _from_url(dsn)
+        params, query, seen = _from_url(dsn)
         url = dsn
     else:
         params = _conninfo(dsn)
         keys = ("host", "port", "user", "password", "dbname")
         query = {k: v for k, v in params.items() if k not in keys}
         url = _to_url(params, query)
-    ports = params["port"].split(",") if params.get("port") else []
+        seen = {}
+    libpq = {"host": params.get("host", ""), "port": _ports(params.get("port", ""))}
+    # A URL with a host of its own and a socket directory in the query (corral's throwaway
+    # server): parts are for apps that build a URL, so they get what a URL parser sees.
+    shown = {"host": seen["host"], "port": _ports(seen["port"])} if seen.get("host") else libpq
     rest = url[url.index("://") :]
-    return {
+    parts = {
         "url": url,
-        "host": params.get("host", ""),
-        "port": ",".join(p or "5432" for p in ports) or "5432",
+        **shown,
         "user": params.get("user", ""),
         "password": params.get("password", ""),
         "dbname": params.get("dbname", ""),
         "sqlalchemy_url": "postgresql+psycopg" + rest,
         "asyncpg_url": "postgresql+asyncpg" + rest,
     }
+    return parts, libpq
+
+
+def url_parts(dsn: str) -> dict[str, str]:
+    """Every part of *dsn* (a ``postgresql://`` URL or libpq ``key=value`` string).
+
+    The ``url`` part is *dsn* itself when it is a URL (what ``CORRAL_DATABASE_URL``
+    holds), else the ``key=value`` string as a URL. A missing port is libpq's default,
+    5432. Several hosts (libpq's fail-over lists) give comma-separated hosts and ports,
+    as libpq's ``PGHOST`` and ``PGPORT`` take them. ``host`` and ``port`` are the URL's
+    own when it has a host (``...@127.0.0.1:PORT/db?host=/socket/dir`` gives
+    ``127.0.0.1``: apps build URLs from them), else the query's (a socket directory).
+    """
+    return _parts(dsn)[0]
 
 
 def render(dsn: str, entries: Iterable[EnvEntry], *, libpq: bool = True) -> dict[str, str]:
@@ -236,12 +254,16 @@ def render(dsn: str, entries: Iterable[EnvEntry], *, libpq: bool = True) -> dict
 
     :param entries: the parsed ``corral_database_env`` entries.
     :param libpq: whether to add ``PGHOST``, ``PGPORT``, ``PGUSER`` and ``PGDATABASE``
-        (and ``PGPASSWORD`` when the URL carries a password).
+        (and ``PGPASSWORD`` when the URL carries a password); ``PGHOST`` and ``PGPORT`` are
+        where libpq connects (a socket directory in the URL's query wins, as in libpq).
     """
-    parts = url_parts(dsn)
+    parts, connects_to = _parts(dsn)
     env: dict[str, str] = {}
     if libpq:
-        env.update({name: parts[part] for name, part in LIBPQ_VARIABLES.items() if parts[part]})
+        # libpq's variables get what libpq itself connects to: the socket directory of a
+        # URL that has one in its query (libpq takes a directory in PGHOST; so does asyncpg).
+        values = {**parts, **connects_to}
+        env.update({name: values[part] for name, part in LIBPQ_VARIABLES.items() if values[part]})
         if parts["password"]:
             env["PGPASSWORD"] = parts["password"]
     for entry in entries:

@@ -235,7 +235,8 @@ class Run:
         started = time.perf_counter()
         try:
             # TCP on 127.0.0.1 (with a password) beside the private socket: URLs with a
-            # host and a port are what every URL parser accepts (pydantic's PostgresDsn).
+            # host and a port are what every URL parser accepts (pydantic's PostgresDsn),
+            # and the socket directory in their query is what libpq and SQLAlchemy use.
             self.server = EphemeralPostgres(tcp=True).start()
         except CorralError as exc:
             raise pytest.UsageError(
@@ -243,7 +244,7 @@ class Run:
                 "Point corral at a server instead: --corral-dsn / corral_dsn / CORRAL_DSN"
             ) from exc
         self.timings["postgres start"] = time.perf_counter() - started
-        return self.server.tcp_dsn
+        return self.server.url
 
     def _template(self, admin_dsn: str) -> str:
         settings = self.settings

@@ -83,7 +83,7 @@ class EphemeralPostgres:
         (default: 5432 for socket-only servers, a free port with *tcp*).
     :param tcp: also listen on ``127.0.0.1``, where connections need the superuser's
         password (:attr:`tcp_dsn` carries it); URL parsers that want a host and a port
-        (pydantic's ``PostgresDsn``) accept :attr:`tcp_dsn`, not :attr:`dsn`.
+        (pydantic's ``PostgresDsn``) accept :attr:`tcp_dsn` and :attr:`url`, not :attr:`dsn`.
     :param password: the superuser's password over TCP (default: a random one per start).
     :param settings: server settings merged over :data:`TEST_SETTINGS`; a ``None`` value
         drops a default.
@@ -185,6 +185,22 @@ class EphemeralPostgres:
             raise PostgresStartError("this server listens on a Unix socket only; pass tcp=True")
         login = f"postgres:{quote(self._password, safe='')}"
         return f"postgresql://{login}@127.0.0.1:{self._port}/{quote(database, safe='')}"
+
+    @property
+    def url(self) -> str:
+        """The superuser's URL that readers take either way (only with ``tcp=True``):
+        ``postgresql://postgres:PASSWORD@127.0.0.1:PORT/postgres?host=SOCKET_DIR``."""
+        return self.url_for("postgres")
+
+    def url_for(self, database: str) -> str:
+        """*database*'s URL with a host and a port for URL parsers (pydantic's
+        ``PostgresDsn``, dj-database-url, SQLAlchemy's ``make_url``) and the socket directory
+        in the query, which libpq (psycopg) and SQLAlchemy's connect arguments (its asyncpg
+        dialect too) prefer over the URL's host: they use the faster Unix socket; readers
+        that keep the URL's host (asyncpg itself, Django) connect over TCP with the
+        password. Only with ``tcp=True``."""
+        host = quote(str(self._require()), safe="/")
+        return f"{self.tcp_dsn_for(database)}?host={host}"
 
     @property
     def password(self) -> str:
