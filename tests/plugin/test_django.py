@@ -83,10 +83,14 @@ def server_templates(postgres_dsn: str) -> Iterator[str]:
         drop_database(postgres_dsn, name)
 
 
-def run(root: Path, *args: str, port: str = "1", expect: int = 0) -> str:
-    """Run the project's suite; ``port`` is where its settings look for PostgreSQL."""
+def run(
+    root: Path, *args: str, port: str = "1", expect: int = 0, test: dict[str, str] | None = None
+) -> str:
+    """Run the project's suite; ``port`` is where its settings look for PostgreSQL, ``test``
+    its default database's ``TEST`` settings."""
     env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES and not k.startswith("PG")}
     env["DJ_PORT"] = port
+    env.update({f"DJ_{key}": value for key, value in (test or {}).items()})
     env["CORRAL_PG_CACHE_DIR"] = os.environ.get("CORRAL_PG_CACHE_DIR", _CACHE_DIR)
     command = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider"]
     result = subprocess.run(
@@ -142,6 +146,11 @@ def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
     # --create-db rebuilds it although nothing changed.
     run(project, "-n", "0", "--create-db", f"--corral-dsn={dsn}", "-k", "isolated")
     assert migrate_count(project) == 4
+    # TEST's CHARSET and TEMPLATE make another template, created as Django would.
+    charset = {"CHARSET": "SQL_ASCII", "TEMPLATE": "template0"}
+    output = run(project, "-n", "0", f"--corral-dsn={dsn}", "-k", "encoding", test=charset)
+    assert "1 passed" in output
+    assert migrate_count(project) == 5
     assert _clones(dsn) == set()
 
 
@@ -164,6 +173,11 @@ def test_the_settings_own_server_is_used_when_it_answers(project: Path) -> None:
 def test_a_failing_migration_fails_the_run_once_before_any_worker(
     project: Path, server_templates: str
 ) -> None:
+    # TEST settings Django's PostgreSQL backend refuses are refused with its error.
+    output = run(project, f"--corral-dsn={server_templates}", test={"COLLATION": "C"}, expect=4)
+    assert "does not support collation" in output
+    assert "TEST['COLLATION']" in output
+    assert migrate_count(project) == 0
     name = break_migration(project)
     output = run(project, "-n", "2", f"--corral-dsn={server_templates}", expect=4)
     assert f"Django's migrations failed in migration {name}" in output

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from corral._plugin._django import DjangoInfo, _outcome
+from corral._plugin._django import DjangoInfo
 from corral._plugin._django_setup import admin_dsn_of, is_postgres, overrides_for, point_at
 
 pytest.importorskip("psycopg")
@@ -84,11 +84,6 @@ def test_overrides_point_a_database_at_another_server() -> None:
     untouched = {"NAME": "app", "HOST": "db"}
     point_at(untouched, "corral_y", {})
     assert untouched == {"NAME": "corral_y", "HOST": "db"}
-
-
-def test_the_build_outcome_is_the_last_json_line() -> None:
-    assert _outcome('Applying x... OK\n{"built": ["t"]}\n') == {"built": ["t"]}
-    assert _outcome("Traceback ...\nboom\n") is None
 
 
 def test_migration_modules_of_any_shape_feed_the_hash() -> None:

@@ -1,19 +1,22 @@
 """Django support: with pytest-django and a PostgreSQL database, migrate once per run.
 
 The controller (xdist's, or the only process) names a template per test database by a
-hash of what defines it, builds the missing ones with Django's own test-database creation
-in a child process, and hands the names to the workers; each test process's
-``django_db_setup`` (see :mod:`corral._plugin._django_fixtures`) clones them.
+hash of what defines it, builds the missing ones in-process with Django's own test-database
+creation, and hands the names to the workers; each test process's ``django_db_setup``
+(see :mod:`corral._plugin._django_fixtures`) clones them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -134,6 +137,8 @@ class DjangoHooks:
         self.server: EphemeralPostgres | None = None
         self._env_saved: str | None = None
         self._exported = False
+        #: Dumps of built templates still being written: (pg_dump, partial file, target).
+        self._dumps: list[tuple[subprocess.Popen[str], Path, Path]] = []
 
     # ------------------------------------------------------------------ controller
 
@@ -147,7 +152,9 @@ class DjangoHooks:
                 raise pytest.UsageError(f"corral_django = on, but {why}")
             self.notes.append(f"corral: Django support off: {why}; corral's broker only")
             return
-        from corral._plugin._django_setup import database_groups, template_hash
+        from django.core.exceptions import ImproperlyConfigured
+
+        from corral._plugin._django_setup import creation_options, database_groups, template_hash
 
         groups, mirrors, others = database_groups()
         if not groups:
@@ -161,12 +168,21 @@ class DjangoHooks:
         for group in groups:
             admin, overrides = servers[group.aliases[0]]
             digest = template_hash(group, no_migrations=no_migrations, watch=watch)
+            try:
+                base_template, encoding = creation_options(group.aliases[0])
+            except ImproperlyConfigured as exc:
+                raise pytest.UsageError(
+                    f"corral: Django database {group.aliases[0]!r}: {exc}\nDjango would "
+                    "refuse its TEST settings too: fix them (e.g. drop TEST['COLLATION'])"
+                ) from exc
             entries.append(
                 {
                     "aliases": list(group.aliases),
                     "template": "corral_tpl_" + digest[:24],
                     "admin_dsn": admin,
                     "overrides": overrides,
+                    "base_template": base_template,
+                    "encoding": encoding,
                 }
             )
         self.timings["django hash"] = time.perf_counter() - started
@@ -341,14 +357,12 @@ class DjangoHooks:
     def _build(
         self, entries: list[dict[str, Any]], mirrors: dict[str, str], no_migrations: bool
     ) -> None:
-        """Run Django's test-database creation for *entries* in a child process."""
-        from django.db import connections
-
-        from corral._plugin._django_setup import BuildSpec
+        """Run Django's test-database creation for *entries*, in this process (Django is
+        set up already: a child would pay its start-up again), past pytest-django's
+        database blocker."""
+        from corral._plugin._django_setup import BuildSpec, MigrationFailed, build
 
         first = entries[0]
-        dump = {e["template"]: str(p) for e in entries if (p := self._dump_path(e)) is not None}
-        server = self._own_server(first["admin_dsn"])
         spec = BuildSpec(
             admin_dsn=first["admin_dsn"],
             groups=[(e["aliases"], e["template"]) for e in entries],
@@ -356,48 +370,68 @@ class DjangoHooks:
             overrides=first["overrides"],
             no_migrations=no_migrations,
             verbosity=int(self.config.option.verbose),
-            base_templates={
-                e["template"]: (connections[e["aliases"][0]].settings_dict.get("TEST") or {}).get(
-                    "TEMPLATE"
-                )
-                or "template1"
-                for e in entries
-            },
-            dump=dump,
-            pg_dump=str(server.bindir / "pg_dump") if server is not None else "",
+            base_templates={e["template"]: e["base_template"] for e in entries},
+            encodings={e["template"]: e["encoding"] for e in entries if e["encoding"]},
         )
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        env.pop(ENV_DJANGO, None)
-        result = subprocess.run(
-            [sys.executable, "-m", "corral._plugin._django_setup"],
-            input=spec.to_json(),
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=str(self.config.invocation_params.dir),
-            check=False,
+        try:
+            with _unblocked(self.config):
+                build(spec)
+        except MigrationFailed as error:
+            migration = f" in migration {error.migration}" if error.migration else ""
+            raise pytest.UsageError(
+                f"corral: Django's migrations failed{migration} (database {error.alias!r}, "
+                f"template {error.template}), so no test ran.\n{error.error}\n\n"
+                f"{error.details.rstrip()}"
+            ) from None
+        except TemplateBuildError as exc:
+            raise pytest.UsageError(
+                f"corral: building the Django test database template {exc.template} failed, "
+                f"so no test ran:\n{exc}\n\n"
+                f"{''.join(traceback.format_exception(exc)).rstrip()}"
+            ) from None
+        for entry in entries:
+            self._start_dump(entry)
+
+    def _start_dump(self, entry: dict[str, Any]) -> None:
+        """Keep a built template of corral's throwaway server as a dump for the next run,
+        in the background (from a clone: a template takes no connection); :meth:`stop`
+        waits for it before the server goes."""
+        path = self._dump_path(entry)
+        server = self._own_server(entry["admin_dsn"])
+        if path is None or server is None:
+            return
+        from corral.postgres import clone_database, database_dsn
+
+        admin = entry["admin_dsn"]
+        source = clone_database(admin, entry["template"], entry["template"] + "_dump")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        command = [str(server.bindir / "pg_dump"), "-Fc", "-Z1", "--no-owner"]
+        command += ["--no-privileges", "-f", str(partial), database_dsn(admin, source)]
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        outcome = _outcome(result.stdout)
-        if outcome is None:
-            raise pytest.UsageError(
-                "corral: building the Django test database template failed, so no test ran "
-                f"(exit code {result.returncode}):\n{(result.stdout + result.stderr)[-4000:]}"
-            )
-        error = outcome.get("error")
-        if error:
-            migration = f" in migration {error['migration']}" if error["migration"] else ""
-            raise pytest.UsageError(
-                f"corral: Django's migrations failed{migration} (database {error['alias']!r}, "
-                f"template {error['template']}), so no test ran.\n{error['error']}\n\n"
-                f"{error['details'].rstrip()}"
-            )
+        self._dumps.append((process, partial, path))
+
+    def _finish_dumps(self) -> None:
+        dumps, self._dumps = self._dumps, []
+        started = time.perf_counter()
+        for process, partial, path in dumps:
+            _out, err = process.communicate()
+            if process.returncode == 0:
+                os.replace(partial, path)
+                continue
+            partial.unlink(missing_ok=True)
+            log.warning("corral: could not cache the Django template in %s: %s", path, err)
+        if dumps:
+            self.timings["django dump (wait)"] = time.perf_counter() - started
 
     def stop(self) -> None:
         """Drop this run's Django clones (the workers are done), stop a server we started."""
         info, self.info = self.info, None
         if info is not None:
             self._drop_clones(info)
+        self._finish_dumps()
         server, self.server = self.server, None
         if server is not None:
             try:
@@ -466,8 +500,6 @@ def _why_not(config: pytest.Config) -> str:
 
     if not settings.configured:
         return "Django's settings are not configured"
-    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
-        return "DJANGO_SETTINGS_MODULE is not set (corral migrates in a child process)"
     from corral._plugin._django_setup import is_postgres
 
     databases = dict(settings.DATABASES)
@@ -504,12 +536,14 @@ def _ready(admin: str, template: str) -> bool:
         return bool(template_ready(conn, template))
 
 
-def _outcome(stdout: str) -> dict[str, Any] | None:
-    for line in reversed(stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
+@contextlib.contextmanager
+def _unblocked(config: pytest.Config) -> Iterator[None]:
+    """pytest-django blocks database access outside its fixtures; the build needs it."""
+    from pytest_django.plugin import blocking_manager_key
+
+    blocker = config.stash.get(blocking_manager_key, None)
+    if blocker is None:
+        yield
+        return
+    with blocker.unblock():
+        yield
