@@ -209,6 +209,8 @@ def test_encoding(db):
 
 
 def test_on_a_clone(db):
+    # Django's databases only: no database of corral's own for this process beside them.
+    assert "CORRAL_DATABASE_URL" not in os.environ
     name = connection.settings_dict["NAME"]
     assert name.startswith("corral_"), name
     assert settings.DATABASES["default"]["NAME"] == name

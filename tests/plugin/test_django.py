@@ -124,10 +124,15 @@ def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
     project: Path, server_templates: str
 ) -> None:
     dsn = server_templates
+    before = _databases(dsn)
     output = run(project, "-n", "0", f"--corral-dsn={dsn}")
     assert f"{TESTS} passed" in output
     assert migrate_count(project) == 1
     assert "on the --corral-dsn server" in output
+    # Django's template only: no (empty) template of corral's own for unused clones.
+    built = set(re.findall(r"Django template (corral_tpl_\w+) built", output))
+    assert len(built) == 1, output
+    assert _databases(dsn) - before == built
     output = run(project, "-n", "4", f"--corral-dsn={dsn}")
     assert f"{TESTS} passed" in output
     assert "reused (no migrating)" in output

@@ -29,7 +29,14 @@ if TYPE_CHECKING:
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
 
-__all__ = ["ENV_DJANGO", "DjangoHooks", "DjangoInfo", "add_options", "configure"]
+__all__ = [
+    "ENV_DJANGO",
+    "DjangoHooks",
+    "DjangoInfo",
+    "add_options",
+    "configure",
+    "takes_databases",
+]
 
 log = logging.getLogger("corral.pytest")
 
@@ -124,6 +131,22 @@ def configure(config: pytest.Config, process: CorralProcess) -> None:
         config.pluginmanager.register(_django_fixtures, "corral-django-fixtures")
 
 
+def takes_databases(config: pytest.Config) -> bool:
+    """Whether Django support will take the run's databases: pytest-django is active with a
+    settings module and ``corral_django`` is not off (the settings are not read yet)."""
+    manager = config.pluginmanager
+    if not (manager.hasplugin("django") or manager.hasplugin("pytest_django.plugin")):
+        return False
+    if str(config.getini("corral_django")).strip().lower() == "off":
+        return False
+    known = getattr(config, "known_args_namespace", config.option)
+    return bool(
+        getattr(known, "ds", None)
+        or os.environ.get("DJANGO_SETTINGS_MODULE")
+        or config.getini("DJANGO_SETTINGS_MODULE")
+    )
+
+
 class DjangoHooks:
     """The Django part of one process: the controller's templates, or a worker's view."""
 
@@ -212,6 +235,8 @@ class DjangoHooks:
         dsn = self.process.settings.dsn
         if dsn:
             self.notes.append("corral: Django test databases on the --corral-dsn server")
+            if self.process.info is None or self.process.info.admin_dsn is None:
+                self._drop_stale(dsn)  # corral's database part is off: it did not
             return {alias: (dsn, overrides_for(dsn)) for alias in aliases}
         found: dict[str, tuple[str, dict[str, str]]] = {}
         for alias in aliases:
