@@ -9,6 +9,7 @@ creation, and hands the names to the workers; each test process's ``django_db_se
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ __all__ = [
     "DjangoInfo",
     "add_options",
     "configure",
+    "prune_dumps",
     "takes_databases",
 ]
 
@@ -44,6 +46,10 @@ log = logging.getLogger("corral.pytest")
 ENV_DJANGO = "CORRAL_DJANGO"
 _SWITCH = ("auto", "on", "off")
 _PROBE_TIMEOUT = 3
+#: Dumps of built templates kept per project's test database (older migrations' go).
+DUMPS_KEPT = 3
+#: Seconds after which an unused dump goes (30 days).
+DUMP_MAX_AGE = 30 * 24 * 3600.0
 _MAX_NAME = 63
 
 
@@ -86,8 +92,6 @@ class DjangoInfo:
         tag = f"_{self.clone_tag}" if self.clone_tag else ""
         name = f"corral_{self.run_id}_dj{index}{tag}_{worker}"
         if len(name) > _MAX_NAME:
-            import hashlib
-
             digest = hashlib.sha1(name.encode()).hexdigest()[:10]
             name = f"corral_dj{index}_{digest}_{worker}"[:_MAX_NAME]
         return name
@@ -327,16 +331,18 @@ class DjangoHooks:
             self.notes.append(f"corral: Django template {names} built by migrating")
 
     def _dump_path(self, entry: dict[str, Any]) -> Path | None:
+        """``~/.cache/corral/django/<project>-<template>-pg<major>.dump`` for a template of
+        corral's throwaway server (None on another server: the template stays there).
+        ``<project>`` tells this project's test database from others' when pruning."""
         server = self._own_server(entry["admin_dsn"])
         if server is None:
             return None
-        from corral.postgres import default_cache_dir
+        from corral.postgres._cache import cache_root
 
-        return (
-            default_cache_dir().parent
-            / "django"
-            / f"{entry['template']}-pg{server.version[0]}.dump"
-        )
+        where = f"{self.config.rootpath}\0{','.join(entry['aliases'])}"
+        project = hashlib.sha256(where.encode()).hexdigest()[:12]
+        name = f"{project}-{entry['template']}-pg{server.version[0]}.dump"
+        return cache_root() / "django" / name
 
     def _restore(self, entry: dict[str, Any]) -> bool:
         """Restore a throwaway server's template from the dump an earlier run kept."""
@@ -374,6 +380,8 @@ class DjangoHooks:
             path.unlink(missing_ok=True)
             return False
         self.timings["django restore"] = time.perf_counter() - started
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used: what pruning keeps
         self.notes.append(
             f"corral: Django template {entry['template']} restored from {path} (no migrating)"
         )
@@ -450,6 +458,7 @@ class DjangoHooks:
             log.warning("corral: could not cache the Django template in %s: %s", path, err)
         if dumps:
             self.timings["django dump (wait)"] = time.perf_counter() - started
+            prune_dumps(dumps[0][2].parent)
 
     def stop(self) -> None:
         """Drop this run's Django clones (the workers are done), stop a server we started."""
@@ -513,6 +522,20 @@ class DjangoHooks:
         if self.process.is_controller and config.option.verbose > 0 and self.timings:
             parts = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
             terminalreporter.write_line(f"corral: Django set-up: {parts}")
+
+
+def prune_dumps(directory: Path, now: float | None = None) -> list[Path]:
+    """Keep the Django dump cache small: the newest :data:`DUMPS_KEPT` dumps of each
+    project's test database and server version, none unused for :data:`DUMP_MAX_AGE`."""
+    from corral.postgres._cache import prune
+
+    def project(path: Path) -> str:
+        parts = path.name.split("-")
+        return f"{parts[0]}-{parts[-1]}"
+
+    return prune(
+        directory, keep=DUMPS_KEPT, max_age=DUMP_MAX_AGE, key=project, suffix=".dump", now=now
+    )
 
 
 def _why_not(config: pytest.Config) -> str:
