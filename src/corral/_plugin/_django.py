@@ -324,7 +324,7 @@ class DjangoHooks:
         for group in by_server.values():
             started = time.perf_counter()
             self._build(group, mirrors, no_migrations)
-            self.timings["django migrate"] = self.timings.get("django migrate", 0.0) + (
+            self.timings["django build"] = self.timings.get("django build", 0.0) + (
                 time.perf_counter() - started
             )
             names = ", ".join(e["template"] for e in group)
@@ -409,6 +409,9 @@ class DjangoHooks:
         try:
             with _unblocked(self.config):
                 build(spec)
+            for what, seconds in spec.timings.items():
+                key = f"django {what}"
+                self.timings[key] = self.timings.get(key, 0.0) + seconds
         except MigrationFailed as error:
             migration = f" in migration {error.migration}" if error.migration else ""
             raise pytest.UsageError(

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import re
+import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -278,6 +279,8 @@ class BuildSpec:
     verbosity: int = 0
     base_templates: dict[str, str] = field(default_factory=dict)
     encodings: dict[str, str] = field(default_factory=dict)
+    #: Filled by the build: seconds spent in Django's ``create_test_db`` and ``serialize``.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class MigrationFailed(Exception):
@@ -345,6 +348,7 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str) -> None:
     first = connections[aliases[0]]
     point_at(first.settings_dict, first.settings_dict["NAME"], spec.overrides)
     first.settings_dict.setdefault("TEST", {})["NAME"] = template
+    started = time.perf_counter()
     with _captured() as output:
         try:
             # keepdb: the database exists (corral created it, marked as being built); Django
@@ -364,6 +368,8 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str) -> None:
     for alias, mirror in spec.mirrors.items():
         if mirror in aliases:
             connections[alias].creation.set_as_test_mirror(first.settings_dict)
+    _add_time(spec.timings, "create_test_db", started)
+    started = time.perf_counter()
     test = first.settings_dict.get("TEST") or {}
     data = first.creation.serialize_db_to_string() if test.get("SERIALIZE", True) else None
     with first.cursor() as cursor:
@@ -377,6 +383,11 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str) -> None:
             )
     for alias in connections:
         connections[alias].close()
+    _add_time(spec.timings, "serialize", started)
+
+
+def _add_time(timings: dict[str, float], what: str, started: float) -> None:
+    timings[what] = timings.get(what, 0.0) + time.perf_counter() - started
 
 
 def build(spec: BuildSpec) -> list[str]:
