@@ -213,7 +213,9 @@ class DjangoHooks:
                 }
             )
         self.timings["django hash"] = time.perf_counter() - started
+        started = time.perf_counter()
         self._templates(entries, mirrors, no_migrations)
+        self.timings["django templates"] = time.perf_counter() - started
         run = self.process.info
         assert run is not None
         self.info = DjangoInfo(
