@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from corral._plugin._django import dump_project
 from corral.postgres import default_cache_dir, drop_database
 from tests._inner import RUN_VARIABLES
 from tests.plugin._django_project import (
@@ -62,12 +63,11 @@ def _mark_half_built(dsn: str, name: str) -> None:
 def project(tmp_path: Path) -> Iterator[Path]:
     """A fresh project whose templates are its own (a token in one of its migrations)."""
     root = tmp_path / "project"
-    before = set(_dump_dir().glob("*.dump")) if _dump_dir().is_dir() else set()
     write_project(root, token=secrets.token_hex(6))
     yield root
-    if _dump_dir().is_dir():
-        for path in set(_dump_dir().glob("*.dump")) - before:
-            path.unlink(missing_ok=True)
+    # Its own dumps only: other runs (in parallel) keep theirs.
+    for path in _dump_dir().glob(f"{dump_project(root, ['default'])}-*"):
+        path.unlink(missing_ok=True)
 
 
 def _dump_dir() -> Path:
@@ -113,6 +113,7 @@ def test_throwaway_server_migrates_once_per_run_then_never(project: Path) -> Non
     assert "using corral's throwaway PostgreSQL" in output
     assert "built by migrating" in output
     assert migrate_count(project) == 1  # once for the run, not once per worker
+    assert list(_dump_dir().glob(f"{dump_project(project, ['default'])}-*.dump"))
     # Second run: the template comes back from the dump the first run kept.
     output = run(project, "-n", "0")
     assert f"{TESTS} passed" in output

@@ -36,6 +36,7 @@ __all__ = [
     "DjangoInfo",
     "add_options",
     "configure",
+    "dump_project",
     "prune_dumps",
     "takes_databases",
 ]
@@ -341,8 +342,7 @@ class DjangoHooks:
             return None
         from corral.postgres._cache import cache_root
 
-        where = f"{self.config.rootpath}\0{','.join(entry['aliases'])}"
-        project = hashlib.sha256(where.encode()).hexdigest()[:12]
+        project = dump_project(self.config.rootpath, entry["aliases"])
         name = f"{project}-{entry['template']}-pg{server.version[0]}.dump"
         return cache_root() / "django" / name
 
@@ -527,6 +527,12 @@ class DjangoHooks:
         if self.process.is_controller and config.option.verbose > 0 and self.timings:
             parts = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
             terminalreporter.write_line(f"corral: Django set-up: {parts}")
+
+
+def dump_project(rootpath: Path, aliases: list[str]) -> str:
+    """What starts the names of a project's dumps of one test database (its aliases)."""
+    where = f"{rootpath}\0{','.join(aliases)}"
+    return hashlib.sha256(where.encode()).hexdigest()[:12]
 
 
 def prune_dumps(directory: Path, now: float | None = None) -> list[Path]:
