@@ -1,16 +1,23 @@
 """Django set-up time: pytest-django alone vs with corral, by number of migrations.
 
-Run: ``python -m benchmarks.django_setup [--sizes 10,50,200] [--workers 0,2] [--dsn DSN]``.
-Generates the Django project of ``tests/plugin/_django_project.py`` (3 apps, small
-migrations, a data migration, 12 pytest-django tests) with about 10, 50 and 200
-migrations, and times whole ``pytest`` runs of it, each in a fresh process: pytest-django
+Run: ``python -m benchmarks.django_setup [--sizes 10,50,200] [--workers 0,4] [--repeat 3]
+[--throwaway] [--dsn DSN]``. Generates the Django project of ``tests/plugin/_django_project.py``
+(3 apps, small migrations, a data migration, 12 pytest-django tests) with about 10, 50 and
+200 migrations, and times whole ``pytest`` runs of it, each in a fresh process: pytest-django
 alone (``-p no:corral``: every worker creates and migrates its own test database, every
 run) and with corral (the run migrates once into a template, which the next run reuses),
 serial and with xdist, a first and a second run. Both use the same server: a throwaway
 PostgreSQL started here (or ``--dsn``), which the project's settings name as their own.
+``--throwaway``: the settings name a port where nothing listens instead, so corral starts
+its own server and keeps the built template as a dump (pytest-django alone cannot run so).
 
-Columns: time to first test (from launching pytest to the first test's call, after its
-fixtures, so the test database set-up counts whichever process pays it) and wall time.
+Columns (medians of ``--repeat`` runs, each first run on a freshly generated project):
+``to first test`` (from launching pytest to the first test's call, after its fixtures);
+``db set-up``, that minus the median ``to first test`` of the same run with no database at
+all (pytest-django alone, ``-k test_no_db``: Python, pytest, Django and xdist start-up,
+collection), so what remains is the database set-up, whichever process pays it; and
+``wall``. Targets: a first run with ``-n 4`` spends at most 1.2x the db set-up of
+pytest-django's ``-n 0`` first run; a second run <= 0.5 s of db set-up at any size.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,22 +55,27 @@ def pytest_runtest_call(item):
             f.write(f"{time.time()}\\n")
 """
 # Tests that check corral's clone names, which pytest-django alone does not make.
-_DESELECT = "not on_a_clone and not blocker"
+_DESELECT = "not on_a_clone and not blocker and not no_db"
+# The start-up baseline: a test that uses no database.
+_NO_DB = "def test_no_db():\n    pass\n"
 
 
 def _project(root: Path, migrations: int) -> None:
     per_app = max(2, (migrations - 4) // 3)
     write_project(root, token=secrets.token_hex(6), migrations=per_app)
     (root / "conftest.py").write_text(_CONFTEST)
+    (root / "tests" / "test_no_db.py").write_text(_NO_DB)
 
 
-def _run(root: Path, env: dict[str, str], *args: str) -> tuple[float, float]:
+def _run(
+    root: Path, env: dict[str, str], *args: str, select: str = _DESELECT
+) -> tuple[float, float]:
     first = root / "first_test.txt"
     first.unlink(missing_ok=True)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
     started = time.time()
     result = subprocess.run(
-        [*command, "-k", _DESELECT, *args], cwd=root, env=env, capture_output=True, text=True
+        [*command, "-k", select, *args], cwd=root, env=env, capture_output=True, text=True
     )
     wall = time.time() - started
     if result.returncode != 0:
@@ -71,10 +84,16 @@ def _run(root: Path, env: dict[str, str], *args: str) -> tuple[float, float]:
     return to_first, wall
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,50,200")
-    parser.add_argument("--workers", default="0,2")
+    parser.add_argument("--workers", default="0,4")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--throwaway", action="store_true")
     parser.add_argument("--dsn", default=None)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -89,19 +108,42 @@ def main(argv: list[str] | None = None) -> int:
         DJ_USER=str(params.get("user", "postgres")),
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
     )
-    print(f"{'case':<44}  {'to first test':>13}  {'wall':>8}")
+    corral_env = dict(env, DJ_PORT="1") if args.throwaway else env
+    modes = ("corral",) if args.throwaway else ("pytest-django", "corral")
+    print(f"load average {os.getloadavg()[0]:.1f}, medians of {args.repeat}")
+    print(f"{'case':<44}  {'to first test':>13}  {'db set-up':>9}  {'wall':>8}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for size in sizes:
                 for n in workers:
-                    for mode in ("pytest-django", "corral"):
-                        root = Path(tmp) / f"p{size}-{n}-{mode}"
-                        _project(root, size)
+                    root = Path(tmp) / f"p{size}-{n}-base"
+                    _project(root, size)
+                    base = _median(
+                        [
+                            _run(root, env, "-n", str(n), "-p", "no:corral", select="no_db")[0]
+                            for _ in range(args.repeat)
+                        ]
+                    )
+                    label = f"{size} migrations, -n {n}, no database"
+                    print(f"{label:<44}  {base:>11.2f} s  {0:>7.2f} s  {'-':>8}", flush=True)
+                    for mode in modes:
                         extra = ["-p", "no:corral"] if mode == "pytest-django" else []
-                        for run in ("first", "second"):
-                            to_first, wall = _run(root, env, "-n", str(n), *extra)
+                        mode_env = corral_env if mode == "corral" else env
+                        times: dict[str, list[tuple[float, float]]] = {"first": [], "second": []}
+                        for attempt in range(args.repeat):
+                            root = Path(tmp) / f"p{size}-{n}-{mode}-{attempt}"
+                            _project(root, size)
+                            for run in ("first", "second"):
+                                times[run].append(_run(root, mode_env, "-n", str(n), *extra))
+                        for run, pairs in times.items():
+                            to_first = _median([p[0] for p in pairs])
+                            wall = _median([p[1] for p in pairs])
                             label = f"{size} migrations, -n {n}, {mode}, {run} run"
-                            print(f"{label:<44}  {to_first:>11.2f} s  {wall:>6.2f} s", flush=True)
+                            print(
+                                f"{label:<44}  {to_first:>11.2f} s  {to_first - base:>7.2f} s"
+                                f"  {wall:>6.2f} s",
+                                flush=True,
+                            )
     finally:
         if server is not None:
             server.stop()

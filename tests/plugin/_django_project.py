@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 #: Tests in the generated suite.
-TESTS = 15
+TESTS = 16
 APPS = ("shop", "blog", "notes")
 
 _SETTINGS = """\
@@ -41,8 +41,14 @@ _SERVER = {{
     "USER": os.environ.get("DJ_USER", "postgres"),
     "PASSWORD": "",
 }}
+# Django's own ways to shape the test database (the tests set them through the environment).
+_TEST = {{
+    key: os.environ[f"DJ_{{key}}"]
+    for key in ("CHARSET", "COLLATION", "TEMPLATE")
+    if os.environ.get(f"DJ_{{key}}")
+}}
 DATABASES = {{
-    "default": dict(_SERVER),
+    "default": {{**_SERVER, "TEST": _TEST}},
     "replica": {{**_SERVER, "TEST": {{"MIRROR": "default"}}}},
 }}
 # {token}
@@ -165,6 +171,7 @@ def django_db_setup(django_db_setup, django_db_blocker):
 """
 
 _TESTS = """\
+import os
 import urllib.request
 
 import pytest
@@ -195,7 +202,15 @@ def test_db_isolated_two(db):
     assert Product.objects.count() == 1
 
 
+def test_encoding(db):
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW server_encoding")
+        assert cursor.fetchone()[0] == os.environ.get("DJ_CHARSET", "UTF8")
+
+
 def test_on_a_clone(db):
+    # Django's databases only: no database of corral's own for this process beside them.
+    assert "CORRAL_DATABASE_URL" not in os.environ
     name = connection.settings_dict["NAME"]
     assert name.startswith("corral_"), name
     assert settings.DATABASES["default"]["NAME"] == name

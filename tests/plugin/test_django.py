@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from corral._plugin._django import dump_project
 from corral.postgres import default_cache_dir, drop_database
 from tests._inner import RUN_VARIABLES
 from tests.plugin._django_project import (
@@ -62,12 +63,11 @@ def _mark_half_built(dsn: str, name: str) -> None:
 def project(tmp_path: Path) -> Iterator[Path]:
     """A fresh project whose templates are its own (a token in one of its migrations)."""
     root = tmp_path / "project"
-    before = set(_dump_dir().glob("*.dump")) if _dump_dir().is_dir() else set()
     write_project(root, token=secrets.token_hex(6))
     yield root
-    if _dump_dir().is_dir():
-        for path in set(_dump_dir().glob("*.dump")) - before:
-            path.unlink(missing_ok=True)
+    # Its own dumps only: other runs (in parallel) keep theirs.
+    for path in _dump_dir().glob(f"{dump_project(root, ['default'])}-*"):
+        path.unlink(missing_ok=True)
 
 
 def _dump_dir() -> Path:
@@ -83,10 +83,14 @@ def server_templates(postgres_dsn: str) -> Iterator[str]:
         drop_database(postgres_dsn, name)
 
 
-def run(root: Path, *args: str, port: str = "1", expect: int = 0) -> str:
-    """Run the project's suite; ``port`` is where its settings look for PostgreSQL."""
+def run(
+    root: Path, *args: str, port: str = "1", expect: int = 0, test: dict[str, str] | None = None
+) -> str:
+    """Run the project's suite; ``port`` is where its settings look for PostgreSQL, ``test``
+    its default database's ``TEST`` settings."""
     env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES and not k.startswith("PG")}
     env["DJ_PORT"] = port
+    env.update({f"DJ_{key}": value for key, value in (test or {}).items()})
     env["CORRAL_PG_CACHE_DIR"] = os.environ.get("CORRAL_PG_CACHE_DIR", _CACHE_DIR)
     command = [sys.executable, "-m", "pytest", "-p", "no:randomly", "-p", "no:cacheprovider"]
     result = subprocess.run(
@@ -109,6 +113,7 @@ def test_throwaway_server_migrates_once_per_run_then_never(project: Path) -> Non
     assert "using corral's throwaway PostgreSQL" in output
     assert "built by migrating" in output
     assert migrate_count(project) == 1  # once for the run, not once per worker
+    assert list(_dump_dir().glob(f"{dump_project(project, ['default'])}-*.dump"))
     # Second run: the template comes back from the dump the first run kept.
     output = run(project, "-n", "0")
     assert f"{TESTS} passed" in output
@@ -120,10 +125,15 @@ def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
     project: Path, server_templates: str
 ) -> None:
     dsn = server_templates
+    before = _databases(dsn)
     output = run(project, "-n", "0", f"--corral-dsn={dsn}")
     assert f"{TESTS} passed" in output
     assert migrate_count(project) == 1
     assert "on the --corral-dsn server" in output
+    # Django's template only: no (empty) template of corral's own for unused clones.
+    built = set(re.findall(r"Django template (corral_tpl_\w+) built", output))
+    assert len(built) == 1, output
+    assert _databases(dsn) - before == built
     output = run(project, "-n", "4", f"--corral-dsn={dsn}")
     assert f"{TESTS} passed" in output
     assert "reused (no migrating)" in output
@@ -142,6 +152,11 @@ def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
     # --create-db rebuilds it although nothing changed.
     run(project, "-n", "0", "--create-db", f"--corral-dsn={dsn}", "-k", "isolated")
     assert migrate_count(project) == 4
+    # TEST's CHARSET and TEMPLATE make another template, created as Django would.
+    charset = {"CHARSET": "SQL_ASCII", "TEMPLATE": "template0"}
+    output = run(project, "-n", "0", f"--corral-dsn={dsn}", "-k", "encoding", test=charset)
+    assert "1 passed" in output
+    assert migrate_count(project) == 5
     assert _clones(dsn) == set()
 
 
@@ -164,6 +179,11 @@ def test_the_settings_own_server_is_used_when_it_answers(project: Path) -> None:
 def test_a_failing_migration_fails_the_run_once_before_any_worker(
     project: Path, server_templates: str
 ) -> None:
+    # TEST settings Django's PostgreSQL backend refuses are refused with its error.
+    output = run(project, f"--corral-dsn={server_templates}", test={"COLLATION": "C"}, expect=4)
+    assert "does not support collation" in output
+    assert "TEST['COLLATION']" in output
+    assert migrate_count(project) == 0
     name = break_migration(project)
     output = run(project, "-n", "2", f"--corral-dsn={server_templates}", expect=4)
     assert f"Django's migrations failed in migration {name}" in output

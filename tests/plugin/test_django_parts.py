@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from corral._plugin._django import DjangoInfo, _outcome
+from corral._plugin._django import DjangoInfo
 from corral._plugin._django_setup import admin_dsn_of, is_postgres, overrides_for, point_at
 
 pytest.importorskip("psycopg")
@@ -86,11 +89,6 @@ def test_overrides_point_a_database_at_another_server() -> None:
     assert untouched == {"NAME": "corral_y", "HOST": "db"}
 
 
-def test_the_build_outcome_is_the_last_json_line() -> None:
-    assert _outcome('Applying x... OK\n{"built": ["t"]}\n') == {"built": ["t"]}
-    assert _outcome("Traceback ...\nboom\n") is None
-
-
 def test_migration_modules_of_any_shape_feed_the_hash() -> None:
     from corral._plugin._django_setup import _describe_modules
 
@@ -103,3 +101,30 @@ def test_migration_modules_of_any_shape_feed_the_hash() -> None:
 
     assert _describe_modules({"b": None, "a": "x.m"}) == "[('a', 'x.m'), ('b', None)]"
     assert _describe_modules(DisableMigrations()).endswith(".DisableMigrations")
+
+
+def test_the_dump_cache_keeps_the_newest_dumps_per_project_and_drops_unused_ones(
+    tmp_path: Path,
+) -> None:
+    from corral._plugin._django import DUMP_MAX_AGE, DUMPS_KEPT, prune_dumps
+
+    now = 1_000_000_000.0
+
+    def dump(name: str, age: float) -> Path:
+        path = tmp_path / name
+        path.write_bytes(b"x")
+        os.utime(path, (now - age, now - age))
+        return path
+
+    # Project a's test database: five builds (its migrations changed), the newest kept.
+    a = [dump(f"aaaa-corral_tpl_{i}-pg16.dump", age=i * 60.0) for i in range(5)]
+    a15 = dump("aaaa-corral_tpl_0-pg15.dump", age=0)  # another server version: its own
+    b_old = dump("bbbb-corral_tpl_9-pg16.dump", age=DUMP_MAX_AGE + 1)
+    b_new = dump("bbbb-corral_tpl_8-pg16.dump", age=DUMP_MAX_AGE - 60)
+    dead = dump("aaaa-corral_tpl_7-pg16.dump.tmp-999999999", age=0)  # pid long gone
+    alive = dump(f"aaaa-corral_tpl_6-pg16.dump.tmp-{os.getpid()}", age=0)  # being written
+    other = dump("notes.txt", age=DUMP_MAX_AGE * 2)
+    removed = set(prune_dumps(tmp_path, now=now))
+    assert removed == {*a[DUMPS_KEPT:], b_old, dead}
+    assert all(p.exists() for p in (*a[:DUMPS_KEPT], a15, b_new, alive, other))
+    assert prune_dumps(tmp_path / "missing", now=now) == []

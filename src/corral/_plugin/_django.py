@@ -1,19 +1,23 @@
 """Django support: with pytest-django and a PostgreSQL database, migrate once per run.
 
 The controller (xdist's, or the only process) names a template per test database by a
-hash of what defines it, builds the missing ones with Django's own test-database creation
-in a child process, and hands the names to the workers; each test process's
-``django_db_setup`` (see :mod:`corral._plugin._django_fixtures`) clones them.
+hash of what defines it, builds the missing ones in-process with Django's own test-database
+creation, and hands the names to the workers; each test process's ``django_db_setup``
+(see :mod:`corral._plugin._django_fixtures`) clones them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +30,16 @@ if TYPE_CHECKING:
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
 
-__all__ = ["ENV_DJANGO", "DjangoHooks", "DjangoInfo", "add_options", "configure"]
+__all__ = [
+    "ENV_DJANGO",
+    "DjangoHooks",
+    "DjangoInfo",
+    "add_options",
+    "configure",
+    "dump_project",
+    "prune_dumps",
+    "takes_databases",
+]
 
 log = logging.getLogger("corral.pytest")
 
@@ -34,6 +47,10 @@ log = logging.getLogger("corral.pytest")
 ENV_DJANGO = "CORRAL_DJANGO"
 _SWITCH = ("auto", "on", "off")
 _PROBE_TIMEOUT = 3
+#: Dumps of built templates kept per project's test database (older migrations' go).
+DUMPS_KEPT = 3
+#: Seconds after which an unused dump goes (30 days).
+DUMP_MAX_AGE = 30 * 24 * 3600.0
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -83,6 +100,22 @@ def configure(config: pytest.Config, process: CorralProcess) -> None:
         config.pluginmanager.register(_django_fixtures, "corral-django-fixtures")
 
 
+def takes_databases(config: pytest.Config) -> bool:
+    """Whether Django support will take the run's databases: pytest-django is active with a
+    settings module and ``corral_django`` is not off (the settings are not read yet)."""
+    manager = config.pluginmanager
+    if not (manager.hasplugin("django") or manager.hasplugin("pytest_django.plugin")):
+        return False
+    if str(config.getini("corral_django")).strip().lower() == "off":
+        return False
+    known = getattr(config, "known_args_namespace", config.option)
+    return bool(
+        getattr(known, "ds", None)
+        or os.environ.get("DJANGO_SETTINGS_MODULE")
+        or config.getini("DJANGO_SETTINGS_MODULE")
+    )
+
+
 class DjangoHooks:
     """The Django part of one process: the controller's templates, or a worker's view."""
 
@@ -96,6 +129,8 @@ class DjangoHooks:
         self.server: EphemeralPostgres | None = None
         self._env_saved: str | None = None
         self._exported = False
+        #: Dumps of built templates still being written: (pg_dump, partial file, target).
+        self._dumps: list[tuple[subprocess.Popen[str], Path, Path]] = []
 
     # ------------------------------------------------------------------ controller
 
@@ -109,7 +144,9 @@ class DjangoHooks:
                 raise pytest.UsageError(f"corral_django = on, but {why}")
             self.notes.append(f"corral: Django support off: {why}; corral's broker only")
             return
-        from corral._plugin._django_setup import database_groups, template_hash
+        from django.core.exceptions import ImproperlyConfigured
+
+        from corral._plugin._django_setup import creation_options, database_groups, template_hash
 
         groups, mirrors, others = database_groups()
         if not groups:
@@ -123,16 +160,27 @@ class DjangoHooks:
         for group in groups:
             admin, overrides = servers[group.aliases[0]]
             digest = template_hash(group, no_migrations=no_migrations, watch=watch)
+            try:
+                base_template, encoding = creation_options(group.aliases[0])
+            except ImproperlyConfigured as exc:
+                raise pytest.UsageError(
+                    f"corral: Django database {group.aliases[0]!r}: {exc}\nDjango would "
+                    "refuse its TEST settings too: fix them (e.g. drop TEST['COLLATION'])"
+                ) from exc
             entries.append(
                 {
                     "aliases": list(group.aliases),
                     "template": "corral_tpl_" + digest[:24],
                     "admin_dsn": admin,
                     "overrides": overrides,
+                    "base_template": base_template,
+                    "encoding": encoding,
                 }
             )
         self.timings["django hash"] = time.perf_counter() - started
+        started = time.perf_counter()
         self._templates(entries, mirrors, no_migrations)
+        self.timings["django templates"] = time.perf_counter() - started
         run = self.process.info
         assert run is not None
         self.info = DjangoInfo(
@@ -158,6 +206,8 @@ class DjangoHooks:
         dsn = self.process.settings.dsn
         if dsn:
             self.notes.append("corral: Django test databases on the --corral-dsn server")
+            if self.process.info is None or self.process.info.admin_dsn is None:
+                self._drop_stale(dsn)  # corral's database part is off: it did not
             return {alias: (dsn, overrides_for(dsn)) for alias in aliases}
         found: dict[str, tuple[str, dict[str, str]]] = {}
         for alias in aliases:
@@ -241,23 +291,24 @@ class DjangoHooks:
         for group in by_server.values():
             started = time.perf_counter()
             self._build(group, mirrors, no_migrations)
-            self.timings["django migrate"] = self.timings.get("django migrate", 0.0) + (
+            self.timings["django build"] = self.timings.get("django build", 0.0) + (
                 time.perf_counter() - started
             )
             names = ", ".join(e["template"] for e in group)
             self.notes.append(f"corral: Django template {names} built by migrating")
 
     def _dump_path(self, entry: dict[str, Any]) -> Path | None:
+        """``~/.cache/corral/django/<project>-<template>-pg<major>.dump`` for a template of
+        corral's throwaway server (None on another server: the template stays there).
+        ``<project>`` tells this project's test database from others' when pruning."""
         server = self._own_server(entry["admin_dsn"])
         if server is None:
             return None
-        from corral.postgres import default_cache_dir
+        from corral.postgres._cache import cache_root
 
-        return (
-            default_cache_dir().parent
-            / "django"
-            / f"{entry['template']}-pg{server.version[0]}.dump"
-        )
+        project = dump_project(self.config.rootpath, entry["aliases"])
+        name = f"{project}-{entry['template']}-pg{server.version[0]}.dump"
+        return cache_root() / "django" / name
 
     def _restore(self, entry: dict[str, Any]) -> bool:
         """Restore a throwaway server's template from the dump an earlier run kept."""
@@ -295,6 +346,8 @@ class DjangoHooks:
             path.unlink(missing_ok=True)
             return False
         self.timings["django restore"] = time.perf_counter() - started
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used: what pruning keeps
         self.notes.append(
             f"corral: Django template {entry['template']} restored from {path} (no migrating)"
         )
@@ -303,14 +356,12 @@ class DjangoHooks:
     def _build(
         self, entries: list[dict[str, Any]], mirrors: dict[str, str], no_migrations: bool
     ) -> None:
-        """Run Django's test-database creation for *entries* in a child process."""
-        from django.db import connections
-
-        from corral._plugin._django_setup import BuildSpec
+        """Run Django's test-database creation for *entries*, in this process (Django is
+        set up already: a child would pay its start-up again), past pytest-django's
+        database blocker."""
+        from corral._plugin._django_setup import BuildSpec, MigrationFailed, build
 
         first = entries[0]
-        dump = {e["template"]: str(p) for e in entries if (p := self._dump_path(e)) is not None}
-        server = self._own_server(first["admin_dsn"])
         spec = BuildSpec(
             admin_dsn=first["admin_dsn"],
             groups=[(e["aliases"], e["template"]) for e in entries],
@@ -318,48 +369,72 @@ class DjangoHooks:
             overrides=first["overrides"],
             no_migrations=no_migrations,
             verbosity=int(self.config.option.verbose),
-            base_templates={
-                e["template"]: (connections[e["aliases"][0]].settings_dict.get("TEST") or {}).get(
-                    "TEMPLATE"
-                )
-                or "template1"
-                for e in entries
-            },
-            dump=dump,
-            pg_dump=str(server.bindir / "pg_dump") if server is not None else "",
+            base_templates={e["template"]: e["base_template"] for e in entries},
+            encodings={e["template"]: e["encoding"] for e in entries if e["encoding"]},
         )
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        env.pop(ENV_DJANGO, None)
-        result = subprocess.run(
-            [sys.executable, "-m", "corral._plugin._django_setup"],
-            input=spec.to_json(),
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=str(self.config.invocation_params.dir),
-            check=False,
+        try:
+            with _unblocked(self.config):
+                build(spec)
+            for what, seconds in spec.timings.items():
+                key = f"django {what}"
+                self.timings[key] = self.timings.get(key, 0.0) + seconds
+        except MigrationFailed as error:
+            migration = f" in migration {error.migration}" if error.migration else ""
+            raise pytest.UsageError(
+                f"corral: Django's migrations failed{migration} (database {error.alias!r}, "
+                f"template {error.template}), so no test ran.\n{error.error}\n\n"
+                f"{error.details.rstrip()}"
+            ) from None
+        except TemplateBuildError as exc:
+            raise pytest.UsageError(
+                f"corral: building the Django test database template {exc.template} failed, "
+                f"so no test ran:\n{exc}\n\n"
+                f"{''.join(traceback.format_exception(exc)).rstrip()}"
+            ) from None
+        for entry in entries:
+            self._start_dump(entry)
+
+    def _start_dump(self, entry: dict[str, Any]) -> None:
+        """Keep a built template of corral's throwaway server as a dump for the next run,
+        in the background (from a clone: a template takes no connection); :meth:`stop`
+        waits for it before the server goes."""
+        path = self._dump_path(entry)
+        server = self._own_server(entry["admin_dsn"])
+        if path is None or server is None:
+            return
+        from corral.postgres import clone_database, database_dsn
+
+        admin = entry["admin_dsn"]
+        source = clone_database(admin, entry["template"], entry["template"] + "_dump")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        command = [str(server.bindir / "pg_dump"), "-Fc", "-Z1", "--no-owner"]
+        command += ["--no-privileges", "-f", str(partial), database_dsn(admin, source)]
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        outcome = _outcome(result.stdout)
-        if outcome is None:
-            raise pytest.UsageError(
-                "corral: building the Django test database template failed, so no test ran "
-                f"(exit code {result.returncode}):\n{(result.stdout + result.stderr)[-4000:]}"
-            )
-        error = outcome.get("error")
-        if error:
-            migration = f" in migration {error['migration']}" if error["migration"] else ""
-            raise pytest.UsageError(
-                f"corral: Django's migrations failed{migration} (database {error['alias']!r}, "
-                f"template {error['template']}), so no test ran.\n{error['error']}\n\n"
-                f"{error['details'].rstrip()}"
-            )
+        self._dumps.append((process, partial, path))
+
+    def _finish_dumps(self) -> None:
+        dumps, self._dumps = self._dumps, []
+        started = time.perf_counter()
+        for process, partial, path in dumps:
+            _out, err = process.communicate()
+            if process.returncode == 0:
+                os.replace(partial, path)
+                continue
+            partial.unlink(missing_ok=True)
+            log.warning("corral: could not cache the Django template in %s: %s", path, err)
+        if dumps:
+            self.timings["django dump (wait)"] = time.perf_counter() - started
+            prune_dumps(dumps[0][2].parent)
 
     def stop(self) -> None:
         """Drop this run's Django clones (the workers are done), stop a server we started."""
         info, self.info = self.info, None
         if info is not None:
             self._drop_clones(info)
+        self._finish_dumps()
         server, self.server = self.server, None
         if server is not None:
             try:
@@ -418,6 +493,26 @@ class DjangoHooks:
             terminalreporter.write_line(f"corral: Django set-up: {parts}")
 
 
+def dump_project(rootpath: Path, aliases: list[str]) -> str:
+    """What starts the names of a project's dumps of one test database (its aliases)."""
+    where = f"{rootpath}\0{','.join(aliases)}"
+    return hashlib.sha256(where.encode()).hexdigest()[:12]
+
+
+def prune_dumps(directory: Path, now: float | None = None) -> list[Path]:
+    """Keep the Django dump cache small: the newest :data:`DUMPS_KEPT` dumps of each
+    project's test database and server version, none unused for :data:`DUMP_MAX_AGE`."""
+    from corral.postgres._cache import prune
+
+    def project(path: Path) -> str:
+        parts = path.name.split("-")
+        return f"{parts[0]}-{parts[-1]}"
+
+    return prune(
+        directory, keep=DUMPS_KEPT, max_age=DUMP_MAX_AGE, key=project, suffix=".dump", now=now
+    )
+
+
 def _why_not(config: pytest.Config) -> str:
     """Why Django support cannot apply to this run ("" when it can)."""
     if not config.pluginmanager.hasplugin("django"):
@@ -428,8 +523,6 @@ def _why_not(config: pytest.Config) -> str:
 
     if not settings.configured:
         return "Django's settings are not configured"
-    if not os.environ.get("DJANGO_SETTINGS_MODULE"):
-        return "DJANGO_SETTINGS_MODULE is not set (corral migrates in a child process)"
     from corral._plugin._django_setup import is_postgres
 
     databases = dict(settings.DATABASES)
@@ -466,12 +559,14 @@ def _ready(admin: str, template: str) -> bool:
         return bool(template_ready(conn, template))
 
 
-def _outcome(stdout: str) -> dict[str, Any] | None:
-    for line in reversed(stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except ValueError:
-                return None
-            return value if isinstance(value, dict) else None
-    return None
+@contextlib.contextmanager
+def _unblocked(config: pytest.Config) -> Iterator[None]:
+    """pytest-django blocks database access outside its fixtures; the build needs it."""
+    from pytest_django.plugin import blocking_manager_key
+
+    blocker = config.stash.get(blocking_manager_key, None)
+    if blocker is None:
+        yield
+        return
+    with blocker.unblock():
+        yield

@@ -1,5 +1,6 @@
 """The Django side of corral's Django support: which test databases a project has, the hash
-that names their templates, and the template build (run as ``python -m`` in a child process).
+that names their templates, and the template build (in the controller, with Django's own
+test-database creation).
 
 Imported only once Django's settings are configured (pytest-django did that); nothing here
 knows about pytest.
@@ -8,16 +9,15 @@ knows about pytest.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
+import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,10 @@ __all__ = [
     "SERIALIZED_SCHEMA",
     "BuildSpec",
     "Group",
+    "MigrationFailed",
     "admin_dsn_of",
+    "build",
+    "creation_options",
     "database_groups",
     "is_postgres",
     "overrides_for",
@@ -194,6 +197,21 @@ def template_hash(group: Group, *, no_migrations: bool, watch: Iterable[Path] = 
     return digest.hexdigest()
 
 
+def creation_options(alias: str) -> tuple[str, str]:
+    """``(base template, encoding)`` of *alias*'s test database, from its ``TEST`` settings,
+    as Django's PostgreSQL backend creates it (``TEST["COLLATION"]`` is refused there, so
+    here too: with Django's own error).
+
+    :raises django.core.exceptions.ImproperlyConfigured: what Django would raise.
+    """
+    from django.db import connections
+
+    connection = connections[alias]
+    connection.creation.sql_table_creation_suffix()  # Django's own checks of TEST
+    test = connection.settings_dict.get("TEST") or {}
+    return str(test.get("TEMPLATE") or "template1"), str(test.get("CHARSET") or "")
+
+
 def admin_dsn_of(settings_dict: Mapping[str, Any]) -> str:
     """A libpq DSN of the server a Django database lives on, for its maintenance database
     ``postgres`` (where Django's own test-database creation connects too)."""
@@ -240,16 +258,17 @@ def point_at(settings_dict: dict[str, Any], name: str, overrides: Mapping[str, s
                 options.pop(key, None)
 
 
-# ------------------------------------------------------------------ the build (child process)
+# ------------------------------------------------------------------ the build
 
 
 @dataclass
 class BuildSpec:
-    """What the controller asks the child process to build (JSON on its stdin).
+    """What the controller builds: the groups whose template is missing, on one server.
 
-    :ivar groups: ``(aliases, template)`` of the groups whose template is missing.
-    :ivar dump_dir: where to keep a dump of each built template (corral's throwaway
-        server, whose databases go with it), or None.
+    :ivar groups: ``(aliases, template)`` of each group.
+    :ivar base_templates: per template, what it is created from (``TEST["TEMPLATE"]``).
+    :ivar encodings: per template, its ``ENCODING`` (``TEST["CHARSET"]``), as Django
+        would create the test database.
     """
 
     admin_dsn: str
@@ -259,17 +278,9 @@ class BuildSpec:
     no_migrations: bool = False
     verbosity: int = 0
     base_templates: dict[str, str] = field(default_factory=dict)
-    dump: dict[str, str] = field(default_factory=dict)
-    pg_dump: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> BuildSpec:
-        data = json.loads(text)
-        data["groups"] = [(list(a), str(t)) for a, t in data["groups"]]
-        return cls(**data)
+    encodings: dict[str, str] = field(default_factory=dict)
+    #: Filled by the build: seconds spent in Django's ``create_test_db`` and ``serialize``.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class MigrationFailed(Exception):
@@ -281,6 +292,7 @@ class MigrationFailed(Exception):
         self.migration = migration
         self.error = error
         self.details = details
+        self.template = ""
 
 
 def disable_migrations() -> None:
@@ -304,7 +316,31 @@ def _captured() -> Iterator[io.StringIO]:
         yield buffer
 
 
-def _build_group(spec: BuildSpec, aliases: list[str], template: str, dsn: str) -> None:
+@contextlib.contextmanager
+def _settings_kept() -> Iterator[None]:
+    """Give Django's database settings back as they were: building a template points the
+    connections (and ``settings.DATABASES``) at it, as ``create_test_db`` does. Restored in
+    place: a connection's ``settings_dict`` is the very dict in ``settings.DATABASES``,
+    which other threads' connections (``live_server``) are made from."""
+    from django.conf import settings
+    from django.db import connections
+
+    dicts = [connections[alias].settings_dict for alias in connections]
+    dicts += list(settings.DATABASES.values())
+    saved = {id(d): (d, copy.deepcopy(d)) for d in dicts}
+    modules = settings.MIGRATION_MODULES
+    try:
+        yield
+    finally:
+        for alias in connections:
+            connections[alias].close()
+        for target, before in saved.values():
+            target.clear()
+            target.update(before)
+        settings.MIGRATION_MODULES = modules
+
+
+def _build_group(spec: BuildSpec, aliases: list[str], template: str) -> None:
     """Migrate the (just created, empty) template database *template* the way Django's test
     runner migrates a test database, then store the ``serialize`` step's result in it."""
     from django.db import connections
@@ -312,6 +348,7 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str, dsn: str) -
     first = connections[aliases[0]]
     point_at(first.settings_dict, first.settings_dict["NAME"], spec.overrides)
     first.settings_dict.setdefault("TEST", {})["NAME"] = template
+    started = time.perf_counter()
     with _captured() as output:
         try:
             # keepdb: the database exists (corral created it, marked as being built); Django
@@ -331,6 +368,8 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str, dsn: str) -
     for alias, mirror in spec.mirrors.items():
         if mirror in aliases:
             connections[alias].creation.set_as_test_mirror(first.settings_dict)
+    _add_time(spec.timings, "create_test_db", started)
+    started = time.perf_counter()
     test = first.settings_dict.get("TEST") or {}
     data = first.creation.serialize_db_to_string() if test.get("SERIALIZE", True) else None
     with first.cursor() as cursor:
@@ -344,81 +383,45 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str, dsn: str) -
             )
     for alias in connections:
         connections[alias].close()
-    target = spec.dump.get(template)
-    if target:
-        _dump(spec.pg_dump, dsn, Path(target))
+    _add_time(spec.timings, "serialize", started)
 
 
-def _dump(pg_dump: str, dsn: str, target: Path) -> None:
-    """Keep the built template as a custom-format dump (written aside, then renamed)."""
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    partial = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    result = subprocess.run(
-        [pg_dump, "-Fc", "-Z1", "--no-owner", "--no-privileges", "-f", str(partial), dsn],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        partial.unlink(missing_ok=True)
-        print(f"corral: could not cache the template: {result.stderr.strip()}", file=sys.stderr)
-        return
-    os.replace(partial, target)
+def _add_time(timings: dict[str, float], what: str, started: float) -> None:
+    timings[what] = timings.get(what, 0.0) + time.perf_counter() - started
 
 
-def build(spec: BuildSpec) -> dict[str, Any]:
-    """Build the spec's templates; returns ``{"built": [...]}`` or ``{"error": {...}}``."""
-    import django
+def build(spec: BuildSpec) -> list[str]:
+    """Build the spec's templates in this process (Django is set up: pytest-django did it),
+    leaving Django's settings as they were; returns the templates built.
 
-    django.setup()
+    :raises MigrationFailed: a migration raised (``template`` says whose).
+    :raises TemplateBuildError: the build failed otherwise.
+    """
     from corral.errors import TemplateBuildError
     from corral.postgres import ensure_template
 
-    if spec.no_migrations:
-        disable_migrations()
     built: list[str] = []
-    for aliases, template in spec.groups:
-        base = spec.base_templates.get(template) or "template1"
+    with _settings_kept():
+        if spec.no_migrations:
+            disable_migrations()
+        for aliases, template in spec.groups:
 
-        def migrate(dsn: str, aliases: list[str] = aliases, template: str = template) -> None:
-            _build_group(spec, aliases, template, dsn)
+            def migrate(_dsn: str, aliases: list[str] = aliases, template: str = template) -> None:
+                _build_group(spec, aliases, template)
 
-        try:
-            ensure_template(spec.admin_dsn, migrate, name=template, base_template=base)
-        except TemplateBuildError as exc:
-            cause = exc.__cause__
-            if isinstance(cause, MigrationFailed):
-                return {"error": {**vars(cause), "template": template}}
-            return {
-                "error": {
-                    "alias": aliases[0],
-                    "migration": "",
-                    "error": str(exc),
-                    "details": "".join(traceback.format_exception(exc)),
-                    "template": template,
-                }
-            }
-        built.append(template)
-    return {"built": built}
-
-
-def main() -> int:
-    spec = BuildSpec.from_json(sys.stdin.read())
-    try:
-        result = build(spec)
-    except Exception as exc:  # Django could not even start: report it the same way
-        result = {
-            "error": {
-                "alias": "",
-                "migration": "",
-                "error": f"{type(exc).__name__}: {exc}",
-                "details": traceback.format_exc(),
-                "template": "",
-            }
-        }
-    sys.stdout.write("\n" + json.dumps(result) + "\n")
-    return 3 if "error" in result else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            try:
+                ensure_template(
+                    spec.admin_dsn,
+                    migrate,
+                    name=template,
+                    base_template=spec.base_templates.get(template) or "template1",
+                    encoding=spec.encodings.get(template) or None,
+                )
+            except TemplateBuildError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, MigrationFailed):
+                    cause.template = template
+                    raise cause from None
+                raise
+            built.append(template)
+    return built

@@ -77,8 +77,8 @@ def add_options(parser: pytest.Parser) -> None:
         dest="corral_database",
         default=None,
         choices=_SWITCH,
-        help="give each test process its own database: auto (when a schema or a DSN is "
-        "configured), on, off (ini corral_database)",
+        help="give each test process its own database: auto (when a schema, or a DSN "
+        "outside a Django project, is configured), on, off (ini corral_database)",
     )
     group.addoption(
         "--corral-no-sandbox",
@@ -238,7 +238,14 @@ class Settings:
         except EnvEntryError as exc:
             raise pytest.UsageError(f"corral_database_env: {exc}") from None
         switch = _switch(config, "corral_database")
-        database = bool(schema or dsn or env_names) if switch == "auto" else switch == "on"
+        if switch == "auto":
+            # A DSN alone in a Django project is for Django's test databases (its own
+            # templates and clones): an empty clone per process beside them is unused.
+            from corral._plugin._django import takes_databases
+
+            database = bool(schema or env_names or (dsn and not takes_databases(config)))
+        else:
+            database = switch == "on"
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
         extra = tuple(dict.fromkeys([base, config.rootpath]))
         broker_url, run_id, machines = _broker_settings(config)

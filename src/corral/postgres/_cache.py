@@ -1,4 +1,5 @@
-"""The initdb cache: run ``initdb`` once per version and settings, copy its result per run.
+"""The initdb cache: run ``initdb`` once per version and settings, copy its result per run;
+and :func:`prune`, which keeps corral's caches (this one's siblings too) from growing.
 
 An entry is ``<cache>/pg<major>-<key>/data`` plus ``meta.json`` (written last, so an entry
 without it is incomplete). The key hashes the ``postgres --version`` output, the binaries'
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from corral.errors import PostgresStartError
@@ -200,3 +201,75 @@ def clear_cache(cache_dir: Path | None = None) -> int:
         elif entry.suffix == ".lock":
             entry.unlink(missing_ok=True)
     return removed
+
+
+def cache_root() -> Path:
+    """The directory of corral's caches: the initdb cache's parent (``~/.cache/corral``)."""
+    return default_cache_dir().parent
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def prune(
+    directory: Path,
+    *,
+    keep: int,
+    max_age: float,
+    key: Callable[[Path], str],
+    suffix: str = "",
+    now: float | None = None,
+) -> list[Path]:
+    """Remove cache entries of *directory* that are no longer worth keeping; returns them.
+
+    An entry (a file or directory whose name ends with *suffix*) goes when it was last used
+    (its mtime: touch it on use) more than *max_age* seconds ago, or when *keep* entries of
+    the same ``key(entry)`` were used after it. Partial entries of writers that died
+    (``<name>.tmp-<pid>``, the names this module's writers use) go too. Never raises:
+    an entry that cannot be removed stays.
+    """
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    groups: dict[str, list[tuple[float, Path]]] = {}
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        _name, partial, pid = entry.name.rpartition(".tmp-")
+        if partial:
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                removed.append(entry)
+            continue
+        if not entry.name.endswith(suffix) or entry.name.endswith(".lock"):
+            continue
+        try:
+            used = entry.stat().st_mtime
+        except OSError:
+            continue
+        if now - used > max_age:
+            removed.append(entry)
+        else:
+            groups.setdefault(key(entry), []).append((used, entry))
+    for group in groups.values():
+        group.sort(key=lambda item: item[0], reverse=True)
+        removed.extend(entry for _used, entry in group[keep:])
+    gone: list[Path] = []
+    for entry in removed:
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            log.debug("could not prune %s: %s", entry, exc)
+            continue
+        gone.append(entry)
+    return gone

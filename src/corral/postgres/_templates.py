@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from corral.errors import EmptyTemplate, TemplateBuildError
-from corral.postgres._admin import LOCK_NOT_AVAILABLE, AdminError, admin, quote_ident
+from corral.postgres._admin import (
+    LOCK_NOT_AVAILABLE,
+    AdminError,
+    admin,
+    quote_ident,
+    quote_literal,
+)
 from corral.postgres._databases import (
     drop_database,
     make_mark,
@@ -185,6 +191,7 @@ def ensure_template(
     base_template: str = "template1",
     lock_timeout: float = 600.0,
     require_objects: bool = False,
+    encoding: str | None = None,
 ) -> str:
     """Build the template database for *schema* unless it exists; returns its name.
 
@@ -201,6 +208,7 @@ def ensure_template(
     :param lock_timeout: seconds to wait for a concurrent builder of the same template.
     :param require_objects: fail when the schema created nothing (no relation, routine,
         type, schema or extension): a migration that ran against another database.
+    :param encoding: the template's ``ENCODING`` (default: the base template's).
     :raises TemplateBuildError: the schema failed; ``__cause__`` is the original error.
     :raises EmptyTemplate: *require_objects* and the schema created nothing; the
         template was dropped.
@@ -230,7 +238,9 @@ def ensure_template(
                 # build whose process died: throw it away.
                 log.warning("dropping half-built template %s left by a killed build", name)
                 drop_database(admin_dsn, name)
-            _create_and_build(conn, admin_dsn, schema, name, base_template, require_objects)
+            _create_and_build(
+                conn, admin_dsn, schema, name, base_template, require_objects, encoding
+            )
             log.info("built template %s in %.2f s", name, time.perf_counter() - started)
             return name
         finally:
@@ -251,10 +261,14 @@ def _create_and_build(
     name: str,
     base_template: str,
     require_objects: bool = False,
+    encoding: str | None = None,
 ) -> None:
     source = _describe(schema)
     dsn = database_dsn(admin_dsn, name)
-    conn.execute(f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(base_template)}")
+    options = f" ENCODING {quote_literal(encoding)}" if encoding else ""
+    conn.execute(
+        f"CREATE DATABASE {quote_ident(name)} TEMPLATE {quote_ident(base_template)}{options}"
+    )
     try:
         set_mark(conn, name, make_mark("template", state="building", source=source))
         # Compared with what the base template brought, not with nothing: a server whose
