@@ -15,7 +15,7 @@ import threading
 import time
 
 from corral._plugin._dbenv import process_env
-from corral._plugin._run import AnyClient, RunInfo
+from corral._plugin._run import SLOT_KEY, AnyClient, RunInfo
 from corral._plugin._settings import restore_env
 from corral.broker import Client
 from corral.errors import BrokerError, BrokerTimeout
@@ -25,8 +25,6 @@ __all__ = ["SLOT_KEY", "PreCloner", "WorkerDatabase"]
 
 log = logging.getLogger("corral.pytest")
 
-#: The broker lease key whose integers number the run's databases.
-SLOT_KEY = "corral:databases"
 # Leases are freed when the holder's connection closes; the TTL is only a backstop and
 # must outlive any run, so it is renewed now and then (see renew()).
 _LEASE_TTL = 24 * 3600.0

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
 
-__all__ = ["ENV_DJANGO", "DjangoHooks", "DjangoInfo", "add_options", "configure"]
+__all__ = ["ENV_DJANGO", "DjangoHooks", "DjangoInfo", "configure"]
 
 log = logging.getLogger("corral.pytest")
 
@@ -35,15 +35,6 @@ ENV_DJANGO = "CORRAL_DJANGO"
 _SWITCH = ("auto", "on", "off")
 _PROBE_TIMEOUT = 3
 _MAX_NAME = 63
-
-
-def add_options(parser: pytest.Parser) -> None:
-    parser.addini(
-        "corral_django",
-        "with pytest-django: migrate once per run into templates that every test process "
-        "clones: auto (when a database uses PostgreSQL), on, off",
-        default="auto",
-    )
 
 
 @dataclass(frozen=True)

@@ -176,11 +176,24 @@ def add_options(parser: pytest.Parser) -> None:
     parser.addini("corral_colocate", "auto, on or off (see --corral-colocate)", default="")
     parser.addini("corral_gc_freeze", "auto, on or off (see --corral-gc-freeze)", default="")
     parser.addini(
+        "corral_django",
+        "with pytest-django: migrate once per run into templates that every test process "
+        "clones: auto (when a database uses PostgreSQL), on, off",
+        default="auto",
+    )
+    parser.addini(
         "corral_sandbox",
         "open a sandbox around every test (default true)",
         type="bool",
         default=True,
     )
+
+
+def _is_redis_url(url: str) -> bool:
+    # The Redis backend is imported only by runs that name a Redis URL.
+    from corral.broker.redis import is_redis_url
+
+    return is_redis_url(url)
 
 
 @dataclass(frozen=True)
@@ -333,10 +346,8 @@ def _broker_settings(config: pytest.Config) -> tuple[str | None, str | None, int
 
     :raises pytest.UsageError: not a Redis URL, no or a malformed run id, a bad count.
     """
-    from corral.broker.redis import is_redis_url
-
     url, url_from = _first(config, "corral_broker", ENV_BROKER_URL)
-    if url is not None and not is_redis_url(url):
+    if url is not None and not _is_redis_url(url):
         raise pytest.UsageError(
             f"{url_from}: {url!r} is not a Redis URL (redis://, rediss:// or unix://). "
             "Without one corral starts its own broker for the run; to share a broker "
