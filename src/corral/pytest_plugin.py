@@ -272,6 +272,7 @@ def corral_async(request: pytest.FixtureRequest) -> AsyncClient | AsyncRedisClie
     process = _process(request)
     info = process.info
     assert info is not None  # _process() fails the test otherwise
+    process.require_manager()  # whose test wrapper closes the client on the test's loop
     if info.broker_url:
         from corral.broker.redis import AsyncRedisClient
 

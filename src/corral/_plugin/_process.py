@@ -119,12 +119,16 @@ class CorralProcess:
     def manager(self) -> SandboxManager | None:
         """Opens the per-test sandboxes; None until this process has a database or the
         application imported :mod:`corral.sandbox` (before that no handle is sandboxed)."""
-        wanted = self.database is not None or "corral.sandbox" in sys.modules
-        if self._manager is None and self.info is not None and wanted and not self._stopped:
+        if self._manager is None and (self.database is not None or "corral.sandbox" in sys.modules):
+            self.require_manager()
+        return self._manager
+
+    def require_manager(self) -> None:
+        """Make the sandbox manager now: its test wrapper also closes ``corral_async``."""
+        if self._manager is None and self.info is not None and not self._stopped:
             from corral._plugin._sandbox import SandboxManager
 
             self._manager = SandboxManager(self.database, enabled=self.info.sandbox)
-        return self._manager
 
     def broker_client(self) -> AnyClient | None:
         """This process's client of the run's broker, opened now if the broker is in use
