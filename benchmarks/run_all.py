@@ -325,7 +325,7 @@ def render_suite(page: Page, result: Result) -> None:
     # serial rows first, then by worker count (the benchmark runs -n 2 first for its target)
     def order(row: list[str]) -> tuple[bool, float, bool]:
         workers = re.search(r"-n (\d+)", row[0])
-        return (workers is not None, float(workers.group(1)) if workers else 0.0, "off" in row[0])
+        return (workers is not None, float(workers.group(1)) if workers else 0.0, " on" in row[0])
 
     table.rows.sort(key=order)
     page.add(markdown_table(table))
@@ -334,8 +334,9 @@ def render_suite(page: Page, result: Result) -> None:
     short = [
         label.replace("serial, TRUNCATE after each test", "serial\nTRUNCATE")
         .replace("serial, corral sandbox", "serial\ncorral")
-        .replace("serial, corral, colocate off", "serial corral\ncolocate off")
-        .replace(", colocate off", "\ncolocate off")
+        .replace("serial, corral, ", "serial corral\n")
+        .replace(", colocate on", "\ncolocate on")
+        .replace(", gc freeze on", "\ngc freeze on")
         .replace("corral -n ", "corral\n-n ")
         for label in labels
     ]
