@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
-from corral._plugin._census import FINISHED_KEY
 from corral._plugin._settings import (
     ENV_BROKER_URL,
     ENV_RUN,
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
     from corral.broker.redis import RedisClient
     from corral.postgres import EphemeralPostgres
 
-__all__ = ["FINISHED_KEY", "SLOT_KEY", "AnyClient", "Run", "RunInfo", "open_client"]
+__all__ = ["SLOT_KEY", "AnyClient", "Run", "RunInfo", "open_client"]
 
 log = logging.getLogger("corral.pytest")
 
