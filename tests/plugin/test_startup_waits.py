@@ -43,7 +43,7 @@ def _running(lazy: LazyBroker) -> bool:
 def test_lazy_broker_starts_at_the_first_connection_and_cleans_up(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("EPHEMERAL_PIPE", raising=False)
+    monkeypatch.setenv("EPHEMERAL_PIPE", "/a/broker/that/does/not/answer.sock")
     lazy = LazyBroker(require_ttl=False)
     path = lazy.start()
     try:
@@ -60,7 +60,7 @@ def test_lazy_broker_starts_at_the_first_connection_and_cleans_up(
     finally:
         lazy.stop()
     assert not os.path.exists(path)
-    assert "EPHEMERAL_PIPE" not in os.environ
+    assert os.environ["EPHEMERAL_PIPE"] == "/a/broker/that/does/not/answer.sock"
     lazy.stop()  # idempotent
 
 

@@ -127,6 +127,13 @@ class LazyBroker:
         if wake is not None:
             for fd in wake:
                 os.close(fd)
+        # The variable first: the broker's stop() would remove it (it did not set it, so
+        # it has nothing to put back).
+        if self._files is not None and os.environ.get("EPHEMERAL_PIPE") == self._files[0]:
+            if self._saved is None:
+                os.environ.pop("EPHEMERAL_PIPE", None)
+            else:
+                os.environ["EPHEMERAL_PIPE"] = self._saved
         broker, self.broker = self.broker, None
         if broker is not None:
             broker.stop()
@@ -135,11 +142,6 @@ class LazyBroker:
             sock.close()
             self._cleanup_files()
             atexit.unregister(self._cleanup_files)
-        if self._files is not None and os.environ.get("EPHEMERAL_PIPE") == self._files[0]:
-            if self._saved is None:
-                os.environ.pop("EPHEMERAL_PIPE", None)
-            else:
-                os.environ["EPHEMERAL_PIPE"] = self._saved
         self._files = None
 
     def _cleanup_files(self) -> None:
