@@ -62,6 +62,7 @@ SPECS = (
         ("--tests", "150", "--workers", "2,1,4"),
     ),
     Spec("postgres_start", "Throwaway PostgreSQL", (), ("--rounds", "3")),
+    Spec("plugin_overhead", "The plugin in a run without a database", (), ("--rounds", "3")),
     Spec(
         "redis_backend",
         "The Redis backend",
@@ -324,7 +325,7 @@ def render_suite(page: Page, result: Result) -> None:
     # serial rows first, then by worker count (the benchmark runs -n 2 first for its target)
     def order(row: list[str]) -> tuple[bool, float, bool]:
         workers = re.search(r"-n (\d+)", row[0])
-        return (workers is not None, float(workers.group(1)) if workers else 0.0, "off" in row[0])
+        return (workers is not None, float(workers.group(1)) if workers else 0.0, " on" in row[0])
 
     table.rows.sort(key=order)
     page.add(markdown_table(table))
@@ -333,8 +334,9 @@ def render_suite(page: Page, result: Result) -> None:
     short = [
         label.replace("serial, TRUNCATE after each test", "serial\nTRUNCATE")
         .replace("serial, corral sandbox", "serial\ncorral")
-        .replace("serial, corral, colocate off", "serial corral\ncolocate off")
-        .replace(", colocate off", "\ncolocate off")
+        .replace("serial, corral, ", "serial corral\n")
+        .replace(", colocate on", "\ncolocate on")
+        .replace(", gc freeze on", "\ngc freeze on")
         .replace("corral -n ", "corral\n-n ")
         for label in labels
     ]
@@ -360,19 +362,42 @@ def render_suite(page: Page, result: Result) -> None:
     )
 
 
-def render_postgres(page: Page, result: Result) -> None:
-    table = find(parse_sections(result.output), header="median ms")
+def _table_and_notes(page: Page, result: Result, header: str, intro: str) -> None:
+    """*intro*, then the table with the column *header*, then the lines around it."""
+    table = find(parse_sections(result.output), header=header)
     if table is None:
         _failed(page, result, " (no table in its output)")
         return
-    first = result.output.strip().splitlines()[0]
-    page.add(
-        "Starting and stopping a throwaway server (corral's cached-initdb copy vs a plain "
-        "`initdb` + `pg_ctl start -w`), and cloning a template database, in milliseconds. "
-        f"{first}."
-    )
+    page.add(intro)
     page.add(markdown_table(table))
     page.add("\n".join(f"- {note}" for note in table.notes))
+
+
+def render_postgres(page: Page, result: Result) -> None:
+    first = result.output.strip().splitlines()[0]
+    _table_and_notes(
+        page,
+        result,
+        "median ms",
+        "Starting and stopping a throwaway server (corral's cached-initdb copy vs a plain "
+        "`initdb` + `pg_ctl start -w`), and cloning a template database, in milliseconds. "
+        f"{first}.",
+    )
+
+
+def render_overhead(page: Page, result: Result) -> None:
+    heading = next((line[2:] for line in result.output.splitlines() if line.startswith("# ")), "")
+    _table_and_notes(
+        page,
+        result,
+        "difference ms",
+        "What the plugin adds to a pytest run that configured nothing of it (a one-test "
+        "suite, no database, no Redis), since it is active in every run of a virtualenv "
+        "where corral is installed: whole runs with the plugin and with `-p no:corral`, "
+        "interleaved, serially and under xdist, without a bytecode cache "
+        "(`PYTHONDONTWRITEBYTECODE=1`, common in Docker images) and with one; wall and CPU "
+        f"time (the pytest process and its workers). {heading[:1].upper() + heading[1:]}.",
+    )
 
 
 def render_redis(page: Page, result: Result) -> None:
@@ -403,6 +428,7 @@ RENDERERS: dict[str, Callable[[Page, Result], None]] = {
     "sandbox_overhead": render_isolation,
     "suite_speed": render_suite,
     "postgres_start": render_postgres,
+    "plugin_overhead": render_overhead,
     "redis_backend": render_redis,
     "torture": render_torture,
 }

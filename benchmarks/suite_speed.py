@@ -9,8 +9,9 @@ test), and corral with ``-n 2`` / ``-n 4``. The schema has the blog's 8 tables p
 ``--extra-tables`` (default 24: a mid-sized app has ~30 tables, and a truncating suite
 truncates all of them, not just those a test touched); ``--extra-tables 0`` measures the
 blog alone. All runs use one throwaway PostgreSQL server started here (or ``--dsn``). corral runs
-with its defaults, so each test process shares a CPU with its database backends
-(``corral_colocate``); the ``colocate off`` rows show what that is worth. The suite loads
+with its defaults; the ``colocate on`` rows (``--corral-colocate=auto``: each test process
+shares a CPU with its database backends) and ``gc freeze on`` rows (``--corral-gc-freeze=on``)
+show what the two opt-in speed-ups are worth. The suite loads
 only the plugins it uses (xdist, corral): a development environment has more installed
 (hypothesis, pytest-benchmark, pytest-asyncio...) whose hooks cost 1-2 ms per test in every
 mode alike, which says nothing about clean-up strategies; ``--all-plugins`` loads them.
@@ -280,16 +281,19 @@ def main(argv: list[str] | None = None) -> int:
             claims = Path(tmp) / "cpu-claims"
             claims.mkdir()
             corral_env = {**base_env, "CORRAL_DSN": admin, "CORRAL_CPU_CLAIMS": str(claims)}
-            off = ["--corral-colocate=off"]
+            # The two opt-in speed-ups, each on its own (both are off by default).
+            colocate, freeze = ["--corral-colocate=auto"], ["--corral-gc-freeze=on"]
             modes: list[tuple[str, list[str], dict[str, str]]] = [
                 ("serial, TRUNCATE after each test", ["-n", "0"], truncate_env),
                 ("serial, corral sandbox", ["-n", "0"], corral_env),
-                ("serial, corral, colocate off", ["-n", "0", *off], corral_env),
+                ("serial, corral, colocate on", ["-n", "0", *colocate], corral_env),
+                ("serial, corral, gc freeze on", ["-n", "0", *freeze], corral_env),
             ]
             for w in workers:
                 modes += [
                     (f"corral -n {w}", ["-n", w], corral_env),
-                    (f"corral -n {w}, colocate off", ["-n", w, *off], corral_env),
+                    (f"corral -n {w}, colocate on", ["-n", w, *colocate], corral_env),
+                    (f"corral -n {w}, gc freeze on", ["-n", w, *freeze], corral_env),
                 ]
             samples: dict[str, list[float]] = {name: [] for name, _, _ in modes}
             fixed_samples: dict[str, list[float]] = {name: [] for name, _, _ in modes}

@@ -5,8 +5,9 @@ The public API is re-exported here; everything else lives in private modules.
 
 from __future__ import annotations
 
-from corral.broker import AsyncClient, Broker, Client
-from corral.broker.redis import AsyncRedisClient, RedisClient
+from typing import TYPE_CHECKING
+
+from corral._lazy import lazy_exports
 from corral.errors import (
     BrokerError,
     BrokerTimeout,
@@ -16,6 +17,10 @@ from corral.errors import (
     SandboxError,
     SandboxNotActive,
 )
+
+if TYPE_CHECKING:
+    from corral.broker import AsyncClient, Broker, Client
+    from corral.broker.redis import AsyncRedisClient, RedisClient
 
 __version__ = "0.1.0.dev0"
 
@@ -34,3 +39,14 @@ __all__ = [
     "SandboxNotActive",
     "__version__",
 ]
+
+# The clients and the server are imported at first use: the pytest plugin imports this
+# package in every pytest run of the venv, most of which never talk to a broker.
+_LAZY = {
+    "AsyncClient": "corral.broker",
+    "AsyncRedisClient": "corral.broker.redis",
+    "Broker": "corral.broker",
+    "Client": "corral.broker",
+    "RedisClient": "corral.broker.redis",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

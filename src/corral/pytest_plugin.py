@@ -9,21 +9,19 @@ from __future__ import annotations
 import atexit
 import inspect
 import os
+import sys
 from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from corral._plugin import _django
 from corral._plugin._process import STATE, CorralProcess, worker_name
-from corral._plugin._report import finish_run, report, snapshot
 from corral._plugin._run import RunInfo
-from corral._plugin._sandbox import WrongDatabaseWarning
 from corral._plugin._settings import add_options
-from corral._versions import check_floors
-from corral.broker import AsyncClient, Client
+from corral._plugin._warnings import WrongDatabaseWarning
 
 if TYPE_CHECKING:
+    from corral.broker import AsyncClient, Client
     from corral.broker.redis import AsyncRedisClient, RedisClient
 
 __all__ = [
@@ -42,7 +40,6 @@ _NO_SANDBOX = (
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
-    _django.add_options(parser)
 
 
 def _informational(config: pytest.Config) -> bool:
@@ -62,7 +59,11 @@ def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
 def _start(config: pytest.Config, info: RunInfo | None = None) -> None:
     # The controller checked the same installation before it started the workers
     # (~10 ms of metadata look-ups per process).
-    too_old = None if os.environ.get("PYTEST_XDIST_WORKER") else check_floors()
+    too_old = None
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        from corral._versions import check_floors
+
+        too_old = check_floors()
     if too_old is not None:
         raise pytest.UsageError(too_old)
     process = CorralProcess.start(config, info)
@@ -100,9 +101,18 @@ def pytest_configure(config: pytest.Config) -> None:
         from corral._plugin._xdist import XdistHooks
 
         config.pluginmanager.register(XdistHooks(config), "corral-xdist")
-    if _has_plugin(config, "django", "pytest_django.plugin"):
+    if _has_plugin(config, "django", "pytest_django.plugin") and _django_may_apply(config):
+        from corral._plugin import _django
+
         # Settings are loaded by now (pytest-django's early hook); migrates before xdist starts.
         _django.configure(config, process)
+
+
+def _django_may_apply(config: pytest.Config) -> bool:
+    """False when Django support is on ``auto`` and pytest-django loaded no settings
+    (Django not imported): the glue is then not even imported."""
+    mode = str(config.getini("corral_django")).strip().lower()
+    return "django" in sys.modules or mode not in ("", "auto")
 
 
 def _has_plugin(config: pytest.Config, *names: str) -> bool:
@@ -161,11 +171,15 @@ class _ControllerHooks:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if not session.config.option.collectonly:
+            from corral._plugin._report import finish_run
+
             finish_run(self.process, session)
 
     def pytest_keyboard_interrupt(self) -> None:
         # Snapshot what is held while the workers still hold it: the answer to "why did
         # my run hang" when someone presses Ctrl-C.
+        from corral._plugin._report import snapshot
+
         self.process.held_at_interrupt = snapshot(self.process)
 
 
@@ -174,6 +188,8 @@ def pytest_terminal_summary(
 ) -> None:
     process = config.stash.get(STATE, None)
     if process is not None and process.is_controller:
+        from corral._plugin._report import report
+
         report(process, terminalreporter, config)
 
 
@@ -256,10 +272,13 @@ def corral_async(request: pytest.FixtureRequest) -> AsyncClient | AsyncRedisClie
     process = _process(request)
     info = process.info
     assert info is not None  # _process() fails the test otherwise
+    process.require_manager()  # whose test wrapper closes the client on the test's loop
     if info.broker_url:
         from corral.broker.redis import AsyncRedisClient
 
         return AsyncRedisClient(info.broker_url, run_id=info.run_id, worker_id=process.identity)
+    from corral.broker.client_async import AsyncClient
+
     return AsyncClient(info.broker_path)
 
 

@@ -299,7 +299,8 @@ def affinity_suite(
     # apart from the machine's; this one is apart from the other inner runs' too).
     claims = pytester.mkdir("cpu-claims")
     monkeypatch.setenv("CORRAL_CPU_CLAIMS", str(claims))
-    pytester.makeini("[pytest]\ncorral_database = on\n")
+    # Opted in: co-location is off by default (the app sees its affinity).
+    pytester.makeini("[pytest]\ncorral_database = on\ncorral_colocate = auto\n")
     pytester.makepyfile(app=_APP, test_affinity=_AFFINITY_TEST)
     pytester.makeconftest("import app  # the app connects at import, as apps do\n")
     return pytester
@@ -353,10 +354,16 @@ def test_on_the_throwaway_server_tcp_backends_share_the_cpu(
 @linux
 @two_cpus
 @pytest.mark.slow
-def test_colocate_off_pins_nothing(affinity_suite: pytest.Pytester) -> None:
-    result = affinity_suite.runpytest_subprocess("-n", "0", "--corral-colocate=off", "-v")
+@pytest.mark.parametrize("how", ["default", "off"])
+def test_by_default_or_off_nothing_is_pinned(affinity_suite: pytest.Pytester, how: str) -> None:
+    # What the app sees of its CPUs (os.sched_getaffinity, and what sizes pools by it:
+    # os.process_cpu_count, joblib...) is what it would see without corral.
+    if how == "default":
+        affinity_suite.makeini("[pytest]\ncorral_database = on\n")
+    args = ["--corral-colocate=off"] if how == "off" else []
+    result = affinity_suite.runpytest_subprocess("-n", "0", "-v", *args)
     result.assert_outcomes(passed=2)
-    result.stdout.fnmatch_lines(["*not co-located: corral_colocate = off*"])
+    assert "co-located" not in result.stdout.str()
     for record in _records(affinity_suite):
         assert set(record["me"]) == _cpus()
         if "app_backend" in record:

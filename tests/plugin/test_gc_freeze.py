@@ -56,6 +56,7 @@ def _frozen(pytester: pytest.Pytester) -> dict[str, int]:
 def test_each_test_process_freezes_its_heap_after_collection(
     gc_suite: pytest.Pytester, workers: str
 ) -> None:
+    gc_suite.makeini("[pytest]\ncorral_database = on\ncorral_gc_freeze = auto\n")  # opt-in
     result = gc_suite.runpytest_subprocess("-n", workers, "-v", "-v", "-p", "no:randomly")
     result.assert_outcomes(passed=2)
     frozen = _frozen(gc_suite)
@@ -73,10 +74,12 @@ def test_each_test_process_freezes_its_heap_after_collection(
 @pytest.mark.parametrize(
     ("setting", "extra_ini"),
     [
-        (["--corral-gc-freeze=off"], ""),
+        ([], ""),  # the default: the app's collector is its own (gc.get_objects() sees all)
+        (["--corral-gc-freeze=off"], "corral_gc_freeze = auto\n"),
         ([], "corral_gc_freeze = off\n"),
-        ([], "corral_database = off\n"),  # auto: only in runs that give processes databases
+        (["--corral-gc-freeze=auto"], "corral_database = off\n"),  # only with databases
     ],
+    ids=["default", "option-off", "ini-off", "auto-without-database"],
 )
 def test_off_leaves_the_collector_alone(
     gc_suite: pytest.Pytester, setting: list[str], extra_ini: str

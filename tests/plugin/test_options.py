@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,25 +46,61 @@ def test_schema_callable_and_database_env(inner: pytest.Pytester, shared_server:
     result.assert_outcomes(passed=1)
 
 
+# What a run without a database must not import (issue 18): the database, sandbox and
+# co-location parts, the Redis backend, the drivers; in a worker, the broker's server.
+HEAVY = (
+    "corral._plugin._colocate",
+    "corral._plugin._cpuclaim",
+    "corral._plugin._database",
+    "corral._plugin._django",
+    "corral._plugin._sandbox",
+    "corral.broker.redis",
+    "corral.broker.server",
+    "corral.postgres",
+    "corral.sandbox",
+    "asyncpg",
+    "django",
+    "psycopg",
+    "redis",
+    "sqlalchemy",
+)
+
+
+def test_plugin_import_pulls_in_nothing_heavy() -> None:
+    code = "import corral.pytest_plugin, sys; print(' '.join(sorted(sys.modules)))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    loaded = set(done.stdout.split())
+    assert "corral.pytest_plugin" in loaded
+    assert not loaded & set(HEAVY)
+
+
 def test_broker_only_when_no_database_is_configured(inner: pytest.Pytester) -> None:
     for name in ("conftest.py", "pytest.ini"):
         (inner.path / name).unlink()
     inner.makepyfile(
-        test_broker_only="""
-        import os
+        test_broker_only=f"""
+        import os, sys
         import pytest
 
         def test_broker_works(corral, corral_worker_id):
-            assert corral_worker_id == "main"
-            assert corral.lease("slots", corral_worker_id, ttl=60) == 0
+            assert corral.lease("slots", corral_worker_id, ttl=60) in (0, 1)
             assert "CORRAL_DATABASE_URL" not in os.environ
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_worker_imports_nothing_heavy(n):
+            assert os.environ["PYTEST_XDIST_WORKER"]
+            assert not set(sys.modules) & set({HEAVY!r})
 
         def test_database_fixture_explains(corral_database_url):
             pass
         """
     )
-    result = inner.runpytest_subprocess("-n", "0", "test_broker_only.py")
-    result.assert_outcomes(passed=1, errors=1)
+    result = inner.runpytest_subprocess("-n", "2", "-p", "no:randomly", "test_broker_only.py")
+    result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines(["*corral's database part is off in this run*"])
 
 

@@ -10,10 +10,10 @@ test process is pinned to a CPU of its own (xdist worker *n* to the *n*-th allow
 the single process of ``-n 0`` to the CPU it runs on) and its backends are pinned to the
 same CPU as they appear.
 
-When: ini ``corral_colocate`` / ``--corral-colocate`` = ``auto`` (the default: on when the
-server is local and verifiable, runs as this user (or this is root), and every test
-process can have its own CPU), ``on``
-(also when processes must share CPUs), ``off``. Only on Linux, and only for backends whose
+When: ini ``corral_colocate`` / ``--corral-colocate`` = ``off`` (the default: the app
+would see its affinity), ``auto`` (on when the server is local and verifiable, runs as
+this user (or this is root), and every test process can have its own CPU), ``on``
+(also when processes must share CPUs). Only on Linux, and only for backends whose
 parent is the postmaster found through the server's Unix-socket lock file, or for a DSN
 on the loopback (``127.0.0.1``, ``localhost``, ``::1``), as the ``postgres`` process that
 holds the listening socket: a pid from a server in a container (behind a port forwarder)

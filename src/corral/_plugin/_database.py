@@ -15,22 +15,24 @@ import threading
 import time
 
 from corral._plugin._dbenv import process_env
-from corral._plugin._run import AnyClient, RunInfo
+from corral._plugin._run import SLOT_KEY, AnyClient, RunInfo
 from corral._plugin._settings import restore_env
 from corral.broker import Client
-from corral.errors import BrokerError, BrokerTimeout
+from corral.errors import BrokerError, BrokerTimeout, CorralError
 from corral.postgres import clone_database, database_dsn, drop_database
 
-__all__ = ["SLOT_KEY", "PreCloner", "WorkerDatabase"]
+__all__ = ["HANDOVER_TIMEOUT", "SLOT_KEY", "PreCloner", "WorkerDatabase"]
 
 log = logging.getLogger("corral.pytest")
 
-#: The broker lease key whose integers number the run's databases.
-SLOT_KEY = "corral:databases"
 # Leases are freed when the holder's connection closes; the TTL is only a backstop and
 # must outlive any run, so it is renewed now and then (see renew()).
 _LEASE_TTL = 24 * 3600.0
 _RENEW_EVERY = 3600.0
+# How long a worker waits for the controller to finish the clone it is making for it:
+# a clone takes well under a second; one that takes minutes is stuck, and nothing else
+# (pytest-timeout included) would end the wait at start-up.
+HANDOVER_TIMEOUT = 120.0
 # The pre-clone hand-over's keys live as long as a run may (the broker's own TTL default
 # may be short when `corral run` started it).
 _KEY_TTL = 24 * 3600.0
@@ -136,8 +138,16 @@ class WorkerDatabase:
             log.debug("no pre-created database for %s: %s", self.name, exc)
             return False
         # No fallback past this point: cloning the name ourselves could race the controller.
-        with self.client.lock(lock):
-            return bool(self.client.delete(fresh))
+        try:
+            with self.client.lock(lock, timeout=HANDOVER_TIMEOUT):
+                return bool(self.client.delete(fresh))
+        except BrokerTimeout as exc:
+            raise CorralError(
+                f"the run's controller has been creating this process's database {self.name} "
+                f"for over {HANDOVER_TIMEOUT:g} s (CREATE DATABASE is stuck: a session "
+                "connected to the template, or a server that stopped answering); see "
+                "pg_stat_activity, or run with -p no:xdist to take pre-creation out of the way"
+            ) from exc
 
     def _clone(self) -> None:
         info = self.info

@@ -34,7 +34,6 @@ __all__ = [
     "ENV_DJANGO",
     "DjangoHooks",
     "DjangoInfo",
-    "add_options",
     "configure",
     "dump_project",
     "prune_dumps",
@@ -51,15 +50,6 @@ _PROBE_TIMEOUT = 3
 DUMPS_KEPT = 3
 #: Seconds after which an unused dump goes (30 days).
 DUMP_MAX_AGE = 30 * 24 * 3600.0
-
-
-def add_options(parser: pytest.Parser) -> None:
-    parser.addini(
-        "corral_django",
-        "with pytest-django: migrate once per run into templates that every test process "
-        "clones: auto (when a database uses PostgreSQL), on, off",
-        default="auto",
-    )
 
 
 def configure(config: pytest.Config, process: CorralProcess) -> None:

@@ -17,8 +17,8 @@ unreachable later is not collected (it stays in memory, and its ``__del__`` does
 run); and frozen objects are invisible to ``gc.get_objects()`` and ``gc.get_referrers()``
 (leak hunters such as objgraph, tests counting live instances made at import). Objects
 made by tests are not affected. A process freezes once: a pytest run started inside it
-(pytester's in-process runs) does not freeze it again. ``corral_gc_freeze = off`` turns
-it off.
+(pytester's in-process runs) does not freeze it again. Because tests can see all that, it
+is opt-in: ``corral_gc_freeze = auto`` (with databases) or ``on``.
 """
 
 from __future__ import annotations

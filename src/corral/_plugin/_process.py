@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from corral._plugin._census import Verdict
-from corral._plugin._colocate import Colocation
-from corral._plugin._database import WorkerDatabase
 from corral._plugin._gc import GcFreeze
 from corral._plugin._run import AnyClient, Run, RunInfo, open_client
-from corral._plugin._sandbox import SandboxManager
 from corral._plugin._settings import ENV_RUN, ENV_SANDBOX_MODE, Settings
-from corral._plugin._shard import split
 from corral.errors import BrokerError, CorralError
+
+if TYPE_CHECKING:
+    # Imported when used: a run without a database (or a sandboxed handle) never needs
+    # the database, sandbox and co-location machinery, nor the driver modules they pull.
+    from corral._plugin._census import Verdict
+    from corral._plugin._colocate import Colocation
+    from corral._plugin._database import WorkerDatabase
+    from corral._plugin._sandbox import SandboxManager
 
 __all__ = ["STATE", "CorralProcess", "worker_name"]
 
@@ -59,7 +63,6 @@ class CorralProcess:
     info: RunInfo | None = None
     client: AnyClient | None = None
     database: WorkerDatabase | None = None
-    manager: SandboxManager | None = None
     colocation: Colocation | None = None
     colocate_off: str = ""  # why there is no co-location (for -v)
     gc: GcFreeze = field(default_factory=GcFreeze)
@@ -73,6 +76,7 @@ class CorralProcess:
     workers_due: set[str] = field(default_factory=set)
     ran: set[str] = field(default_factory=set)
     verdict: Verdict | None = None
+    _manager: SandboxManager | None = None
     _mode_set: bool = False
     _stopped: bool = False
 
@@ -111,6 +115,33 @@ class CorralProcess:
             return f"{self.settings.host}/{worker_name()}"
         return worker_name()
 
+    @property
+    def manager(self) -> SandboxManager | None:
+        """Opens the per-test sandboxes; None until this process has a database or the
+        application imported :mod:`corral.sandbox` (before that no handle is sandboxed)."""
+        if self._manager is None and (self.database is not None or "corral.sandbox" in sys.modules):
+            self.require_manager()
+        return self._manager
+
+    def require_manager(self) -> None:
+        """Make the sandbox manager now: its test wrapper also closes ``corral_async``."""
+        if self._manager is None and self.info is not None and not self._stopped:
+            from corral._plugin._sandbox import SandboxManager
+
+            self._manager = SandboxManager(self.database, enabled=self.info.sandbox)
+
+    def broker_client(self) -> AnyClient | None:
+        """This process's client of the run's broker, opened now if the broker is in use
+        (a local broker the plugin started is left asleep when nobody connected to it)."""
+        if self.client is None and self.info is not None and not self._stopped:
+            run = self.run
+            if run is None or run.broker is None or run.broker.running:
+                try:
+                    self.client = self.open_client()
+                except (BrokerError, ValueError) as exc:
+                    log.debug("no client of the run's broker: %s", exc)
+        return self.client
+
     def open_client(self) -> AnyClient:
         """A new blocking client of the run's broker, named after this process.
 
@@ -125,6 +156,10 @@ class CorralProcess:
         assert database is not None
         assert self.info is not None
         assert self.info.admin_dsn is not None
+        if self.settings.colocate == "off":
+            return  # the default: not even imported
+        from corral._plugin._colocate import Colocation
+
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
         colocation, self.colocate_off = Colocation.plan(
             self.settings.colocate,
@@ -141,16 +176,22 @@ class CorralProcess:
         config.pluginmanager.register(colocation, "corral-colocate")
 
     def _join(self, info: RunInfo, config: pytest.Config) -> None:
-        try:
-            self.client = self.open_client()
-        except (BrokerError, ValueError) as exc:
-            raise pytest.UsageError(f"corral: cannot reach the run's broker: {exc}") from exc
+        if info.admin_dsn is not None or info.broker_url:
+            # Without a database nothing here needs the broker: the client (and the local
+            # broker's server, started at its first connection) wait for the first use.
+            try:
+                self.client = self.open_client()
+            except (BrokerError, ValueError) as exc:
+                raise pytest.UsageError(f"corral: cannot reach the run's broker: {exc}") from exc
         if info.sandbox and os.environ.get(ENV_SANDBOX_MODE) is None:
             # Handles the application wraps with sandbox(...) at import start in sandbox mode.
             self._mode_set = True
             os.environ[ENV_SANDBOX_MODE] = "sandbox"
         if info.admin_dsn is not None:
             # Unique in the run across machines: the lease of the database slot names it.
+            from corral._plugin._database import WorkerDatabase
+
+            assert self.client is not None
             worker = f"{self.identity}@{os.getpid()}"
             self.database = WorkerDatabase(info, self.client, worker)
             started = time.perf_counter()
@@ -162,7 +203,6 @@ class CorralProcess:
                 ) from exc
             self.timings["own database"] = time.perf_counter() - started
             self._colocate(config)
-        self.manager = SandboxManager(self.database, enabled=info.sandbox)
 
     def select(self, config: pytest.Config, items: list[pytest.Item]) -> None:
         """Keep this invocation's shard of *items* (``--corral-shard``), after every other
@@ -171,6 +211,8 @@ class CorralProcess:
         shard = self.settings.shard
         if shard is None:
             return
+        from corral._plugin._shard import split
+
         kept, dropped = split(items, shard)
         if dropped:
             items[:] = kept
@@ -189,9 +231,9 @@ class CorralProcess:
     def stats(self) -> dict[str, Any]:
         """This process's numbers, sent from a worker to the controller at its end."""
         out: dict[str, Any] = {"sandboxes": 0, "sandbox_seconds": 0.0}
-        if self.manager is not None:
-            out["sandboxes"] = self.manager.opened
-            out["sandbox_seconds"] = self.manager.seconds
+        if self._manager is not None:
+            out["sandboxes"] = self._manager.opened
+            out["sandbox_seconds"] = self._manager.seconds
         if self.database is not None:
             out["clone"] = list(self.database.timings["clone"])
             out["recreate"] = list(self.database.timings["recreate"])

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from corral._plugin._database import SLOT_KEY
 from corral._plugin._process import CorralProcess
+from corral._plugin._run import SLOT_KEY
 
 __all__ = ["finish_run", "report", "snapshot"]
 
@@ -55,9 +55,10 @@ def snapshot(process: CorralProcess) -> dict[str, list[dict[str, Any]]]:
     held: list[dict[str, Any]] = []
     waiting: list[dict[str, Any]] = []
     status = None
-    if process.client is not None:
+    client = process.broker_client()
+    if client is not None:
         try:
-            status = process.client.status()
+            status = client.status()
         except Exception:  # an older or foreign broker: no status action
             status = None
     # With Redis the run spans machines, and every machine has a gw0: say which one.
@@ -269,9 +270,12 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
             f"sandboxes: {opened} opened and rolled back "
             f"(mean {1000 * seconds / opened:.2f} ms each)"
         )
-    if process.client is not None:
+    client = process.broker_client()
+    if client is None and process.run is not None and process.run.broker is not None:
+        terminal.write_line("broker: not used (nobody connected to it)")
+    elif client is not None:
         try:
-            broker = process.client.stats()
+            broker = client.stats()
         except Exception as exc:  # the report must never fail the run
             terminal.write_line(f"broker stats unavailable: {exc}")
         else:

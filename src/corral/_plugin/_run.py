@@ -15,14 +15,11 @@ import os
 import secrets
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pytest
 
-from corral._plugin._census import FINISHED_KEY, Census
-from corral._plugin._schema import SchemaChild, SchemaStepFailed
 from corral._plugin._settings import (
     ENV_BROKER_URL,
     ENV_RUN,
@@ -30,21 +27,17 @@ from corral._plugin._settings import (
     Settings,
     restore_env,
 )
-from corral.broker import Broker, Client
 from corral.errors import BrokerError, CorralError, EmptyTemplate, TemplateBuildError
-from corral.postgres import (
-    EphemeralPostgres,
-    drop_database,
-    drop_stale_databases,
-    ensure_template,
-)
-from corral.postgres._admin import conninfo_params
-from corral.postgres._databases import controller_clones
 
 if TYPE_CHECKING:
+    # The server, the clients and the database parts are imported when the run uses them.
+    from corral._plugin._census import Census
+    from corral._plugin._lazybroker import LazyBroker
+    from corral.broker import Broker, Client
     from corral.broker.redis import RedisClient
+    from corral.postgres import EphemeralPostgres
 
-__all__ = ["FINISHED_KEY", "AnyClient", "Run", "RunInfo", "open_client"]
+__all__ = ["SLOT_KEY", "AnyClient", "Run", "RunInfo", "open_client"]
 
 log = logging.getLogger("corral.pytest")
 
@@ -54,6 +47,9 @@ _MAX_NAME = 63
 _DROP_THREADS = 8
 
 AnyClient: TypeAlias = "Client | RedisClient"
+
+#: The broker lease key whose integers number the run's databases.
+SLOT_KEY = "corral:databases"
 
 
 @dataclass(frozen=True)
@@ -108,6 +104,8 @@ def open_client(info: RunInfo, worker: str | None = None) -> AnyClient:
         from corral.broker.redis import RedisClient
 
         return RedisClient(info.broker_url, run_id=info.run_id, worker_id=worker)
+    from corral.broker.client import Client
+
     return Client(info.broker_path)
 
 
@@ -117,7 +115,7 @@ class Run:
 
     settings: Settings
     info: RunInfo | None = None
-    broker: Broker | None = None
+    broker: Broker | LazyBroker | None = None
     server: EphemeralPostgres | None = None
     timings: dict[str, float] = field(default_factory=dict)
     reused_broker: bool = False
@@ -172,6 +170,7 @@ class Run:
 
     def _redis(self, url: str, run_id: str, tag: str) -> None:
         """Check that Redis answers and record this machine in the run (:class:`Census`)."""
+        from corral._plugin._census import Census
         from corral.broker.redis import RedisClient
 
         started = time.perf_counter()
@@ -195,6 +194,8 @@ class Run:
     def _broker(self) -> str:
         inherited = os.environ.get("EPHEMERAL_PIPE")
         if inherited:
+            from corral.broker.client import Client
+
             # `corral run -- pytest ...` (or a Node runner) already started one: share it.
             try:
                 with Client(inherited, timeout=2.0) as client:
@@ -208,12 +209,23 @@ class Run:
                 return inherited
         started = time.perf_counter()
         # Leases taken by the plugin last the whole run: no default TTL could be right.
-        self.broker = Broker(require_ttl=False, default_ttl=7 * 24 * 3600.0)
+        options: dict[str, Any] = {"require_ttl": False, "default_ttl": 7 * 24 * 3600.0}
+        if self.settings.database:
+            from corral.broker.server import Broker
+
+            self.broker = Broker(**options)
+        else:
+            # Nothing of the plugin's own talks to it: its server starts if a test does.
+            from corral._plugin._lazybroker import LazyBroker
+
+            self.broker = LazyBroker(**options)
         path = self.broker.start()
         self.timings["broker start"] = time.perf_counter() - started
         return path
 
     def _server(self) -> str:
+        from corral.postgres import EphemeralPostgres, drop_stale_databases
+
         if self.settings.dsn:
             started = time.perf_counter()
             try:
@@ -247,6 +259,9 @@ class Run:
         return self.server.url
 
     def _template(self, admin_dsn: str) -> str:
+        from corral._plugin._schema import SchemaChild, SchemaStepFailed
+        from corral.postgres import ensure_template
+
         settings = self.settings
         started = time.perf_counter()
         source = settings.schema_source()
@@ -305,6 +320,11 @@ class Run:
         info = self.info
         if info is None or info.admin_dsn is None or self.server is not None:
             return []
+        from concurrent.futures import ThreadPoolExecutor
+
+        from corral.postgres import drop_database
+        from corral.postgres._databases import controller_clones
+
         started = time.perf_counter()
         host = socket.gethostname()
         admin = info.admin_dsn
@@ -340,6 +360,8 @@ class Run:
         client, self.redis = self.redis, None
         if client is None:
             return 0
+        from corral._plugin._census import Census
+
         deleted = 0
         try:
             machines = self.settings.machines
@@ -389,6 +411,8 @@ def _redact(dsn: str) -> str:
     try:
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
     except ImportError:  # asyncpg alone: a URL
+        from corral.postgres._admin import conninfo_params
+
         parts = conninfo_params(dsn)
         if "password" in parts:
             parts["password"] = "***"

@@ -20,13 +20,16 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from corral import sandbox as _sandbox
-from corral._plugin._database import WorkerDatabase
 from corral._plugin._settings import ENV_SANDBOX_MODE
+from corral._plugin._warnings import WrongDatabaseWarning
+
+if TYPE_CHECKING:
+    from corral._plugin._database import WorkerDatabase
 
 __all__ = ["SandboxManager", "WrongDatabaseWarning"]
 
@@ -94,15 +97,6 @@ def _close_all(controllers: list[AnyController]) -> None:
 def _of_innermost(controller: AnyController) -> bool:
     box: Any = controller._router.owned()
     return box is not None and controller in box.members[-1]
-
-
-class WrongDatabaseWarning(pytest.PytestWarning):
-    """A sandboxed handle is connected to another database than its test process's.
-
-    Its queries miss the database corral built from the schema (and what they write is
-    rolled back all the same). Filter it (``ignore::corral.pytest_plugin.WrongDatabaseWarning``)
-    for a handle that is meant to reach another database.
-    """
 
 
 def _describe(controller: AnyController) -> str:

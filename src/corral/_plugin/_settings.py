@@ -92,18 +92,18 @@ def add_options(parser: pytest.Parser) -> None:
         dest="corral_colocate",
         default=None,
         choices=_SWITCH,
-        help="pin each test process and its database backends to one CPU of their own: "
-        "auto (when the server is local and each process can have a CPU), on, off "
-        "(ini corral_colocate, env CORRAL_COLOCATE)",
+        help="opt-in: pin each test process (and all it starts) and its database backends "
+        "to one CPU of their own: auto (when the server is local and each process can have "
+        "a CPU), on, off (the default; ini corral_colocate, env CORRAL_COLOCATE)",
     )
     group.addoption(
         "--corral-gc-freeze",
         dest="corral_gc_freeze",
         default=None,
         choices=_SWITCH,
-        help="gc.freeze() each test process once its tests are collected, so the garbage "
-        "collector skips what lives all run: auto (when corral gives processes databases), "
-        "on, off (ini corral_gc_freeze, env CORRAL_GC_FREEZE)",
+        help="opt-in: gc.freeze() each test process once its tests are collected, so the "
+        "garbage collector skips what lives all run: auto (when corral gives processes "
+        "databases), on, off (the default; ini corral_gc_freeze, env CORRAL_GC_FREEZE)",
     )
     group.addoption(
         "--corral-broker",
@@ -171,14 +171,31 @@ def add_options(parser: pytest.Parser) -> None:
         default=[],
     )
     parser.addini("corral_database", "auto, on or off (see --corral-database)", default="auto")
-    parser.addini("corral_colocate", "auto, on or off (see --corral-colocate)", default="")
-    parser.addini("corral_gc_freeze", "auto, on or off (see --corral-gc-freeze)", default="")
+    parser.addini(
+        "corral_colocate", "off (default), auto or on (see --corral-colocate)", default=""
+    )
+    parser.addini(
+        "corral_gc_freeze", "off (default), auto or on (see --corral-gc-freeze)", default=""
+    )
+    parser.addini(
+        "corral_django",
+        "with pytest-django: migrate once per run into templates that every test process "
+        "clones: auto (when a database uses PostgreSQL), on, off",
+        default="auto",
+    )
     parser.addini(
         "corral_sandbox",
         "open a sandbox around every test (default true)",
         type="bool",
         default=True,
     )
+
+
+def _is_redis_url(url: str) -> bool:
+    # The Redis backend is imported only by runs that name a Redis URL.
+    from corral.broker.redis import is_redis_url
+
+    return is_redis_url(url)
 
 
 @dataclass(frozen=True)
@@ -211,7 +228,7 @@ class Settings:
     run_id: str | None = None
     machines: int | None = None
     host: str = field(default_factory=socket.gethostname)
-    colocate: str = "auto"
+    colocate: str = "off"
     gc_freeze: bool = False
     schema_timeout: float = _SCHEMA_TIMEOUT
     shard: tuple[int, int] | None = None
@@ -249,8 +266,10 @@ class Settings:
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
         extra = tuple(dict.fromkeys([base, config.rootpath]))
         broker_url, run_id, machines = _broker_settings(config)
-        colocate = _switch(config, "corral_colocate", ENV_COLOCATE)
-        freeze = _switch(config, "corral_gc_freeze", ENV_GC_FREEZE)
+        # Both are visible to the application (os.sched_getaffinity, gc.get_objects): off
+        # unless asked for (docs/pytest.md, "What corral changes in a test process").
+        colocate = _switch(config, "corral_colocate", ENV_COLOCATE, default="off")
+        freeze = _switch(config, "corral_gc_freeze", ENV_GC_FREEZE, default="off")
         shard_text, shard_from = _first(config, "corral_shard", ENV_SHARD)
         shard = parse_shard(shard_text, shard_from) if shard_text is not None else None
         return cls(
@@ -318,13 +337,13 @@ def _first(config: pytest.Config, name: str, env: str | None) -> tuple[str | Non
     return (value, env) if env and value else (None, "")
 
 
-def _switch(config: pytest.Config, name: str, env: str | None = None) -> str:
-    """``auto``, ``on`` or ``off`` from option / ini / environment *name* (default auto).
+def _switch(config: pytest.Config, name: str, env: str | None = None, default: str = "auto") -> str:
+    """``auto``, ``on`` or ``off`` from option / ini / environment *name*, else *default*.
 
     :raises pytest.UsageError: any other value, naming where it came from.
     """
     value, source = _first(config, name, env)
-    value = (value or "auto").lower()
+    value = (value or default).lower()
     if value not in _SWITCH:
         raise pytest.UsageError(f"{source} must be auto, on or off, not {value!r}")
     return value
@@ -338,10 +357,8 @@ def _broker_settings(config: pytest.Config) -> tuple[str | None, str | None, int
 
     :raises pytest.UsageError: not a Redis URL, no or a malformed run id, a bad count.
     """
-    from corral.broker.redis import is_redis_url
-
     url, url_from = _first(config, "corral_broker", ENV_BROKER_URL)
-    if url is not None and not is_redis_url(url):
+    if url is not None and not _is_redis_url(url):
         raise pytest.UsageError(
             f"{url_from}: {url!r} is not a Redis URL (redis://, rediss:// or unix://). "
             "Without one corral starts its own broker for the run; to share a broker "

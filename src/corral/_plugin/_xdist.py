@@ -8,12 +8,14 @@ workers, the controller pre-creates their databases (:class:`PreCloner`).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from corral._plugin._database import PreCloner
 from corral._plugin._process import STATE
+
+if TYPE_CHECKING:
+    from corral._plugin._database import PreCloner
 
 __all__ = ["XdistHooks"]
 
@@ -38,6 +40,8 @@ class XdistHooks:
         # workers get is not known in advance.
         if info is None or database is None or info.broker_url:
             return
+        from corral._plugin._database import PreCloner
+
         self.precloner = PreCloner(info, len(specs), database.slot)
         # Runs before the process's own clean-up (LIFO), which drops the run's clones.
         self.config.add_cleanup(self._stop_precloner)

@@ -181,27 +181,47 @@ class Broker:
             if self._thread is not None:
                 assert self._path is not None
                 return self._path
-            if self.debug:
-                _enable_debug_logging()
             sock = self._bind()
-            self.instance = secrets.token_hex(8)
-            ready = threading.Event()
-            failure: list[BaseException] = []
-            self._finished.clear()
-            self._thread = threading.Thread(
-                target=self._serve, args=(sock, ready, failure), name="corral-broker", daemon=True
-            )
-            self._thread.start()
-            ready.wait()
-            if failure:
-                self._thread.join()
-                self._thread = None
-                self._remove_files()
-                raise BrokerError(f"the broker failed to start: {failure[0]}") from failure[0]
+            self._launch(sock)
             assert self._path is not None
             self._export_env()
             log.info("broker listening on %s", self._path)
             return self._path
+
+    def _serve_bound(
+        self, sock: socket.socket, path: str, inode: int, private_dir: str | None
+    ) -> None:
+        """Serve on *sock*, bound at *path* and listening already; the environment is left
+        alone. The pytest plugin binds the socket at start-up and starts the broker at the
+        first connection; the broker then owns the socket file (``stop()`` removes it).
+
+        :raises BrokerError: the broker failed to start (the files are removed).
+        """
+        with self._lifecycle:
+            if self._thread is not None:
+                raise RuntimeError("the broker is running already")
+            self._path, self._inode, self._private_dir = path, inode, private_dir
+            sock.setblocking(False)
+            self._launch(sock)
+
+    def _launch(self, sock: socket.socket) -> None:
+        # Under self._lifecycle, with self._path set: serve on a thread, wait until ready.
+        if self.debug:
+            _enable_debug_logging()
+        self.instance = secrets.token_hex(8)
+        ready = threading.Event()
+        failure: list[BaseException] = []
+        self._finished.clear()
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock, ready, failure), name="corral-broker", daemon=True
+        )
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            self._thread = None
+            self._remove_files()
+            raise BrokerError(f"the broker failed to start: {failure[0]}") from failure[0]
 
     def stop(self, timeout: float | None = None) -> None:
         """Drain, close every connection, remove the socket and its directory, wipe state.

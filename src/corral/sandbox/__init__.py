@@ -6,11 +6,11 @@ imported lazily, so ``import corral.sandbox`` needs no driver installed.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from corral._lazy import lazy_exports
 from corral.sandbox._controller import (
     AsyncSandboxController,
     SandboxController,
@@ -65,12 +65,7 @@ _LAZY = {
     "SandboxCursor": "corral.sandbox._psycopg_sync_conn",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 @overload

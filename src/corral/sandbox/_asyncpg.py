@@ -21,7 +21,7 @@ from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._controller import BoxBase
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._messages import LOST_NOTE
-from corral.sandbox._plan import DEFERRABLE_QUERY, Step
+from corral.sandbox._plan import Step
 from corral.sandbox._targets import Target, target
 
 __all__ = ["AsyncpgPoolSandbox", "AsyncpgSandboxBase"]
