@@ -37,7 +37,6 @@ __all__ = [
     "configure",
     "dump_project",
     "prune_dumps",
-    "takes_databases",
 ]
 
 log = logging.getLogger("corral.pytest")
@@ -88,22 +87,6 @@ def configure(config: pytest.Config, process: CorralProcess) -> None:
         from corral._plugin import _django_fixtures
 
         config.pluginmanager.register(_django_fixtures, "corral-django-fixtures")
-
-
-def takes_databases(config: pytest.Config) -> bool:
-    """Whether Django support will take the run's databases: pytest-django is active with a
-    settings module and ``corral_django`` is not off (the settings are not read yet)."""
-    manager = config.pluginmanager
-    if not (manager.hasplugin("django") or manager.hasplugin("pytest_django.plugin")):
-        return False
-    if str(config.getini("corral_django")).strip().lower() == "off":
-        return False
-    known = getattr(config, "known_args_namespace", config.option)
-    return bool(
-        getattr(known, "ds", None)
-        or os.environ.get("DJANGO_SETTINGS_MODULE")
-        or config.getini("DJANGO_SETTINGS_MODULE")
-    )
 
 
 class DjangoHooks:

@@ -258,9 +258,7 @@ class Settings:
         if switch == "auto":
             # A DSN alone in a Django project is for Django's test databases (its own
             # templates and clones): an empty clone per process beside them is unused.
-            from corral._plugin._django import takes_databases
-
-            database = bool(schema or env_names or (dsn and not takes_databases(config)))
+            database = bool(schema or env_names or (dsn and not _django_takes_databases(config)))
         else:
             database = switch == "on"
         sandbox = bool(config.getini("corral_sandbox")) and not _option(config, "corral_no_sandbox")
@@ -463,3 +461,19 @@ def restore_env(saved: dict[str, str | None]) -> None:
         else:
             os.environ[name] = value
     saved.clear()
+
+
+def _django_takes_databases(config: pytest.Config) -> bool:
+    """Whether Django support will take the run's databases: pytest-django is active with a
+    settings module and ``corral_django`` is not off (the settings are not read yet)."""
+    manager = config.pluginmanager
+    if not (manager.hasplugin("django") or manager.hasplugin("pytest_django.plugin")):
+        return False
+    if str(config.getini("corral_django")).strip().lower() == "off":
+        return False
+    known = getattr(config, "known_args_namespace", config.option)
+    return bool(
+        getattr(known, "ds", None)
+        or os.environ.get("DJANGO_SETTINGS_MODULE")
+        or config.getini("DJANGO_SETTINGS_MODULE")
+    )
