@@ -410,3 +410,22 @@ def test_deeply_nested_values_never_break_the_broker(broker: Broker) -> None:
             got = r.ask({"action": "get", "key": "d"})
             assert got["ok"] or got["error"] in ("internal_error", "not_found")
         assert r.ask({"action": "ping"})["ok"] is True
+
+
+def test_a_broker_that_never_gets_ready_fails_its_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # No wait in start-up without a bound: a loop stuck before it is ready makes start()
+    # raise (and clean up) instead of hanging the run that starts it.
+    from corral.broker import server
+
+    async def stuck(self: Broker, sock: socket.socket, ready: Any, failure: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(server, "_START_TIMEOUT", 0.3)
+    monkeypatch.setattr(Broker, "_main", stuck)
+    path = tmp_path / "b.sock"
+    broker = Broker(socket_path=path)
+    with pytest.raises(BrokerError, match=r"failed to start: not ready after 0\.3 s"):
+        broker.start()
+    assert not path.exists()

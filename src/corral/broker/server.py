@@ -30,6 +30,9 @@ __all__ = ["Broker"]
 
 log = logging.getLogger("corral.broker")
 
+#: Seconds the broker's thread has to get ready (it takes milliseconds).
+_START_TIMEOUT = 30.0
+
 #: Connections the kernel queues before the broker accepts them (capped by somaxconn).
 #: A full backlog makes connect() fail with EAGAIN; the clients retry until their timeout.
 BACKLOG = 4096
@@ -216,10 +219,17 @@ class Broker:
             target=self._serve, args=(sock, ready, failure), name="corral-broker", daemon=True
         )
         self._thread.start()
-        ready.wait()
+        if not ready.wait(_START_TIMEOUT):
+            # Nothing in start-up waits without a bound (docs/pytest.md): a loop that
+            # never got ready is told to stop, and the caller gets the reason.
+            loop = self._loop
+            if loop is not None:
+                loop.call_soon_threadsafe(loop.stop)
+            failure.append(TimeoutError(f"not ready after {_START_TIMEOUT:g} s"))
         if failure:
-            self._thread.join()
+            self._thread.join(_START_TIMEOUT)
             self._thread = None
+            sock.close()
             self._remove_files()
             raise BrokerError(f"the broker failed to start: {failure[0]}") from failure[0]
 
