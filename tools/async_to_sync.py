@@ -78,6 +78,8 @@ TWINS = (
 
 # Async name -> blocking name, as whole words (attributes and prose included).
 NAMES = {
+    "_api_async": "_api_sync",
+    "AsyncClosing": "Closing",
     "AsyncClientAPI": "ClientAPI",
     "AsyncRedisClient": "RedisClient",
     "AsyncSession": "SyncSession",

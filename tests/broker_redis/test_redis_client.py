@@ -230,6 +230,10 @@ def test_the_socket_clients_arguments_work_when_the_env_selects_redis(
                 assert client.get("k") == 1
                 client.purge()
         assert set(named) <= set(inspect.signature(redis_cls.__init__).parameters)
+        # A subclass of a socket client stays a socket client (it needs a socket path).
+        monkeypatch.delenv("EPHEMERAL_PIPE", raising=False)
+        with pytest.raises(BrokerUnavailable, match="EPHEMERAL_PIPE"):
+            type("Sub", (socket_cls,), {})()
 
 
 def test_redis_client_mirrors_the_socket_client_signatures() -> None:

@@ -20,13 +20,13 @@ from typing import Any, Self, TypeVar
 
 from corral._twins import ASYNC
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret
+from corral.broker._address import resolve_path, resolve_secret, wants_redis
 from corral.broker._flows import MISSING, Handshake
 from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["AsyncClientAPI"]
+__all__ = ["AsyncClientAPI", "AsyncClosing"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
@@ -34,7 +34,25 @@ T = TypeVar("T")
 _MAX_SPARES = 4  # idle extra connections a client keeps for requests that wait
 
 
-class AsyncClientAPI:
+class AsyncClosing:
+    """``async with client:`` closes it on the way out (every broker client, both backends)."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class AsyncClientAPI(AsyncClosing):
     """The public methods of :class:`~corral.broker.AsyncClient`, over its I/O driver."""
 
     path: str
@@ -72,6 +90,16 @@ class AsyncClientAPI:
         # connections of this client (see _checkout), kept for reuse.
         self._spares = []
         self._busy = set()  # checked out: waiting, or holding a grant
+
+    # --- Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
+    # given (it takes precedence over EPHEMERAL_PIPE), returns an AsyncRedisClient instead
+    # (AsyncClient(...) only: the client classes themselves, not subclasses of them).
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        if cls.__bases__ == (AsyncClientAPI,) and wants_redis(path):
+            from corral.broker.redis import AsyncRedisClient
+
+            return AsyncRedisClient(path if isinstance(path, str) else None, *args, **kwargs)
+        return super().__new__(cls)
 
     # ------------------------------------------------------------------ API
 
@@ -269,20 +297,6 @@ class AsyncClientAPI:
         async with self._get_lock():
             await self._ensure()
         return self
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # ------------------------------------------------------------------ driver
 

@@ -5,7 +5,7 @@
 Each method validates its arguments and runs one flow of :mod:`corral.broker._flows`;
 the client that inherits it supplies the I/O (``_drive``: one connection; ``_checkout``:
 an extra connection for a request that waits). ``_api_sync.py`` (``ClientAPI``, for the
-blocking ``Client``) is generated from ``_api_async.py`` by tools/async_to_sync.py.
+blocking ``Client``) is generated from ``_api_sync.py`` by tools/async_to_sync.py.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret
+from corral.broker._address import resolve_path, resolve_secret, wants_redis
 from corral.broker._flows import MISSING, Handshake
 from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["ClientAPI"]
+__all__ = ["ClientAPI", "Closing"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
@@ -33,7 +33,25 @@ T = TypeVar("T")
 _MAX_SPARES = 4  # idle extra connections a client keeps for requests that wait
 
 
-class ClientAPI:
+class Closing:
+    """``with client:`` closes it on the way out (every broker client, both backends)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class ClientAPI(Closing):
     """The public methods of :class:`~corral.broker.Client`, over its I/O driver."""
 
     path: str
@@ -71,6 +89,16 @@ class ClientAPI:
         # connections of this client (see _checkout), kept for reuse.
         self._spares = []
         self._busy = set()  # checked out: waiting, or holding a grant
+
+    # --- Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
+    # given (it takes precedence over EPHEMERAL_PIPE), returns an RedisClient instead
+    # (Client(...) only: the client classes themselves, not subclasses of them).
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        if cls.__bases__ == (ClientAPI,) and wants_redis(path):
+            from corral.broker.redis import RedisClient
+
+            return RedisClient(path if isinstance(path, str) else None, *args, **kwargs)
+        return super().__new__(cls)
 
     # ------------------------------------------------------------------ API
 
@@ -268,20 +296,6 @@ class ClientAPI:
         with self._get_lock():
             self._ensure()
         return self
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ driver
 

@@ -68,11 +68,39 @@ def check(response: Message, key: str | None = None) -> Message:
     raise error_from_code(code, key=key, detail=detail if type(detail) is str else None)
 
 
+def check_seconds(value: object, what: str) -> None:
+    """TypeError unless *value* is a number (of seconds; a bool is not one)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds, got {type(value).__name__}")
+
+
+def check_rate(name: str, rate: float, per: float) -> None:
+    """A throttle's arguments (both backends): a name, two positive finite numbers."""
+    check_name(name, "throttle name")
+    for label, number in (("rate", rate), ("per", per)):
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise TypeError(f"{label} must be a number, got {type(number).__name__}")
+        if not (math.isfinite(number) and number > 0):
+            raise ValueError(f"{label} must be a positive number, got {number!r}")
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """A wait's timeout in seconds (None: forever), validated before anything is sent.
+
+    :raises TypeError: not a number. :raises ValueError: negative or NaN.
+    """
+    if timeout is None:
+        return None
+    check_seconds(timeout, "timeout")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    return float(timeout)
+
+
 def _ttl_ms(ttl: float | None) -> int | float | None:
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise TypeError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
+    check_seconds(ttl, "ttl")
     ms = ttl * 1000
     if math.isfinite(ms) and ms == int(ms):
         return int(ms)
@@ -223,15 +251,10 @@ def metrics() -> Flow[str]:
 
 def _timeout_ms(timeout: float | None) -> int | float | None:
     """A wait's timeout on the wire; None waits forever, 0 does not wait."""
-    if timeout is None:
+    seconds = check_timeout(timeout)
+    if seconds is None or math.isinf(seconds):
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    if math.isinf(timeout):
-        return None
-    return _ttl_ms(timeout)
+    return _ttl_ms(seconds)
 
 
 def _waiting(request: Message, timeout: float | None, key: str) -> Call:
@@ -423,12 +446,7 @@ def pool(name: str, items: Sequence[Any]) -> Flow[bool]:
 
 def throttle(name: str, rate: float, per: float, timeout: float | None) -> Flow[None]:
     """Wait until the run-wide rate of *rate* calls per *per* seconds allows a call."""
-    check_name(name, "throttle name")
-    for label, number in (("rate", rate), ("per", per)):
-        if isinstance(number, bool) or not isinstance(number, int | float):
-            raise TypeError(f"{label} must be a number, got {type(number).__name__}")
-        if not (math.isfinite(number) and number > 0):
-            raise ValueError(f"{label} must be a positive number, got {number!r}")
+    check_rate(name, rate, per)
     if float(rate).is_integer():
         calls, window = int(rate), float(per)
     else:  # a fractional rate: one call per per/rate seconds

@@ -12,10 +12,10 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from contextlib import AbstractAsyncContextManager
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from corral._twins import ASYNC
+from corral.broker._api_async import AsyncClosing
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncRedisClient"]
 
 
-class AsyncRedisClient(RedisBase):
+class AsyncRedisClient(RedisBase, AsyncClosing):
     """An asyncio client of a corral run on Redis: the full broker client API, awaitable.
 
     :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS) or
@@ -365,17 +365,6 @@ class AsyncRedisClient(RedisBase):
                 await (getattr(connection, "aclose", None) or connection.close)()
             else:
                 connection.close()
-
-    async def __aenter__(self) -> AsyncRedisClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # ------------------------------------------------------------------ driver
 

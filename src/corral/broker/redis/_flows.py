@@ -14,7 +14,13 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from corral.broker._flows import MISSING, check_name
+from corral.broker._flows import (
+    MISSING,
+    check_name,
+    check_rate,
+    check_seconds,
+    check_timeout,
+)
 from corral.errors import (
     BarrierBroken,
     BrokerRequestError,
@@ -110,21 +116,10 @@ def ttl_ms(ttl: float | None, default_ms: int) -> int:
     """Milliseconds for a TTL in seconds (the default when None); at least 1 ms."""
     if ttl is None:
         return default_ms
-    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
-        raise TypeError(f"ttl must be a number of seconds, got {type(ttl).__name__}")
+    check_seconds(ttl, "ttl")
     if not (math.isfinite(ttl) and ttl > 0):
         raise error_from_code("invalid_ttl", detail=f"got {ttl!r}")
     return max(1, math.ceil(ttl * 1000))
-
-
-def check_timeout(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
-    if math.isnan(timeout) or timeout < 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    return float(timeout)
 
 
 def checked(reply: Any, key: str | None = None) -> Any:
@@ -380,12 +375,7 @@ def _broken(name: str, reason: str) -> BarrierBroken:
 
 def throttle(name: str, rate: float, per: float, timeout: float | None) -> Flow:
     """Reserve the next slot under the run-wide rate, then sleep until it starts."""
-    check_name(name, "throttle name")
-    for label, number in (("rate", rate), ("per", per)):
-        if isinstance(number, bool) or not isinstance(number, int | float):
-            raise TypeError(f"{label} must be a number, got {type(number).__name__}")
-        if not (math.isfinite(number) and number > 0):
-            raise ValueError(f"{label} must be a positive number, got {number!r}")
+    check_rate(name, rate, per)
     timeout = check_timeout(timeout)
     if float(rate).is_integer():
         calls, window = int(rate), per

@@ -12,9 +12,9 @@ import contextlib
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from corral.broker._api_sync import Closing
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisClient"]
 
 
-class RedisClient(RedisBase):
+class RedisClient(RedisBase, Closing):
     """A blocking client of a corral run on Redis: the full broker client API.
 
     :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS) or
@@ -353,17 +353,6 @@ class RedisClient(RedisBase):
         self._closed = True
         for connection in (self._r, self._rb):
             connection.close()
-
-    def __enter__(self) -> RedisClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ driver
 
