@@ -20,7 +20,7 @@ from typing import Any, Self, TypeVar
 
 from corral._twins import ASYNC
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret, wants_redis
+from corral.broker._address import resolve_path, resolve_secret
 from corral.broker._flows import MISSING, Handshake
 from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
@@ -90,16 +90,6 @@ class AsyncClientAPI(AsyncClosing):
         # connections of this client (see _checkout), kept for reuse.
         self._spares = []
         self._busy = set()  # checked out: waiting, or holding a grant
-
-    # --- Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
-    # given (it takes precedence over EPHEMERAL_PIPE), returns an AsyncRedisClient instead
-    # (AsyncClient(...) only: the client classes themselves, not subclasses of them).
-    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        if cls.__bases__ == (AsyncClientAPI,) and wants_redis(path):
-            from corral.broker.redis import AsyncRedisClient
-
-            return AsyncRedisClient(path if isinstance(path, str) else None, *args, **kwargs)
-        return super().__new__(cls)
 
     # ------------------------------------------------------------------ API
 

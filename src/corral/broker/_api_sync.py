@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret, wants_redis
+from corral.broker._address import resolve_path, resolve_secret
 from corral.broker._flows import MISSING, Handshake
 from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
@@ -89,16 +89,6 @@ class ClientAPI(Closing):
         # connections of this client (see _checkout), kept for reuse.
         self._spares = []
         self._busy = set()  # checked out: waiting, or holding a grant
-
-    # --- Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
-    # given (it takes precedence over EPHEMERAL_PIPE), returns an RedisClient instead
-    # (Client(...) only: the client classes themselves, not subclasses of them).
-    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        if cls.__bases__ == (ClientAPI,) and wants_redis(path):
-            from corral.broker.redis import RedisClient
-
-            return RedisClient(path if isinstance(path, str) else None, *args, **kwargs)
-        return super().__new__(cls)
 
     # ------------------------------------------------------------------ API
 

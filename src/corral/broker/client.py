@@ -24,6 +24,7 @@ from corral.broker._address import (
     resolve_secret,
     timeout_for,
     unavailable,
+    wants_redis,
 )
 from corral.broker._api_sync import ClientAPI
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
@@ -68,10 +69,15 @@ class Client(ClientAPI):
     :class:`~corral.errors.BrokerUnavailable`.
     """
 
-    # The Redis hook, defined here too so that inspect.signature() of the class reads it
-    # first, as it always did: (path, *args, **kwargs).
+    # The Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
+    # given (it takes precedence over EPHEMERAL_PIPE), makes Client(...) a RedisClient
+    # (Client itself only, not its subclasses).
     def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        return ClientAPI.__new__(cls, path, *args, **kwargs)
+        if cls is Client and wants_redis(path):
+            from corral.broker.redis import RedisClient
+
+            return RedisClient(path if isinstance(path, str) else None, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -19,6 +19,7 @@ from corral.broker._address import (
     next_delay,
     timeout_for,
     unavailable,
+    wants_redis,
 )
 from corral.broker._api_async import AsyncClientAPI
 from corral.broker.messages import CLOSED, Call, Message, Response
@@ -47,10 +48,15 @@ class AsyncClient(AsyncClientAPI):
     loop while connected raises RuntimeError (an idle client rebinds freely).
     """
 
-    # The Redis hook, defined here too so that inspect.signature() of the class reads it
-    # first, as it always did: (path, *args, **kwargs).
+    # The Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
+    # given (it takes precedence over EPHEMERAL_PIPE), makes AsyncClient(...) a AsyncRedisClient
+    # (AsyncClient itself only, not its subclasses).
     def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        return AsyncClientAPI.__new__(cls, path, *args, **kwargs)
+        if cls is AsyncClient and wants_redis(path):
+            from corral.broker.redis import AsyncRedisClient
+
+            return AsyncRedisClient(path if isinstance(path, str) else None, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
