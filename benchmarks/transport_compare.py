@@ -30,6 +30,9 @@ from corral.postgres import database_dsn
 from corral.sandbox import sandbox
 
 TRANSPORTS = ("socket", "tcp", "url")
+#: Where each driver's connections over each DSN landed: ``{"url": {"psycopg": "socket"}}``.
+LANDED: dict[str, dict[str, str]] = {}
+_WHERE = "SELECT coalesce(host(inet_server_addr()), 'socket')"
 
 
 class Handles:
@@ -41,6 +44,8 @@ class Handles:
         self.pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=2)
         self.pool.wait()
         self.sb: Any = sandbox(self.pool, mode="sandbox")
+        row = self.conn.execute(_WHERE).fetchone()
+        self.where = str(row[0]) if row else "?"
 
     def close(self) -> None:
         self.conn.close()
@@ -88,6 +93,8 @@ def _asyncpg_rows(dsns: dict[str, str], rounds: int, block: int) -> dict[str, li
         urls = {t: url_parts(d)["url"] for t, d in dsns.items()}
         pools = {t: await asyncpg.create_pool(u, min_size=1, max_size=2) for t, u in urls.items()}
         sbs: dict[str, Any] = {t: sandbox(p, mode="sandbox") for t, p in pools.items()}
+        for t, pool in pools.items():
+            LANDED.setdefault(t, {})["asyncpg"] = str(await pool.fetchval(_WHERE))
 
         async def body(transport: str) -> None:
             sb = sbs[transport]
@@ -181,6 +188,8 @@ def compare(bench: Bench, handed_out: str, rounds: int) -> dict[str, list[float]
     url = database_dsn(handed_out, bench.db)
     dsns = {"socket": bench.dsn(bench.db), "tcp": url.split("?", 1)[0], "url": url}
     handles = {t: Handles(dsn) for t, dsn in dsns.items()}
+    for t, h in handles.items():
+        LANDED.setdefault(t, {})["psycopg"] = h.where
     admin = psycopg.Connection.connect(bench.admin, autocommit=True)
     block = max(1, min(20, rounds // 10))
     out: dict[str, list[float]] = {f"{n} [{t}]": [] for n in STRATEGIES for t in TRANSPORTS}
@@ -226,6 +235,8 @@ def report(rows: dict[str, list[float]]) -> None:
     others = TRANSPORTS[1:]
     print("\nUnix socket vs TCP 127.0.0.1 (SCRAM login) vs the URL the plugin hands out")
     print("(TCP URL + ?host=<socket dir>), same server and database, medians")
+    for t, drivers in LANDED.items():
+        print(f"  {t}: " + ", ".join(f"{d} connects to {w}" for d, w in drivers.items()))
     head = "".join(f"{t:>10}" for t in TRANSPORTS) + "".join(f"{t + '/sock':>11}" for t in others)
     print(f"  {'wall time per test':<{width}} {head} {'n':>5}")
     for name in names:

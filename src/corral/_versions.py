@@ -17,7 +17,7 @@ FLOORS: dict[str, str] = {
     "pytest-xdist": "3.5.0",
     "anyio": "4.0.0",
     "sqlalchemy": "2.0.25",
-    "psycopg": "3.2.1",
+    "psycopg": "3.1.20",
     "psycopg-pool": "3.2.0",
     "asyncpg": "0.29.0",
     "redis": "5.0.0",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corral._plugin._dbenv import (
@@ -80,6 +80,11 @@ def test_parts_of_a_url_with_a_host_and_a_socket_directory() -> None:
         "corral_run_1",
         "s3cr/t",
     )
+
+
+def test_a_port_in_the_query_is_the_port_for_parts_too() -> None:
+    env = render("postgresql://u@db.example/x?port=6000", parse_entries(["H={host}:{port}"]))
+    assert (env["H"], env["PGHOST"], env["PGPORT"]) == ("db.example:6000", "db.example", "6000")
 
 
 def test_dj_database_url_reads_every_url_handed_out() -> None:
@@ -191,6 +196,7 @@ def test_a_variable_named_twice_is_an_error() -> None:
 _text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
 
 
+@settings(deadline=None)  # no timing in tests: a busy machine is not a failure
 @given(user=_text, password=_text, dbname=_text, port=st.integers(1, 65535))
 def test_the_url_part_round_trips(user: str, password: str, dbname: str, port: int) -> None:
     from urllib.parse import quote

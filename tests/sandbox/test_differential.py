@@ -120,7 +120,7 @@ class Run:
         return ";" in sql and self.conn.autocommit and self.status() == "IDLE"
 
     def block_skipped(self) -> bool:
-        """Known difference below psycopg 3.3 (the floor is 3.2): its ``transaction()``
+        """Known difference below psycopg 3.3 (the floor is 3.1): its ``transaction()``
         refuses a connection in a failed transaction on the client side (ProgrammingError,
         still INERROR); 3.3 sends the SAVEPOINT and reports 25P02, as the sandbox does."""
         return _PSYCOPG_BEFORE_3_3 and self.status() == "INERROR"

@@ -154,7 +154,7 @@ def _hosts(hostlist: str) -> tuple[list[str], list[str]]:
 
 def _from_url(dsn: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """A URL's connection parameters as libpq takes them (query parameters win), its other
-    query parameters, and the host and port a URL parser sees (the URL's own)."""
+    query parameters, and the host a URL parser sees (the URL's own)."""
     split = urlsplit(dsn)
     userinfo, _, hostlist = split.netloc.rpartition("@")
     user, _, password = userinfo.partition(":")
@@ -166,7 +166,7 @@ def _from_url(dsn: str) -> tuple[dict[str, str], dict[str, str], dict[str, str]]
         "password": unquote(password),
         "dbname": unquote(split.path.lstrip("/")),
     }
-    seen = {"host": params["host"], "port": params["port"]}
+    seen = {"host": params["host"]}
     query = dict(parse_qsl(split.query, keep_blank_values=True))
     for key in list(params):
         if query.get(key):
@@ -222,7 +222,8 @@ def _parts(dsn: str) -> tuple[dict[str, str], dict[str, str]]:
     libpq = {"host": params.get("host", ""), "port": _ports(params.get("port", ""))}
     # A URL with a host of its own and a socket directory in the query (corral's throwaway
     # server): parts are for apps that build a URL, so they get what a URL parser sees.
-    shown = {"host": seen["host"], "port": _ports(seen["port"])} if seen.get("host") else libpq
+    # The port is libpq's either way (a query's port overrides the URL's for libpq too).
+    shown = {**libpq, "host": seen["host"]} if seen.get("host") else libpq
     rest = url[url.index("://") :]
     parts = {
         "url": url,
