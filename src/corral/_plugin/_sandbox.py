@@ -137,8 +137,7 @@ def _scopes_with_user_fixtures(session: pytest.Session) -> set[tuple[str, str]]:
     def project_defined(func: Any) -> bool:
         if func not in own:
             try:
-                # pytest-asyncio < 1.0 wraps async fixtures in its own (functools.wraps)
-                path = inspect.getfile(inspect.unwrap(func))
+                path = inspect.getfile(func)
             except TypeError:
                 path = ""
             own[func] = (
@@ -422,11 +421,7 @@ class SandboxManager:
                 controller = ref()
                 if controller is None or _closed(controller) or _on_another_loop(controller):
                     continue
-                outer: Any = controller._router.owned()
-                # A scope's sandbox on another loop (a test on a loop of its own) cannot
-                # be nested in: the test gets an independent one.
-                nest = outer is None or outer.loop is asyncio.get_running_loop()
-                await controller.create_sandbox(nest=nest)  # type: ignore[misc]
+                await controller.create_sandbox()  # type: ignore[misc]
                 opened.append(controller)
                 if self._unchecked(controller):
                     box = controller._router.owned()
@@ -442,42 +437,6 @@ class SandboxManager:
         finally:
             self.seconds += time.perf_counter() - started
         return opened
-
-    async def open_scope_async(self) -> list[tuple[AnyController, Any, int]]:
-        """An outer sandbox level on every async handle for one fixture scope, on the
-        running loop (the scope's): :meth:`scope` for async fixtures of that scope with
-        the same loop scope. Tests on that loop nest inside it."""
-        if not self.enabled:
-            return []
-        opened: list[tuple[AnyController, Any, int]] = []
-        started = time.perf_counter()
-        try:
-            for controller in _candidates(is_async=True):
-                if _on_another_loop(controller):
-                    continue
-                await controller.create_sandbox()  # type: ignore[misc]
-                controller.share()
-                box: Any = controller._router.owned()
-                opened.append((controller, box, box.plan.depth if box is not None else 0))
-        except BaseException:
-            await self.close_scope_async(opened)
-            raise
-        finally:
-            self.seconds += time.perf_counter() - started
-        return opened
-
-    async def close_scope_async(self, opened: list[tuple[AnyController, Any, int]]) -> None:
-        """Roll back what :meth:`open_scope_async` opened and is still open."""
-        await self.close_async(
-            [
-                controller
-                for controller, box, depth in opened
-                if box is not None
-                and not box.closed
-                and box.plan.depth == depth
-                and controller._router.owned() is box
-            ]
-        )
 
     async def close_async(self, opened: list[AnyController]) -> None:
         """Roll back what :meth:`open_async` opened (all of it, even if one fails)."""
