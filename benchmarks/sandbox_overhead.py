@@ -519,14 +519,29 @@ DRIVER_GROUPS = [
 def run_handles(dsn: str, rounds: int) -> dict[str, list[float]]:
     """Issue 15: per test, what the plugin does with 1, 2 and 3 sandboxed sync handles on
     one database (a psycopg pool, a SQLAlchemy engine, a second pool): open a sandbox on
-    each, share it, one read and one small write transaction through each, close."""
-    pools = [psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=2) for _ in range(2)]
-    engine = sqlalchemy.create_engine(sa_url(dsn, "psycopg"))
-    handles: list[Any] = [sandbox(pools[0]), sandbox(engine), sandbox(pools[1])]
+    each, share it, one read and one small write transaction through each, close.
+
+    Side by side in one process: the handles sharing the test's connection (the default)
+    and the same handles with ``own_connection=True`` (a connection each, as before
+    handles shared one), so machine load moves both alike."""
+    pools = [psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=2) for _ in range(4)]
+    engines = [sqlalchemy.create_engine(sa_url(dsn, "psycopg")) for _ in range(2)]
+    sets: dict[str, list[Any]] = {
+        "": [sandbox(pools[0]), sandbox(engines[0]), sandbox(pools[1])],
+        ", own connections": [
+            sandbox(pools[2], own_connection=True),
+            sandbox(engines[1], own_connection=True),
+            sandbox(pools[3], own_connection=True),
+        ],
+    }
+    on_engine = {
+        id(handles[1]): engine for handles, engine in zip(sets.values(), engines, strict=True)
+    }
     n = iter(range(1 << 62))
 
     def through(db: Any) -> None:
-        if db is handles[1]:
+        engine = on_engine.get(id(db))
+        if engine is not None:
             with engine.connect() as conn:
                 conn.execute(sqlalchemy.text("SELECT count(*) FROM users")).scalar()
             with engine.begin() as conn:
@@ -537,8 +552,7 @@ def run_handles(dsn: str, rounds: int) -> dict[str, list[float]]:
         with db.connection() as conn:
             conn.execute("INSERT INTO audit (what) VALUES (%s)", (f"p{next(n)}",))
 
-    def one_test(count: int) -> None:
-        used = handles[:count]
+    def one_test(used: list[Any]) -> None:
         for db in used:
             db.create_sandbox()
             db.share()
@@ -549,13 +563,19 @@ def run_handles(dsn: str, rounds: int) -> dict[str, list[float]]:
 
     try:
         return alternate(
-            {f"{k} handle(s): sandbox + body": functools.partial(one_test, k) for k in (1, 2, 3)},
+            {
+                f"{k} handle(s){label}: sandbox + body": functools.partial(one_test, used[:k])
+                for k in (1, 2, 3)
+                for label, used in sets.items()
+            },
             rounds,
         )
     finally:
-        for db in handles:
-            db.close()
-        engine.dispose()
+        for used in sets.values():
+            for db in used:
+                db.close()
+        for engine in engines:
+            engine.dispose()
         for pool in pools:
             pool.close()
 
