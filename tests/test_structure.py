@@ -193,6 +193,29 @@ def test_no_import_cycles_in_type_annotations() -> None:
     _check(graph(type_checking=True), "counting TYPE_CHECKING imports")
 
 
+#: What each layer may import of corral besides itself (docs/architecture.md): the broker,
+#: the throwaway server and the sandbox stand alone; only the plugin (and the top-level
+#: modules: CLI, plugin entry point) joins them.
+LAYERS = {
+    "corral.broker": ("corral.errors", "corral._lazy", "corral._twins"),
+    "corral.postgres": ("corral.errors",),
+    "corral.sandbox": ("corral.errors", "corral._lazy"),
+}
+
+
+def test_each_layer_imports_only_what_it_may() -> None:
+    found = []
+    for source, edges in graph(type_checking=True).items():
+        for layer, allowed in LAYERS.items():
+            if source != layer and not source.startswith(layer + "."):
+                continue
+            for target, edge in edges.items():
+                inside = target == layer or target.startswith(layer + ".")
+                if not inside and target not in allowed:
+                    found.append(f"{source} imports {target} (line {edge.line}, {edge.where})")
+    assert not found, "imports across layers (docs/architecture.md):\n" + "\n".join(found)
+
+
 def test_the_checker_names_a_cycle() -> None:
     g = {
         "p.a": {"p.b": Edge("p.b", 3, WHERE[0])},
