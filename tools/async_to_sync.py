@@ -74,6 +74,18 @@ TWINS = (
             ),
         ),
     ),
+    Twin(
+        "src/corral/sandbox/_psycopg_async_conn.py",
+        "src/corral/sandbox/_psycopg_sync_conn.py",
+        phrases=(
+            ("The psycopg 3 asyncio proxies", "The psycopg 3 blocking proxies"),
+            (
+                " (the\nblocking twin, :mod:`._psycopg_sync_conn`, is generated from this module)",
+                "",
+            ),
+            ("A psycopg async cursor", "A psycopg cursor"),
+        ),
+    ),
 )
 
 # Async name -> blocking name, as whole words (attributes and prose included).
@@ -85,11 +97,20 @@ NAMES = {
     "AsyncSession": "SyncSession",
     "AsyncClient": "Client",
     "AsyncIterator": "Iterator",
+    "AsyncSandboxConnection": "SandboxConnection",
+    "AsyncSandboxCursor": "SandboxCursor",
+    "AsyncSandboxTransaction": "SandboxTransaction",
+    "AsyncOwnerLock": "OwnerLock",
+    "AsyncConnection": "Connection",
+    "AsyncCursor": "Cursor",
+    "_psycopg_async": "_psycopg_sync",
+    "_psycopg_async_conn": "_psycopg_sync_conn",
     "AbstractAsyncContextManager": "AbstractContextManager",
     "asynccontextmanager": "contextmanager",
     "aclose": "close",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
+    "__aiter__": "__iter__",
 }
 # Dotted names -> blocking names (code only).
 DOTTED = {"asyncio.sleep": "time.sleep", "redis.asyncio": "redis", "redis_py.asyncio": "redis_py"}
@@ -143,7 +164,9 @@ def _choose_branches(text: str) -> str:
         if kept:
             first = kept[0].lineno - 1
             while lines[first - 1].strip() not in ("else:", lines[start].strip()):
-                first -= 1  # comments before the branch's first statement
+                first -= 1  # comments (and decorators) before the branch's first statement
+            while not lines[first].strip():
+                first += 1  # the blank line ruff puts before a decorated def opening a block
             step = len(lines[first]) - len(lines[first].lstrip()) - indent
             replacement = [line[step:] if line.strip() else line for line in lines[first:end]]
         lines[start:end] = replacement
