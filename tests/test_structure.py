@@ -199,7 +199,7 @@ def test_no_import_cycles_in_type_annotations() -> None:
 LAYERS = {
     "corral.broker": ("corral.errors", "corral._lazy", "corral._twins"),
     "corral.postgres": ("corral.errors",),
-    "corral.sandbox": ("corral.errors", "corral._lazy"),
+    "corral.sandbox": ("corral.errors", "corral._lazy", "corral._twins"),
 }
 
 

@@ -12,8 +12,9 @@ The asyncio module is the source; its blocking twin is derived from it, as psyco
   nothing) in the blocking one; ``if not ASYNC:`` the other way round. For the few places
   where the two really differ (closing redis-py's asyncio connections, a finalizer...);
 - ``asyncio.shield(x)`` becomes ``x``, ``Awaitable[T]`` becomes ``T``;
-- imports the blocking module no longer uses are dropped, and the names of a
-  ``from ... import`` are sorted again (as ruff's isort would).
+- imports the blocking module no longer uses are dropped, the names of a
+  ``from ... import`` are sorted again, and so are adjacent ``from`` imports by module
+  (as ruff's isort would).
 
 The output carries a header naming its source; ``tests/test_generated.py`` checks that the
 committed files equal what this tool generates now, so CI catches an edit of a generated
@@ -74,6 +75,43 @@ TWINS = (
             ),
         ),
     ),
+    Twin(
+        "src/corral/sandbox/_psycopg_async_conn.py",
+        "src/corral/sandbox/_psycopg_sync_conn.py",
+        phrases=(
+            ("The psycopg 3 asyncio proxies", "The psycopg 3 blocking proxies"),
+            (
+                " (the\nblocking twin, :mod:`._psycopg_sync_conn`, is generated from this module)",
+                "",
+            ),
+            ("A psycopg async cursor", "A psycopg cursor"),
+        ),
+    ),
+    Twin(
+        "src/corral/sandbox/_psycopg_async.py",
+        "src/corral/sandbox/_psycopg_sync.py",
+        phrases=(
+            (
+                "The psycopg 3 adapter, asyncio: ``AsyncConnectionPool`` and async connection "
+                "factories.",
+                "The psycopg 3 adapter, synchronous: ``ConnectionPool`` and connection factories.",
+            ),
+            ("\nThe blocking twin, :mod:`._psycopg_sync`, is generated from this module.", ""),
+            ("a psycopg async connection", "a psycopg connection"),
+            ("the async pool and factory adapters", "the pool and the factory adapters"),
+            ('"psycopg async"', '"psycopg"'),
+            (
+                "A sandboxed async connection factory: ``await db.connect()`` replaces\n"
+                "    ``await psycopg.AsyncConnection.connect()``.",
+                "A sandboxed connection factory: ``db.connect()`` replaces ``psycopg.connect()``.",
+            ),
+            (
+                "a coroutine function returning a new\n        ``psycopg.AsyncConnection``.",
+                "a callable returning a new\n        ``psycopg.Connection`` "
+                "(e.g. ``functools.partial(psycopg.connect, dsn)``).",
+            ),
+        ),
+    ),
 )
 
 # Async name -> blocking name, as whole words (attributes and prose included).
@@ -85,11 +123,24 @@ NAMES = {
     "AsyncSession": "SyncSession",
     "AsyncClient": "Client",
     "AsyncIterator": "Iterator",
+    "AsyncBoxController": "BoxController",
+    "AsyncConnectSandbox": "ConnectSandbox",
+    "AsyncPoolSandbox": "PoolSandbox",
+    "AsyncConnectionPool": "ConnectionPool",
+    "AsyncSandboxConnection": "SandboxConnection",
+    "AsyncSandboxCursor": "SandboxCursor",
+    "AsyncSandboxTransaction": "SandboxTransaction",
+    "AsyncOwnerLock": "OwnerLock",
+    "AsyncConnection": "Connection",
+    "AsyncCursor": "Cursor",
+    "_psycopg_async": "_psycopg_sync",
+    "_psycopg_async_conn": "_psycopg_sync_conn",
     "AbstractAsyncContextManager": "AbstractContextManager",
     "asynccontextmanager": "contextmanager",
     "aclose": "close",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
+    "__aiter__": "__iter__",
 }
 # Dotted names -> blocking names (code only).
 DOTTED = {"asyncio.sleep": "time.sleep", "redis.asyncio": "redis", "redis_py.asyncio": "redis_py"}
@@ -143,9 +194,13 @@ def _choose_branches(text: str) -> str:
         if kept:
             first = kept[0].lineno - 1
             while lines[first - 1].strip() not in ("else:", lines[start].strip()):
-                first -= 1  # comments before the branch's first statement
+                first -= 1  # comments (and decorators) before the branch's first statement
+            while not lines[first].strip():
+                first += 1  # the blank line ruff puts before a decorated def opening a block
             step = len(lines[first]) - len(lines[first].lstrip()) - indent
             replacement = [line[step:] if line.strip() else line for line in lines[first:end]]
+        if not replacement and not lines[start - 1].strip() and not lines[end].strip():
+            end += 1  # a block between two blank lines leaves one
         lines[start:end] = replacement
     return "".join(lines)
 
@@ -176,16 +231,14 @@ def _rewrite_tokens(text: str, phrases: tuple[tuple[str, str], ...]) -> str:
                 or (tok.string == "async" and nxt.string in ("def", "with", "for"))
             ):
                 edits.append((at(tok.start), at(nxt.start), ""))
-            elif nxt is not None and nxt.string == "." and i + 2 < len(tokens):
-                name = f"{tok.string}.{tokens[i + 2].string}"
-                if name in DOTTED:
-                    edits.append((at(tok.start), at(tokens[i + 2].end), DOTTED[name]))
-                    skip = 2
-                elif name in UNWRAP and tokens[i + 3].string == "(":
-                    close = _closing(tokens, i + 3)
-                    edits.append((at(tok.start), at(tokens[i + 3].end), ""))
-                    edits.append((at(tokens[close].start), at(tokens[close].end), ""))
-                    skip = 3
+            elif (dotted := _dotted(tokens, i)) in DOTTED:
+                edits.append((at(tok.start), at(tokens[i + 2].end), DOTTED[dotted]))
+                skip = 2
+            elif dotted in UNWRAP and tokens[i + 3].string == "(":
+                close = _closing(tokens, i + 3)
+                edits.append((at(tok.start), at(tokens[i + 3].end), ""))
+                edits.append((at(tokens[close].start), at(tokens[close].end), ""))
+                skip = 3
             elif tok.string == "Awaitable" and nxt is not None and nxt.string == "[":
                 close = _closing(tokens, i + 1)
                 edits.append((at(tok.start), at(nxt.end), ""))
@@ -203,6 +256,13 @@ def _rewrite_tokens(text: str, phrases: tuple[tuple[str, str], ...]) -> str:
     for begin, end, new in sorted(edits, reverse=True):
         text = text[:begin] + new + text[end:]
     return text
+
+
+def _dotted(tokens: list[tokenize.TokenInfo], index: int) -> str | None:
+    """``a.b`` when the name at *index* is followed by ``.b``."""
+    if index + 2 < len(tokens) and tokens[index + 1].string == ".":
+        return f"{tokens[index].string}.{tokens[index + 2].string}"
+    return None
 
 
 def _closing(tokens: list[tokenize.TokenInfo], opening: int) -> int:
@@ -258,6 +318,30 @@ def _tidy_imports(text: str) -> str:
             body = "".join(f"{indent}    {name},\n" for name in names)
             new = [f"{indent}from {node.module} import (\n", body, f"{indent})\n"]
         lines[start:end] = new
+    return _sort_from_imports("".join(lines))
+
+
+def _sort_from_imports(text: str) -> str:
+    """Sort each run of adjacent top-level ``from`` imports by module (as ruff's isort does):
+    a renamed module (``_psycopg_async_conn`` -> ``_psycopg_sync_conn``) moves to its place."""
+    lines = text.splitlines(keepends=True)
+    runs: list[list[ast.ImportFrom]] = []
+    previous = None
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            if previous is not None and node.lineno == (previous.end_lineno or 0) + 1:
+                runs[-1].append(node)
+            else:
+                runs.append([node])
+            previous = node
+        else:
+            previous = None
+    for run in reversed(runs):
+        start, end = run[0].lineno - 1, run[-1].end_lineno or run[-1].lineno
+        chunks = sorted(run, key=lambda node: (node.level, (node.module or "").lower()))
+        lines[start:end] = [
+            line for node in chunks for line in lines[node.lineno - 1 : node.end_lineno]
+        ]
     return "".join(lines)
 
 

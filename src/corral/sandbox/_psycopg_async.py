@@ -1,7 +1,8 @@
 """The psycopg 3 adapter, asyncio: ``AsyncConnectionPool`` and async connection factories.
 
-The same logic as :mod:`._psycopg_sync` with ``await`` at each round trip; the two
-modules are kept line-for-line parallel so a fix in one is a fix in both.
+In sandbox mode the app gets :class:`AsyncSandboxConnection` proxies of the sandbox's one
+connection; every transaction operation goes through the :class:`~._plan.Plan`.
+The blocking twin, :mod:`._psycopg_sync`, is generated from this module.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from corral._twins import ASYNC
 from corral.sandbox._boxes import AsyncBoxController
 from corral.sandbox._locks import AsyncOwnerLock
 from corral.sandbox._plan import Step
@@ -26,10 +28,7 @@ from corral.sandbox._psycopg_common import (
 )
 from corral.sandbox._targets import Target
 
-__all__ = [
-    "AsyncConnectSandbox",
-    "AsyncPoolSandbox",
-]
+__all__ = ["AsyncConnectSandbox", "AsyncPoolSandbox"]
 
 logger = logging.getLogger("corral.sandbox.psycopg")
 
@@ -48,7 +47,11 @@ class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
         if real.pgconn.transaction_status != TransactionStatus.IDLE:
             await real.rollback()
         if not real.autocommit:
-            await real.set_autocommit(True)  # the plan sends BEGIN/SAVEPOINT itself
+            # the plan sends BEGIN/SAVEPOINT itself
+            if ASYNC:
+                await real.set_autocommit(True)
+            else:
+                real.autocommit = True
         self._cur = self.controller._cursors.get(real)
         step = self.plan.open()
         await self._cur.execute(step.script.encode())
@@ -98,7 +101,10 @@ class _Box(PsycopgBoxBase["psycopg.AsyncConnection[Any]"]):
             try:
                 await self._cur.execute(self.plan.close().encode())  # type: ignore[union-attr]
                 if real.autocommit != self.app_autocommit:
-                    await real.set_autocommit(self.app_autocommit)
+                    if ASYNC:
+                        await real.set_autocommit(self.app_autocommit)
+                    else:
+                        real.autocommit = self.app_autocommit
             except psycopg.Error as exc:
                 logger.warning("rolling back a sandbox failed; discarding its connection: %s", exc)
                 await real.close()
@@ -111,7 +117,8 @@ class _Controller(AsyncBoxController[_Box]):
 
     _dead_errors = (psycopg.OperationalError,)
     _connection_kind = "psycopg async"
-    _loop_bound = False
+    if ASYNC:
+        _loop_bound = False
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -134,7 +141,20 @@ class _Controller(AsyncBoxController[_Box]):
 class AsyncPoolSandbox(_Controller):
     """A sandboxed ``psycopg_pool.AsyncConnectionPool``; use it exactly like the pool.
 
-    Parameters as :class:`corral.sandbox.PoolSandbox`.
+    :param pool: the application's pool.
+    :param mode: ``"sandbox"`` or ``"normal"``; None reads ``CORRAL_SANDBOX_MODE``
+        (default ``"normal"``).
+    :param lock_timeout: seconds a statement waits for a lock held elsewhere before
+        :class:`~corral.errors.SandboxLockTimeout`; None keeps the server's setting.
+    :param checkout_timeout: seconds to wait for the sandbox's connection while another
+        user of the same sandbox has it, before :class:`~corral.errors.SandboxBusy`.
+    :param isolation_level: of each sandbox's outer transaction (default: server's).
+    :param check_deferred: check deferred constraints at the app's commits; None: only
+        when the database has deferrable constraints.
+    :param own_connection: False (default): where another handle of the same driver on
+        the same database has a sandbox open in this context, this one joins it (one
+        connection, one transaction, as production's commits are seen by every handle).
+        True: this handle's sandboxes always get a connection of their own.
     """
 
     def __init__(self, pool: Any, **options: Any) -> None:
@@ -162,7 +182,12 @@ class AsyncPoolSandbox(_Controller):
         await self.pool.putconn(real)
 
     async def discard_idle(self) -> None:
-        """See :meth:`corral.sandbox.PoolSandbox.discard_idle`."""
+        """Close the pool's idle connections; the pool opens new ones in their place.
+
+        ``pool.drain()`` (psycopg_pool >= 3.3): connections checked out now are left
+        alone, and closed when they come back. Older psycopg_pool has no such call:
+        ``pool.check()`` replaces only the idle connections that no longer work.
+        """
         drain = getattr(self.pool, "drain", None)
         if drain is not None:
             await drain()
@@ -206,8 +231,9 @@ class AsyncConnectSandbox(_Controller):
 
     :param connect: a conninfo string, or a coroutine function returning a new
         ``psycopg.AsyncConnection``.
+    :param max_idle: connections kept open between sandboxes (connecting is slow).
 
-    Other parameters as :class:`corral.sandbox.ConnectSandbox`.
+    Other parameters as :class:`AsyncPoolSandbox`.
     """
 
     def __init__(
@@ -221,6 +247,9 @@ class AsyncConnectSandbox(_Controller):
         self._factory = connect
         self.max_idle = max_idle
         self._idle: list[psycopg.AsyncConnection[Any]] = []
+
+    def _target(self) -> Target | None:
+        return factory_target(self._factory)
 
     async def _new(self, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
         if isinstance(self._factory, str):
@@ -240,19 +269,22 @@ class AsyncConnectSandbox(_Controller):
         else:
             self._idle.append(real)
 
-    def _target(self) -> Target | None:
-        return factory_target(self._factory)
+    if ASYNC:
 
-    def _unkeep(self) -> list[Any]:
-        kept, self._idle = self._idle, []
-        return kept
+        def _unkeep(self) -> list[Any]:
+            kept, self._idle = self._idle, []
+            return kept
 
-    async def _close_kept(self, kept: list[Any]) -> None:
-        for conn in kept:
-            await conn.close()
+        async def _close_kept(self, kept: list[Any]) -> None:
+            for conn in kept:
+                await conn.close()
 
     async def connect(self, **kwargs: Any) -> Any:
-        """A new connection; in sandbox mode, a proxy of the sandbox's connection."""
+        """A new connection; in sandbox mode, a proxy of the sandbox's connection.
+
+        ``autocommit`` and ``row_factory`` are honoured in both modes; closing the proxy
+        (or leaving ``async with``) hands the sandbox's connection to its next user.
+        """
         if not self.sandboxing:
             return await self._new(**kwargs)
         return await self._checkout(
@@ -263,7 +295,8 @@ class AsyncConnectSandbox(_Controller):
         )
 
     async def discard_idle(self) -> None:
-        """See :meth:`corral.sandbox.ConnectSandbox.discard_idle`."""
+        """Close the connections kept for the next sandboxes (the app's own, made by
+        ``connect()`` in normal mode, are the app's to close)."""
         while self._idle:
             await self._idle.pop().close()
 

@@ -1,12 +1,12 @@
 """The psycopg 3 asyncio proxies the application holds in a sandbox: connection, cursor,
-transaction block. Line-for-line parallel to :mod:`._psycopg_sync_conn`, over the same
-:mod:`._psycopg_proxy` logic.
+transaction block. A thin shell over :mod:`._psycopg_proxy`: the round trips only (the
+blocking twin, :mod:`._psycopg_sync_conn`, is generated from this module).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Protocol
@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from corral._twins import ASYNC
 from corral.sandbox._locks import AsyncOwnerLock, reads
 from corral.sandbox._plan import Kind, Statement, Step
 from corral.sandbox._psycopg_common import translate
@@ -38,28 +39,71 @@ class Box(PsycopgBox, Protocol):
     def lock(self) -> AsyncOwnerLock: ...
     def note(self, exc: BaseException) -> None: ...
     async def run(
-        self, step: Step | None, cursor: psycopg.AsyncCursor[Any] | None = None
+        self,
+        step: Step | None,
+        cursor: psycopg.AsyncCursor[Any] | None = None,
     ) -> None: ...
     async def send(self, sql: str | None) -> None: ...
 
 
 class AsyncSandboxConnection(ConnectionBase[Box]):
-    """The application's view of a sandbox connection: a ``psycopg.AsyncConnection`` look-alike.
+    """The application's view of a sandbox connection: a psycopg ``AsyncConnection`` look-alike.
 
-    See :class:`corral.sandbox.SandboxConnection`; the async API (``await
-    conn.commit()``, ``await conn.set_autocommit()``, ``async with conn.transaction()``).
+    Transaction control (``commit``, ``rollback``, ``transaction()``, ``autocommit``,
+    SQL ``BEGIN``/``COMMIT``/...) becomes savepoints; everything else is psycopg's own
+    connection (``__getattr__`` forwards).
     """
 
     # ------------------------------------------------------------------ settings
 
+    if not ASYNC:
+
+        @property
+        def autocommit(self) -> bool:
+            return self._app.autocommit
+
+        @autocommit.setter
+        def autocommit(self, value: bool) -> None:
+            self._set_autocommit(value)
+
     async def set_autocommit(self, value: bool) -> None:
         self._set_autocommit(value)
+
+    if not ASYNC:
+
+        @property
+        def read_only(self) -> bool | None:
+            return self._app.read_only
+
+        @read_only.setter
+        def read_only(self, value: bool | None) -> None:
+            self._set_read_only(value)
 
     async def set_read_only(self, value: bool | None) -> None:
         self._set_read_only(value)
 
+    if not ASYNC:
+
+        @property
+        def isolation_level(self) -> Any:
+            return self._isolation_level
+
+        @isolation_level.setter
+        def isolation_level(self, value: Any) -> None:
+            self._set_isolation_level(value)
+
     async def set_isolation_level(self, value: Any) -> None:
         self._set_isolation_level(value)
+
+    if not ASYNC:
+
+        @property
+        def deferrable(self) -> bool | None:
+            return self._deferrable
+
+        @deferrable.setter
+        def deferrable(self, value: bool | None) -> None:
+            self._set_deferrable(value)
 
     async def set_deferrable(self, value: bool | None) -> None:
         self._set_deferrable(value)
@@ -124,7 +168,10 @@ class AsyncSandboxConnection(ConnectionBase[Box]):
             await box.run(self._success_step(st))
 
     async def _control(
-        self, st: Statement, run: Callable[[], Awaitable[Any]], cur: psycopg.AsyncCursor[Any]
+        self,
+        st: Statement,
+        run: Callable[[], Awaitable[Any]],
+        cur: psycopg.AsyncCursor[Any],
     ) -> None:
         box = self._box
         async with box.lock.turn(self._app, self._timeout, write=False):
@@ -238,7 +285,10 @@ class AsyncSandboxCursor(CursorBase[AsyncSandboxConnection, "psycopg.AsyncCursor
     ) -> AsyncSandboxCursor:
         real, options = self._real, self._options(prepare, binary)
         await self._conn._run(
-            query, not params, lambda: real.execute(query, params, **options), real
+            query,
+            not params,
+            lambda: real.execute(query, params, **options),
+            real,
         )
         return self
 
@@ -248,11 +298,21 @@ class AsyncSandboxCursor(CursorBase[AsyncSandboxConnection, "psycopg.AsyncCursor
             query, False, lambda: real.executemany(query, params_seq, returning=returning), real
         )
 
-    async def stream(self, query: Any, params: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
-        text = self._text(query)
-        async with self._conn._statement(None, text):
-            async for row in self._real.stream(query, params, **kwargs):
-                yield row
+    if ASYNC:
+
+        async def stream(self, query: Any, params: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
+            text = self._text(query)
+            async with self._conn._statement(None, text):
+                async for row in self._real.stream(query, params, **kwargs):
+                    yield row
+
+    else:
+
+        def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+            # `yield from`, not a loop: closing the generator closes psycopg's first.
+            text = self._text(query)
+            with self._conn._statement(None, text):
+                yield from self._real.stream(query, params, **kwargs)
 
     @asynccontextmanager
     async def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> AsyncIterator[Any]:
