@@ -514,6 +514,114 @@ def test_a_sync_test_with_async_fixtures(
     run(inner, "test_sync_async", SYNC_TEST_ASYNC_FIXTURE, workers, seed).assert_outcomes(passed=4)
 
 
+# ---------------------------------------------------------------------------- pattern 1, async
+
+# Pattern 1 with async fixtures: a session-scoped async fixture writing through an async
+# engine on pytest-asyncio's session loop, and tests on that loop. The plugin opens the
+# async handles' outer sandbox for the scope on its loop; each test nests inside it.
+ASYNC_SCOPES = """
+import os
+
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from corral.sandbox import sandbox
+
+URL = os.environ["CORRAL_DATABASE_URL"].replace("postgresql://", "postgresql+asyncpg://", 1)
+engine = create_async_engine(URL)
+sandbox(engine)
+session_loop = pytest.mark.asyncio(loop_scope="session")
+
+
+async def names():
+    async with engine.connect() as conn:
+        return [r[0] for r in await conn.execute(text("SELECT name FROM item ORDER BY id"))]
+
+
+async def add(name):
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO item (name) VALUES (:n)"), {"n": name})
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def admin():
+    await add("admin")
+    yield "admin"
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="session")
+async def gadget(admin):
+    await add("gadget")
+
+
+@session_loop
+async def test_sees_the_session_fixtures_data(admin):
+    assert await names() == ["seed", "admin"]
+    await add("t")
+    assert await names() == ["seed", "admin", "t"]
+
+
+@session_loop
+async def test_each_test_starts_from_the_fixtures_data(admin):
+    assert await names() == ["seed", "admin"]
+
+
+class TestAClassScope:
+    @session_loop
+    async def test_its_fixture_nests_inside(self, gadget):
+        assert await names() == ["seed", "admin", "gadget"]
+        await add("u")
+
+    @session_loop
+    async def test_its_fixtures_data_stays_for_the_class(self, gadget):
+        assert await names() == ["seed", "admin", "gadget"]
+"""
+
+
+def test_async_scope_fixtures(
+    inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
+) -> None:
+    run(inner, "test_async_scopes", ASYNC_SCOPES, workers, seed).assert_outcomes(passed=4)
+
+
+# A no_sandbox test among them: the async scope levels (session, and class nested in it on
+# the same connection) are closed on their loop before it commits for real; its database
+# is replaced afterwards, the scopes' data with it. Assertions hold in any order.
+ASYNC_SCOPES_NO_SANDBOX = (
+    ASYNC_SCOPES.split("@session_loop", 1)[0]
+    + """
+class TestWithANoSandboxTest:
+    @session_loop
+    async def test_sandboxed(self, gadget):
+        await add("u")
+        assert "n" not in await names()
+
+    @session_loop
+    @pytest.mark.no_sandbox
+    async def test_commits_for_real(self, gadget):
+        assert "u" not in await names()
+        await add("n")
+        assert (await names())[-1] == "n"
+
+
+@session_loop
+async def test_nothing_leaked(admin):
+    assert not {"n", "u"} & set(await names())
+"""
+)
+
+
+def test_async_scope_fixtures_and_no_sandbox(
+    inner: pytest.Pytester, shared_server: str, workers: str, seed: int | None
+) -> None:
+    if (workers, seed) not in RUNS[:2]:
+        pytest.skip("two runs are enough here (CI time): serial in order, two workers shuffled")
+    suite = ASYNC_SCOPES_NO_SANDBOX
+    run(inner, "test_async_no_sandbox", suite, workers, seed).assert_outcomes(passed=3)
+
+
 # ---------------------------------------------------------------------------- pattern 1
 
 # Pattern 1: a session-scoped ORM session shared by every test (the most popular FastAPI

@@ -4,8 +4,9 @@ Async handles' sandboxes must be opened on the test's event loop and in its cont
 by a fixture of the pytest-asyncio or anyio glue (``_asyncio``, ``_anyio``) that runs
 before the test's async fixtures, else by the coroutine the test runs as (the wrapper),
 the one place certain to qualify whatever runs it. ``no_sandbox`` tests switch every
-handle to normal mode and get a fresh database afterwards, and the handles drop their
-idle connections to the old one (``discard_idle()``).
+handle to normal mode (fixture scopes' levels closed first, async ones on their own
+loop) and get a fresh database afterwards, and the handles drop their idle connections
+to the old one (``discard_idle()``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ __all__ = ["SandboxManager", "WrongDatabaseWarning"]
 log = logging.getLogger("corral.pytest")
 
 AnyController = _sandbox.SandboxController[Any] | _sandbox.AsyncSandboxController[Any]
+# One scope's sandbox level on one handle: the handle, its sandbox, the level's depth.
+_Level = tuple[AnyController, Any, int]
 
 
 def _own_pool(controller: AnyController) -> Any:
@@ -84,14 +87,27 @@ def _close_all(controllers: list[AnyController]) -> None:
     Handles sharing a connection (docs/sandbox.md, "Patterns", 2) close level by level,
     innermost first, each level by its own handles.
     """
-    while True:
-        left = [c for c in reversed(controllers) if c._router.owned() is not None]
-        if not left:
-            return
-        # A handle of the innermost level of its sandbox; else the first, whose error
-        # names the handles in the way.
-        member = next((c for c in left if _of_innermost(c)), left[0])
+    while (member := _next_to_close(controllers)) is not None:
         member.close_sandbox()
+
+
+def _next_to_close(controllers: list[AnyController]) -> AnyController | None:
+    """The handle to close a level of next (None: none has one open in this context)."""
+    left = [c for c in reversed(controllers) if c._router.owned() is not None]
+    # A handle of the innermost level of its sandbox; else the first, whose error names
+    # the handles in the way.
+    return next((c for c in left if _of_innermost(c)), left[0]) if left else None
+
+
+async def _close_levels(levels: list[tuple[AnyController, Any]]) -> None:
+    """Close the async sandboxes *levels* name (every level of each), as _close_all does
+    for sync ones: run on their loop, in a task of its own that binds them."""
+    with contextlib.ExitStack() as stack:
+        for controller, box in levels:
+            stack.enter_context(controller._router.bind(box))
+        controllers = [controller for controller, _ in levels]
+        while (member := _next_to_close(controllers)) is not None:
+            await member.close_sandbox()  # type: ignore[misc]
 
 
 def _of_innermost(controller: AnyController) -> bool:
@@ -131,7 +147,8 @@ def _scopes_with_user_fixtures(session: pytest.Session) -> set[tuple[str, str]]:
     def project_defined(func: Any) -> bool:
         if func not in own:
             try:
-                path = inspect.getfile(func)
+                # pytest-asyncio < 1.0 wraps async fixtures in its own (functools.wraps)
+                path = inspect.getfile(inspect.unwrap(func))
             except TypeError:
                 path = ""
             own[func] = (
@@ -208,6 +225,9 @@ class SandboxManager:
         #: the (scope, node id) pairs that get a sandbox level (wants_scope), found at the
         #: first scope fixture
         self._scopes: set[tuple[str, str]] | None = None
+        #: the async scope levels open now, each with the loop it was opened on,
+        #: outermost first (a no_sandbox test closes them on that loop)
+        self._async_scopes: list[tuple[asyncio.AbstractEventLoop, list[_Level]]] = []
 
     # ------------------------------------------------------------------ sync side
 
@@ -323,6 +343,7 @@ class SandboxManager:
         # Fixture scopes' sandboxes too: this test commits for real, and the database is
         # replaced afterwards, their data with it.
         _close_all([c for c in switched if not c.is_async])
+        self._close_async_scopes()
         for controller in switched:
             controller.mode = "normal"
         saved = os.environ.get(ENV_SANDBOX_MODE)
@@ -340,6 +361,25 @@ class SandboxManager:
                 # Whatever the test committed must not reach the next test.
                 self.database.recreate()
                 self.refresh(switched)
+
+    def _close_async_scopes(self) -> None:
+        """Close every async scope level, each on the loop it was opened on.
+
+        Called between tests (no_sandbox), when pytest-asyncio's loops are not running;
+        the scope fixtures' teardown then finds their levels closed and skips them.
+        """
+        while self._async_scopes:
+            loop, opened = self._async_scopes.pop()  # innermost scope first
+            levels = [(c, box) for c, box, _ in opened if box is not None and not box.closed]
+            if not levels:
+                continue
+            if loop.is_closed() or loop.is_running():
+                raise RuntimeError(
+                    "corral: a no_sandbox test cannot close the async sandbox level of a "
+                    f"fixture scope: its event loop {loop!r} is closed or running. Move "
+                    "the no_sandbox test out of the scope of those async fixtures."
+                )
+            loop.run_until_complete(_close_levels(levels))
 
     def refresh(self, controllers: list[AnyController]) -> None:
         """Drop idle connections to the database that was just replaced (``discard_idle``)."""
@@ -415,7 +455,11 @@ class SandboxManager:
                 controller = ref()
                 if controller is None or _closed(controller) or _on_another_loop(controller):
                     continue
-                await controller.create_sandbox()  # type: ignore[misc]
+                outer: Any = controller._router.owned()
+                # A scope's sandbox on another loop (a test on a loop of its own) cannot
+                # be nested in: the test gets an independent one.
+                nest = outer is None or outer.loop is asyncio.get_running_loop()
+                await controller.create_sandbox(nest=nest)  # type: ignore[misc]
                 opened.append(controller)
                 if self._unchecked(controller):
                     box = controller._router.owned()
@@ -431,6 +475,44 @@ class SandboxManager:
         finally:
             self.seconds += time.perf_counter() - started
         return opened
+
+    async def open_scope_async(self) -> list[_Level]:
+        """An outer sandbox level on every async handle for one fixture scope, on the
+        running loop (the scope's): :meth:`scope` for async fixtures of that scope with
+        the same loop scope. Tests on that loop nest inside it."""
+        if not self.enabled:
+            return []
+        opened: list[_Level] = []
+        self._async_scopes.append((asyncio.get_running_loop(), opened))
+        started = time.perf_counter()
+        try:
+            for controller in _candidates(is_async=True):
+                if _on_another_loop(controller) or not controller.sandboxing:
+                    continue
+                await controller.create_sandbox()  # type: ignore[misc]
+                controller.share()
+                box: Any = controller._router.owned()
+                opened.append((controller, box, box.plan.depth if box is not None else 0))
+        except BaseException:
+            await self.close_scope_async(opened)
+            raise
+        finally:
+            self.seconds += time.perf_counter() - started
+        return opened
+
+    async def close_scope_async(self, opened: list[_Level]) -> None:
+        """Roll back what :meth:`open_scope_async` opened and is still open."""
+        self._async_scopes = [e for e in self._async_scopes if e[1] is not opened]
+        await self.close_async(
+            [
+                controller
+                for controller, box, depth in opened
+                if box is not None
+                and not box.closed
+                and box.plan.depth == depth
+                and controller._router.owned() is box
+            ]
+        )
 
     async def close_async(self, opened: list[AnyController]) -> None:
         """Roll back what :meth:`open_async` opened (all of it, even if one fails)."""
