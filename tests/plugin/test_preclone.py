@@ -89,9 +89,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     time.sleep(float(os.environ.get("PC_BOOT_DELAY", "0")))
 """
 
-# Loaded with -p in the controller: its background clones sleep first (or fail). With
-# PC_CLONE_UNTIL_SLOT, the clone also waits (up to 60 s) until that slot's worker has its
-# own database: on a loaded machine, workers take longer to boot than any fixed delay.
+# Loaded with -p in the controller: its background clones sleep (or fail). With
+# PC_CLONE_UNTIL_SLOT, the clone first waits (up to 60 s) until that slot's worker has its
+# own database (on a loaded machine, workers take longer to boot than any fixed delay),
+# then sleeps, so the worker of the slot being cloned meanwhile waits for it.
 _SLOW_CLONE = """
 import json, os, pathlib, threading, time
 
@@ -114,15 +115,32 @@ def _clone(*args, **kwargs):
     if threading.current_thread().name == "corral-preclone":
         facts = pathlib.Path(os.environ["PC_FACTS"])
         (facts / "precloning").write_text("x")
-        time.sleep(float(os.environ["PC_CLONE_DELAY"]))
         until = os.environ.get("PC_CLONE_UNTIL_SLOT")
         deadline = time.monotonic() + 60
         while until and not _slot_ready(facts, int(until)) and time.monotonic() < deadline:
             time.sleep(0.05)
+        time.sleep(float(os.environ["PC_CLONE_DELAY"]))
     return _real(*args, **kwargs)
 
 
 _database.clone_database = _clone
+
+
+def pytest_sessionstart(session):
+    # A worker records its database as soon as it has one, before collecting: xdist gives
+    # no worker a test until every worker has collected, so the record the wait above looks
+    # for would otherwise come only after the controller's clone (a 60 s wait every run).
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    from corral._plugin._process import STATE
+
+    db = session.config.stash[STATE].database
+    if db is not None:
+        record = {"pid": os.getpid(), "slot": db.slot, "precloned": db.precloned,
+                  "clone": db.timings["clone"], "recycled": db.recycled}
+        pathlib.Path(os.environ["PC_FACTS"], f"process-{os.getpid()}.json").write_text(
+            json.dumps(record)
+        )
 """
 
 
