@@ -18,7 +18,7 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
-from corral.broker._socketfile import bind_private, cleanup_files
+from corral.broker._socketfile import BACKLOG, bind_private, cleanup_files
 
 if TYPE_CHECKING:
     from corral.broker.server import Broker
@@ -63,7 +63,7 @@ class LazyBroker:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._files = bind_private(sock)
-            sock.listen(socket.SOMAXCONN)
+            sock.listen(BACKLOG)
         except BaseException:
             sock.close()
             if self._files is not None:

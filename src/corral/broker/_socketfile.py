@@ -16,6 +16,7 @@ from typing import Final
 from corral.errors import BrokerAlreadyRunning, BrokerError
 
 __all__ = [
+    "BACKLOG",
     "MAX_UNIX_PATH",
     "bind_at",
     "bind_private",
@@ -27,6 +28,10 @@ __all__ = [
 log = logging.getLogger("corral.broker")
 
 MAX_UNIX_PATH: Final = 104  # macOS sun_path; Linux allows 108
+
+#: Connections the kernel queues before the broker accepts them (capped by somaxconn).
+#: A full backlog makes connect() fail with EAGAIN; the clients retry until their timeout.
+BACKLOG: Final = 4096
 
 # A private directory names its owner: corral-<pid>-<random>.
 _PRIVATE_DIR = re.compile(r"corral-([0-9]+)-[^/]+\Z")

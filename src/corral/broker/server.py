@@ -21,7 +21,7 @@ from typing import Any
 
 from corral.broker._connection import Connection
 from corral.broker._core import Core
-from corral.broker._socketfile import bind_at, bind_private, cleanup_files
+from corral.broker._socketfile import BACKLOG, bind_at, bind_private, cleanup_files
 from corral.broker._spin import SpinningSelector, budget_from_env
 from corral.broker._store import Store
 from corral.errors import BrokerError
@@ -32,10 +32,6 @@ log = logging.getLogger("corral.broker")
 
 #: Seconds the broker's thread has to get ready (it takes milliseconds).
 _START_TIMEOUT = 30.0
-
-#: Connections the kernel queues before the broker accepts them (capped by somaxconn).
-#: A full backlog makes connect() fail with EAGAIN; the clients retry until their timeout.
-BACKLOG = 4096
 
 
 def _rss_bytes() -> int:
