@@ -89,11 +89,12 @@ def _fail(code: str, detail: str = "", extra: dict[str, Any] | None = None) -> M
     return answer
 
 
-def _name(obj: Message, field: str = "name") -> str:
-    name = obj.get(field)
-    if type(name) is not str or not name:
+def _text(obj: Message, field: str) -> str:
+    """A required string field (a key, a lock's, pool's or queue's name)."""
+    text = obj.get(field)
+    if type(text) is not str or not text:
         raise Refused("bad_request", f"{field!r} must be a non-empty string")
-    return name
+    return text
 
 
 def _milliseconds(obj: Message, field: str, code: str) -> float | None:
@@ -138,13 +139,6 @@ def _count(obj: Message, field: str, *, minimum: int = 1) -> int:
     if type(value) is not int or value < minimum:
         raise Refused("bad_request", f"{field!r} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _key(obj: Message, field: str = "key") -> str:
-    key = obj.get(field)
-    if type(key) is not str or not key:
-        raise Refused("bad_request", f"{field!r} must be a non-empty string")
-    return key
 
 
 def _ttl_seconds(obj: Message) -> float | None:
@@ -228,11 +222,11 @@ class Core:
     # ------------------------------------------------------------------ keys
 
     def _get(self, session: Session, obj: Message, raw: bytes) -> Message:
-        entry = self.store.get(_key(obj))
+        entry = self.store.get(_text(obj, "key"))
         return {"ok": True, "value": entry.value, "compressed": entry.compressed}
 
     def _set(self, session: Session, obj: Message, raw: bytes) -> Message:
-        key = _key(obj)
+        key = _text(obj, "key")
         compressed = obj.get("compressed") is True
         self.store.set(
             key, obj.get("value"), ttl=_ttl_seconds(obj), compressed=compressed, size=len(raw)
@@ -248,7 +242,7 @@ class Core:
         return _OK
 
     def _del(self, session: Session, obj: Message, raw: bytes) -> Message:
-        return {"ok": True, "deleted": self.store.delete(_key(obj))}
+        return {"ok": True, "deleted": self.store.delete(_text(obj, "key"))}
 
     def _list(self, session: Session, obj: Message, raw: bytes) -> Message:
         return {"ok": True, "items": self.store.listing()}
@@ -277,7 +271,7 @@ class Core:
 
     def _add(self, session: Session, obj: Message, raw: bytes) -> Message:
         added = self.store.add(
-            _key(obj),
+            _text(obj, "key"),
             obj.get("value"),
             ttl=_ttl_seconds(obj),
             compressed=obj.get("compressed") is True,
@@ -289,18 +283,21 @@ class Core:
         amount = obj.get("amount", 1)
         if type(amount) is not int:
             raise Refused("bad_request", f"'amount' must be an integer, got {_short(amount)}")
-        return {"ok": True, "value": self.store.incr(_key(obj), amount, _ttl_seconds(obj))}
+        return {"ok": True, "value": self.store.incr(_text(obj, "key"), amount, _ttl_seconds(obj))}
 
     # ------------------------------------------------------------------ coordination
 
     def _once(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
         return self.store.once_begin(
-            _key(obj), owner=session.owner, who=session.who(), timeout=_seconds(obj, "timeout")
+            _text(obj, "key"),
+            owner=session.owner,
+            who=session.who(),
+            timeout=_seconds(obj, "timeout"),
         )
 
     def _once_done(self, session: Session, obj: Message, raw: bytes) -> Message:
         return self.store.once_done(
-            _key(obj),
+            _text(obj, "key"),
             obj.get("value"),
             ttl=_ttl_seconds(obj),
             compressed=obj.get("compressed") is True,
@@ -312,11 +309,15 @@ class Core:
         if type(message) is not str or type(etype) is not str:
             raise Refused("bad_request", "'message' and 'errorType' must be strings")
         return self.store.once_fail(
-            _key(obj), message[:10_000], etype[:200], ttl=_ttl_seconds(obj), owner=session.owner
+            _text(obj, "key"),
+            message[:10_000],
+            etype[:200],
+            ttl=_ttl_seconds(obj),
+            owner=session.owner,
         )
 
     def _once_cancel(self, session: Session, obj: Message, raw: bytes) -> Message:
-        return {"ok": True, "cancelled": self.store.once_cancel(_key(obj), session.owner)}
+        return {"ok": True, "cancelled": self.store.once_cancel(_text(obj, "key"), session.owner)}
 
     def _lock(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
         return self._acquire_kind("lock", session, obj)
@@ -327,7 +328,7 @@ class Core:
     def _acquire_kind(self, kind: str, session: Session, obj: Message) -> Message | Ticket:
         return self.store.acquire(
             kind,
-            _name(obj),
+            _text(obj, "name"),
             owner=session.owner,
             who=session.who(),
             ttl=_hold_ttl(obj),
@@ -335,25 +336,25 @@ class Core:
         )
 
     def _unlock(self, session: Session, obj: Message, raw: bytes) -> Message:
-        released = self.store.unhold("lock", _name(obj), _count(obj, "token"))
+        released = self.store.unhold("lock", _text(obj, "name"), _count(obj, "token"))
         return {"ok": True, "released": released}
 
     def _release_item(self, session: Session, obj: Message, raw: bytes) -> Message:
-        released = self.store.unhold("pool", _name(obj), _count(obj, "token"))
+        released = self.store.unhold("pool", _text(obj, "name"), _count(obj, "token"))
         return {"ok": True, "released": released}
 
     def _pool(self, session: Session, obj: Message, raw: bytes) -> Message:
         items = obj.get("items")
         if type(items) is not list:
             raise Refused("bad_request", "'items' must be a list")
-        return {"ok": True, "created": self.store.declare_pool(_name(obj), items)}
+        return {"ok": True, "created": self.store.declare_pool(_text(obj, "name"), items)}
 
     def _throttle(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
         per = _seconds(obj, "per")
         if per is None or not per > 0:
             raise Refused("bad_request", "'per' must be a positive number of milliseconds")
         return self.store.throttle(
-            _name(obj),
+            _text(obj, "name"),
             _count(obj, "calls"),
             per,
             owner=session.owner,
@@ -363,7 +364,7 @@ class Core:
 
     def _barrier(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
         return self.store.barrier(
-            _name(obj),
+            _text(obj, "name"),
             _count(obj, "parties"),
             owner=session.owner,
             who=session.who(),
@@ -377,11 +378,11 @@ class Core:
         limit = self.store.max_value_size
         if len(raw) > limit * max(1, len(items)):
             raise Refused("too_large", f"items over max_value_size={limit} characters each")
-        return {"ok": True, "length": self.store.push(_name(obj, "queue"), items, len(raw))}
+        return {"ok": True, "length": self.store.push(_text(obj, "queue"), items, len(raw))}
 
     def _pop(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
         return self.store.pop(
-            _name(obj, "queue"),
+            _text(obj, "queue"),
             owner=session.owner,
             who=session.who(),
             timeout=_seconds(obj, "timeout"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from corral.broker._ticket import HOLD, Clock, Owner, Refused, Ticket
@@ -35,31 +36,19 @@ def pool_size(name: str, canonical: str) -> int:
     return 2 * len(canonical) + len(name) + OVERHEAD
 
 
+@dataclass(slots=True, eq=False)
 class _Hold:
     """A lock or a pool item held by someone; ``token`` is its fencing token."""
 
-    __slots__ = ("deadline", "item", "kind", "name", "owner", "seq", "since", "token", "who")
-
-    def __init__(
-        self,
-        kind: str,
-        name: str,
-        item: int,
-        token: int,
-        owner: Owner,
-        who: Who,
-        since: float,
-        deadline: float | None,
-    ) -> None:
-        self.kind = kind
-        self.name = name
-        self.item = item
-        self.token = token
-        self.owner = owner
-        self.who = who
-        self.since = since
-        self.deadline = deadline
-        self.seq = 0
+    kind: str
+    name: str
+    item: int
+    token: int
+    owner: Owner
+    who: Who
+    since: float
+    deadline: float | None
+    seq: int = field(default=0, init=False)
 
 
 class _Resource:

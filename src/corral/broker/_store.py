@@ -10,6 +10,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from corral.broker._coord import Coordination, describe
@@ -29,42 +30,28 @@ COUNTER_MIN: Final = -(2**63)
 COUNTER_MAX: Final = 2**63 - 1
 
 
+@dataclass(slots=True, eq=False)
 class _Entry:
-    __slots__ = ("compressed", "deadline", "key", "seq", "size", "value")
-
-    def __init__(
-        self, key: str, value: Any, compressed: bool, deadline: float, seq: int, size: int
-    ) -> None:
-        self.key = key
-        self.value = value
-        self.compressed = compressed
-        self.deadline = deadline
-        self.seq = seq
-        self.size = size
+    key: str
+    value: Any
+    compressed: bool
+    deadline: float
+    seq: int
+    size: int
 
 
+@dataclass(slots=True, eq=False)
 class _Lease:
-    __slots__ = ("deadline", "key", "owner", "seq", "since", "token", "value", "who", "worker")
-
-    def __init__(
-        self,
-        worker: Hashable,
-        key: str,
-        value: int,
-        deadline: float,
-        seq: int,
-        owner: Owner,
-        since: float = 0.0,
-    ) -> None:
-        self.worker = worker
-        self.key = key
-        self.value = value
-        self.deadline = deadline
-        self.seq = seq
-        self.owner = owner
-        self.since = since  # store clock when first taken (renewals keep it): its age
-        self.token = 0  # fencing token: increases per key with every new lease
-        self.who: dict[str, Any] | None = None
+    worker: Hashable
+    key: str
+    value: int
+    deadline: float
+    seq: int
+    owner: Owner
+    since: float = 0.0  # store clock when first taken (renewals keep it): its age
+    #: fencing token: increases per key with every new lease
+    token: int = field(default=0, init=False)
+    who: dict[str, Any] | None = field(default=None, init=False)
 
 
 class Store(Coordination):

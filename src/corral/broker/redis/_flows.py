@@ -247,14 +247,29 @@ def acquire(
         return Grant(kind, name, tid, sid, int(reply[2]), json.loads(reply[3]))
     if reply[0] == "busy":
         raise timed_out(kind, name, timeout)
-    message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
-    if message is None:
-        yield cancel
-        raise timed_out(kind, name, timeout)
-    grant = json.loads(message)
+    grant = yield from _woken(prefix, tid, deadline, cancel, kind, name, timeout)
     if "lost" in grant:
         raise _session_lost(name, grant["lost"])
     return Grant(kind, name, tid, sid, int(grant["token"]), json.loads(grant["value"]))
+
+
+def _woken(
+    prefix: str,
+    tid: str,
+    deadline: float | None,
+    cancel: Script,
+    what: str,
+    name: str,
+    timeout: float | None,
+) -> Generator[Op, Any, dict[str, Any]]:
+    """The wake-up event pushed to waiter *tid*; at *deadline* the wait is cancelled and
+    :class:`~corral.errors.BrokerTimeout` raised."""
+    message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
+    if message is None:
+        yield cancel
+        raise timed_out(what, name, timeout)
+    event: dict[str, Any] = json.loads(message)
+    return event
 
 
 def unhold(grant: Grant) -> Flow:
@@ -288,11 +303,7 @@ def once_begin(prefix: str, sid: str, tid: str, key: str, timeout: float | None)
         raise _once_failed(key, str(reply[1] or ""), str(reply[2] or ""))
     if status == "compute":
         return Claim(key, sid, tid)
-    message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
-    if message is None:
-        yield cancel
-        raise timed_out("once", key, timeout)
-    event = json.loads(message)
+    event = yield from _woken(prefix, tid, deadline, cancel, "once", key, timeout)
     if "lost" in event:
         raise _session_lost(key, event["lost"])
     if event.get("elect"):
@@ -347,11 +358,7 @@ def barrier(
     index = int(reply[1])
     if reply[0] == "passed":
         return index
-    message = yield from wait_for(prefix + "w:" + tid, deadline, cancel)
-    if message is None:
-        yield cancel
-        raise timed_out("barrier", name, timeout)
-    event = json.loads(message)
+    event = yield from _woken(prefix, tid, deadline, cancel, "barrier", name, timeout)
     if "broken" in event:
         raise _broken(name, str(event["broken"]))
     if "lost" in event:  # this member's own session expired: the barrier broke with it
