@@ -197,8 +197,8 @@ def test_no_import_cycles_in_type_annotations() -> None:
 #: the throwaway server and the sandbox stand alone; only the plugin (and the top-level
 #: modules: CLI, plugin entry point) joins them.
 LAYERS = {
-    "corral.broker": ("corral.errors", "corral._lazy", "corral._twins"),
-    "corral.postgres": ("corral.errors",),
+    "corral.broker": ("corral.errors", "corral._lazy", "corral._twins", "corral._lifecycle"),
+    "corral.postgres": ("corral.errors", "corral._lifecycle"),
     "corral.sandbox": ("corral.errors", "corral._lazy", "corral._twins"),
 }
 

@@ -15,9 +15,9 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from corral._lifecycle import AsyncClosing
 from corral._twins import ASYNC
 from corral.broker import _flows
 from corral.broker._address import resolve_path, resolve_secret
@@ -26,30 +26,12 @@ from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["AsyncClientAPI", "AsyncClosing"]
+__all__ = ["AsyncClientAPI"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
 
 _MAX_SPARES = 4  # idle extra connections a client keeps for requests that wait
-
-
-class AsyncClosing:
-    """``async with client:`` closes it on the way out (every broker client, both backends)."""
-
-    async def aclose(self) -> None:
-        raise NotImplementedError
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class AsyncClientAPI(AsyncClosing):

@@ -15,9 +15,9 @@ import logging
 import os
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager
-from types import TracebackType
 from typing import Any, Self, TypeVar
 
+from corral._lifecycle import Closing
 from corral.broker import _flows
 from corral.broker._address import resolve_path, resolve_secret
 from corral.broker._flows import MISSING, Handshake
@@ -25,30 +25,12 @@ from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["ClientAPI", "Closing"]
+__all__ = ["ClientAPI"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
 
 _MAX_SPARES = 4  # idle extra connections a client keeps for requests that wait
-
-
-class Closing:
-    """``with client:`` closes it on the way out (every broker client, both backends)."""
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class ClientAPI(Closing):

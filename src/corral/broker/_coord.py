@@ -10,9 +10,9 @@ exactly once; every timer is an entry in the store's one deadline heap.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Unpack
 
-from corral.broker._holds import OVERHEAD, Holds, Who, _Hold, describe, value_size
+from corral.broker._holds import OVERHEAD, Holds, Put, Who, _Hold, describe, value_size
 from corral.broker._ticket import ALARM, HOLD, ONCE, TICKET, Owner, Refused, Ticket
 
 __all__ = ["Coordination", "describe"]
@@ -126,15 +126,7 @@ class Coordination(Holds):
             state.seq = self._push(state.deadline, ONCE, state)
         self._own(owner, ONCE, state)
 
-    def once_done(
-        self,
-        key: str,
-        value: Any,
-        *,
-        ttl: float | None = None,
-        compressed: bool = False,
-        size: int = 0,
-    ) -> dict[str, Any]:
+    def once_done(self, key: str, value: Any, **options: Unpack[Put]) -> dict[str, Any]:
         """Store the computed *value* under *key* and hand it to every waiter.
 
         If a value is stored already (a replaced computer finished first), that one
@@ -143,10 +135,11 @@ class Coordination(Holds):
         entry = self.live_entry(key)
         if entry is not None:
             return _done(entry.value, entry.compressed)
-        seconds = self.default_ttl if ttl is None else ttl
-        self.set(key, value, ttl=seconds, compressed=compressed, size=size)
+        if options.get("ttl") is None:
+            options["ttl"] = self.default_ttl
+        self.set(key, value, **options)
         self._end_once(key)
-        answer = _done(value, compressed)
+        answer = _done(value, options.get("compressed", False))
         while (ticket := self.next_waiter(f"once\0{key}")) is not None:
             ticket.set(answer)
         return {"ok": True, "status": "stored"}

@@ -6,9 +6,9 @@ it is tested without sockets and the next operations are one handler each.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from hmac import compare_digest
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 from corral.broker._store import Refused, Store, Ticket
 from corral.broker.messages import Message, Request
@@ -95,6 +95,17 @@ def _text(obj: Message, field: str) -> str:
     if type(text) is not str or not text:
         raise Refused("bad_request", f"{field!r} must be a non-empty string")
     return text
+
+
+class _Waiter(TypedDict):
+    owner: Hashable
+    who: dict[str, Any]
+    timeout: float | None
+
+
+def _waiter(session: Session, obj: Message) -> _Waiter:
+    """Who waits and for how long: the store's keywords for a request that may wait."""
+    return {"owner": session.owner, "who": session.who(), "timeout": _seconds(obj, "timeout")}
 
 
 def _milliseconds(obj: Message, field: str, code: str) -> float | None:
@@ -288,12 +299,7 @@ class Core:
     # ------------------------------------------------------------------ coordination
 
     def _once(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
-        return self.store.once_begin(
-            _text(obj, "key"),
-            owner=session.owner,
-            who=session.who(),
-            timeout=_seconds(obj, "timeout"),
-        )
+        return self.store.once_begin(_text(obj, "key"), **_waiter(session, obj))
 
     def _once_done(self, session: Session, obj: Message, raw: bytes) -> Message:
         return self.store.once_done(
@@ -327,12 +333,7 @@ class Core:
 
     def _acquire_kind(self, kind: str, session: Session, obj: Message) -> Message | Ticket:
         return self.store.acquire(
-            kind,
-            _text(obj, "name"),
-            owner=session.owner,
-            who=session.who(),
-            ttl=_hold_ttl(obj),
-            timeout=_seconds(obj, "timeout"),
+            kind, _text(obj, "name"), ttl=_hold_ttl(obj), **_waiter(session, obj)
         )
 
     def _unlock(self, session: Session, obj: Message, raw: bytes) -> Message:
@@ -354,21 +355,12 @@ class Core:
         if per is None or not per > 0:
             raise Refused("bad_request", "'per' must be a positive number of milliseconds")
         return self.store.throttle(
-            _text(obj, "name"),
-            _count(obj, "calls"),
-            per,
-            owner=session.owner,
-            who=session.who(),
-            timeout=_seconds(obj, "timeout"),
+            _text(obj, "name"), _count(obj, "calls"), per, **_waiter(session, obj)
         )
 
     def _barrier(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
         return self.store.barrier(
-            _text(obj, "name"),
-            _count(obj, "parties"),
-            owner=session.owner,
-            who=session.who(),
-            timeout=_seconds(obj, "timeout"),
+            _text(obj, "name"), _count(obj, "parties"), **_waiter(session, obj)
         )
 
     def _push(self, session: Session, obj: Message, raw: bytes) -> Message:
@@ -381,12 +373,7 @@ class Core:
         return {"ok": True, "length": self.store.push(_text(obj, "queue"), items, len(raw))}
 
     def _pop(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
-        return self.store.pop(
-            _text(obj, "queue"),
-            owner=session.owner,
-            who=session.who(),
-            timeout=_seconds(obj, "timeout"),
-        )
+        return self.store.pop(_text(obj, "queue"), **_waiter(session, obj))
 
     def _status(self, session: Session, obj: Message, raw: bytes) -> Message:
         return {"ok": True, **self.status(asking=session)}

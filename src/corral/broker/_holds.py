@@ -10,16 +10,24 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypedDict, Unpack
 
 from corral.broker._ticket import HOLD, Clock, Owner, Refused, Ticket
 
-__all__ = ["OVERHEAD", "Holds", "Who", "describe", "pool_size", "value_size"]
+__all__ = ["OVERHEAD", "Holds", "Put", "Who", "describe", "pool_size", "value_size"]
 
 Who = dict[str, Any] | None
 
 #: Rough bytes of one lock, barrier, throttle or ``once`` state, for ``max_bytes``.
 OVERHEAD: Final = 400
+
+
+class Put(TypedDict, total=False):
+    """How a value is stored, besides the key and the value (see ``Store.set``)."""
+
+    ttl: float | None
+    compressed: bool
+    size: int
 
 
 def value_size(value: Any) -> int:
@@ -98,15 +106,7 @@ class Holds:
         def live_entry(self, key: str) -> Any: ...
         def admit(self, items: int, size: int, what: str) -> None: ...
         def resolve_ttl(self, ttl: float | None, *, required: bool = False) -> float: ...
-        def set(
-            self,
-            key: str,
-            value: Any,
-            *,
-            ttl: float | None = None,
-            compressed: bool = False,
-            size: int = 0,
-        ) -> None: ...
+        def set(self, key: str, value: Any, **options: Unpack[Put]) -> None: ...
 
     def _reset_holds(self) -> None:
         self._resources: dict[tuple[str, str], _Resource] = {}

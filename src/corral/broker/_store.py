@@ -11,10 +11,10 @@ import math
 from collections import deque
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Unpack
 
 from corral.broker._coord import Coordination, describe
-from corral.broker._holds import value_size
+from corral.broker._holds import Put, value_size
 from corral.broker._ticket import KV as _KV
 from corral.broker._ticket import LEASE as _LEASE
 from corral.broker._ticket import TICKET as _TICKET
@@ -255,23 +255,16 @@ class Store(Coordination):
             return None
         return entry
 
-    def add(
-        self,
-        key: str,
-        value: Any,
-        *,
-        ttl: float | None = None,
-        compressed: bool = False,
-        size: int = 0,
-    ) -> bool:
+    def add(self, key: str, value: Any, **options: Unpack[Put]) -> bool:
         """Store *value* under *key* only if no live value is there; True when stored.
 
         :raises Refused: as :meth:`set`.
         """
         if self.live_entry(key) is not None:
+            ttl = options.get("ttl")
             self.resolve_ttl(ttl, required=self.require_ttl)  # same validation either way
             return False
-        self.set(key, value, ttl=ttl, compressed=compressed, size=size)
+        self.set(key, value, **options)
         return True
 
     def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:

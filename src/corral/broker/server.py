@@ -16,9 +16,9 @@ import socket
 import sys
 import threading
 import time
-from types import TracebackType
 from typing import Any
 
+from corral._lifecycle import Running
 from corral.broker._connection import Connection
 from corral.broker._core import Core
 from corral.broker._socketfile import BACKLOG, bind_at, bind_private, cleanup_files
@@ -45,7 +45,7 @@ def _rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024
 
 
-class Broker:
+class Broker(Running):
     """A run-scoped in-memory broker on a private Unix socket.
 
     ``start()`` serves on a background thread and returns the socket path once the
@@ -312,32 +312,6 @@ class Broker:
             return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(timeout)
         except RuntimeError:  # the loop closed meanwhile
             return empty
-
-    def __enter__(self) -> Broker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Broker:
-        # The broker keeps its own loop thread even here: a sync Client called from a
-        # coroutine would otherwise block the very loop that must answer it.
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await asyncio.to_thread(self.stop)
 
     def __repr__(self) -> str:
         state = f"running at {self._path!r}" if self.running else "stopped"

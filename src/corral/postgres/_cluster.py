@@ -25,9 +25,9 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
+from corral._lifecycle import Running
 from corral.errors import PostgresStartError
 from corral.postgres import _cache, _runtime
 from corral.postgres._binaries import PostgresBinaries, find_binaries
@@ -69,7 +69,7 @@ _SCRAM_ITERATIONS = 1
 _MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 
 
-class EphemeralPostgres:
+class EphemeralPostgres(Running):
     """A throwaway PostgreSQL cluster: private Unix socket, no durability, gone after stop.
 
     ::
@@ -491,17 +491,6 @@ class EphemeralPostgres:
     def _atexit(self) -> None:
         with contextlib.suppress(Exception):
             self.stop()
-
-    def __enter__(self) -> EphemeralPostgres:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _interpreter() -> str:

@@ -110,10 +110,8 @@ class BoxController(SandboxController[B]):
         self._router.set(box)
 
     def close_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box: Any = self._owned()
-        if self._leave(box):
+        box: Any = self._closing()
+        if box is None:
             return
         busy: SandboxBusy | None = None
         try:
@@ -293,10 +291,8 @@ class AsyncBoxController(AsyncSandboxController[B]):
         self._router.set(box)
 
     async def close_sandbox(self) -> None:
-        if not self.sandboxing:
-            return
-        box: Any = self._owned()
-        if self._leave(box):
+        box: Any = self._closing()
+        if box is None:
             return
         busy: SandboxBusy | None = None
         try:

@@ -284,6 +284,14 @@ class BaseController(Generic[B]):
         self._drop_if_left(box)
         return True
 
+    def _closing(self) -> B | None:
+        """The box ``close_sandbox`` must roll back, or None: not sandboxing, or other
+        handles still share the level this handle leaves (see :meth:`_leave`)."""
+        if not self.sandboxing:
+            return None
+        box = self._owned()
+        return None if self._leave(box) else box
+
     def _popped(self, box: B) -> None:
         """This handle rolled back *box*'s innermost level (the box stays open)."""
         box.members.pop()

@@ -77,11 +77,8 @@ def _tokens(sql: str, limit: int = 12) -> list[str]:
         c = sql[i]
         if c.isspace():
             i += 1
-        elif sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif sql.startswith("/*", i):
-            i = _skip_block_comment(sql, i)
+        elif sql.startswith(("--", "/*"), i):
+            i = _skip_comment(sql, i)
         elif c == '"':
             j = i + 1
             while True:
@@ -127,6 +124,14 @@ def _tokens(sql: str, limit: int = 12) -> list[str]:
                 out.append(c)
                 i += 1
     return out
+
+
+def _skip_comment(sql: str, i: int) -> int:
+    """The index after the ``--`` or ``/* */`` comment that starts at *i*."""
+    if sql.startswith("--", i):
+        end = sql.find("\n", i)
+        return len(sql) if end < 0 else end + 1
+    return _skip_block_comment(sql, i)
 
 
 def _skip_block_comment(sql: str, i: int) -> int:
@@ -196,11 +201,8 @@ def split(sql: str) -> list[str]:
                 i = n if k < 0 else k + len(m.group())
             else:
                 i += 1
-        elif sql.startswith("--", i):
-            k = sql.find("\n", i)
-            i = n if k < 0 else k + 1
-        elif sql.startswith("/*", i):
-            i = _skip_block_comment(sql, i)
+        elif sql.startswith(("--", "/*"), i):
+            i = _skip_comment(sql, i)
         elif c == "(":
             paren += 1
             i += 1

@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Seque
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
+from corral._lifecycle import AsyncClosing
 from corral._twins import ASYNC
-from corral.broker._api_async import AsyncClosing
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (

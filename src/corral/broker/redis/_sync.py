@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
-from corral.broker._api_sync import Closing
+from corral._lifecycle import Closing
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (
