@@ -20,18 +20,29 @@ from typing import Any, Self, TypeVar
 from corral._lifecycle import AsyncClosing
 from corral._twins import ASYNC
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret
+from corral.broker._address import resolve_path, resolve_secret, wants_redis
 from corral.broker._flows import MISSING, Handshake
 from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["AsyncClientAPI"]
+__all__ = ["AsyncClientAPI", "redis_instead"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
 
 _MAX_SPARES = 4  # idle extra connections a client keeps for requests that wait
+
+
+def redis_instead(path: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The Redis client that ``AsyncClient(path, *args, **kwargs)`` stands for (issue 9): a
+    redis:// URL, or $CORRAL_BROKER_URL when no path is given (it takes precedence over
+    EPHEMERAL_PIPE); None for the local broker. The Redis backend is imported only then."""
+    if not wants_redis(path):
+        return None
+    from corral.broker.redis import AsyncRedisClient
+
+    return AsyncRedisClient(path if isinstance(path, str) else None, *args, **kwargs)
 
 
 class AsyncClientAPI(AsyncClosing):

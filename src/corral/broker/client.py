@@ -24,9 +24,8 @@ from corral.broker._address import (
     resolve_secret,
     timeout_for,
     unavailable,
-    wants_redis,
 )
-from corral.broker._api_sync import ClientAPI
+from corral.broker._api_sync import ClientAPI, redis_instead
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection
@@ -69,15 +68,11 @@ class Client(ClientAPI):
     :class:`~corral.errors.BrokerUnavailable`.
     """
 
-    # The Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
-    # given (it takes precedence over EPHEMERAL_PIPE), makes Client(...) a RedisClient
-    # (Client itself only, not its subclasses).
+    # A Redis address makes Client(...) the Redis client (Client itself only, not its
+    # subclasses): see redis_instead.
     def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        if cls is Client and wants_redis(path):
-            from corral.broker.redis import RedisClient
-
-            return RedisClient(path if isinstance(path, str) else None, *args, **kwargs)
-        return super().__new__(cls)
+        redis = redis_instead(path, args, kwargs) if cls is Client else None
+        return super().__new__(cls) if redis is None else redis
 
     def __init__(
         self,

@@ -19,9 +19,8 @@ from corral.broker._address import (
     next_delay,
     timeout_for,
     unavailable,
-    wants_redis,
 )
-from corral.broker._api_async import AsyncClientAPI
+from corral.broker._api_async import AsyncClientAPI, redis_instead
 from corral.broker.messages import CLOSED, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection
 from corral.errors import BrokerTimeout, BrokerUnavailable
@@ -48,15 +47,11 @@ class AsyncClient(AsyncClientAPI):
     loop while connected raises RuntimeError (an idle client rebinds freely).
     """
 
-    # The Redis backend (issue 9): a redis:// URL, or $CORRAL_BROKER_URL when no path is
-    # given (it takes precedence over EPHEMERAL_PIPE), makes AsyncClient(...) a AsyncRedisClient
-    # (AsyncClient itself only, not its subclasses).
+    # A Redis address makes AsyncClient(...) the Redis client (AsyncClient itself only, not its
+    # subclasses): see redis_instead.
     def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        if cls is AsyncClient and wants_redis(path):
-            from corral.broker.redis import AsyncRedisClient
-
-            return AsyncRedisClient(path if isinstance(path, str) else None, *args, **kwargs)
-        return super().__new__(cls)
+        redis = redis_instead(path, args, kwargs) if cls is AsyncClient else None
+        return super().__new__(cls) if redis is None else redis
 
     def __init__(
         self,
