@@ -55,5 +55,7 @@ _LAZY = {
     "RedisClient": "corral.broker.redis",
     "SandboxError": "corral.errors",
     "SandboxNotActive": "corral.errors",
+    # `import corral` then `corral.errors.X`, as when the package imported it eagerly.
+    "errors": "corral.errors",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
