@@ -395,8 +395,10 @@ def render_overhead(page: Page, result: Result) -> None:
         "suite, no database, no Redis), since it is active in every run of a virtualenv "
         "where corral is installed: whole runs with the plugin and with `-p no:corral`, "
         "interleaved, serially and under xdist, without a bytecode cache "
-        "(`PYTHONDONTWRITEBYTECODE=1`, common in Docker images) and with one; wall and CPU "
-        f"time (the pytest process and its workers). {heading[:1].upper() + heading[1:]}.",
+        "(`PYTHONDONTWRITEBYTECODE=1`, common in Docker images) and with one; CPU time of "
+        "the whole run and of each process, the least of the rounds on each side (load "
+        "only adds to it). "
+        f"{heading[:1].upper() + heading[1:]}.",
     )
 
 

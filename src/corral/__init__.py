@@ -8,19 +8,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from corral._lazy import lazy_exports
-from corral.errors import (
-    BrokerError,
-    BrokerTimeout,
-    BrokerUnavailable,
-    CorralError,
-    KeyNotFound,
-    SandboxError,
-    SandboxNotActive,
-)
 
 if TYPE_CHECKING:
     from corral.broker import AsyncClient, Broker, Client
     from corral.broker.redis import AsyncRedisClient, RedisClient
+    from corral.errors import (
+        BrokerError,
+        BrokerTimeout,
+        BrokerUnavailable,
+        CorralError,
+        KeyNotFound,
+        SandboxError,
+        SandboxNotActive,
+    )
 
 __version__ = "0.1.0.dev0"
 
@@ -40,13 +40,22 @@ __all__ = [
     "__version__",
 ]
 
-# The clients and the server are imported at first use: the pytest plugin imports this
-# package in every pytest run of the venv, most of which never talk to a broker.
+# Imported at first use, the errors too: the pytest plugin imports this package in every
+# pytest run of the venv, most of which never talk to a broker nor meet an error of ours.
 _LAZY = {
     "AsyncClient": "corral.broker",
     "AsyncRedisClient": "corral.broker.redis",
     "Broker": "corral.broker",
+    "BrokerError": "corral.errors",
+    "BrokerTimeout": "corral.errors",
+    "BrokerUnavailable": "corral.errors",
     "Client": "corral.broker",
+    "CorralError": "corral.errors",
+    "KeyNotFound": "corral.errors",
     "RedisClient": "corral.broker.redis",
+    "SandboxError": "corral.errors",
+    "SandboxNotActive": "corral.errors",
+    # `import corral` then `corral.errors.X`, as when the package imported it eagerly.
+    "errors": "corral.errors",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

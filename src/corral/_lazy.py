@@ -17,7 +17,8 @@ def lazy_exports(
     its module when first asked for, then kept in the package like an eager import.
 
     Usage, in the package's ``__init__``: ``__getattr__, __dir__ = lazy_exports(__name__,
-    {"Client": "corral.broker.client"})``.
+    {"Client": "corral.broker.client"})``. A name mapped to the package's submodule of that
+    name (``{"errors": "corral.errors"}``) is that submodule.
     """
     module = sys.modules[package]
 
@@ -25,7 +26,9 @@ def lazy_exports(
         source = where.get(name)
         if source is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(source), name)
+        value = importlib.import_module(source)
+        if source != f"{package}.{name}":
+            value = getattr(value, name)
         setattr(module, name, value)
         return value
 

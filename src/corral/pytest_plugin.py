@@ -170,6 +170,9 @@ class _ControllerHooks:
             self.process.ran.add(report.nodeid)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        run = self.process.run
+        if run is not None and run.census is None and self.process.settings.shard is None:
+            return  # no shard's exit code, no run check: nothing to settle
         if not session.config.option.collectonly:
             from corral._plugin._report import finish_run
 
@@ -187,7 +190,9 @@ def pytest_terminal_summary(
     terminalreporter: pytest.TerminalReporter, config: pytest.Config
 ) -> None:
     process = config.stash.get(STATE, None)
-    if process is not None and process.is_controller:
+    if process is None or not process.is_controller:
+        return
+    if not process.reports_nothing(config.getoption("verbose")):
         from corral._plugin._report import report
 
         report(process, terminalreporter, config)

@@ -66,6 +66,42 @@ HEAVY = (
 )
 
 
+# All of corral that importing the plugin may compile: every pytest run of a venv with
+# corral installed pays for these, without a bytecode cache in every process (issue 18:
+# <= 50 ms in a run without a database, benchmarks/plugin_overhead.py). A module more
+# here is a cost for every run: import it where the run uses it instead.
+PLUGIN_IMPORTS = {
+    "corral",
+    "corral._lazy",
+    "corral._plugin",
+    "corral._plugin._envnames",
+    "corral._plugin._gc",
+    "corral._plugin._process",
+    "corral._plugin._run",
+    "corral._plugin._settings",
+    "corral._plugin._warnings",
+    "corral.pytest_plugin",
+}
+# What a run without a database adds to them: the glue of the plugins it finds installed,
+# and in the controller the broker's socket, bound for whoever connects (its server
+# starts then) and the floors check.
+NO_DATABASE_RUN_IMPORTS = PLUGIN_IMPORTS | {
+    "corral._plugin._anyio",
+    "corral._plugin._asyncio",
+    "corral._plugin._xdist",
+}
+NO_DATABASE_CONTROLLER_IMPORTS = NO_DATABASE_RUN_IMPORTS | {
+    "corral._plugin._lazybroker",
+    "corral._versions",
+    "corral.broker",
+    "corral.broker._socketfile",
+}
+
+
+def _corral_modules(loaded: set[str]) -> set[str]:
+    return {name for name in loaded if name == "corral" or name.startswith("corral.")}
+
+
 def test_plugin_import_pulls_in_nothing_heavy() -> None:
     code = "import corral.pytest_plugin, sys; print(' '.join(sorted(sys.modules)))"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -76,6 +112,41 @@ def test_plugin_import_pulls_in_nothing_heavy() -> None:
     loaded = set(done.stdout.split())
     assert "corral.pytest_plugin" in loaded
     assert not loaded & set(HEAVY)
+    assert _corral_modules(loaded) <= PLUGIN_IMPORTS
+    # secrets pulls in hashlib and hmac (and OpenSSL): os.urandom makes the run's names.
+    assert "secrets" not in loaded
+
+
+def test_a_run_without_a_database_imports_only_the_plugins_core(inner: pytest.Pytester) -> None:
+    for name in ("conftest.py", "pytest.ini"):
+        (inner.path / name).unlink()
+    inner.makeconftest(
+        """
+        import os, sys
+
+        def pytest_unconfigure(config):
+            if not os.environ.get("PYTEST_XDIST_WORKER"):
+                print("controller:", *sorted(m for m in sys.modules if m.startswith("corral")))
+        """
+    )
+    inner.makepyfile(
+        test_light=f"""
+        import os, sys
+        import pytest
+
+        @pytest.mark.parametrize("n", range(2))
+        def test_worker_imports_the_core_only(n):
+            assert os.environ["PYTEST_XDIST_WORKER"]
+            corral = {{m for m in sys.modules if m == "corral" or m.startswith("corral.")}}
+            assert corral <= set({sorted(NO_DATABASE_RUN_IMPORTS)!r}), corral
+        """
+    )
+    result = inner.runpytest_subprocess("-n", "2", "-p", "no:randomly", "-s", "test_light.py")
+    result.assert_outcomes(passed=2)
+    line = next(line for line in result.outlines if line.startswith("controller:"))
+    controller = set(line.split()[1:])
+    assert "corral.pytest_plugin" in controller
+    assert controller <= NO_DATABASE_CONTROLLER_IMPORTS, controller - NO_DATABASE_CONTROLLER_IMPORTS
 
 
 def test_broker_only_when_no_database_is_configured(inner: pytest.Pytester) -> None:

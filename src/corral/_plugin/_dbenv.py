@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
+from corral._plugin._envnames import ENV_SANDBOX_MODE, URL_VARIABLE
+
 __all__ = [
     "ENV_SANDBOX_MODE",
     "LIBPQ_VARIABLES",
@@ -29,11 +31,6 @@ __all__ = [
     "url_parts",
 ]
 
-#: The variable that always holds a test process's (or the schema step's) whole URL.
-URL_VARIABLE = "CORRAL_DATABASE_URL"
-#: Read by ``corral.sandbox.sandbox()`` when no mode is given; the plugin sets "sandbox"
-#: in test processes, "normal" in the schema step's.
-ENV_SANDBOX_MODE = "CORRAL_SANDBOX_MODE"
 
 #: Every ``{part}`` an entry may name, with what it holds.
 PARTS: Mapping[str, str] = {

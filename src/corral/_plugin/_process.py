@@ -18,7 +18,6 @@ import pytest
 from corral._plugin._gc import GcFreeze
 from corral._plugin._run import AnyClient, Run, RunInfo, open_client
 from corral._plugin._settings import ENV_RUN, ENV_SANDBOX_MODE, Settings
-from corral.errors import BrokerError, CorralError
 
 if TYPE_CHECKING:
     # Imported when used: a run without a database (or a sandboxed handle) never needs
@@ -136,11 +135,27 @@ class CorralProcess:
         if self.client is None and self.info is not None and not self._stopped:
             run = self.run
             if run is None or run.broker is None or run.broker.running:
+                from corral.errors import BrokerError
+
                 try:
                     self.client = self.open_client()
                 except (BrokerError, ValueError) as exc:
                     log.debug("no client of the run's broker: %s", exc)
         return self.client
+
+    def reports_nothing(self, verbose: int) -> bool:
+        """Whether the end-of-run report has nothing to say (then its code is not even
+        imported): not verbose, no crash, no run check, and a local broker the plugin
+        started that no client ever connected to, so that it holds nothing."""
+        run = self.run
+        unused = (
+            self.client is None
+            and run is not None
+            and run.broker is not None
+            and not run.broker.running
+        )
+        quiet = not (self.crashed or self.held_at_interrupt or self.verdict is not None)
+        return unused and quiet and verbose < 1
 
     def open_client(self) -> AnyClient:
         """A new blocking client of the run's broker, named after this process.
@@ -176,17 +191,20 @@ class CorralProcess:
         config.pluginmanager.register(colocation, "corral-colocate")
 
     def _join(self, info: RunInfo, config: pytest.Config) -> None:
-        if info.admin_dsn is not None or info.broker_url:
-            # Without a database nothing here needs the broker: the client (and the local
-            # broker's server, started at its first connection) wait for the first use.
-            try:
-                self.client = self.open_client()
-            except (BrokerError, ValueError) as exc:
-                raise pytest.UsageError(f"corral: cannot reach the run's broker: {exc}") from exc
         if info.sandbox and os.environ.get(ENV_SANDBOX_MODE) is None:
             # Handles the application wraps with sandbox(...) at import start in sandbox mode.
             self._mode_set = True
             os.environ[ENV_SANDBOX_MODE] = "sandbox"
+        if info.admin_dsn is None and not info.broker_url:
+            # Without a database nothing here needs the broker: the client (and the local
+            # broker's server, started at its first connection) wait for the first use.
+            return
+        from corral.errors import BrokerError, CorralError
+
+        try:
+            self.client = self.open_client()
+        except (BrokerError, ValueError) as exc:
+            raise pytest.UsageError(f"corral: cannot reach the run's broker: {exc}") from exc
         if info.admin_dsn is not None:
             # Unique in the run across machines: the lease of the database slot names it.
             from corral._plugin._database import WorkerDatabase

@@ -8,11 +8,9 @@ Redis broker the run may span machines: each machine's controller joins it by na
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import secrets
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,10 +25,10 @@ from corral._plugin._settings import (
     Settings,
     restore_env,
 )
-from corral.errors import BrokerError, CorralError, EmptyTemplate, TemplateBuildError
 
 if TYPE_CHECKING:
-    # The server, the clients and the database parts are imported when the run uses them.
+    # The server, the clients, the database parts and the errors they raise are imported
+    # when the run uses them.
     from corral._plugin._census import Census
     from corral._plugin._lazybroker import LazyBroker
     from corral.broker import Broker, Client
@@ -89,9 +87,17 @@ class RunInfo:
         tail = f"_{self.clone_tag}_{slot}" if self.clone_tag else f"_{slot}"
         run = self.run_id
         if len("corral_") + len(run) + len(tail) > _MAX_NAME:
+            import hashlib
+
             digest = hashlib.sha1(run.encode()).hexdigest()[:8]
             run = run[: _MAX_NAME - len("corral_") - len(tail) - 9] + "-" + digest
         return f"corral_{run}{tail}"
+
+
+def _token(size: int) -> str:
+    """*size* random bytes in hex, as ``secrets.token_hex`` makes them (``secrets`` pulls
+    in ``hashlib`` and ``hmac``: compiled in every run without a bytecode cache)."""
+    return os.urandom(size).hex()
 
 
 def open_client(info: RunInfo, worker: str | None = None) -> AnyClient:
@@ -139,10 +145,10 @@ class Run:
         settings = self.settings
         if settings.broker_url:
             assert settings.run_id is not None  # Settings requires it with a Redis URL
-            run_id, path, tag = settings.run_id, "", secrets.token_hex(3)
+            run_id, path, tag = settings.run_id, "", _token(3)
             self._redis(settings.broker_url, run_id, tag)
         else:
-            run_id, tag = settings.run_id or secrets.token_hex(4), ""
+            run_id, tag = settings.run_id or _token(4), ""
             path = self._broker()
         admin_dsn: str | None = None
         template: str | None = None
@@ -172,6 +178,7 @@ class Run:
         """Check that Redis answers and record this machine in the run (:class:`Census`)."""
         from corral._plugin._census import Census
         from corral.broker.redis import RedisClient
+        from corral.errors import BrokerError
 
         started = time.perf_counter()
         try:
@@ -195,6 +202,7 @@ class Run:
         inherited = os.environ.get("EPHEMERAL_PIPE")
         if inherited:
             from corral.broker.client import Client
+            from corral.errors import BrokerError
 
             # `corral run -- pytest ...` (or a Node runner) already started one: share it.
             try:
@@ -224,6 +232,7 @@ class Run:
         return path
 
     def _server(self) -> str:
+        from corral.errors import CorralError
         from corral.postgres import EphemeralPostgres, drop_stale_databases
 
         if self.settings.dsn:
@@ -260,6 +269,7 @@ class Run:
 
     def _template(self, admin_dsn: str) -> str:
         from corral._plugin._schema import SchemaChild, SchemaStepFailed
+        from corral.errors import EmptyTemplate, TemplateBuildError
         from corral.postgres import ensure_template
 
         settings = self.settings
@@ -361,6 +371,7 @@ class Run:
         if client is None:
             return 0
         from corral._plugin._census import Census
+        from corral.errors import BrokerError
 
         deleted = 0
         try:

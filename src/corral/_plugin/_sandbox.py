@@ -63,12 +63,20 @@ def _on_another_loop(controller: AnyController) -> bool:
 
     A pool opened by a session-loop fixture cannot serve a test on a function-scoped loop
     (its checkouts would wait forever); such a test cannot use that pool either, so it
-    gets no sandbox on it. psycopg_pool exposes no loop; its scheduler task knows it.
+    gets no sandbox on it. psycopg_pool exposes no loop, but an open pool runs a
+    scheduler task named after it (``{pool.name}-scheduler``, psycopg_pool 3.1 to 3.3):
+    when the running loop has no such task, the pool's tasks run on another loop. Pools
+    of any other kind (asyncpg's, which connect on the loop that uses them) are taken to
+    be on the running loop.
     """
-    task = getattr(_own_pool(controller), "_sched_runner", None)
-    if not isinstance(task, asyncio.Task) or task.done():
+    pool = _own_pool(controller)
+    name = getattr(pool, "name", None)
+    if not isinstance(name, str) or getattr(pool, "closed", None) is not False:
+        return False  # not a psycopg_pool pool, or not open: nothing runs anywhere
+    if not type(pool).__module__.startswith("psycopg_pool"):
         return False
-    return task.get_loop() is not asyncio.get_running_loop()
+    scheduler = f"{name}-scheduler"
+    return not any(task.get_name() == scheduler for task in asyncio.all_tasks())
 
 
 def _candidates(is_async: bool) -> list[AnyController]:

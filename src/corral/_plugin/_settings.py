@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from corral._plugin._dbenv import ENV_SANDBOX_MODE, URL_VARIABLE, EnvEntryError, parse_entries
+# The names only: the code that renders the variables is for runs with a database.
+from corral._plugin._envnames import ENV_SANDBOX_MODE, URL_VARIABLE
 
 __all__ = [
     "ENV_BROKER_URL",
@@ -250,10 +251,13 @@ class Settings:
             )
         watch = tuple(base / str(p) for p in config.getini("corral_schema_watch"))
         env_names = tuple(str(n) for n in config.getini("corral_database_env"))
-        try:
-            parse_entries(env_names)  # kept as text: RunInfo carries them to the workers
-        except EnvEntryError as exc:
-            raise pytest.UsageError(f"corral_database_env: {exc}") from None
+        if env_names:
+            from corral._plugin._dbenv import EnvEntryError, parse_entries
+
+            try:
+                parse_entries(env_names)  # kept as text: RunInfo carries them to the workers
+            except EnvEntryError as exc:
+                raise pytest.UsageError(f"corral_database_env: {exc}") from None
         switch = _switch(config, "corral_database")
         if switch == "auto":
             # A DSN alone in a Django project is for Django's test databases (its own

@@ -7,13 +7,10 @@ import errno
 import logging
 import os
 import re
-import secrets
 import socket
 import stat
 import tempfile
 from typing import Final
-
-from corral.errors import BrokerAlreadyRunning, BrokerError
 
 __all__ = [
     "BACKLOG",
@@ -157,7 +154,8 @@ def bind_private(sock: socket.socket) -> tuple[str, int, str]:
     remove_stale_directories(base)
     # mode 0700
     directory = tempfile.mkdtemp(prefix=f"corral-{os.getpid()}-", dir=base)
-    path = os.path.join(directory, f"broker-{secrets.token_hex(6)}.sock")
+    # os.urandom, as secrets.token_hex does: secrets would pull in hashlib and hmac.
+    path = os.path.join(directory, f"broker-{os.urandom(6).hex()}.sock")
     sock.bind(path)
     os.chmod(path, 0o600)
     return path, os.lstat(path).st_ino, directory
@@ -170,6 +168,10 @@ def bind_at(sock: socket.socket, path: str) -> tuple[str, int]:
     :raises BrokerAlreadyRunning: a broker answers at *path*.
     :raises BrokerError: *path* is too long, or exists and is not a socket.
     """
+    # Here, not at the top: the plugin's lazy broker binds with bind_private alone, and
+    # a run without a database imports no more than it needs.
+    from corral.errors import BrokerAlreadyRunning, BrokerError
+
     if len(path.encode()) >= MAX_UNIX_PATH:
         raise BrokerError(
             f"socket path is {len(path.encode())} bytes; Unix sockets allow about "
