@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -475,6 +476,43 @@ class SandboxManager:
         finally:
             self.seconds += time.perf_counter() - started
         return opened
+
+    @contextlib.contextmanager
+    def opened_on(self, loop: asyncio.AbstractEventLoop, item: pytest.Item) -> Iterator[None]:
+        """Open *item*'s async sandboxes on *loop* from sync code, and make them this
+        context's own for the block.
+
+        For pytest-asyncio < 0.24, which runs each async fixture and the test in a task of
+        its own that copies the main thread's context when it starts: called there before
+        them, it routes them all to these sandboxes. Closed on *loop* at the block's end.
+        """
+        context = contextvars.copy_context()
+        opened = loop.run_until_complete(loop.create_task(self.open_async(item), context=context))
+        boxes = context.run(lambda: [(c, c._router.owned()) for c in opened])
+        with contextlib.ExitStack() as stack:
+            for controller, box in boxes:
+                if box is not None:
+                    stack.enter_context(controller._router.bind(box))
+            try:
+                yield
+            finally:
+                if not loop.is_closed():
+                    loop.run_until_complete(self.close_async(opened))
+
+    @contextlib.contextmanager
+    def scope_opened_on(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        """:meth:`opened_on` for one fixture scope's level (:meth:`open_scope_async`)."""
+        context = contextvars.copy_context()
+        opened = loop.run_until_complete(loop.create_task(self.open_scope_async(), context=context))
+        with contextlib.ExitStack() as stack:
+            for controller, box, _ in opened:
+                if box is not None:
+                    stack.enter_context(controller._router.bind(box))
+            try:
+                yield
+            finally:
+                if not loop.is_closed():
+                    loop.run_until_complete(self.close_scope_async(opened))
 
     async def open_scope_async(self) -> list[_Level]:
         """An outer sandbox level on every async handle for one fixture scope, on the
