@@ -91,7 +91,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if _has_plugin(config, "asyncio", "pytest_asyncio.plugin"):
         from corral._versions import ASYNCIO_GLUE, too_old
 
-        if too_old("pytest-asyncio", ASYNCIO_GLUE):  # no loop_scope: its own glue
+        if too_old("pytest-asyncio", ASYNCIO_GLUE):  # older: a glue of its own
             from corral._plugin import _asyncio_legacy as glue
         else:
             from corral._plugin import _asyncio as glue  # type: ignore[no-redef]
