@@ -1,5 +1,9 @@
 """The supported versions: one table (``corral._versions``) that pyproject's lower bounds
 and the lowest-versions constraints file repeat, and the one-line refusal of older ones.
+
+pytest and pytest-asyncio have two floors: the plugin's (``FLOORS``, checked at run time;
+tests/plugin/test_floors.py runs an app's suite there) and the test suite's
+(``SUITE_FLOORS``: pyproject's ``[dev]`` bounds, the lowest-versions run's pins).
 """
 
 from __future__ import annotations
@@ -12,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from corral import _versions
-from corral._versions import FLOORS, TOOL_FLOORS, check_floors, release, too_old
+from corral._versions import (
+    ASYNCIO_GLUE,
+    FLOORS,
+    SUITE_FLOORS,
+    TOOL_FLOORS,
+    check_floors,
+    release,
+    too_old,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,12 +61,30 @@ def test_pyproject_lower_bounds_are_the_floors() -> None:
     # The bench extra (matplotlib) is the one exception: the floor run installs
     # [dev,pgserver], the newest run the newest matplotlib.
     bounds = {name: v for name, v in _lower_bounds().items() if name != "matplotlib"}
-    assert bounds == {name: {v} for name, v in {**FLOORS, **TOOL_FLOORS}.items()}
+    floors = {**FLOORS, **TOOL_FLOORS, **SUITE_FLOORS}
+    assert bounds == {name: {v} for name, v in floors.items()}
 
 
 def test_constraints_file_pins_every_floor() -> None:
-    floors = {**FLOORS, **TOOL_FLOORS, "psycopg-binary": FLOORS["psycopg"]}
+    floors = {**FLOORS, **TOOL_FLOORS, **SUITE_FLOORS, "psycopg-binary": FLOORS["psycopg"]}
     assert _constraints() == floors
+
+
+def test_the_suite_floors_are_at_or_above_the_plugin_floors() -> None:
+    assert set(SUITE_FLOORS) == {"pytest", "pytest-asyncio"}
+    for name, version in SUITE_FLOORS.items():
+        assert release(version) >= release(FLOORS[name])
+    # Below loop_scope the plugin degrades; the suite's own tests use it.
+    assert release(FLOORS["pytest-asyncio"]) < release(ASYNCIO_GLUE)
+    assert release(ASYNCIO_GLUE) <= release(SUITE_FLOORS["pytest-asyncio"])
+
+
+def test_the_floor_table_in_the_docs_names_both_floors() -> None:
+    text = (ROOT / "docs" / "adopting.md").read_text()
+    for name in SUITE_FLOORS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        lowest = row.split("|")[2]
+        assert lowest.strip() == f"{FLOORS[name]} (suite: {SUITE_FLOORS[name]})", row
 
 
 def test_release_numbers() -> None:

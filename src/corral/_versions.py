@@ -1,6 +1,10 @@
 """The lowest version corral supports of each package: the one table that pyproject.toml's
 lower bounds and ``.ci/constraints-lowest.txt`` repeat (``tests/test_versions.py`` checks
 that the three agree), and the check that turns an older installed one into one line.
+
+The plugin runs with an older pytest and pytest-asyncio (``FLOORS``) than corral's own
+test suite needs (``SUITE_FLOORS``, pyproject's ``[dev]`` bounds): apps pin them, and
+below ``ASYNCIO_GLUE`` the plugin leaves out what it cannot do there, saying so.
 """
 
 from __future__ import annotations
@@ -8,12 +12,21 @@ from __future__ import annotations
 import importlib.metadata
 import re
 
-__all__ = ["FLOORS", "TOOL_FLOORS", "check_floors", "installed", "release", "too_old"]
+__all__ = [
+    "ASYNCIO_GLUE",
+    "FLOORS",
+    "SUITE_FLOORS",
+    "TOOL_FLOORS",
+    "check_floors",
+    "installed",
+    "release",
+    "too_old",
+]
 
 #: What corral integrates with when it is installed: an older one is a usage error.
 FLOORS: dict[str, str] = {
-    "pytest": "8.2.0",
-    "pytest-asyncio": "0.26.0",
+    "pytest": "8.0.0",
+    "pytest-asyncio": "0.21.0",
     "pytest-xdist": "3.5.0",
     "anyio": "4.0.0",
     "sqlalchemy": "2.0.25",
@@ -22,6 +35,21 @@ FLOORS: dict[str, str] = {
     "asyncpg": "0.29.0",
     "redis": "5.0.0",
 }
+
+#: The test suite's own floors of the packages above whose plugin floor is lower
+#: (pyproject's ``[dev]`` bounds; the suite uses ``loop_scope`` and
+#: ``asyncio_default_test_loop_scope``). tests/plugin/test_floors.py runs an app's suite
+#: at the plugin's floors.
+SUITE_FLOORS: dict[str, str] = {
+    "pytest": "8.2.0",
+    "pytest-asyncio": "0.26.0",
+}
+
+#: The pytest-asyncio from which the plugin's asyncio glue (corral._plugin._asyncio) works
+#: whole: ``loop_scope`` (0.24), an async fixture's context carried into the test (0.25),
+#: into a sync test's later fixtures (0.26). Below it the plugin opens a test's async
+#: sandboxes from a sync fixture on ``event_loop`` (corral._plugin._asyncio_legacy).
+ASYNCIO_GLUE = "0.26.0"
 
 #: The rest of pyproject's lower bounds: extras and the test suite's tools, not checked at
 #: run time (the floor run installs exactly these).

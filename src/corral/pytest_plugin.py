@@ -89,9 +89,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if process.is_controller:
         config.pluginmanager.register(_ControllerHooks(process), "corral-controller")
     if _has_plugin(config, "asyncio", "pytest_asyncio.plugin"):
-        from corral._plugin import _asyncio
+        from corral._versions import ASYNCIO_GLUE, too_old
 
-        config.pluginmanager.register(_asyncio, "corral-asyncio")
+        if too_old("pytest-asyncio", ASYNCIO_GLUE):  # older: a glue of its own
+            from corral._plugin import _asyncio_legacy as glue
+        else:
+            from corral._plugin import _asyncio as glue  # type: ignore[no-redef]
+        config.pluginmanager.register(glue, "corral-asyncio")
     if config.pluginmanager.hasplugin("anyio"):
         from corral._plugin import _anyio
 

@@ -116,10 +116,8 @@ def _async_fixture_loop_scope(item: pytest.Item) -> str | None:
         return None
     for defs in info.name2fixturedefs.values():
         fixturedef = defs[-1]
-        func = fixturedef.func
-        if fixturedef.scope != "function" or not (
-            inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
-        ):
+        func = inspect.unwrap(fixturedef.func)  # < 1.0 wraps it at collection
+        if fixturedef.scope != "function" or not _is_async(func):
             continue
         default = item.config.getini("asyncio_default_fixture_loop_scope")
         scope: str = getattr(func, "_loop_scope", None) or default or "function"

@@ -75,6 +75,8 @@ class CorralProcess:
     workers_due: set[str] = field(default_factory=set)
     ran: set[str] = field(default_factory=set)
     verdict: Verdict | None = None
+    #: one line per plugin feature an installed version left out (the report shows them)
+    degraded: set[str] = field(default_factory=set)
     _manager: SandboxManager | None = None
     _mode_set: bool = False
     _stopped: bool = False
@@ -270,6 +272,8 @@ class CorralProcess:
             out["colocate_off"] = colocation.failed
         if self.gc.frozen:
             out["gc_frozen"] = self.gc.frozen
+        if self.degraded:
+            out["degraded"] = sorted(self.degraded)
         return out
 
     def stop(self) -> None:

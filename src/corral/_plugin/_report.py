@@ -227,12 +227,14 @@ def report(process: CorralProcess, terminal: Any, config: pytest.Config) -> None
             f"{', '.join(process.crashed)} died mid-run; the tests they were running are "
             "reported as failed, and their databases were recycled for the replacements."
         )
+    stats = [process.stats(), *process.worker_stats.values()]
+    for line in sorted({line for s in stats for line in s.get("degraded", [])}):
+        terminal.write_line(line, yellow=True)
     if config.getoption("verbose") < 1:
         return
     terminal.write_sep("-", "corral")
     for name, seconds in process.timings.items():
         terminal.write_line(f"{name}: {seconds * 1000:.0f} ms")
-    stats = [process.stats(), *process.worker_stats.values()]
     clones = [t for s in stats for t in s.get("clone", [])]
     recreates = [t for s in stats for t in s.get("recreate", [])]
     if clones:

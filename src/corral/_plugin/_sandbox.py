@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import logging
@@ -180,6 +181,29 @@ def _scopes_with_user_fixtures(session: pytest.Session) -> set[tuple[str, str]]:
             chain = [node.nodeid for node in item.listchain()]
             found.update((scope, nodeid) for scope in scopes for nodeid in chain)
     return found
+
+
+@contextlib.contextmanager
+def _bound_on(
+    loop: asyncio.AbstractEventLoop,
+    opening: Coroutine[Any, Any, list[Any]],
+    closing: Callable[[list[Any]], Coroutine[Any, Any, None]],
+) -> Iterator[None]:
+    """Run *opening* on *loop* in a task with a copy of this context; within the block,
+    the sandboxes it opened are this context's own; then *closing* (of what *opening*
+    returned) runs on *loop*, in a task that sees them."""
+    context = contextvars.copy_context()
+    opened = loop.run_until_complete(loop.create_task(opening, context=context))
+    owned = context.run(lambda: [(c, c._router.owned()) for c in _sandbox.registered()])
+    with contextlib.ExitStack() as stack:
+        for controller, box in owned:
+            if box is not None:
+                stack.enter_context(controller._router.bind(box))
+        try:
+            yield
+        finally:
+            if not loop.is_closed():
+                loop.run_until_complete(closing(opened))
 
 
 _ASYNC_HANDLES = pytest.StashKey[list["weakref.ref[AnyController]"]]()
@@ -483,6 +507,24 @@ class SandboxManager:
         finally:
             self.seconds += time.perf_counter() - started
         return opened
+
+    @contextlib.contextmanager
+    def opened_on(self, loop: asyncio.AbstractEventLoop, item: pytest.Item) -> Iterator[None]:
+        """Open *item*'s async sandboxes on *loop* from sync code, and make them this
+        context's own for the block; closed on *loop* at its end.
+
+        For pytest-asyncio < 0.26 (``_asyncio_legacy``), which runs each async fixture and
+        the test in a task of its own that copies the main thread's context when it is
+        created: called there before them, it routes them all to these sandboxes.
+        """
+        with _bound_on(loop, self.open_async(item), self.close_async):
+            yield
+
+    @contextlib.contextmanager
+    def scope_opened_on(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        """:meth:`opened_on` for one fixture scope's level (:meth:`open_scope_async`)."""
+        with _bound_on(loop, self.open_scope_async(), self.close_scope_async):
+            yield
 
     async def open_scope_async(self) -> list[_Level]:
         """An outer sandbox level on every async handle for one fixture scope, on the
