@@ -6,7 +6,8 @@ One throwaway server listening on both (as the pytest plugin starts it), one dat
 the same handles opened once over each of three DSNs: ``socket`` (the socket directory
 only), ``tcp`` (``postgresql://postgres:PW@127.0.0.1:PORT/db``) and ``url`` (what the
 plugin hands out: the TCP URL with ``?host=<socket directory>``; each driver goes where
-it reads it to go: psycopg to the socket, asyncpg to 127.0.0.1). Blocks of consecutive
+it reads it to go: psycopg to the socket, asyncpg to 127.0.0.1, an asyncpg pool's
+sandbox to the socket as in the plugin's test processes). Blocks of consecutive
 tests alternate between them, so drift in machine load hits all alike; the ratios are
 over the socket, block by block (median). Target (issue 14): no more than 5 % per test.
 """
@@ -19,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import psycopg
@@ -28,6 +30,7 @@ from benchmarks.sandbox_overhead import Bench, pin, timed, workload
 from corral._plugin._dbenv import url_parts
 from corral.postgres import database_dsn
 from corral.sandbox import sandbox
+from corral.sandbox._targets import add_socket_route, remove_socket_route
 
 TRANSPORTS = ("socket", "tcp", "url")
 #: Where each driver's connections over each DSN landed: ``{"url": {"psycopg": "socket"}}``.
@@ -85,8 +88,22 @@ STRATEGIES: dict[str, Callable[[Handles], None]] = {
 }
 
 
-def _asyncpg_rows(dsns: dict[str, str], rounds: int, block: int) -> dict[str, list[float]]:
-    """An asyncpg pool in a sandbox, and asyncpg's own connect, over each transport."""
+async def _sandboxed(db: Any, query: str) -> Any:
+    await db.create_sandbox()
+    try:
+        return await db.fetchval(query)
+    finally:
+        await db.close_sandbox()
+
+
+def _asyncpg_rows(
+    dsns: dict[str, str], rounds: int, block: int, admin_dsn: str, database: str
+) -> dict[str, list[float]]:
+    """An asyncpg pool in a sandbox, and asyncpg's own connect, over each transport
+    (asyncpg's own connect keeps the URL's host: TCP whatever corral knows)."""
+    split = urlsplit(dsns["url"])
+    port, socket_dir = split.port, parse_qs(split.query)["host"][0]
+    assert port is not None
 
     async def main() -> dict[str, list[float]]:
         # asyncpg takes URLs only: the key=value strings as URLs.
@@ -95,6 +112,13 @@ def _asyncpg_rows(dsns: dict[str, str], rounds: int, block: int) -> dict[str, li
         sbs: dict[str, Any] = {t: sandbox(p, mode="sandbox") for t, p in pools.items()}
         for t, pool in pools.items():
             LANDED.setdefault(t, {})["asyncpg"] = str(await pool.fetchval(_WHERE))
+        # As in a test process of the plugin, which records its server's socket: a sandbox
+        # of a pool that reaches it by TCP connects through the socket. The tcp pool's
+        # sandbox opens first, before the route exists, and so stays on TCP to compare.
+        for t in ("socket", "tcp", "url"):
+            if t == "url":
+                add_socket_route(port, socket_dir)
+            LANDED[t]["asyncpg sandbox"] = str(await _sandboxed(sbs[t], _WHERE))
 
         async def body(transport: str) -> None:
             sb = sbs[transport]
@@ -124,18 +148,27 @@ def _asyncpg_rows(dsns: dict[str, str], rounds: int, block: int) -> dict[str, li
             "new connection + SELECT 1 (asyncpg)": connect,
         }
         out: dict[str, list[float]] = {f"{n} [{t}]": [] for n in names for t in dsns}
+        admin = psycopg.Connection.connect(admin_dsn, autocommit=True)
         try:
             for cycle in range(max(1, rounds // block)):
                 for name, fn in names.items():
-                    for transport in dsns:
+                    shift = cycle % len(TRANSPORTS)  # who goes first rotates, as above
+                    for transport in TRANSPORTS[shift:] + TRANSPORTS[:shift]:
                         await fn(transport)  # warm
                         if cycle == 0:
                             pin()
+                        pids = [] if fn is connect else _backends(admin, database)
+                        cpu = _cpu_ns(pids)
                         for _ in range(block):
                             started = _clock()
                             await fn(transport)
                             out[f"{name} [{transport}]"].append(_clock() - started)
+                        if pids:
+                            per_test = (_cpu_ns(pids) - cpu) / block / 1e9
+                            out.setdefault(f"{name} [{transport}] cpu", []).append(per_test)
         finally:
+            admin.close()
+            remove_socket_route(port)
             for sb in sbs.values():
                 await sb.close()  # the sandbox keeps a connection: pool.close() would wait
         return out
@@ -215,7 +248,7 @@ def compare(bench: Bench, handed_out: str, rounds: int) -> dict[str, list[float]
         admin.close()
         for h in handles.values():
             h.close()
-    out.update(_asyncpg_rows(dsns, rounds, block))
+    out.update(_asyncpg_rows(dsns, rounds, block, bench.admin, bench.db))
     return out
 
 

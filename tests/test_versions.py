@@ -115,7 +115,7 @@ def test_several_too_old_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     old = {"asyncpg": "0.25.0", "redis": "4.6.0"}
     monkeypatch.setattr(_versions, "installed", old.get)
     assert check_floors() == (
-        "corral: asyncpg 0.25.0 is too old (corral needs >= 0.29.0); "
+        "corral: asyncpg 0.25.0 is too old (corral needs >= 0.27.0); "
         "redis 4.6.0 is too old (corral needs >= 5.0.0)"
     )
 

@@ -22,7 +22,12 @@ def register(subparsers: Any) -> None:
             "left behind afterwards."
         ),
     )
-    parser.add_argument("--tcp", action="store_true", help="also listen on 127.0.0.1")
+    parser.add_argument(
+        "--tcp",
+        action="store_true",
+        help="also listen on 127.0.0.1 and print the URL the pytest plugin hands out "
+        "(postgresql://postgres:PW@127.0.0.1:PORT/postgres?host=SOCKET_DIR) after the DSN",
+    )
     parser.add_argument(
         "--port", type=int, help="port (TCP, and the socket's name); default 5432, free with --tcp"
     )
@@ -101,11 +106,14 @@ def _run(args: argparse.Namespace) -> int:
             server.start()
             print(server.dsn, flush=True)
             if args.tcp:
-                print(server.tcp_dsn, flush=True)
+                # The URL the pytest plugin hands out: a host and a port for URL parsers,
+                # the socket directory in its query for libpq.
+                print(server.url, flush=True)
             if args.schema:
                 template = ensure_template(server.dsn, args.schema)
                 clone = clone_database(server.dsn, template)
-                print(database_dsn(server.dsn, clone), flush=True)
+                url = server.url_for(clone) if args.tcp else database_dsn(server.dsn, clone)
+                print(url, flush=True)
         except PostgresError as exc:
             print(f"corral postgres: {exc}", file=sys.stderr)
             return 1

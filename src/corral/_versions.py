@@ -32,7 +32,7 @@ FLOORS: dict[str, str] = {
     "sqlalchemy": "2.0.25",
     "psycopg": "3.1.20",
     "psycopg-pool": "3.2.0",
-    "asyncpg": "0.29.0",
+    "asyncpg": "0.27.0",
     "redis": "5.0.0",
 }
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from corral.postgres import default_cache_dir
+from corral.postgres import EphemeralPostgres, default_cache_dir
 from tests._inner import RUN_VARIABLES
 
 # Ahead of everything on sys.path in the inner run and its workers: `import psycopg` fails
@@ -63,6 +63,13 @@ async def test_writes_are_rolled_back(pool, n):
     assert await pool.fetchval("SELECT count(*) FROM item") == 2
 
 
+async def test_the_sandbox_connects_through_the_socket(pool):
+    # asyncpg keeps the URL's 127.0.0.1, but on corral's own server the sandbox takes the
+    # Unix socket (no server address); a user's server (--corral-dsn) is left as it is.
+    where = await pool.fetchval("SELECT host(inet_server_addr())")
+    assert where == os.environ.get("EXPECT_SERVER_ADDR")
+
+
 def test_psycopg_is_not_importable():
     with pytest.raises(ImportError, match="hidden"):
         import psycopg  # noqa: F401
@@ -87,5 +94,18 @@ def app(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Py
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_an_asyncpg_only_app_passes(app: pytest.Pytester, workers: str) -> None:
     result = app.runpytest_subprocess("-n", workers, "-p", "no:randomly", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
+
+
+@pytest.mark.slow
+def test_a_users_server_is_not_rerouted(
+    app: pytest.Pytester, postgres_server: EphemeralPostgres | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--corral-dsn: even a server that listens on a socket too is the user's to route."""
+    if postgres_server is None:
+        pytest.skip("needs corral's throwaway server (CORRAL_TEST_DSN is set)")
+    monkeypatch.setenv("CORRAL_DSN", postgres_server.url)  # its socket is in the query
+    monkeypatch.setenv("EXPECT_SERVER_ADDR", "127.0.0.1")
+    result = app.runpytest_subprocess("-n", "0", "-p", "no:randomly", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)

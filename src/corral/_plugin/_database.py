@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from urllib.parse import urlsplit
 
 from corral._plugin._dbenv import process_env
 from corral._plugin._run import SLOT_KEY, AnyClient, RunInfo
@@ -112,6 +113,11 @@ class WorkerDatabase:
     def release(self) -> None:
         """Give the slot back; the controller drops the databases at the end of the run."""
         restore_env(self._env_saved)
+        port = self._socket_port()
+        if port is not None:
+            from corral.sandbox._targets import remove_socket_route
+
+            remove_socket_route(port)
         if self.slot is not None:
             self.slot = None
             try:
@@ -162,10 +168,26 @@ class WorkerDatabase:
 
     def _export(self) -> None:
         """The URL under ``CORRAL_DATABASE_URL``, each ``corral_database_env`` entry in its
-        shape, and libpq's ``PGHOST``... (:func:`~corral._plugin._dbenv.process_env`)."""
+        shape, and libpq's ``PGHOST``... (:func:`~corral._plugin._dbenv.process_env`).
+
+        On corral's throwaway server, also its socket directory for the sandbox: asyncpg
+        keeps the URL's 127.0.0.1 (TCP), and its sandboxes connect through the socket."""
         for name, value in process_env(self.url, self.info.database_env).items():
             self._env_saved.setdefault(name, os.environ.get(name))
             os.environ[name] = value
+        port = self._socket_port()
+        if port is not None:
+            from corral.sandbox._targets import add_socket_route
+
+            assert self.info.socket_dir is not None
+            add_socket_route(port, self.info.socket_dir)
+
+    def _socket_port(self) -> int | None:
+        """The throwaway server's TCP port (None: no throwaway server, or no TCP)."""
+        if not self.info.socket_dir:
+            return None
+        split = urlsplit(self.url)
+        return split.port if split.hostname == "127.0.0.1" else None
 
 
 class PreCloner:

@@ -61,6 +61,9 @@ class RunInfo:
         *broker_path* is the local broker's socket).
     :ivar clone_tag: with Redis, a token of this machine's controller in its clones'
         names: each machine creates and drops only databases of its own.
+    :ivar socket_dir: the Unix socket directory of the throwaway server corral started,
+        which also answers on *admin_dsn*'s 127.0.0.1 port (None: the user's server,
+        never rerouted); asyncpg sandboxes connect through it (``sandbox/_targets.py``).
     """
 
     run_id: str
@@ -72,6 +75,7 @@ class RunInfo:
     database_env: tuple[str, ...] = ()
     broker_url: str | None = None
     clone_tag: str = ""
+    socket_dir: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -165,6 +169,7 @@ class Run:
             database_env=settings.database_env,
             broker_url=settings.broker_url,
             clone_tag=tag,
+            socket_dir=self.server.host if self.server is not None else None,
         )
         self._setenv(ENV_RUN, self.info.to_json())
         self._setenv(ENV_RUN_ID, run_id)

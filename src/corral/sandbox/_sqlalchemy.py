@@ -153,7 +153,9 @@ class EngineHooks(BaseController[Any]):
     def _on_do_connect(
         self, dialect: Any, record: Any, cargs: list[Any], cparams: dict[str, Any]
     ) -> Any:
-        if _REAL.get() or not self.sandboxing:
+        if _REAL.get():
+            return self._connect_real_driver(dialect, cargs, cparams)
+        if not self.sandboxing:
             return None
         if not dialect.is_async:
             return self._virtual_class(self)
@@ -170,6 +172,11 @@ class EngineHooks(BaseController[Any]):
             # that prepared them; corral keeps one per real connection instead.
             params["prepared_statement_cache_size"] = 0
         return dialect.connect(*cargs, **params)
+
+    def _connect_real_driver(self, dialect: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+        """The driver connection for a real connection of the sandboxes; None: the
+        engine's own way (a dialect's controller may go another way to the same database)."""
+        return None
 
     @staticmethod
     def _virtual_of(dbapi_connection: Any) -> Virtual | None:

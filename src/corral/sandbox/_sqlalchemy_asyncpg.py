@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from corral.sandbox import _asyncpg
 from corral.sandbox._sqlalchemy import AsyncEngineSandbox
 from corral.sandbox._sqlalchemy_virtual import AsyncpgVirtual
+from corral.sandbox._targets import asyncpg_socket
 
 __all__ = ["AsyncpgEngineSandbox"]
 
@@ -24,6 +25,16 @@ class AsyncpgEngineSandbox(AsyncEngineSandbox, _asyncpg.AsyncpgSandboxBase):
         super().__init__(**options)
         self._reals: dict[int, _asyncpg._Real] = {}
         self._hook(engine, max_idle)
+
+    def _connect_real_driver(self, dialect: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+        # An engine on the plugin's throwaway server by TCP (a URL built from parts has
+        # no socket directory in its query): the sandboxes' connections take the socket.
+        dsn = cargs[0] if cargs and isinstance(cargs[0], str) else None
+        socket = asyncpg_socket(dsn, cparams)
+        if socket is None:
+            return None
+        directory, port = socket
+        return dialect.connect(*cargs, **{**cparams, "host": directory, "port": port})
 
     async def _take(self) -> _asyncpg._Real:
         fairy = await self._take_fairy()
