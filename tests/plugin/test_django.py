@@ -138,6 +138,11 @@ def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
     assert f"{TESTS} passed" in output
     assert "reused (no migrating)" in output
     assert migrate_count(project) == 1
+    # The controller cloned the workers' databases while they booted; each worker took
+    # the one made for it (a worker that came first made its own).
+    precloned = re.search(r"django pre-clone \((\d) made, (\d) taken\)", output)
+    assert precloned is not None, output
+    assert precloned.group(1) == precloned.group(2) != "0", output
     assert _clones(dsn) == set()
     # One migration changes: a new template, built once more.
     change_migration(project)

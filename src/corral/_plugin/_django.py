@@ -27,6 +27,7 @@ from corral._plugin._django_info import DjangoInfo
 from corral.errors import CorralError, TemplateBuildError
 
 if TYPE_CHECKING:
+    from corral._plugin._database import PreCloner
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
 
@@ -104,6 +105,10 @@ class DjangoHooks:
         self._exported = False
         #: Dumps of built templates still being written: (pg_dump, partial file, target).
         self._dumps: list[tuple[subprocess.Popen[str], Path, Path]] = []
+        #: The xdist controller's thread that clones the workers' databases while they boot.
+        self.precloner: PreCloner | None = None
+        #: Of those, how many the workers took (what they report when they end).
+        self.taken = 0
 
     # ------------------------------------------------------------------ controller
 
@@ -452,6 +457,52 @@ class DjangoHooks:
         info = DjangoInfo.from_json(text)
         if info.run_id == run.run_id and info.controller_pid == run.controller_pid:
             self.info = info
+
+    # ------------------------------------------------------------------ xdist (controller)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_setupnodes(self, specs: list[Any]) -> None:
+        """Before the first worker is spawned: clone each worker's databases meanwhile (as
+        :class:`~corral._plugin._database.PreCloner` does for corral's own database)."""
+        run = self.process.info
+        if self.info is None or self.precloner is not None or run is None or run.broker_url:
+            return  # a Redis run's workers may be on other machines
+        names = [str(spec.id) for spec in specs if getattr(spec, "id", None)]
+        if not names:
+            return
+        from corral._plugin._database import PreCloner
+
+        jobs = [
+            (entry["admin_dsn"], entry["template"], self.info.clone_name(index, worker))
+            for worker in names  # worker by worker: each needs all of its databases
+            for index, entry in enumerate(self.info.groups)
+        ]
+        self.precloner = PreCloner(run, len(names), None, jobs=jobs)
+        # Runs before stop() (LIFO), which drops the run's clones: none may come after.
+        self.config.add_cleanup(self._stop_precloner)
+        self.precloner.start()
+
+    def _stop_precloner(self) -> None:
+        if self.precloner is not None and not self.precloner.stop():
+            log.warning("corral: pre-creating the workers' Django databases did not stop in time")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        output = getattr(node, "workeroutput", None) or {}
+        taken = output.get("corral_django_precloned")
+        if isinstance(taken, int):
+            self.taken += taken
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self) -> None:
+        precloner = self.precloner
+        if precloner is None:
+            return
+        self._stop_precloner()
+        precloner.forget()
+        if precloner.seconds is not None:
+            made = len(precloner.made)
+            self.timings[f"django pre-clone ({made} made, {self.taken} taken)"] = precloner.seconds
 
     # ------------------------------------------------------------------ hooks
 
