@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "configure",
     "dump_project",
     "prune_dumps",
+    "prune_snapshots",
 ]
 
 log = logging.getLogger("corral.pytest")
@@ -50,6 +52,8 @@ _PROBE_TIMEOUT = 3
 DUMPS_KEPT = 3
 #: Seconds after which an unused dump goes (30 days).
 DUMP_MAX_AGE = 30 * 24 * 3600.0
+#: Bump when what a kept throwaway server's data directory holds changes.
+_SNAPSHOT_FORMAT = 1
 
 
 def configure(config: pytest.Config, process: CorralProcess) -> None:
@@ -109,6 +113,12 @@ class DjangoHooks:
         self.precloner: PreCloner | None = None
         #: Of those, how many the workers took (what they report when they end).
         self.taken = 0
+        #: The templates this run needs (known before any server starts).
+        self._wanted: list[str] = []
+        #: Where the data directory of Django's own throwaway server is kept for the next
+        #: run (None: no such server), and whether this run built a template there.
+        self._snapshot: Path | None = None
+        self._built_own = False
 
     # ------------------------------------------------------------------ controller
 
@@ -132,12 +142,15 @@ class DjangoHooks:
             return
         no_migrations = bool(self.config.getvalue("nomigrations"))
         watch = self.process.settings.watch
-        servers = self._servers([g.aliases[0] for g in groups])
         started = time.perf_counter()
+        # Hashed first: a throwaway server can then start from a snapshot holding them.
+        digests = [template_hash(g, no_migrations=no_migrations, watch=watch) for g in groups]
+        self._wanted = sorted("corral_tpl_" + digest[:24] for digest in digests)
+        self.timings["django hash"] = time.perf_counter() - started
+        servers = self._servers([g.aliases[0] for g in groups])
         entries: list[dict[str, Any]] = []
-        for group in groups:
+        for group, digest in zip(groups, digests, strict=True):
             admin, overrides = servers[group.aliases[0]]
-            digest = template_hash(group, no_migrations=no_migrations, watch=watch)
             try:
                 base_template, encoding = creation_options(group.aliases[0])
             except ImproperlyConfigured as exc:
@@ -155,7 +168,6 @@ class DjangoHooks:
                     "encoding": encoding,
                 }
             )
-        self.timings["django hash"] = time.perf_counter() - started
         started = time.perf_counter()
         self._templates(entries, mirrors, no_migrations)
         self.timings["django templates"] = time.perf_counter() - started
@@ -214,8 +226,14 @@ class DjangoHooks:
             from corral.postgres import EphemeralPostgres
 
             started = time.perf_counter()
+            seeded = self._start_from_snapshot()
+            if seeded:
+                self.timings["postgres start (snapshot)"] = time.perf_counter() - started
+                return seeded
             try:
-                self.server = EphemeralPostgres().start()
+                server = EphemeralPostgres()
+                self._snapshot = self._snapshot_path(server)
+                self.server = server.start()
             except CorralError as exc:
                 raise pytest.UsageError(
                     f"corral: no database server reachable from Django's settings, and a "
@@ -224,6 +242,46 @@ class DjangoHooks:
                 ) from exc
             self.timings["postgres start"] = time.perf_counter() - started
         return self.server.dsn
+
+    def _snapshot_path(self, server: EphemeralPostgres) -> Path:
+        """``~/.cache/corral/django/<project>-<key>.pgdata``: the data directory of a
+        throwaway server holding this run's templates; the key hashes the templates' names
+        (hashes of what defines them) and the installation and OS user that run it."""
+        from corral.postgres._cache import cache_root
+
+        aliases = sorted(_all_aliases())
+        project = dump_project(self.config.rootpath, aliases)
+        binaries, user = server.binaries, server.server_user
+        installation = [binaries.version_string, str(binaries.bindir), user.uid]
+        material = json.dumps([_SNAPSHOT_FORMAT, self._wanted, *installation])
+        key = hashlib.sha256(material.encode()).hexdigest()[:16]
+        return cache_root() / "django" / f"{project}-{key}.pgdata"
+
+    def _start_from_snapshot(self) -> str | None:
+        """Start corral's throwaway server from the data directory an earlier run kept with
+        these very templates inside (no restore, no migrating); None when there is none or
+        it does not start (then it is removed)."""
+        from corral.postgres import EphemeralPostgres
+
+        try:
+            path = self._snapshot_path(EphemeralPostgres())
+        except CorralError:  # no PostgreSQL installed: the start proper says so
+            return None
+        if not (path / "PG_VERSION").is_file():
+            return None
+        server = EphemeralPostgres(seed=path)
+        try:
+            server.start()  # a missing template is built (and the copy replaced at the end)
+        except Exception as exc:
+            server.stop()
+            log.warning("corral: the kept Django server %s is unusable, migrating: %s", path, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used: what pruning keeps
+        self.server, self._snapshot = server, path
+        self.notes.append(f"corral: Django's throwaway PostgreSQL started from {path}")
+        return server.dsn
 
     def _own_server(self, admin: str) -> EphemeralPostgres | None:
         """The throwaway server behind *admin*, when corral started it for this run."""
@@ -280,8 +338,8 @@ class DjangoHooks:
         corral's throwaway server (None on another server: the template stays there).
         ``<project>`` tells this project's test database from others' when pruning."""
         server = self._own_server(entry["admin_dsn"])
-        if server is None:
-            return None
+        if server is None or server is self.server:
+            return None  # Django's own server: its data directory is kept (stop())
         from corral.postgres._cache import cache_root
 
         project = dump_project(self.config.rootpath, entry["aliases"])
@@ -371,6 +429,8 @@ class DjangoHooks:
             ) from None
         for entry in entries:
             self._start_dump(entry)
+        if self.server is not None and first["admin_dsn"] == self.server.dsn:
+            self._built_own = True  # worth keeping the server's data directory
 
     def _start_dump(self, entry: dict[str, Any]) -> None:
         """Keep a built template of corral's throwaway server as a dump for the next run,
@@ -410,13 +470,19 @@ class DjangoHooks:
     def stop(self) -> None:
         """Drop this run's Django clones (the workers are done), stop a server we started."""
         info, self.info = self.info, None
+        snapshot, self._snapshot = self._snapshot, None
+        if info is None or not self._built_own:
+            snapshot = None  # nothing new to keep
         if info is not None:
-            self._drop_clones(info)
+            self._drop_clones(info, own=snapshot is not None)
         self._finish_dumps()
         server, self.server = self.server, None
         if server is not None:
             try:
-                server.stop()
+                if snapshot is not None:
+                    self._keep(server, snapshot)
+                else:
+                    server.stop()
             except Exception as exc:
                 log.debug("stopping the throwaway server: %s", exc)
         if self._exported:
@@ -426,13 +492,23 @@ class DjangoHooks:
             else:
                 os.environ[ENV_DJANGO] = self._env_saved
 
-    def _drop_clones(self, info: DjangoInfo) -> None:
+    def _keep(self, server: EphemeralPostgres, snapshot: Path) -> None:
+        """Stop Django's throwaway server keeping its data directory (templates only: the
+        clones are dropped) for the next run with the same templates."""
+        started = time.perf_counter()
+        if server.stop_keeping(snapshot):
+            self.timings["django keep server"] = time.perf_counter() - started
+            prune_snapshots(snapshot.parent)
+
+    def _drop_clones(self, info: DjangoInfo, *, own: bool = False) -> None:
+        """Drop the run's clones; on corral's own server only with *own* (else they go with
+        the server)."""
         from corral.postgres import drop_database
         from corral.postgres._databases import controller_clones
 
         started = time.perf_counter()
         for admin in dict.fromkeys(entry["admin_dsn"] for entry in info.groups):
-            if self._own_server(admin) is not None:
+            if self._own_server(admin) is not None and not own:
                 continue  # goes with the server
             try:
                 names = [
@@ -535,6 +611,27 @@ def prune_dumps(directory: Path, now: float | None = None) -> list[Path]:
     return prune(
         directory, keep=DUMPS_KEPT, max_age=DUMP_MAX_AGE, key=project, suffix=".dump", now=now
     )
+
+
+def prune_snapshots(directory: Path, now: float | None = None) -> list[Path]:
+    """Keep the kept throwaway servers few: the newest :data:`DUMPS_KEPT` per project,
+    none unused for :data:`DUMP_MAX_AGE`."""
+    from corral.postgres._cache import prune
+
+    return prune(
+        directory,
+        keep=DUMPS_KEPT,
+        max_age=DUMP_MAX_AGE,
+        key=lambda path: path.name.split("-")[0],
+        suffix=".pgdata",
+        now=now,
+    )
+
+
+def _all_aliases() -> list[str]:
+    from django.conf import settings
+
+    return list(settings.DATABASES)
 
 
 def _why_not(config: pytest.Config) -> str:
