@@ -226,13 +226,13 @@ class DjangoHooks:
             from corral.postgres import EphemeralPostgres
 
             started = time.perf_counter()
-            seeded = self._start_from_snapshot()
-            if seeded:
-                self.timings["postgres start (snapshot)"] = time.perf_counter() - started
-                return seeded
             try:
                 server = EphemeralPostgres()
                 self._snapshot = self._snapshot_path(server)
+                seeded = self._start_from_snapshot(self._snapshot, server.bindir)
+                if seeded:
+                    self.timings["postgres start (snapshot)"] = time.perf_counter() - started
+                    return seeded
                 self.server = server.start()
             except CorralError as exc:
                 raise pytest.UsageError(
@@ -257,19 +257,15 @@ class DjangoHooks:
         key = hashlib.sha256(material.encode()).hexdigest()[:16]
         return cache_root() / "django" / f"{project}-{key}.pgdata"
 
-    def _start_from_snapshot(self) -> str | None:
-        """Start corral's throwaway server from the data directory an earlier run kept with
-        these very templates inside (no restore, no migrating); None when there is none or
-        it does not start (then it is removed)."""
+    def _start_from_snapshot(self, path: Path, bindir: Path) -> str | None:
+        """Start corral's throwaway server from the data directory *path* an earlier run
+        kept with these very templates inside (no restore, no migrating); None when there
+        is none or it does not start (then it is removed)."""
         from corral.postgres import EphemeralPostgres
 
-        try:
-            path = self._snapshot_path(EphemeralPostgres())
-        except CorralError:  # no PostgreSQL installed: the start proper says so
-            return None
         if not (path / "PG_VERSION").is_file():
             return None
-        server = EphemeralPostgres(seed=path)
+        server = EphemeralPostgres(seed=path, bindir=bindir)
         try:
             server.start()  # a missing template is built (and the copy replaced at the end)
         except Exception as exc:
