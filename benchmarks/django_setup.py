@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,7 +69,26 @@ _DESELECT = "not on_a_clone and not blocker and not no_db"
 _NO_DB = "def test_no_db():\n    pass\n"
 
 
+#: The projects generated, whose kept servers and dumps go at the end.
+_PROJECTS: list[Path] = []
+
+
+def _forget_caches() -> None:
+    """Remove what corral kept for the generated projects (their directories are gone)."""
+    from corral._plugin._django import dump_project
+    from corral.postgres._cache import cache_root
+
+    for root in _PROJECTS:
+        for aliases in (["default"], ["default", "replica"]):
+            for path in (cache_root() / "django").glob(f"{dump_project(root, aliases)}-*"):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
 def _project(root: Path, migrations: int) -> None:
+    _PROJECTS.append(root)
     per_app = max(2, (migrations - 4) // 3)
     write_project(root, token=secrets.token_hex(6), migrations=per_app)
     (root / "conftest.py").write_text(_CONFTEST)
@@ -169,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                             flush=True,
                         )
     finally:
+        _forget_caches()
         if server is not None:
             server.stop()
     return 0
