@@ -1,23 +1,31 @@
 """Django set-up time: pytest-django alone vs with corral, by number of migrations.
 
 Run: ``python -m benchmarks.django_setup [--sizes 10,50,200] [--workers 0,4] [--repeat 3]
-[--throwaway] [--dsn DSN]``. Generates the Django project of ``tests/plugin/_django_project.py``
-(3 apps, small migrations, a data migration, 12 pytest-django tests) with about 10, 50 and
-200 migrations, and times whole ``pytest`` runs of it, each in a fresh process: pytest-django
-alone (``-p no:corral``: every worker creates and migrates its own test database, every
-run) and with corral (the run migrates once into a template, which the next run reuses),
-serial and with xdist, a first and a second run. Both use the same server: a throwaway
-PostgreSQL started here (or ``--dsn``), which the project's settings name as their own.
-``--throwaway``: the settings name a port where nothing listens instead, so corral starts
-its own server and keeps the built template as a dump (pytest-django alone cannot run so).
+[--throwaway] [--dsn DSN] [--modes pytest-django,corral]``. Generates the Django project
+of ``tests/plugin/_django_project.py`` (3 apps, small migrations, a data migration, 12
+pytest-django tests) with about 10, 50 and 200 migrations, and times whole ``pytest`` runs
+of it, each in a fresh process: pytest-django alone (``-p no:corral``: every worker
+creates and migrates its own test database, every run) and with corral (the run migrates
+once into a template, which the next run reuses), serial and with xdist, a first and a
+second run. Both use the same server: a throwaway PostgreSQL started here (or ``--dsn``),
+which the project's settings name as their own. ``--throwaway``: the settings name a port
+where nothing listens instead, so corral starts its own server and keeps its data
+directory, template inside, for the next run (pytest-django alone cannot run so).
 
-Columns (medians of ``--repeat`` runs, each first run on a freshly generated project):
-``to first test`` (from launching pytest to the first test's call, after its fixtures);
-``db set-up``, that minus the median ``to first test`` of the same run with no database at
-all (pytest-django alone, ``-k test_no_db``: Python, pytest, Django and xdist start-up,
-collection), so what remains is the database set-up, whichever process pays it; and
-``wall``. Targets: a first run with ``-n 4`` spends at most 1.2x the db set-up of
-pytest-django's ``-n 0`` first run; a second run <= 0.5 s of db set-up at any size.
+Columns (medians of ``--repeat`` runs, each first run on a freshly generated project; the
+cases run interleaved, attempt by attempt, so load swings hit them alike):
+
+- ``to first test``: what the user waits for, from launching pytest to the first test's
+  call (after its fixtures: the ``pytest_runtest_call`` of whichever process runs a test
+  first);
+- ``db set-up``: that minus the median ``to first test`` of the same size and ``-n`` with
+  no database at all (pytest-django alone, ``-k test_no_db``: Python, pytest, Django and
+  xdist start-up, collection), so what remains is what the database costs before the
+  first test, whichever process pays it (median, and min-max of the runs);
+- ``wall``.
+
+Targets: a first run with ``-n 4`` spends at most 1.2x the db set-up of pytest-django's
+``-n 0`` first run; a second run <= 0.5 s of db set-up at any size.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +69,26 @@ _DESELECT = "not on_a_clone and not blocker and not no_db"
 _NO_DB = "def test_no_db():\n    pass\n"
 
 
+#: The projects generated, whose kept servers and dumps go at the end.
+_PROJECTS: list[Path] = []
+
+
+def _forget_caches() -> None:
+    """Remove what corral kept for the generated projects (their directories are gone)."""
+    from corral._plugin._django import dump_project
+    from corral.postgres._cache import cache_root
+
+    for root in _PROJECTS:
+        for aliases in (["default"], ["default", "replica"]):
+            for path in (cache_root() / "django").glob(f"{dump_project(root, aliases)}-*"):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
 def _project(root: Path, migrations: int) -> None:
+    _PROJECTS.append(root)
     per_app = max(2, (migrations - 4) // 3)
     write_project(root, token=secrets.token_hex(6), migrations=per_app)
     (root / "conftest.py").write_text(_CONFTEST)
@@ -88,6 +116,10 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,50,200")
@@ -95,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--throwaway", action="store_true")
     parser.add_argument("--dsn", default=None)
+    parser.add_argument(
+        "--modes", default="pytest-django,corral", help="which of pytest-django,corral to run"
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
@@ -109,42 +144,52 @@ def main(argv: list[str] | None = None) -> int:
         PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]),
     )
     corral_env = dict(env, DJ_PORT="1") if args.throwaway else env
-    modes = ("corral",) if args.throwaway else ("pytest-django", "corral")
-    print(f"load average {os.getloadavg()[0]:.1f}, medians of {args.repeat}")
-    print(f"{'case':<44}  {'to first test':>13}  {'db set-up':>9}  {'wall':>8}")
+    modes = [m for m in args.modes.split(",") if m]
+    if args.throwaway:
+        modes = [m for m in modes if m == "corral"]
+    print(f"load average {os.getloadavg()[0]:.1f}, medians of {args.repeat} (min-max)")
+    print(f"{'case':<44}  {'to first test':>13}  {'db set-up':>16}  {'wall':>8}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for size in sizes:
                 for n in workers:
-                    root = Path(tmp) / f"p{size}-{n}-base"
-                    _project(root, size)
-                    base = _median(
-                        [
+                    # Interleaved: each attempt runs every case once, so the machine's load
+                    # swings spread over all of them alike.
+                    base: list[float] = []
+                    times: dict[str, list[tuple[float, float]]] = {}
+                    for attempt in range(args.repeat):
+                        root = Path(tmp) / f"p{size}-{n}-base-{attempt}"
+                        _project(root, size)
+                        base.append(
                             _run(root, env, "-n", str(n), "-p", "no:corral", select="no_db")[0]
-                            for _ in range(args.repeat)
-                        ]
-                    )
-                    label = f"{size} migrations, -n {n}, no database"
-                    print(f"{label:<44}  {base:>11.2f} s  {0:>7.2f} s  {'-':>8}", flush=True)
-                    for mode in modes:
-                        extra = ["-p", "no:corral"] if mode == "pytest-django" else []
-                        mode_env = corral_env if mode == "corral" else env
-                        times: dict[str, list[tuple[float, float]]] = {"first": [], "second": []}
-                        for attempt in range(args.repeat):
+                        )
+                        for mode in modes:
+                            extra = ["-p", "no:corral"] if mode == "pytest-django" else []
+                            mode_env = corral_env if mode == "corral" else env
                             root = Path(tmp) / f"p{size}-{n}-{mode}-{attempt}"
                             _project(root, size)
                             for run in ("first", "second"):
-                                times[run].append(_run(root, mode_env, "-n", str(n), *extra))
-                        for run, pairs in times.items():
-                            to_first = _median([p[0] for p in pairs])
-                            wall = _median([p[1] for p in pairs])
-                            label = f"{size} migrations, -n {n}, {mode}, {run} run"
-                            print(
-                                f"{label:<44}  {to_first:>11.2f} s  {to_first - base:>7.2f} s"
-                                f"  {wall:>6.2f} s",
-                                flush=True,
-                            )
+                                times.setdefault(f"{mode}, {run} run", []).append(
+                                    _run(root, mode_env, "-n", str(n), *extra)
+                                )
+                    baseline = _median(base)
+                    label = f"{size} migrations, -n {n}, no database"
+                    print(
+                        f"{label:<44}  {baseline:>11.2f} s  {_spread(base):>16}  {'-':>8}",
+                        flush=True,
+                    )
+                    for case, pairs in times.items():
+                        to_first = _median([p[0] for p in pairs])
+                        setup = [p[0] - baseline for p in pairs]
+                        wall = _median([p[1] for p in pairs])
+                        label = f"{size} migrations, -n {n}, {case}"
+                        text = f"{_median(setup):.2f} ({_spread(setup)})"
+                        print(
+                            f"{label:<44}  {to_first:>11.2f} s  {text:>16}  {wall:>6.2f} s",
+                            flush=True,
+                        )
     finally:
+        _forget_caches()
         if server is not None:
             server.stop()
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import psycopg
 import pytest
 
 from corral._plugin._django import dump_project
-from corral.postgres import default_cache_dir, drop_database
+from corral.postgres import EphemeralPostgres, default_cache_dir, drop_database
 from tests._inner import RUN_VARIABLES
 from tests.plugin._django_project import (
     TESTS,
@@ -65,9 +66,11 @@ def project(tmp_path: Path) -> Iterator[Path]:
     root = tmp_path / "project"
     write_project(root, token=secrets.token_hex(6))
     yield root
-    # Its own dumps only: other runs (in parallel) keep theirs.
+    # Its own dumps and kept servers only: other runs (in parallel) keep theirs.
     for path in _dump_dir().glob(f"{dump_project(root, ['default'])}-*"):
         path.unlink(missing_ok=True)
+    for path in _snapshots(root):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _dump_dir() -> Path:
@@ -107,18 +110,56 @@ def run(
     return output
 
 
+def _snapshots(root: Path) -> list[Path]:
+    """The data directories kept of the project's throwaway servers."""
+    return list(_dump_dir().glob(f"{dump_project(root, ['default', 'replica'])}-*.pgdata"))
+
+
+def _snapshot_databases(path: Path) -> set[str]:
+    """corral's databases in a kept data directory (started on a copy of it)."""
+    with EphemeralPostgres(seed=path) as server:
+        return _databases(server.dsn)
+
+
 def test_throwaway_server_migrates_once_per_run_then_never(project: Path) -> None:
     output = run(project, "-n", "2")
     assert f"{TESTS} passed" in output
     assert "using corral's throwaway PostgreSQL" in output
     assert "built by migrating" in output
     assert migrate_count(project) == 1  # once for the run, not once per worker
-    assert list(_dump_dir().glob(f"{dump_project(project, ['default'])}-*.dump"))
-    # Second run: the template comes back from the dump the first run kept.
+    # The server's data directory is kept, with the template and without the run's clones.
+    [kept] = _snapshots(project)
+    template = re.search(r"Django template (corral_tpl_\w+) built", output)
+    assert template is not None, output
+    assert _snapshot_databases(kept) == {template.group(1)}
+    # Second run: the server starts from it, template inside (no restore, no migrating).
     output = run(project, "-n", "0")
     assert f"{TESTS} passed" in output
-    assert "(no migrating)" in output
+    assert f"throwaway PostgreSQL started from {kept}" in output
+    assert "reused (no migrating)" in output
     assert migrate_count(project) == 1
+    assert _snapshots(project) == [kept]
+    # A damaged one is not used: the run migrates and keeps a good one in its place.
+    (kept / "global" / "pg_control").unlink()
+    output = run(project, "-n", "0", "-k", "isolated")
+    assert "the kept Django server" in output
+    assert "is unusable, migrating" in output
+    assert migrate_count(project) == 2
+    assert _snapshots(project) == [kept]
+    assert (kept / "global" / "pg_control").is_file()
+    # A half-written one (a writer that died) is never taken for one.
+    partial = kept.with_name(f"{kept.name}.tmp-999999999")
+    kept.rename(partial)
+    output = run(project, "-n", "0", "-k", "isolated")
+    assert "started from" not in output
+    assert migrate_count(project) == 3
+    assert not partial.exists()  # pruned: its writer is gone
+    # One migration changes: another template, hence another kept server.
+    change_migration(project)
+    output = run(project, "-n", "0", "-k", "isolated")
+    assert "started from" not in output
+    assert migrate_count(project) == 4
+    assert len(_snapshots(project)) == 2
 
 
 def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
@@ -138,6 +179,11 @@ def test_corral_dsn_reuses_the_template_and_leaves_no_clone(
     assert f"{TESTS} passed" in output
     assert "reused (no migrating)" in output
     assert migrate_count(project) == 1
+    # The controller cloned the workers' databases while they booted; each worker took
+    # the one made for it (a worker that came first made its own).
+    precloned = re.search(r"django pre-clone \((\d) made, (\d) taken\)", output)
+    assert precloned is not None, output
+    assert precloned.group(1) == precloned.group(2) != "0", output
     assert _clones(dsn) == set()
     # One migration changes: a new template, built once more.
     change_migration(project)

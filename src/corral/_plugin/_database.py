@@ -22,7 +22,7 @@ from corral.broker import Client
 from corral.errors import BrokerError, BrokerTimeout, CorralError
 from corral.postgres import clone_database, database_dsn, drop_database
 
-__all__ = ["HANDOVER_TIMEOUT", "SLOT_KEY", "PreCloner", "WorkerDatabase"]
+__all__ = ["HANDOVER_TIMEOUT", "SLOT_KEY", "PreCloner", "WorkerDatabase", "take_precloned"]
 
 log = logging.getLogger("corral.pytest")
 
@@ -48,6 +48,35 @@ def _handover_keys(name: str, controller_pid: int) -> tuple[str, str, str]:
     """
     tail = f"{controller_pid}:{name}"
     return f"corral:preclone:{tail}", f"corral:claimed:{tail}", f"corral:fresh:{tail}"
+
+
+def take_precloned(client: AnyClient, name: str, controller_pid: int, worker: str) -> bool:
+    """Whether the controller pre-created database *name* (:class:`PreCloner`) and nobody
+    used it yet; False: the caller makes its own.
+
+    Claiming the name first decides who makes it: a worker that wins the claim makes
+    its own and the controller leaves the name alone; one that loses waits on the
+    lock the controller clones under, then consumes the fresh mark, which only the
+    name's first holder finds (a crashed worker's replacement clones afresh).
+    """
+    lock, claim, fresh = _handover_keys(name, controller_pid)
+    try:
+        if client.add(claim, worker, ttl=_KEY_TTL):
+            return False
+    except BrokerError as exc:  # a broker without `add`: the controller could not claim
+        log.debug("no pre-created database for %s: %s", name, exc)
+        return False
+    # No fallback past this point: cloning the name ourselves could race the controller.
+    try:
+        with client.lock(lock, timeout=HANDOVER_TIMEOUT):
+            return bool(client.delete(fresh))
+    except BrokerTimeout as exc:
+        raise CorralError(
+            f"the run's controller has been creating this process's database {name} "
+            f"for over {HANDOVER_TIMEOUT:g} s (CREATE DATABASE is stuck: a session "
+            "connected to the template, or a server that stopped answering); see "
+            "pg_stat_activity, or run with -p no:xdist to take pre-creation out of the way"
+        ) from exc
 
 
 class WorkerDatabase:
@@ -126,34 +155,12 @@ class WorkerDatabase:
                 log.debug("releasing database slot: %s", exc)
 
     def _take_precloned(self) -> bool:
-        """Whether the controller pre-created this slot's database and nobody used it yet.
-
-        Claiming the name first decides who makes it: a worker that wins the claim makes
-        its own and the controller leaves the name alone; one that loses waits on the
-        lock the controller clones under, then consumes the fresh mark, which only the
-        slot's first holder finds (a crashed worker's replacement clones afresh).
-        """
+        """Whether the controller pre-created this slot's database and nobody used it yet
+        (see :func:`take_precloned`)."""
         info = self.info
         if info.broker_url or info.controller_pid == os.getpid():
             return False  # no pre-cloning: a Redis run, or no xdist (this is the controller)
-        lock, claim, fresh = _handover_keys(self.name, info.controller_pid)
-        try:
-            if self.client.add(claim, self.worker, ttl=_KEY_TTL):
-                return False
-        except BrokerError as exc:  # a broker without `add`: the controller could not claim
-            log.debug("no pre-created database for %s: %s", self.name, exc)
-            return False
-        # No fallback past this point: cloning the name ourselves could race the controller.
-        try:
-            with self.client.lock(lock, timeout=HANDOVER_TIMEOUT):
-                return bool(self.client.delete(fresh))
-        except BrokerTimeout as exc:
-            raise CorralError(
-                f"the run's controller has been creating this process's database {self.name} "
-                f"for over {HANDOVER_TIMEOUT:g} s (CREATE DATABASE is stuck: a session "
-                "connected to the template, or a server that stopped answering); see "
-                "pg_stat_activity, or run with -p no:xdist to take pre-creation out of the way"
-            ) from exc
+        return take_precloned(self.client, self.name, info.controller_pid, self.worker)
 
     def _clone(self) -> None:
         info = self.info
@@ -204,12 +211,20 @@ class PreCloner:
     :param info: the run (local broker, database part on).
     :param workers: how many workers xdist starts.
     :param own_slot: the controller's own slot, which no worker will lease.
+    :param jobs: ``(admin DSN, template, database)`` to make instead, in this order, for
+        databases whose names are known in advance (Django's, named after the workers).
     """
 
-    def __init__(self, info: RunInfo, workers: int, own_slot: int | None) -> None:
-        assert info.admin_dsn is not None
-        assert info.template is not None
+    def __init__(
+        self,
+        info: RunInfo,
+        workers: int,
+        own_slot: int | None,
+        *,
+        jobs: list[tuple[str, str, str]] | None = None,
+    ) -> None:
         self.info = info
+        self._jobs = jobs
         self.workers = workers
         self.own_slot = own_slot
         #: The databases made, in order.
@@ -274,17 +289,26 @@ class PreCloner:
             slot += 1
         return free
 
+    def jobs(self, client: Client) -> list[tuple[str, str, str]]:
+        """``(admin DSN, template, database)`` to make, in the order workers need them: the
+        run's template cloned under the names of the slots the workers will lease."""
+        if self._jobs is not None:
+            return list(self._jobs)
+        admin, template = self.info.admin_dsn, self.info.template
+        assert admin is not None
+        assert template is not None
+        return [(admin, template, self.info.clone_name(slot)) for slot in self.slots(client)]
+
     def _run(self) -> None:
         started = time.perf_counter()
         try:
             with Client(self.info.broker_path) as client:
-                for slot in self.slots(client):
+                for admin, template, name in self.jobs(client):
                     if self._stopping.is_set():
                         break
-                    name = self.info.clone_name(slot)
                     self.tried.append(name)
                     try:
-                        self._clone(client, name)
+                        self._clone(client, admin, template, name)
                     except Exception as exc:  # this name only: its worker clones its own
                         self._failed(name, exc)
         except Exception as exc:  # the broker: nothing more can be handed over
@@ -298,15 +322,15 @@ class PreCloner:
         # Once is enough to know why (a server that went away fails every name alike).
         log.log(logging.WARNING if first else logging.DEBUG, "corral: %s failed: %s", what, exc)
 
-    def _clone(self, client: Client, name: str) -> None:
+    def _clone(self, client: Client, admin: str, template: str, name: str) -> None:
         lock, claim, fresh = _handover_keys(name, self.info.controller_pid)
         try:
             with client.lock(lock, timeout=0):
                 if not client.add(claim, "controller", ttl=_KEY_TTL):
                     return  # its worker came first and makes its own
                 clone_database(
-                    self.info.admin_dsn,  # type: ignore[arg-type]
-                    self.info.template,  # type: ignore[arg-type]
+                    admin,
+                    template,
                     name,
                     owner_pid=self.info.controller_pid,
                     run_id=self.info.run_id,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from corral._plugin._django_info import DjangoInfo
 from corral.errors import CorralError, TemplateBuildError
 
 if TYPE_CHECKING:
+    from corral._plugin._database import PreCloner
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
 
@@ -37,6 +39,7 @@ __all__ = [
     "configure",
     "dump_project",
     "prune_dumps",
+    "prune_snapshots",
 ]
 
 log = logging.getLogger("corral.pytest")
@@ -49,6 +52,8 @@ _PROBE_TIMEOUT = 3
 DUMPS_KEPT = 3
 #: Seconds after which an unused dump goes (30 days).
 DUMP_MAX_AGE = 30 * 24 * 3600.0
+#: Bump when what a kept throwaway server's data directory holds changes.
+_SNAPSHOT_FORMAT = 1
 
 
 def configure(config: pytest.Config, process: CorralProcess) -> None:
@@ -104,6 +109,16 @@ class DjangoHooks:
         self._exported = False
         #: Dumps of built templates still being written: (pg_dump, partial file, target).
         self._dumps: list[tuple[subprocess.Popen[str], Path, Path]] = []
+        #: The xdist controller's thread that clones the workers' databases while they boot.
+        self.precloner: PreCloner | None = None
+        #: Of those, how many the workers took (what they report when they end).
+        self.taken = 0
+        #: The templates this run needs (known before any server starts).
+        self._wanted: list[str] = []
+        #: Where the data directory of Django's own throwaway server is kept for the next
+        #: run (None: no such server), and whether this run built a template there.
+        self._snapshot: Path | None = None
+        self._built_own = False
 
     # ------------------------------------------------------------------ controller
 
@@ -127,12 +142,15 @@ class DjangoHooks:
             return
         no_migrations = bool(self.config.getvalue("nomigrations"))
         watch = self.process.settings.watch
-        servers = self._servers([g.aliases[0] for g in groups])
         started = time.perf_counter()
+        # Hashed first: a throwaway server can then start from a snapshot holding them.
+        digests = [template_hash(g, no_migrations=no_migrations, watch=watch) for g in groups]
+        self._wanted = sorted("corral_tpl_" + digest[:24] for digest in digests)
+        self.timings["django hash"] = time.perf_counter() - started
+        servers = self._servers([g.aliases[0] for g in groups])
         entries: list[dict[str, Any]] = []
-        for group in groups:
+        for group, digest in zip(groups, digests, strict=True):
             admin, overrides = servers[group.aliases[0]]
-            digest = template_hash(group, no_migrations=no_migrations, watch=watch)
             try:
                 base_template, encoding = creation_options(group.aliases[0])
             except ImproperlyConfigured as exc:
@@ -150,7 +168,6 @@ class DjangoHooks:
                     "encoding": encoding,
                 }
             )
-        self.timings["django hash"] = time.perf_counter() - started
         started = time.perf_counter()
         self._templates(entries, mirrors, no_migrations)
         self.timings["django templates"] = time.perf_counter() - started
@@ -210,7 +227,13 @@ class DjangoHooks:
 
             started = time.perf_counter()
             try:
-                self.server = EphemeralPostgres().start()
+                server = EphemeralPostgres()
+                self._snapshot = self._snapshot_path(server)
+                seeded = self._start_from_snapshot(self._snapshot, server.bindir)
+                if seeded:
+                    self.timings["postgres start (snapshot)"] = time.perf_counter() - started
+                    return seeded
+                self.server = server.start()
             except CorralError as exc:
                 raise pytest.UsageError(
                     f"corral: no database server reachable from Django's settings, and a "
@@ -219,6 +242,42 @@ class DjangoHooks:
                 ) from exc
             self.timings["postgres start"] = time.perf_counter() - started
         return self.server.dsn
+
+    def _snapshot_path(self, server: EphemeralPostgres) -> Path:
+        """``~/.cache/corral/django/<project>-<key>.pgdata``: the data directory of a
+        throwaway server holding this run's templates; the key hashes the templates' names
+        (hashes of what defines them) and the installation and OS user that run it."""
+        from corral.postgres._cache import cache_root
+
+        aliases = sorted(_all_aliases())
+        project = dump_project(self.config.rootpath, aliases)
+        binaries, user = server.binaries, server.server_user
+        installation = [binaries.version_string, str(binaries.bindir), user.uid]
+        material = json.dumps([_SNAPSHOT_FORMAT, self._wanted, *installation])
+        key = hashlib.sha256(material.encode()).hexdigest()[:16]
+        return cache_root() / "django" / f"{project}-{key}.pgdata"
+
+    def _start_from_snapshot(self, path: Path, bindir: Path) -> str | None:
+        """Start corral's throwaway server from the data directory *path* an earlier run
+        kept with these very templates inside (no restore, no migrating); None when there
+        is none or it does not start (then it is removed)."""
+        from corral.postgres import EphemeralPostgres
+
+        if not (path / "PG_VERSION").is_file():
+            return None
+        server = EphemeralPostgres(seed=path, bindir=bindir)
+        try:
+            server.start()  # a missing template is built (and the copy replaced at the end)
+        except Exception as exc:
+            server.stop()
+            log.warning("corral: the kept Django server %s is unusable, migrating: %s", path, exc)
+            shutil.rmtree(path, ignore_errors=True)
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used: what pruning keeps
+        self.server, self._snapshot = server, path
+        self.notes.append(f"corral: Django's throwaway PostgreSQL started from {path}")
+        return server.dsn
 
     def _own_server(self, admin: str) -> EphemeralPostgres | None:
         """The throwaway server behind *admin*, when corral started it for this run."""
@@ -275,8 +334,8 @@ class DjangoHooks:
         corral's throwaway server (None on another server: the template stays there).
         ``<project>`` tells this project's test database from others' when pruning."""
         server = self._own_server(entry["admin_dsn"])
-        if server is None:
-            return None
+        if server is None or server is self.server:
+            return None  # Django's own server: its data directory is kept (stop())
         from corral.postgres._cache import cache_root
 
         project = dump_project(self.config.rootpath, entry["aliases"])
@@ -366,6 +425,8 @@ class DjangoHooks:
             ) from None
         for entry in entries:
             self._start_dump(entry)
+        if self.server is not None and first["admin_dsn"] == self.server.dsn:
+            self._built_own = True  # worth keeping the server's data directory
 
     def _start_dump(self, entry: dict[str, Any]) -> None:
         """Keep a built template of corral's throwaway server as a dump for the next run,
@@ -405,13 +466,19 @@ class DjangoHooks:
     def stop(self) -> None:
         """Drop this run's Django clones (the workers are done), stop a server we started."""
         info, self.info = self.info, None
+        snapshot, self._snapshot = self._snapshot, None
+        if info is None or not self._built_own:
+            snapshot = None  # nothing new to keep
         if info is not None:
-            self._drop_clones(info)
+            self._drop_clones(info, own=snapshot is not None)
         self._finish_dumps()
         server, self.server = self.server, None
         if server is not None:
             try:
-                server.stop()
+                if snapshot is not None:
+                    self._keep(server, snapshot)
+                else:
+                    server.stop()
             except Exception as exc:
                 log.debug("stopping the throwaway server: %s", exc)
         if self._exported:
@@ -421,13 +488,23 @@ class DjangoHooks:
             else:
                 os.environ[ENV_DJANGO] = self._env_saved
 
-    def _drop_clones(self, info: DjangoInfo) -> None:
+    def _keep(self, server: EphemeralPostgres, snapshot: Path) -> None:
+        """Stop Django's throwaway server keeping its data directory (templates only: the
+        clones are dropped) for the next run with the same templates."""
+        started = time.perf_counter()
+        if server.stop_keeping(snapshot):
+            self.timings["django keep server"] = time.perf_counter() - started
+            prune_snapshots(snapshot.parent)
+
+    def _drop_clones(self, info: DjangoInfo, *, own: bool = False) -> None:
+        """Drop the run's clones; on corral's own server only with *own* (else they go with
+        the server)."""
         from corral.postgres import drop_database
         from corral.postgres._databases import controller_clones
 
         started = time.perf_counter()
         for admin in dict.fromkeys(entry["admin_dsn"] for entry in info.groups):
-            if self._own_server(admin) is not None:
+            if self._own_server(admin) is not None and not own:
                 continue  # goes with the server
             try:
                 names = [
@@ -452,6 +529,52 @@ class DjangoHooks:
         info = DjangoInfo.from_json(text)
         if info.run_id == run.run_id and info.controller_pid == run.controller_pid:
             self.info = info
+
+    # ------------------------------------------------------------------ xdist (controller)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_setupnodes(self, specs: list[Any]) -> None:
+        """Before the first worker is spawned: clone each worker's databases meanwhile (as
+        :class:`~corral._plugin._database.PreCloner` does for corral's own database)."""
+        run = self.process.info
+        if self.info is None or self.precloner is not None or run is None or run.broker_url:
+            return  # a Redis run's workers may be on other machines
+        names = [str(spec.id) for spec in specs if getattr(spec, "id", None)]
+        if not names:
+            return
+        from corral._plugin._database import PreCloner
+
+        jobs = [
+            (entry["admin_dsn"], entry["template"], self.info.clone_name(index, worker))
+            for worker in names  # worker by worker: each needs all of its databases
+            for index, entry in enumerate(self.info.groups)
+        ]
+        self.precloner = PreCloner(run, len(names), None, jobs=jobs)
+        # Runs before stop() (LIFO), which drops the run's clones: none may come after.
+        self.config.add_cleanup(self._stop_precloner)
+        self.precloner.start()
+
+    def _stop_precloner(self) -> None:
+        if self.precloner is not None and not self.precloner.stop():
+            log.warning("corral: pre-creating the workers' Django databases did not stop in time")
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        output = getattr(node, "workeroutput", None) or {}
+        taken = output.get("corral_django_precloned")
+        if isinstance(taken, int):
+            self.taken += taken
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self) -> None:
+        precloner = self.precloner
+        if precloner is None:
+            return
+        self._stop_precloner()
+        precloner.forget()
+        if precloner.seconds is not None:
+            made = len(precloner.made)
+            self.timings[f"django pre-clone ({made} made, {self.taken} taken)"] = precloner.seconds
 
     # ------------------------------------------------------------------ hooks
 
@@ -484,6 +607,27 @@ def prune_dumps(directory: Path, now: float | None = None) -> list[Path]:
     return prune(
         directory, keep=DUMPS_KEPT, max_age=DUMP_MAX_AGE, key=project, suffix=".dump", now=now
     )
+
+
+def prune_snapshots(directory: Path, now: float | None = None) -> list[Path]:
+    """Keep the kept throwaway servers few: the newest :data:`DUMPS_KEPT` per project,
+    none unused for :data:`DUMP_MAX_AGE`."""
+    from corral.postgres._cache import prune
+
+    return prune(
+        directory,
+        keep=DUMPS_KEPT,
+        max_age=DUMP_MAX_AGE,
+        key=lambda path: path.name.split("-")[0],
+        suffix=".pgdata",
+        now=now,
+    )
+
+
+def _all_aliases() -> list[str]:
+    from django.conf import settings
+
+    return list(settings.DATABASES)
 
 
 def _why_not(config: pytest.Config) -> str:

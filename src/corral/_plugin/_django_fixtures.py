@@ -8,13 +8,14 @@ gets this one as its parent, as it would get pytest-django's.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from corral._plugin._django_info import DjangoInfo
-from corral._plugin._process import worker_name
+from corral._plugin._process import STATE, worker_name
 
 __all__ = ["django_db_setup"]
 
@@ -38,10 +39,14 @@ def _used_aliases(items: Sequence[pytest.Item]) -> set[str] | None:
 class _Databases:
     """The clones of one test process, pointed at by Django's connections."""
 
-    def __init__(self, info: DjangoInfo, verbosity: int) -> None:
+    def __init__(self, info: DjangoInfo, verbosity: int, handover: Any = None) -> None:
         self.info = info
         self.verbosity = verbosity
+        #: ``(broker client, worker)`` when the controller may have pre-created the clones.
+        self.handover = handover
         self.clones: list[tuple[str, str]] = []  # (admin dsn, name)
+        #: How many clones the controller had made for this process.
+        self.precloned = 0
         self.others: Any = None
 
     def setup(self, used: set[str] | None, keepdb: bool) -> None:
@@ -66,8 +71,13 @@ class _Databases:
                 continue
             admin, template = entry["admin_dsn"], entry["template"]
             name = info.clone_name(index, worker)
-            drop_database(admin, name)  # a replaced worker's leftover
-            clone_database(admin, template, name, owner_pid=info.controller_pid, run_id=info.run_id)
+            if self._take_precloned(name):
+                self.precloned += 1
+            else:
+                drop_database(admin, name)  # a replaced worker's leftover
+                clone_database(
+                    admin, template, name, owner_pid=info.controller_pid, run_id=info.run_id
+                )
             self.clones.append((admin, name))
             for alias in aliases:
                 connections[alias].close()
@@ -90,6 +100,14 @@ class _Databases:
             overrides = by_alias[target]["overrides"] if target in by_alias else {}
             point_at(connections[alias].settings_dict, primary["NAME"], overrides)
 
+    def _take_precloned(self, name: str) -> bool:
+        if self.handover is None:
+            return False
+        from corral._plugin._database import take_precloned
+
+        client, worker = self.handover
+        return take_precloned(client, name, self.info.controller_pid, worker)
+
     def teardown(self, keepdb: bool) -> None:
         from django.db import connections
         from django.test.utils import teardown_databases
@@ -99,6 +117,17 @@ class _Databases:
         if self.others is not None and not keepdb:
             teardown_databases(self.others, verbosity=self.verbosity)
         # The clones are dropped by the controller at the end of the run, all at once.
+
+
+def _handover(config: pytest.Config) -> tuple[Any, str] | None:
+    """``(broker client, worker name)`` of an xdist worker whose controller may pre-create
+    its clones (a local broker's run); None: this process makes its own."""
+    process = config.stash.get(STATE, None)
+    run = process.info if process is not None else None
+    if process is None or run is None or run.broker_url or not hasattr(config, "workerinput"):
+        return None
+    client = process.broker_client()
+    return None if client is None else (client, f"{process.identity}@{os.getpid()}")
 
 
 @pytest.fixture(scope="session")
@@ -119,9 +148,12 @@ def django_db_setup(
         from corral._plugin._django_setup import disable_migrations
 
         disable_migrations()  # as pytest-django does: the template was built so too
-    databases = _Databases(info, int(request.config.option.verbose))
+    databases = _Databases(info, int(request.config.option.verbose), _handover(request.config))
     with django_db_blocker.unblock():
         databases.setup(_used_aliases(request.session.items), keepdb)
+    workeroutput = getattr(request.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["corral_django_precloned"] = databases.precloned
     yield
     with django_db_blocker.unblock():
         databases.teardown(keepdb)

@@ -99,6 +99,8 @@ class EphemeralPostgres(Running):
         removed by :meth:`stop`).
     :param start_timeout: seconds to wait for the server to accept connections.
     :param watchdog: stop the server when this process dies (recommended).
+    :param seed: start from a copy of this data directory (one :meth:`stop_keeping` kept,
+        of the same installation) instead of a fresh cluster; the caller checks it fits.
     """
 
     #: the settings every server starts with (see ``settings`` to change them).
@@ -121,7 +123,9 @@ class EphemeralPostgres(Running):
         log_path: str | os.PathLike[str] | None = None,
         start_timeout: float = 30.0,
         watchdog: bool = True,
+        seed: str | os.PathLike[str] | None = None,
     ) -> None:
+        self._seed = Path(seed) if seed is not None else None
         self._bindir_arg = bindir
         self._version_arg = version
         self._port_arg = port
@@ -319,15 +323,19 @@ class EphemeralPostgres(Running):
         }
         _runtime.write_owner(run_dir, **owner)
         user.chown(run_dir)
-        self.cache_hit = _cache.materialize(
-            binaries,
-            user,
-            run_dir / "data",
-            extra_args=self._initdb_args,
-            cache_dir=self._cache_dir,
-            use_cache=self._use_cache,
-            identity=self.binaries,
-        )
+        if self._seed is not None:
+            _cache.copy_tree(self._seed, run_dir / "data", user)
+            self.cache_hit = True
+        else:
+            self.cache_hit = _cache.materialize(
+                binaries,
+                user,
+                run_dir / "data",
+                extra_args=self._initdb_args,
+                cache_dir=self._cache_dir,
+                use_cache=self._use_cache,
+                identity=self.binaries,
+            )
         self._log_path = self._log_arg or run_dir / "postgres.log"
         if self.tcp:
             hba = run_dir / "pg_hba.conf"
@@ -456,6 +464,38 @@ class EphemeralPostgres(Running):
             # A forked child inherited this object: the server belongs to the parent.
             return
         self._teardown()
+
+    def stop_keeping(self, target: Path) -> bool:
+        """Stop the server (a clean shutdown), keep a copy of its data directory at
+        *target* (written beside it, then renamed: never half there), then :meth:`stop`.
+        True when kept; the copy can seed a later server (``seed=``).
+        """
+        if self._owner_pid and self._owner_pid != os.getpid():
+            return False
+        process, run_dir = self._process, self._run_dir
+        kept = False
+        try:
+            if process is None or run_dir is None or process.poll() is not None:
+                return False
+            self._stop_processes()
+            clean = process.returncode == 0 and not (run_dir / "data" / "postmaster.pid").exists()
+            if not clean:
+                log.debug("server %d did not shut down cleanly: nothing kept", process.pid)
+                return False
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                _cache.copy_tree(run_dir / "data", staging, self.server_user)
+                shutil.rmtree(target, ignore_errors=True)
+                os.rename(staging, target)
+                kept = True
+            except OSError as exc:
+                log.warning("could not keep the data directory in %s: %s", target, exc)
+                shutil.rmtree(staging, ignore_errors=True)
+            return kept
+        finally:
+            self._teardown()
 
     def _stop_processes(self) -> None:
         process, self._process = self._process, None
