@@ -82,17 +82,17 @@ PLUGIN_IMPORTS = {
     "corral._plugin._warnings",
     "corral.pytest_plugin",
 }
-# What a run without a database adds to them: the glue of the plugins it finds installed,
-# and in the controller the broker's socket, bound for whoever connects (its server
-# starts then) and the floors check.
+# What a run without a database adds to them: the glue of the plugins it finds installed
+# (the version table picks pytest-asyncio's), and in the controller the broker's socket,
+# bound for whoever connects (its server starts then), and the floors check.
 NO_DATABASE_RUN_IMPORTS = PLUGIN_IMPORTS | {
     "corral._plugin._anyio",
     "corral._plugin._asyncio",
     "corral._plugin._xdist",
+    "corral._versions",
 }
 NO_DATABASE_CONTROLLER_IMPORTS = NO_DATABASE_RUN_IMPORTS | {
     "corral._plugin._lazybroker",
-    "corral._versions",
     "corral.broker",
     "corral.broker._socketfile",
 }
