@@ -48,6 +48,14 @@ class Twin:
 
 TWINS = (
     Twin(
+        "src/corral/broker/_common_async.py",
+        "src/corral/broker/_common_sync.py",
+        phrases=(
+            ("\n\nThe blocking twin, :mod:`._common_sync`, is generated from this module.\n", ""),
+            (" (an async *compute* is awaited)", ""),
+        ),
+    ),
+    Twin(
         "src/corral/broker/_api_async.py",
         "src/corral/broker/_api_sync.py",
         phrases=(
@@ -119,6 +127,8 @@ NAMES = {
     "_api_async": "_api_sync",
     "AsyncClosing": "Closing",
     "AsyncClientAPI": "ClientAPI",
+    "AsyncOnceAPI": "OnceAPI",
+    "_common_async": "_common_sync",
     "AsyncRedisClient": "RedisClient",
     "AsyncSession": "SyncSession",
     "AsyncClient": "Client",

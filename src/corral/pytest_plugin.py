@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from corral._plugin._process import STATE, CorralProcess, worker_name
+from corral._plugin._process import STATE, CorralProcess, sandbox_manager, worker_name
 from corral._plugin._run import RunInfo
 from corral._plugin._settings import add_options
 from corral._plugin._warnings import WrongDatabaseWarning
@@ -236,11 +236,11 @@ def _process(request: pytest.FixtureRequest) -> CorralProcess:
 
 def _scope_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
     """An outer sandbox for one fixture scope: its fixtures' data, rolled back at its end."""
-    process = request.config.stash.get(STATE, None)
-    if process is None or process.manager is None or not process.manager.wants_scope(request):
+    manager = sandbox_manager(request, scope=True)
+    if manager is None:
         yield
         return
-    with process.manager.scope():
+    with manager.scope():
         yield
 
 
@@ -259,11 +259,11 @@ _corral_class_sandbox = _scope_fixture("class")
 @pytest.fixture(autouse=True)
 def _corral_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
     """A sandbox around every test (sync handles; async ones open inside the test)."""
-    process = request.config.stash.get(STATE, None)
-    if process is None or process.manager is None:
+    manager = sandbox_manager(request)
+    if manager is None:
         yield
         return
-    with process.manager.around(request.node):
+    with manager.around(request.node):
         yield
 
 

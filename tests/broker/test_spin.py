@@ -217,6 +217,16 @@ def test_client_and_broker_in_one_process_never_spin() -> None:
     assert not _local_fds(broker)
 
 
+def test_a_clients_extra_connections_keep_its_spin_budget() -> None:
+    # Requests that wait (lock, acquire, once, ...) run on extra connections of the client:
+    # Client(spin=0) must not busy-poll there with the default budget.
+    with Broker(require_ttl=False) as broker, Client(broker.path, spin=0) as c:
+        with c.lock("l"):
+            pass
+        assert c._spares
+        assert [spare._spin_budget for spare in c._spares] == [0.0]
+
+
 @linux_only
 def test_a_client_in_another_process_spins_and_is_answered() -> None:
     code = (

@@ -222,6 +222,21 @@ def test_the_settings_own_server_is_used_when_it_answers(project: Path) -> None:
             drop_database(_SETTINGS_SERVER, name)
 
 
+def test_no_server_and_no_postgresql_to_start_says_what_to_do(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The settings' server does not answer (port 1) and no PostgreSQL can be started: the
+    # error is the one the non-Django run gives (docs/troubleshooting.md), with the cause.
+    monkeypatch.setenv("CORRAL_PG_BINDIR", str(project / "no-postgres-here"))
+    output = run(project, expect=4)
+    assert (
+        "corral: cannot start a throwaway PostgreSQL (no database server answers at "
+        "Django's settings): "
+    ) in output
+    assert "CORRAL_PG_BINDIR" in output
+    assert "Point corral at a server instead: --corral-dsn / corral_dsn / CORRAL_DSN" in output
+
+
 def test_a_failing_migration_fails_the_run_once_before_any_worker(
     project: Path, server_templates: str
 ) -> None:

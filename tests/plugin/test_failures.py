@@ -56,6 +56,20 @@ def test_unknown_schema_path_is_a_usage_error(inner: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*corral_schema: 'missing.sql' does not exist*"])
 
 
+def test_no_postgresql_to_start_is_a_usage_error_that_says_what_to_do(
+    inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_PG_BINDIR", str(inner.path / "no-postgres-here"))
+    result = inner.runpytest_subprocess("-n", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            "*corral: cannot start a throwaway PostgreSQL: *CORRAL_PG_BINDIR*",
+            "Point corral at a server instead: --corral-dsn / corral_dsn / CORRAL_DSN",
+        ]
+    )
+
+
 @pytest.mark.slow
 def test_ctrl_c_leaves_nothing_and_reports_holdings(
     inner: pytest.Pytester, monkeypatch: pytest.MonkeyPatch

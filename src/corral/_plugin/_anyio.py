@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from corral._plugin._process import STATE
+from corral._plugin._process import sandbox_manager
 
 __all__ = ["FIXTURE", "pytest_runtest_setup", "supported"]
 
@@ -39,11 +39,10 @@ def supported() -> bool:
 @pytest.fixture(name=FIXTURE)
 async def _corral_anyio_sandbox(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     # Run by anyio's runner (it wraps every async fixture of a test using anyio_backend).
-    process = request.config.stash.get(STATE, None)
-    if process is None or process.manager is None:
+    manager = sandbox_manager(request)
+    if manager is None:
         yield
         return
-    manager = process.manager
     with manager.sync_sandboxes_here(request.node):
         opened = await manager.open_async(request.node)
         try:

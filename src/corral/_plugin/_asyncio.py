@@ -15,7 +15,7 @@ from typing import Any, Literal
 import pytest
 import pytest_asyncio
 
-from corral._plugin._process import STATE
+from corral._plugin._process import sandbox_manager
 
 __all__ = ["pytest_runtest_setup"]
 
@@ -30,15 +30,15 @@ def _fixture_name(loop_scope: str) -> str:
 def _make(loop_scope: _Scope) -> Any:
     @pytest_asyncio.fixture(loop_scope=loop_scope, name=_fixture_name(loop_scope))
     async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-        process = request.config.stash.get(STATE, None)
-        if process is None or process.manager is None:
+        manager = sandbox_manager(request)
+        if manager is None:
             yield
             return
-        opened = await process.manager.open_async(request.node)
+        opened = await manager.open_async(request.node)
         try:
             yield
         finally:
-            await process.manager.close_async(opened)
+            await manager.close_async(opened)
 
     return sandbox
 
@@ -57,15 +57,15 @@ def _scope_name(scope: str, loop_scope: str) -> str:
 def _make_scope(scope: _Scope, loop_scope: _Scope) -> Any:
     @pytest_asyncio.fixture(scope=scope, loop_scope=loop_scope, name=_scope_name(scope, loop_scope))
     async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-        process = request.config.stash.get(STATE, None)
-        if process is None or process.manager is None or not process.manager.wants_scope(request):
+        manager = sandbox_manager(request, scope=True)
+        if manager is None:
             yield
             return
-        opened = await process.manager.open_scope_async()
+        opened = await manager.open_scope_async()
         try:
             yield
         finally:
-            await process.manager.close_scope_async(opened)
+            await manager.close_scope_async(opened)
 
     return sandbox
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import pytest
 
-from corral._plugin._process import STATE
+from corral._plugin._process import STATE, sandbox_manager
 from corral._versions import ASYNCIO_GLUE, installed
 
 __all__ = ["FIXTURE", "pytest_runtest_setup"]
@@ -83,12 +83,12 @@ def _loop_fixture(node: pytest.Item | pytest.Collector, loop_scope: str) -> str 
 
 @pytest.fixture(name=FIXTURE)
 def _corral_async_sandbox_legacy(request: pytest.FixtureRequest) -> Iterator[None]:
-    process = request.config.stash.get(STATE, None)
-    if process is None or process.manager is None:
+    manager = sandbox_manager(request)
+    if manager is None:
         yield
         return
     loop = request.getfixturevalue(request.node.stash.get(_LOOP, "event_loop"))
-    with process.manager.opened_on(loop, request.node):
+    with manager.opened_on(loop, request.node):
         yield
 
 
@@ -99,17 +99,12 @@ def _scope_name(scope: str, loop_scope: str) -> str:
 def _make_scope(scope: _Scope, loop_scope: _Scope) -> Any:
     @pytest.fixture(scope=scope, name=_scope_name(scope, loop_scope))
     def sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
-        process = request.config.stash.get(STATE, None)
+        manager = sandbox_manager(request)
         name = _loop_fixture(request.node, loop_scope)
-        if (
-            process is None
-            or process.manager is None
-            or name is None
-            or not process.manager.wants_scope(request)
-        ):
+        if manager is None or name is None or not manager.wants_scope(request):
             yield
             return
-        with process.manager.scope_opened_on(request.getfixturevalue(name)):
+        with manager.scope_opened_on(request.getfixturevalue(name)):
             yield
 
     return sandbox

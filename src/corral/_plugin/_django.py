@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from corral._plugin._django_info import DjangoInfo
+from corral._plugin._run import no_throwaway
 from corral.errors import CorralError, TemplateBuildError
 
 if TYPE_CHECKING:
@@ -235,11 +236,8 @@ class DjangoHooks:
                     return seeded
                 self.server = server.start()
             except CorralError as exc:
-                raise pytest.UsageError(
-                    f"corral: no database server reachable from Django's settings, and a "
-                    f"throwaway PostgreSQL could not start: {exc}\n"
-                    "Point corral at a server: --corral-dsn / corral_dsn / CORRAL_DSN"
-                ) from exc
+                why = " (no database server answers at Django's settings)"
+                raise no_throwaway(exc, why) from exc
             self.timings["postgres start"] = time.perf_counter() - started
         return self.server.dsn
 

@@ -303,3 +303,16 @@ class CorralProcess:
 
 
 STATE = pytest.StashKey[CorralProcess]()
+
+
+def sandbox_manager(
+    request: pytest.FixtureRequest, *, scope: bool = False
+) -> SandboxManager | None:
+    """This process's sandbox manager, for a sandbox fixture; None when there is none (the
+    plugin off, no database and no sandboxed handle) or, with *scope*, when the fixture's
+    scope gets no sandbox level of its own (:meth:`SandboxManager.wants_scope`)."""
+    process = request.config.stash.get(STATE, None)
+    manager = None if process is None else process.manager
+    if manager is None or (scope and not manager.wants_scope(request)):
+        return None
+    return manager

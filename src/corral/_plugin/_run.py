@@ -265,10 +265,7 @@ class Run:
             # and the socket directory in their query is what libpq and SQLAlchemy use.
             self.server = EphemeralPostgres(tcp=True).start()
         except CorralError as exc:
-            raise pytest.UsageError(
-                f"corral: cannot start a throwaway PostgreSQL: {exc}\n"
-                "Point corral at a server instead: --corral-dsn / corral_dsn / CORRAL_DSN"
-            ) from exc
+            raise no_throwaway(exc) from exc
         self.timings["postgres start"] = time.perf_counter() - started
         return self.server.url
 
@@ -420,6 +417,15 @@ class Run:
         if broker is None or not broker.running:
             return []
         return broker.holdings()
+
+
+def no_throwaway(exc: Exception, why: str = "") -> pytest.UsageError:
+    """The error of a run that needs a throwaway PostgreSQL and cannot start one (*exc*
+    says why: no binaries, initdb failed ...); *why* the run needed it, in parentheses."""
+    return pytest.UsageError(
+        f"corral: cannot start a throwaway PostgreSQL{why}: {exc}\n"
+        "Point corral at a server instead: --corral-dsn / corral_dsn / CORRAL_DSN"
+    )
 
 
 def _redact(dsn: str) -> str:

@@ -277,6 +277,15 @@ class SandboxManager:
         return (scope, node.nodeid) in self._scopes
 
     @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Add the block's time to :attr:`seconds` (what the sandboxes cost the run)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    @contextlib.contextmanager
     def scope(self) -> Iterator[None]:
         """An outer sandbox level on every sync handle for one fixture scope (session,
         package, module, class): that scope's fixtures write inside it, each test nests
@@ -285,15 +294,12 @@ class SandboxManager:
             yield
             return
         opened: list[tuple[AnyController, Any, int]] = []
-        started = time.perf_counter()
-        try:
+        with self._timed():
             for controller in _candidates(is_async=False):
                 controller.create_sandbox()
                 controller.share()
                 box = controller._router.owned()
                 opened.append((controller, box, box.plan.depth if box is not None else 0))
-        finally:
-            self.seconds += time.perf_counter() - started
         try:
             yield
         finally:
@@ -324,26 +330,24 @@ class SandboxManager:
         # exist now: handles the test's own fixtures create are those fixtures' business.
         item.stash[_ASYNC_HANDLES] = [weakref.ref(c) for c in _candidates(is_async=True)]
         opened: list[AnyController] = []
-        started = time.perf_counter()
         try:
-            for controller in _candidates(is_async=False):
-                controller.create_sandbox()
-                opened.append(controller)
-                # One test at a time per process: threads and executors with no sandbox
-                # of their own (a TestClient's, a server's) join this test's.
-                controller.share()
-            item.stash[_SYNC_BOXES] = [(c, c._router.owned()) for c in opened]
-            self.seconds += time.perf_counter() - started
+            with self._timed():
+                for controller in _candidates(is_async=False):
+                    controller.create_sandbox()
+                    opened.append(controller)
+                    # One test at a time per process: threads and executors with no sandbox
+                    # of their own (a TestClient's, a server's) join this test's.
+                    controller.share()
+                item.stash[_SYNC_BOXES] = [(c, c._router.owned()) for c in opened]
             for controller, box in item.stash[_SYNC_BOXES]:
                 if self._unchecked(controller):
                     self._compare(item, controller, _dbname(getattr(box, "real", None)))
             yield
         finally:
             item.stash[_SYNC_BOXES] = []  # items live as long as the session: no references
-            started = time.perf_counter()
-            errors = [e for e in (self._close_sync(c) for c in reversed(opened)) if e]
-            self.opened += len(opened)
-            self.seconds += time.perf_counter() - started
+            with self._timed():
+                errors = [e for e in (self._close_sync(c) for c in reversed(opened)) if e]
+                self.opened += len(opened)
             if errors:
                 raise errors[0]
 
@@ -481,31 +485,29 @@ class SandboxManager:
             return []
         item.stash[_ASYNC_OPENED] = True
         opened: list[AnyController] = []
-        started = time.perf_counter()
-        try:
-            for ref in item.stash.get(_ASYNC_HANDLES, []):
-                controller = ref()
-                if controller is None or _closed(controller) or _on_another_loop(controller):
-                    continue
-                outer: Any = controller._router.owned()
-                # A scope's sandbox on another loop (a test on a loop of its own) cannot
-                # be nested in: the test gets an independent one.
-                nest = outer is None or outer.loop is asyncio.get_running_loop()
-                await controller.create_sandbox(nest=nest)  # type: ignore[misc]
-                opened.append(controller)
-                if self._unchecked(controller):
-                    box = controller._router.owned()
-                    real: Any = getattr(box, "real", None)
-                    name = _dbname(real)
-                    if name is None and hasattr(real, "fetchval"):  # asyncpg: ask, once
-                        name = await real.fetchval("SELECT current_database()")
-                    self._compare(item, controller, name)
-                controller.share()  # tasks of this loop started with a context of their own
-        except BaseException:
-            await self.close_async(opened)
-            raise
-        finally:
-            self.seconds += time.perf_counter() - started
+        with self._timed():
+            try:
+                for ref in item.stash.get(_ASYNC_HANDLES, []):
+                    controller = ref()
+                    if controller is None or _closed(controller) or _on_another_loop(controller):
+                        continue
+                    outer: Any = controller._router.owned()
+                    # A scope's sandbox on another loop (a test on a loop of its own) cannot
+                    # be nested in: the test gets an independent one.
+                    nest = outer is None or outer.loop is asyncio.get_running_loop()
+                    await controller.create_sandbox(nest=nest)  # type: ignore[misc]
+                    opened.append(controller)
+                    if self._unchecked(controller):
+                        box = controller._router.owned()
+                        real: Any = getattr(box, "real", None)
+                        name = _dbname(real)
+                        if name is None and hasattr(real, "fetchval"):  # asyncpg: ask, once
+                            name = await real.fetchval("SELECT current_database()")
+                        self._compare(item, controller, name)
+                    controller.share()  # tasks of this loop started with a context of their own
+            except BaseException:
+                await self.close_async(opened)
+                raise
         return opened
 
     @contextlib.contextmanager
@@ -534,20 +536,18 @@ class SandboxManager:
             return []
         opened: list[_Level] = []
         self._async_scopes.append((asyncio.get_running_loop(), opened))
-        started = time.perf_counter()
-        try:
-            for controller in _candidates(is_async=True):
-                if _on_another_loop(controller) or not controller.sandboxing:
-                    continue
-                await controller.create_sandbox()  # type: ignore[misc]
-                controller.share()
-                box: Any = controller._router.owned()
-                opened.append((controller, box, box.plan.depth if box is not None else 0))
-        except BaseException:
-            await self.close_scope_async(opened)
-            raise
-        finally:
-            self.seconds += time.perf_counter() - started
+        with self._timed():
+            try:
+                for controller in _candidates(is_async=True):
+                    if _on_another_loop(controller) or not controller.sandboxing:
+                        continue
+                    await controller.create_sandbox()  # type: ignore[misc]
+                    controller.share()
+                    box: Any = controller._router.owned()
+                    opened.append((controller, box, box.plan.depth if box is not None else 0))
+            except BaseException:
+                await self.close_scope_async(opened)
+                raise
         return opened
 
     async def close_scope_async(self, opened: list[_Level]) -> None:
@@ -566,15 +566,14 @@ class SandboxManager:
 
     async def close_async(self, opened: list[AnyController]) -> None:
         """Roll back what :meth:`open_async` opened (all of it, even if one fails)."""
-        started = time.perf_counter()
         first: BaseException | None = None
-        for controller in reversed(opened):
-            try:
-                await controller.close_sandbox()  # type: ignore[misc]
-            except Exception as exc:
-                first = first or exc
-        self.opened += len(opened)
-        self.seconds += time.perf_counter() - started
+        with self._timed():
+            for controller in reversed(opened):
+                try:
+                    await controller.close_sandbox()  # type: ignore[misc]
+                except Exception as exc:
+                    first = first or exc
+            self.opened += len(opened)
         if first is not None:
             raise first
 

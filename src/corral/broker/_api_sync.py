@@ -20,6 +20,7 @@ from typing import Any, Self, TypeVar
 from corral._lifecycle import Closing
 from corral.broker import _flows
 from corral.broker._address import resolve_path, resolve_secret, wants_redis
+from corral.broker._common_sync import OnceAPI
 from corral.broker._flows import MISSING, Handshake
 from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
@@ -44,7 +45,7 @@ def redis_instead(path: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return RedisClient(path if isinstance(path, str) else None, *args, **kwargs)
 
 
-class ClientAPI(Closing):
+class ClientAPI(OnceAPI, Closing):
     """The public methods of :class:`~corral.broker.Client`, over its I/O driver."""
 
     path: str
@@ -150,28 +151,9 @@ class ClientAPI(Closing):
         """
         return self._run(_flows.incr(key, amount, ttl))
 
-    def once(
-        self,
-        key: str,
-        compute: Callable[[], Any],
-        ttl: float | None = None,
-        timeout: float | None = None,
+    def _once(
+        self, key: str, compute: Callable[[], Any], ttl: float | None, timeout: float | None
     ) -> Any:
-        """The value of *key*, computed by exactly one caller in the whole run.
-
-        The first caller runs ``compute()`` and stores
-        its JSON result under *key* for *ttl* seconds (``get(key)`` reads it); the others
-        wait (up to *timeout* seconds) and get the same value. If *compute* raises, that
-        caller gets its exception and every other caller (also later ones, for *ttl*)
-        :class:`~corral.errors.OnceFailed` with the original message. If the computing
-        process dies, one waiter is elected to compute instead.
-
-        :raises OnceFailed: the computing caller's *compute* raised.
-        :raises BrokerTimeout: the value was not ready within *timeout*.
-        :raises TypeError: *compute* returned a value that is not JSON.
-        """
-        if not callable(compute):
-            raise TypeError("compute must be callable")
         flow = _flows.once(key, ttl, timeout, self.compress_threshold)
         spare = self._checkout()  # owns the compute claim until the value is stored
         try:

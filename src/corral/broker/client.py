@@ -117,7 +117,11 @@ class Client(ClientAPI):
 
     def _spare(self) -> Client:
         return Client(
-            self.path, self._secret, self.timeout, compress_threshold=self.compress_threshold
+            self.path,
+            self._secret,
+            self.timeout,
+            compress_threshold=self.compress_threshold,
+            spin=self._spin_budget,
         )
 
     def _get_lock(self) -> threading.RLock:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral._lifecycle import AsyncClosing
 from corral._twins import ASYNC
+from corral.broker._common_async import AsyncOnceAPI
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncRedisClient"]
 
 
-class AsyncRedisClient(RedisBase, AsyncClosing):
+class AsyncRedisClient(RedisBase, AsyncOnceAPI, AsyncClosing):
     """An asyncio client of a corral run on Redis: the full broker client API, awaitable.
 
     :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS) or
@@ -157,25 +158,9 @@ class AsyncRedisClient(RedisBase, AsyncClosing):
 
     # ------------------------------------------------------------------ coordination
 
-    async def once(
-        self,
-        key: str,
-        compute: Callable[[], Any],
-        ttl: float | None = None,
-        timeout: float | None = None,
+    async def _once(
+        self, key: str, compute: Callable[[], Any], ttl: float | None, timeout: float | None
     ) -> Any:
-        """The value of *key*, computed by exactly one caller in the whole run.
-
-        The others wait for it (up to *timeout* seconds). The value is stored under *key*
-        for *ttl* seconds (``get(key)`` reads it). If *compute* raises, that caller gets
-        its exception and every other caller :class:`~corral.errors.OnceFailed` with its
-        message; if the computing process dies, one waiter is elected to compute instead.
-
-        :raises OnceFailed: the computing caller's *compute* raised.
-        :raises BrokerTimeout: the value was not ready within *timeout*.
-        """
-        if not callable(compute):
-            raise TypeError("compute must be callable")
         result = await self._owned(
             lambda sid: flows.once_begin(self.prefix, sid, self._tid(sid), key, timeout)
         )

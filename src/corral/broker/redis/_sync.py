@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from corral._lifecycle import Closing
+from corral.broker._common_sync import OnceAPI
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ["RedisClient"]
 
 
-class RedisClient(RedisBase, Closing):
+class RedisClient(RedisBase, OnceAPI, Closing):
     """A blocking client of a corral run on Redis: the full broker client API.
 
     :param url: ``redis://[:password@]host:port/db``, ``rediss://...`` (TLS) or
@@ -154,25 +155,9 @@ class RedisClient(RedisBase, Closing):
 
     # ------------------------------------------------------------------ coordination
 
-    def once(
-        self,
-        key: str,
-        compute: Callable[[], Any],
-        ttl: float | None = None,
-        timeout: float | None = None,
+    def _once(
+        self, key: str, compute: Callable[[], Any], ttl: float | None, timeout: float | None
     ) -> Any:
-        """The value of *key*, computed by exactly one caller in the whole run.
-
-        The others wait for it (up to *timeout* seconds). The value is stored under *key*
-        for *ttl* seconds (``get(key)`` reads it). If *compute* raises, that caller gets
-        its exception and every other caller :class:`~corral.errors.OnceFailed` with its
-        message; if the computing process dies, one waiter is elected to compute instead.
-
-        :raises OnceFailed: the computing caller's *compute* raised.
-        :raises BrokerTimeout: the value was not ready within *timeout*.
-        """
-        if not callable(compute):
-            raise TypeError("compute must be callable")
         result = self._owned(
             lambda sid: flows.once_begin(self.prefix, sid, self._tid(sid), key, timeout)
         )
