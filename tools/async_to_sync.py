@@ -63,6 +63,7 @@ TWINS = (
                 ":class:`AsyncClientAPI`, the asyncio source.",
                 ":class:`ClientAPI`, the blocking twin.",
             ),
+            (" is generated from ``_api_async.py``", " is generated from its asyncio source"),
             (" (an async *compute* is awaited)", ""),
         ),
     ),
