@@ -9,6 +9,7 @@ below ``ASYNCIO_GLUE`` the plugin leaves out what it cannot do there, saying so.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 
@@ -85,8 +86,11 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+@functools.cache
 def installed(name: str) -> str | None:
-    """The installed version of distribution *name*, or ``None``."""
+    """The installed version of distribution *name*, or ``None`` (looked up once per
+    process: the controller's floors check, the glue choice and the glue's report line
+    ask for the same distributions)."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
