@@ -25,6 +25,7 @@ from corral._versions import (
     release,
     too_old,
 )
+from tests._inner import RUN_VARIABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,6 +134,10 @@ def test_an_installed_old_version_is_a_usage_error_not_a_traceback(
     pytester.makepyfile(test_one="def test_one():\n    pass\n")
     pytester.makeini(textwrap.dedent("[pytest]\ncorral_sandbox = false\n"))
     try:
+        # Under xdist our own worker's variables would make the inner run a "worker",
+        # which leaves the floors to its controller.
+        for name in RUN_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
         monkeypatch.setenv("PYTHONPATH", str(fake), prepend=":")
         result = pytester.runpytest_subprocess("-p", "no:randomly")
     finally:

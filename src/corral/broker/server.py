@@ -217,11 +217,12 @@ class Broker(Running):
         self._thread.start()
         if not ready.wait(_START_TIMEOUT):
             # Nothing in start-up waits without a bound (docs/pytest.md): a loop that
-            # never got ready is told to stop, and the caller gets the reason.
+            # never got ready is told to stop, and the caller gets the reason (recorded
+            # before the stop: the loop's own "stopped before Future completed" comes second).
+            failure.insert(0, TimeoutError(f"not ready after {_START_TIMEOUT:g} s"))
             loop = self._loop
             if loop is not None:
                 loop.call_soon_threadsafe(loop.stop)
-            failure.append(TimeoutError(f"not ready after {_START_TIMEOUT:g} s"))
         if failure:
             self._thread.join(_START_TIMEOUT)
             self._thread = None
