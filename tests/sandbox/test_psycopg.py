@@ -190,6 +190,53 @@ async def test_async_surface(adb: Any) -> None:
         assert await cur.fetchone() == (3,)
 
 
+#: psycopg's connection settings: (name, a value to set, the new connection's value)
+SETTINGS = [
+    ("autocommit", True, False),
+    ("read_only", True, None),
+    ("isolation_level", psycopg.IsolationLevel.SERIALIZABLE, None),
+    ("deferrable", True, None),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("name", "value", "default"), SETTINGS)
+async def test_async_settings_refuse_assignment_as_psycopg(
+    adb: Any, sandbox_dsn: str, name: str, value: Any, default: Any
+) -> None:
+    refused = rf"read-only on async connections: please use 'await \.set_{name}\(\)' instead"
+    real = await psycopg.AsyncConnection.connect(sandbox_dsn)
+    try:
+        with pytest.raises(AttributeError, match=refused):
+            setattr(real, name, value)
+    finally:
+        await real.close()
+    async with adb.connection() as conn:
+        with pytest.raises(AttributeError, match=refused):
+            setattr(conn, name, value)
+        assert getattr(conn, name) == default
+        await getattr(conn, f"set_{name}")(value)
+        assert getattr(conn, name) == value
+
+
+@pytest.mark.parametrize(("name", "value", "default"), SETTINGS)
+def test_sync_settings_change_outside_a_transaction_only(
+    db: Any, name: str, value: Any, default: Any
+) -> None:
+    with db.connection() as conn:
+        assert getattr(conn, name) == default
+        setattr(conn, name, value)
+        assert getattr(conn, name) == value
+        getattr(conn, f"set_{name}")(default)
+        assert getattr(conn, name) == default
+        conn.execute("SELECT 1")  # opens a transaction
+        with pytest.raises(psycopg.ProgrammingError, match=name):
+            setattr(conn, name, value)
+        with pytest.raises(psycopg.ProgrammingError, match=name):
+            getattr(conn, f"set_{name}")(value)
+        assert getattr(conn, name) == default
+
+
 def test_settings_of_the_real_connection_pass_through(db: Any) -> None:
     with db.connection() as conn:
         real = conn.pgconn  # attributes the proxy does not emulate come from psycopg

@@ -6,6 +6,7 @@ module-global ``engine`` keeps working, sandboxed in place.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from corral.errors import SandboxError, SandboxNotActive
 from corral.sandbox import sandbox
 from corral.sandbox._sqlalchemy import AsyncEngineSandbox
 from corral.sandbox._sqlalchemy_psycopg import EngineSandbox
+from corral.sandbox._sqlalchemy_virtual import AsyncpgVirtual
 from tests.sandbox._adapters import sqlalchemy_url
 
 
@@ -363,6 +365,20 @@ async def test_ddl_in_one_sandbox_does_not_leave_stale_statements(
     await adb.close_sandbox()  # the DDL is rolled back
     async with adb.sandboxed(), aengine.connect() as conn:
         assert len((await conn.execute(query)).keys()) == 3
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["execute", "executemany", "fetch", "fetchrow", "fetchval", "prepare", "reload_schema_state"],
+)
+def test_asyncpg_virtual_methods_are_coroutine_functions_as_asyncpgs(name: str) -> None:
+    # SQLAlchemy's asyncpg dialect awaits these on what its pool holds.
+    asyncpg = pytest.importorskip("asyncpg")
+    virtual = AsyncpgVirtual(hooks=None)  # type: ignore[arg-type]
+    assert inspect.iscoroutinefunction(getattr(asyncpg.Connection, name))
+    assert inspect.iscoroutinefunction(getattr(AsyncpgVirtual, name))
+    assert inspect.iscoroutinefunction(getattr(virtual, name))
+    assert getattr(virtual, name).__name__ == name
 
 
 @pytest.mark.asyncio

@@ -55,55 +55,20 @@ class AsyncSandboxConnection(ConnectionBase[Box]):
     """
 
     # ------------------------------------------------------------------ settings
+    # ``conn.autocommit`` and the other settings are ConnectionBase's attributes (assigned
+    # on the blocking proxy only, as in psycopg); here, psycopg's ``set_<name>()`` methods.
 
-    if not ASYNC:
-
-        @property
-        def autocommit(self) -> bool:
-            return self._app.autocommit
-
-        @autocommit.setter
-        def autocommit(self, value: bool) -> None:
-            self._set_autocommit(value)
+    if ASYNC:
+        _is_async = True
 
     async def set_autocommit(self, value: bool) -> None:
         self._set_autocommit(value)
 
-    if not ASYNC:
-
-        @property
-        def read_only(self) -> bool | None:
-            return self._app.read_only
-
-        @read_only.setter
-        def read_only(self, value: bool | None) -> None:
-            self._set_read_only(value)
-
     async def set_read_only(self, value: bool | None) -> None:
         self._set_read_only(value)
 
-    if not ASYNC:
-
-        @property
-        def isolation_level(self) -> Any:
-            return self._isolation_level
-
-        @isolation_level.setter
-        def isolation_level(self, value: Any) -> None:
-            self._set_isolation_level(value)
-
     async def set_isolation_level(self, value: Any) -> None:
         self._set_isolation_level(value)
-
-    if not ASYNC:
-
-        @property
-        def deferrable(self) -> bool | None:
-            return self._deferrable
-
-        @deferrable.setter
-        def deferrable(self, value: bool | None) -> None:
-            self._set_deferrable(value)
 
     async def set_deferrable(self, value: bool | None) -> None:
         self._set_deferrable(value)

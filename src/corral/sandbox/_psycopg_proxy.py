@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator
-from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, Protocol, TypeVar, overload
 
 import psycopg
 from psycopg.pq import TransactionStatus
@@ -78,12 +78,46 @@ class PsycopgBox(ProxyBox, Protocol):
 
 
 BoxT = TypeVar("BoxT", bound=PsycopgBox)
+T = TypeVar("T")
+
+
+class _Setting(Generic[T]):
+    """One of psycopg's connection settings (``conn.autocommit``...): read where the proxy
+    keeps it; assigned through the proxy's ``_set_<name>``, which refuses a change inside a
+    transaction. An asyncio proxy refuses the assignment itself, as psycopg's
+    ``AsyncConnection`` does: there, ``await conn.set_<name>(value)`` changes it.
+    """
+
+    def __init__(self, read: Callable[[ConnectionBase[Any]], T]) -> None:
+        self._read = read
+        self._name = ""
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, conn: None, owner: type[Any]) -> _Setting[T]: ...
+    @overload
+    def __get__(self, conn: ConnectionBase[Any], owner: type[Any]) -> T: ...
+    def __get__(self, conn: ConnectionBase[Any] | None, owner: type[Any]) -> _Setting[T] | T:
+        return self if conn is None else self._read(conn)
+
+    def __set__(self, conn: ConnectionBase[Any], value: T) -> None:
+        if conn._is_async:
+            # psycopg's words (AsyncConnection._no_set_async)
+            raise AttributeError(
+                f"the {self._name!r} property is read-only on async connections: "
+                f"please use 'await .set_{self._name}()' instead."
+            )
+        getattr(conn, f"_set_{self._name}")(value)
 
 
 class ConnectionBase(ProxyBase[BoxT]):
     """A psycopg ``Connection`` look-alike's logic; the shells add the round trips."""
 
     _get_another: ClassVar[str] = "get a new"
+    #: the asyncio shell (its settings change through ``await conn.set_<name>()`` only)
+    _is_async: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -109,21 +143,10 @@ class ConnectionBase(ProxyBase[BoxT]):
     def broken(self) -> bool:
         return self._box.broken is not None
 
-    @property
-    def autocommit(self) -> bool:
-        return self._app.autocommit
-
-    @property
-    def read_only(self) -> bool | None:
-        return self._app.read_only
-
-    @property
-    def isolation_level(self) -> Any:
-        return self._isolation_level
-
-    @property
-    def deferrable(self) -> bool | None:
-        return self._deferrable
+    autocommit = _Setting[bool](lambda conn: conn._app.autocommit)
+    read_only = _Setting[bool | None](lambda conn: conn._app.read_only)
+    isolation_level = _Setting[Any](lambda conn: conn._isolation_level)
+    deferrable = _Setting[bool | None](lambda conn: conn._deferrable)
 
     def _check_settable(self, attribute: str) -> None:
         self._usable()

@@ -9,6 +9,7 @@ checkouts, as a real connection's would.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, Protocol
 
 __all__ = ["AsyncpgVirtual", "Hooks", "PsycopgAsyncVirtual", "PsycopgVirtual", "Virtual"]
@@ -163,6 +164,18 @@ class PsycopgAsyncVirtual(PsycopgVirtual):
             await (await self._abind()).rollback()
 
 
+def _bound_in_coroutine(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    """A coroutine method that binds the virtual connection (:meth:`Virtual._abind`), then
+    awaits the bound proxy's method *name*."""
+
+    async def method(self: Virtual, *args: Any, **kwargs: Any) -> Any:
+        return await getattr(await self._abind(), name)(*args, **kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"AsyncpgVirtual.{name}"
+    return method
+
+
 class AsyncpgVirtual(Virtual):
     """Stands in for an ``asyncpg.Connection`` (``postgresql+asyncpg``).
 
@@ -187,9 +200,6 @@ class AsyncpgVirtual(Virtual):
         # same engine made it; installing them again per checkout costs a query each.
         return None
 
-    async def reload_schema_state(self) -> None:
-        await (await self._abind()).reload_schema_state()
-
     # The dialect calls these from coroutines it awaits (e.g. its pre-ping runs before the
     # checkout event), where a sync bind could not wait for the sandbox: bind here.
 
@@ -199,23 +209,13 @@ class AsyncpgVirtual(Virtual):
             return target.transaction(**options)  # type: ignore[no-any-return]
         return _LazyTransaction(self, options)
 
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        return await (await self._abind()).execute(*args, **kwargs)
-
-    async def executemany(self, *args: Any, **kwargs: Any) -> Any:
-        return await (await self._abind()).executemany(*args, **kwargs)
-
-    async def fetch(self, *args: Any, **kwargs: Any) -> Any:
-        return await (await self._abind()).fetch(*args, **kwargs)
-
-    async def fetchrow(self, *args: Any, **kwargs: Any) -> Any:
-        return await (await self._abind()).fetchrow(*args, **kwargs)
-
-    async def fetchval(self, *args: Any, **kwargs: Any) -> Any:
-        return await (await self._abind()).fetchval(*args, **kwargs)
-
-    async def prepare(self, *args: Any, **kwargs: Any) -> Any:
-        return await (await self._abind()).prepare(*args, **kwargs)
+    execute = _bound_in_coroutine("execute")
+    executemany = _bound_in_coroutine("executemany")
+    fetch = _bound_in_coroutine("fetch")
+    fetchrow = _bound_in_coroutine("fetchrow")
+    fetchval = _bound_in_coroutine("fetchval")
+    prepare = _bound_in_coroutine("prepare")
+    reload_schema_state = _bound_in_coroutine("reload_schema_state")
 
 
 class _LazyTransaction:
