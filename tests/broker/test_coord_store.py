@@ -12,7 +12,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from corral.broker._store import Refused, Store, Ticket
+from corral.broker._store import Refused, Store, Ticket, Waiter
 from tests.broker.test_store import FakeClock
 
 
@@ -60,12 +60,12 @@ def test_add_and_incr(store: Store, clock: FakeClock) -> None:
 
 
 def test_lock_is_fifo_fenced_and_freed_by_owner_or_ttl(store: Store, clock: FakeClock) -> None:
-    first = granted(store.acquire("lock", "L", owner=1))
+    first = granted(store.acquire("lock", "L", Waiter(owner=1)))
     assert first["token"] == 1
-    waits = [store.acquire("lock", "L", owner=o) for o in (2, 3, 4)]
+    waits = [store.acquire("lock", "L", Waiter(owner=o)) for o in (2, 3, 4)]
     got = [answers(t) for t in waits]
     with pytest.raises(Refused, match="timeout"):
-        store.acquire("lock", "L", owner=5, timeout=0)
+        store.acquire("lock", "L", Waiter(owner=5, timeout=0))
     assert store.release_owner(3) == 1  # owner 3's ticket: it is never granted
     assert store.unhold("lock", "L", 1) is True
     assert store.unhold("lock", "L", 1) is False  # released once
@@ -75,8 +75,8 @@ def test_lock_is_fifo_fenced_and_freed_by_owner_or_ttl(store: Store, clock: Fake
     assert got[2][0]["token"] == 3
     # TTL safety net for a holder that hangs while connected
     store.unhold("lock", "L", 3)
-    held = granted(store.acquire("lock", "L", owner=6, ttl=5))
-    late = answers(store.acquire("lock", "L", owner=7, timeout=60))
+    held = granted(store.acquire("lock", "L", Waiter(owner=6), ttl=5))
+    late = answers(store.acquire("lock", "L", Waiter(owner=7, timeout=60)))
     clock.advance(5)
     store.expire_due()
     assert late[0]["token"] == held["token"] + 1
@@ -86,7 +86,7 @@ def test_lock_is_fifo_fenced_and_freed_by_owner_or_ttl(store: Store, clock: Fake
 def test_one_shot_holders_keep_ttl_only_semantics(store: Store, clock: FakeClock) -> None:
     granted(store.acquire("lock", "L"))  # owner None: nobody frees it on disconnect
     assert store.release_owner(None) == 0
-    waiting = answers(store.acquire("lock", "L", owner=1, timeout=120))
+    waiting = answers(store.acquire("lock", "L", Waiter(owner=1, timeout=120)))
     clock.advance(59)
     store.expire_due()
     assert waiting == []
@@ -96,9 +96,9 @@ def test_one_shot_holders_keep_ttl_only_semantics(store: Store, clock: FakeClock
 
 
 def test_waiter_timeout_is_never_granted(store: Store, clock: FakeClock) -> None:
-    granted(store.acquire("lock", "L", owner=1))
-    timed = answers(store.acquire("lock", "L", owner=2, timeout=1))
-    after = answers(store.acquire("lock", "L", owner=3))
+    granted(store.acquire("lock", "L", Waiter(owner=1)))
+    timed = answers(store.acquire("lock", "L", Waiter(owner=2, timeout=1)))
+    after = answers(store.acquire("lock", "L", Waiter(owner=3)))
     clock.advance(1)
     store.expire_due()
     assert timed == [{"ok": False, "error": "timeout", "detail": "gave up waiting for lock 'L'"}]
@@ -114,69 +114,69 @@ def test_pool_declaration_and_acquire(store: Store) -> None:
         store.declare_pool("dbs", ["a"])
     with pytest.raises(Refused, match="not_found"):
         store.acquire("pool", "nope")
-    one = granted(store.acquire("pool", "dbs", owner=1))
-    two = granted(store.acquire("pool", "dbs", owner=2))
+    one = granted(store.acquire("pool", "dbs", Waiter(owner=1)))
+    two = granted(store.acquire("pool", "dbs", Waiter(owner=2)))
     assert {one["value"], two["value"]} == {"a", "b"}
-    third = answers(store.acquire("pool", "dbs", owner=3))
+    third = answers(store.acquire("pool", "dbs", Waiter(owner=3)))
     store.release_owner(1)
     assert third[0]["value"] == one["value"]
 
 
 def test_once_elects_a_waiter_when_the_computer_leaves(store: Store) -> None:
-    assert granted(store.once_begin("k", owner=1)) == {"ok": True, "status": "compute"}
-    w2 = answers(store.once_begin("k", owner=2))
-    w3 = answers(store.once_begin("k", owner=3))
+    assert granted(store.once_begin("k", Waiter(owner=1))) == {"ok": True, "status": "compute"}
+    w2 = answers(store.once_begin("k", Waiter(owner=2)))
+    w3 = answers(store.once_begin("k", Waiter(owner=3)))
     store.release_owner(1)
     assert w2 == [{"ok": True, "status": "compute"}]
     assert w3 == []
     assert store.once_done("k", {"v": 1}) == {"ok": True, "status": "stored"}
     assert w3 == [{"ok": True, "status": "done", "value": {"v": 1}, "compressed": False}]
-    assert granted(store.once_begin("k", owner=4))["value"] == {"v": 1}
+    assert granted(store.once_begin("k", Waiter(owner=4)))["value"] == {"v": 1}
     assert store.release_owner(2) == 0  # the claim ended with the value
 
 
 def test_once_failure_reaches_waiters_and_later_callers(store: Store, clock: FakeClock) -> None:
-    store.once_begin("k", owner=1)
-    waiter = answers(store.once_begin("k", owner=2))
+    store.once_begin("k", Waiter(owner=1))
+    waiter = answers(store.once_begin("k", Waiter(owner=2)))
     assert store.once_fail("k", "late", "E", owner=9) == {"ok": True, "status": "superseded"}
     store.once_fail("k", "boom", "RuntimeError", ttl=10, owner=1)
     assert waiter[0]["error"] == "once_failed"
     assert waiter[0]["message"] == "boom"
     assert waiter[0]["errorType"] == "RuntimeError"
     with pytest.raises(Refused) as failed:
-        store.once_begin("k", owner=3)
+        store.once_begin("k", Waiter(owner=3))
     assert failed.value.extra == {"message": "boom", "errorType": "RuntimeError"}
     clock.advance(10)
     store.expire_due()  # the failure is forgotten after its ttl: a new run may retry
-    assert granted(store.once_begin("k", owner=3))["status"] == "compute"
+    assert granted(store.once_begin("k", Waiter(owner=3)))["status"] == "compute"
 
 
 def test_barrier_breaks_when_a_member_leaves(store: Store) -> None:
-    first = answers(store.barrier("b", 3, owner=1))
-    second = answers(store.barrier("b", 3, owner=2))
+    first = answers(store.barrier("b", 3, Waiter(owner=1)))
+    second = answers(store.barrier("b", 3, Waiter(owner=2)))
     store.release_owner(2, "member pid 2 disconnected (it exited or died)")
     assert second == []  # the leaver gets nothing
     assert first[0]["error"] == "barrier_broken"
     assert "pid 2" in first[0]["reason"]
     with pytest.raises(Refused, match="barrier_broken"):
-        store.barrier("b", 3, owner=3)
+        store.barrier("b", 3, Waiter(owner=3))
 
 
 def test_barrier_rounds(store: Store) -> None:
-    a = answers(store.barrier("b", 2, owner=1))
-    assert granted(store.barrier("b", 2, owner=2)) == {"ok": True, "index": 1}
+    a = answers(store.barrier("b", 2, Waiter(owner=1)))
+    assert granted(store.barrier("b", 2, Waiter(owner=2))) == {"ok": True, "index": 1}
     assert a == [{"ok": True, "index": 0}]
-    answers(store.barrier("b", 2, owner=1))
+    answers(store.barrier("b", 2, Waiter(owner=1)))
     with pytest.raises(Refused, match="bad_request"):
-        store.barrier("b", 3, owner=2)
+        store.barrier("b", 3, Waiter(owner=2))
 
 
 def test_throttle_spaces_slots_on_the_clock(store: Store, clock: FakeClock) -> None:
     assert granted(store.throttle("api", 2, 1.0)) == {"ok": True, "waited": 0}
     assert granted(store.throttle("api", 2, 1.0))["ok"]
-    third = answers(store.throttle("api", 2, 1.0, owner=1))
+    third = answers(store.throttle("api", 2, 1.0, Waiter(owner=1)))
     with pytest.raises(Refused, match="timeout"):
-        store.throttle("api", 2, 1.0, timeout=0.5)  # its slot would start in 1 s
+        store.throttle("api", 2, 1.0, Waiter(timeout=0.5))  # its slot would start in 1 s
     clock.advance(0.999)
     store.expire_due()
     assert third == []
@@ -186,8 +186,8 @@ def test_throttle_spaces_slots_on_the_clock(store: Store, clock: FakeClock) -> N
 
 
 def test_queue_hands_items_to_waiters_first(store: Store) -> None:
-    waiter = answers(store.pop("q", owner=1))
-    gone = answers(store.pop("q", owner=2))
+    waiter = answers(store.pop("q", Waiter(owner=1)))
+    gone = answers(store.pop("q", Waiter(owner=2)))
     store.release_owner(2)
     assert store.push("q", [1, 2, 3]) == 3
     assert waiter == [{"ok": True, "value": 1}]
@@ -195,14 +195,14 @@ def test_queue_hands_items_to_waiters_first(store: Store) -> None:
     assert granted(store.pop("q"))["value"] == 2
     assert granted(store.pop("q"))["value"] == 3
     with pytest.raises(Refused, match="timeout"):
-        store.pop("q", timeout=0)
+        store.pop("q", Waiter(timeout=0))
 
 
 def test_status_lists_holders_and_waiters(store: Store, clock: FakeClock) -> None:
     who = {"pid": 1, "worker": "gw0", "session": 1}
-    store.acquire("lock", "L", owner=1, who=who, ttl=30)
-    store.acquire("lock", "L", owner=2, who={"pid": 2}, timeout=10)
-    store.once_begin("setup", owner=1, who=who)
+    store.acquire("lock", "L", Waiter(owner=1, who=who), ttl=30)
+    store.acquire("lock", "L", Waiter(owner=2, who={"pid": 2}, timeout=10))
+    store.once_begin("setup", Waiter(owner=1, who=who))
     clock.advance(2)
     holders, waiters = store.coordination_status()
     lock = next(h for h in holders if h["kind"] == "lock")
@@ -258,9 +258,9 @@ class CoordinationMachine(RuleBasedStateMachine):
         name = "L" if kind == "lock" else "P"
         if timeout == 0 and not self._free_now(kind):
             with pytest.raises(Refused, match="timeout"):
-                self.store.acquire(kind, name, owner=owner, ttl=ttl, timeout=timeout)
+                self.store.acquire(kind, name, Waiter(owner=owner, timeout=timeout), ttl=ttl)
             return
-        result = self.store.acquire(kind, name, owner=owner, ttl=ttl, timeout=timeout)
+        result = self.store.acquire(kind, name, Waiter(owner=owner, timeout=timeout), ttl=ttl)
         if isinstance(result, dict):
             self._grant(kind, owner, result)
             return
@@ -334,10 +334,10 @@ test_coordination_machine = CoordinationMachine.TestCase
 
 
 def test_release_owner_is_idempotent_and_fences_keep_growing(store: Store) -> None:
-    granted(store.acquire("lock", "L", owner=1))
+    granted(store.acquire("lock", "L", Waiter(owner=1)))
     assert store.release_owner(1) == 1
     assert store.release_owner(1) == 0
-    assert granted(store.acquire("lock", "L", owner=2))["token"] == 2  # not reset
+    assert granted(store.acquire("lock", "L", Waiter(owner=2)))["token"] == 2  # not reset
 
 
 def attempt(fn: Callable[[], Any]) -> tuple[str | None, Any]:
@@ -385,7 +385,9 @@ class OnceAndQueueMachine(RuleBasedStateMachine):
     def once(self, owner: int, timeout: float | None) -> None:
         if owner in self.computing:
             return  # a client does not ask again while it computes
-        code, result = attempt(lambda: self.store.once_begin("k", owner=owner, timeout=timeout))
+        code, result = attempt(
+            lambda: self.store.once_begin("k", Waiter(owner=owner, timeout=timeout))
+        )
         if code is not None:
             assert code == "once_failed"
             assert self.failed
@@ -434,7 +436,7 @@ class OnceAndQueueMachine(RuleBasedStateMachine):
 
     @rule(owner=OWNERS, timeout=st.sampled_from([None, 0.0, 1.0]))
     def pop(self, owner: int, timeout: float | None) -> None:
-        code, result = attempt(lambda: self.store.pop("q", owner=owner, timeout=timeout))
+        code, result = attempt(lambda: self.store.pop("q", Waiter(owner=owner, timeout=timeout)))
         if code is not None:
             assert code == "timeout"
             return
@@ -475,8 +477,8 @@ test_once_and_queue_machine = OnceAndQueueMachine.TestCase
 
 def test_waiters_that_left_are_pruned(store: Store, clock: FakeClock) -> None:
     for owner in range(50):
-        store.pop("q", owner=owner, timeout=1)
-    live = answers(store.pop("q", owner=99))
+        store.pop("q", Waiter(owner=owner, timeout=1))
+    live = answers(store.pop("q", Waiter(owner=99)))
     clock.advance(1)
     store.expire_due()
     assert store.prune_waiters() == 50
@@ -516,7 +518,9 @@ class BarrierMachine(RuleBasedStateMachine):
     def arrive(self, owner: int, timeout: float | None) -> None:
         if owner in self.waiting:
             return
-        code, result = attempt(lambda: self.store.barrier("b", 3, owner=owner, timeout=timeout))
+        code, result = attempt(
+            lambda: self.store.barrier("b", 3, Waiter(owner=owner, timeout=timeout))
+        )
         if code is not None:
             assert code == "barrier_broken"
             assert self.broken

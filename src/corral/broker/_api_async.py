@@ -27,7 +27,7 @@ from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["AsyncClientAPI", "redis_instead"]
+__all__ = ["AsyncClientAPI"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
@@ -61,6 +61,12 @@ class AsyncClientAPI(AsyncOnceAPI, AsyncClosing):
     _busy: set[Self]
     # Guards _spares/_busy: a lock for the blocking client's threads; tasks need none.
     _spare_lock: AbstractContextManager[Any]
+
+    # A Redis address makes AsyncClient(...) the Redis client (see redis_instead): the
+    # client that drives this API only, not its subclasses (they stay socket clients).
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        redis = redis_instead(path, args, kwargs) if cls.__base__ is AsyncClientAPI else None
+        return super().__new__(cls) if redis is None else redis
 
     def _configure(
         self,

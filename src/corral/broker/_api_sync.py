@@ -26,7 +26,7 @@ from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["ClientAPI", "redis_instead"]
+__all__ = ["ClientAPI"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
@@ -60,6 +60,12 @@ class ClientAPI(OnceAPI, Closing):
     _busy: set[Self]
     # Guards _spares/_busy: a lock for the blocking client's threads; tasks need none.
     _spare_lock: AbstractContextManager[Any]
+
+    # A Redis address makes Client(...) the Redis client (see redis_instead): the
+    # client that drives this API only, not its subclasses (they stay socket clients).
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
+        redis = redis_instead(path, args, kwargs) if cls.__base__ is ClientAPI else None
+        return super().__new__(cls) if redis is None else redis
 
     def _configure(
         self,

@@ -12,8 +12,19 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Unpack
 
-from corral.broker._holds import OVERHEAD, Holds, Put, Who, _Hold, describe, value_size
-from corral.broker._ticket import ALARM, HOLD, ONCE, TICKET, Owner, Refused, Ticket
+from corral.broker._holds import OVERHEAD, Holds, Put, _Hold, describe, value_size
+from corral.broker._ticket import (
+    ALARM,
+    HOLD,
+    ONCE,
+    ONE_SHOT,
+    TICKET,
+    Owner,
+    Refused,
+    Ticket,
+    Waiter,
+    Who,
+)
 
 __all__ = ["Coordination", "describe"]
 
@@ -98,9 +109,7 @@ class Coordination(Holds):
 
     # ------------------------------------------------------------------ once
 
-    def once_begin(
-        self, key: str, *, owner: Owner = None, who: Who = None, timeout: float | None = None
-    ) -> dict[str, Any] | Ticket:
+    def once_begin(self, key: str, waiter: Waiter = ONE_SHOT) -> dict[str, Any] | Ticket:
         """The value of *key* if stored, else the compute claim, else a ticket to wait.
 
         :raises Refused: ``once_failed`` (the compute failed: message and errorType
@@ -113,10 +122,10 @@ class Coordination(Holds):
         if state is not None and state.state == "failed":
             raise _once_failed(state)
         if state is not None:
-            return self._wait(f"once\0{key}", "once", key, owner, who, timeout)
+            return self._wait(f"once\0{key}", "once", key, waiter)
         self.admit(1, OVERHEAD, f"once {key!r}")
-        state = self._onces[key] = _Once(key, owner, who, self.clock())
-        self._claim(state, owner, who)
+        state = self._onces[key] = _Once(key, waiter.owner, waiter.who, self.clock())
+        self._claim(state, waiter.owner, waiter.who)
         return {"ok": True, "status": "compute"}
 
     def _claim(self, state: _Once, owner: Owner, who: Who) -> None:
@@ -215,13 +224,7 @@ class Coordination(Holds):
     # ------------------------------------------------------------------ barrier
 
     def barrier(
-        self,
-        name: str,
-        parties: int,
-        *,
-        owner: Owner = None,
-        who: Who = None,
-        timeout: float | None = None,
+        self, name: str, parties: int, waiter: Waiter = ONE_SHOT
     ) -> dict[str, Any] | Ticket:
         """Arrive at barrier *name*; the last of *parties* arrivals releases the round.
 
@@ -245,11 +248,11 @@ class Coordination(Holds):
             bar.count = 0
             bar.generation += 1
             return {"ok": True, "index": index}
-        if timeout == 0:
-            self._break(bar, f"member {describe(who)} would not wait (timeout=0)")
+        if waiter.timeout == 0:
+            self._break(bar, f"member {describe(waiter.who)} would not wait (timeout=0)")
             raise Refused("timeout", f"barrier {name!r}: not all parties arrived and timeout=0")
         bar.count += 1
-        ticket = self._wait(qname, "barrier", name, owner, who, timeout, data=index)
+        ticket = self._wait(qname, "barrier", name, waiter, data=index)
         ticket.abandon = self._barrier_abandoned
         return ticket
 
@@ -267,22 +270,15 @@ class Coordination(Holds):
     # ------------------------------------------------------------------ throttle
 
     def throttle(
-        self,
-        name: str,
-        calls: int,
-        per: float,
-        *,
-        owner: Owner = None,
-        who: Who = None,
-        timeout: float | None = None,
+        self, name: str, calls: int, per: float, waiter: Waiter = ONE_SHOT
     ) -> dict[str, Any] | Ticket:
         """Reserve the next slot of at most *calls* per *per* seconds under *name*.
 
         Answered at once when the slot is now, else by a ticket granted when it starts.
         A slot is reserved even if its waiter goes away (the rate is never exceeded).
 
-        :raises Refused: ``timeout`` when the slot starts more than *timeout* s from now
-            (nothing is reserved then).
+        :raises Refused: ``timeout`` when the slot starts more than the waiter's timeout
+            from now (nothing is reserved then).
         """
         now = self.clock()
         times = self._throttles.get(name)
@@ -294,17 +290,19 @@ class Coordination(Holds):
             at = max(now, times[-calls] + per)
         if times:
             at = max(at, times[-1])
-        if timeout is not None and at - now > timeout:
+        if waiter.timeout is not None and at - now > waiter.timeout:
             raise Refused("timeout", f"throttle {name!r}: the next slot starts in {at - now:.3f} s")
         times.append(at)
         while len(times) > calls:
             times.popleft()
         if at <= now:
             return {"ok": True, "waited": 0}
-        ticket = Ticket(f"throttle\0{name}", owner, now, kind="throttle", label=name, who=who)
+        ticket = Ticket(
+            f"throttle\0{name}", waiter.owner, now, kind="throttle", label=name, who=waiter.who
+        )
         ticket.deadline = at
         ticket.seq = self._push(at, ALARM, ticket)
-        self._own(owner, TICKET, ticket)  # cancelled when the owner leaves
+        self._own(waiter.owner, TICKET, ticket)  # cancelled when the owner leaves
         self._alarms[ticket] = None
         return ticket
 
@@ -341,9 +339,7 @@ class Coordination(Holds):
             self._queued_bytes += sum(item_size for _, item_size in pending)
         return length
 
-    def pop(
-        self, queue: str, *, owner: Owner = None, who: Who = None, timeout: float | None = None
-    ) -> dict[str, Any] | Ticket:
+    def pop(self, queue: str, waiter: Waiter = ONE_SHOT) -> dict[str, Any] | Ticket:
         """The first item of *queue*, or a ticket granted by the next push."""
         work = self._work.get(queue)
         if work:
@@ -353,7 +349,7 @@ class Coordination(Holds):
             if not work:
                 del self._work[queue]
             return {"ok": True, "value": value}
-        return self._wait(f"pop\0{queue}", "pop", queue, owner, who, timeout)
+        return self._wait(f"pop\0{queue}", "pop", queue, waiter)
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -6,11 +6,11 @@ it is tested without sockets and the next operations are one handler each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from hmac import compare_digest
-from typing import Any, Final, TypedDict
+from typing import Any, Final
 
-from corral.broker._store import Refused, Store, Ticket
+from corral.broker._store import Refused, Store, Ticket, Waiter
 from corral.broker.messages import Message, Request
 from corral.broker.protocol import auth_proof, verify_message_hmac
 
@@ -97,15 +97,10 @@ def _text(obj: Message, field: str) -> str:
     return text
 
 
-class _Waiter(TypedDict):
-    owner: Hashable
-    who: dict[str, Any]
-    timeout: float | None
-
-
-def _waiter(session: Session, obj: Message) -> _Waiter:
-    """Who waits and for how long: the store's keywords for a request that may wait."""
-    return {"owner": session.owner, "who": session.who(), "timeout": _seconds(obj, "timeout")}
+def _waiter(session: Session, obj: Message) -> Waiter:
+    """Who waits and for how long, for a request that may wait: *session*, up to the
+    request's ``timeout``."""
+    return Waiter(session.owner, session.who(), _seconds(obj, "timeout"))
 
 
 def _milliseconds(obj: Message, field: str, code: str) -> float | None:
@@ -299,7 +294,7 @@ class Core:
     # ------------------------------------------------------------------ coordination
 
     def _once(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
-        return self.store.once_begin(_text(obj, "key"), **_waiter(session, obj))
+        return self.store.once_begin(_text(obj, "key"), _waiter(session, obj))
 
     def _once_done(self, session: Session, obj: Message, raw: bytes) -> Message:
         return self.store.once_done(
@@ -332,8 +327,9 @@ class Core:
         return self._acquire_kind("pool", session, obj)
 
     def _acquire_kind(self, kind: str, session: Session, obj: Message) -> Message | Ticket:
+        # ttl is checked before timeout (either may be refused): keywords, in that order
         return self.store.acquire(
-            kind, _text(obj, "name"), ttl=_hold_ttl(obj), **_waiter(session, obj)
+            kind, _text(obj, "name"), ttl=_hold_ttl(obj), waiter=_waiter(session, obj)
         )
 
     def _unlock(self, session: Session, obj: Message, raw: bytes) -> Message:
@@ -355,13 +351,11 @@ class Core:
         if per is None or not per > 0:
             raise Refused("bad_request", "'per' must be a positive number of milliseconds")
         return self.store.throttle(
-            _text(obj, "name"), _count(obj, "calls"), per, **_waiter(session, obj)
+            _text(obj, "name"), _count(obj, "calls"), per, _waiter(session, obj)
         )
 
     def _barrier(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
-        return self.store.barrier(
-            _text(obj, "name"), _count(obj, "parties"), **_waiter(session, obj)
-        )
+        return self.store.barrier(_text(obj, "name"), _count(obj, "parties"), _waiter(session, obj))
 
     def _push(self, session: Session, obj: Message, raw: bytes) -> Message:
         items = obj.get("items")
@@ -373,7 +367,7 @@ class Core:
         return {"ok": True, "length": self.store.push(_text(obj, "queue"), items, len(raw))}
 
     def _pop(self, session: Session, obj: Message, raw: bytes) -> Message | Ticket:
-        return self.store.pop(_text(obj, "queue"), **_waiter(session, obj))
+        return self.store.pop(_text(obj, "queue"), _waiter(session, obj))
 
     def _status(self, session: Session, obj: Message, raw: bytes) -> Message:
         return {"ok": True, **self.status(asking=session)}

@@ -12,11 +12,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypedDict, Unpack
 
-from corral.broker._ticket import HOLD, Clock, Owner, Refused, Ticket
+from corral.broker._ticket import HOLD, ONE_SHOT, Clock, Owner, Refused, Ticket, Waiter, Who
 
-__all__ = ["OVERHEAD", "Holds", "Put", "Who", "describe", "pool_size", "value_size"]
-
-Who = dict[str, Any] | None
+__all__ = ["OVERHEAD", "Holds", "Put", "describe", "pool_size", "value_size"]
 
 #: Rough bytes of one lock, barrier, throttle or ``once`` state, for ``max_bytes``.
 OVERHEAD: Final = 400
@@ -123,20 +121,13 @@ class Holds:
             if held is not None:
                 held.discard((kind, ref))
 
-    def _wait(
-        self,
-        qname: str,
-        kind: str,
-        label: str,
-        owner: Owner,
-        who: Who,
-        timeout: float | None,
-        data: Any = None,
-    ) -> Ticket:
-        if timeout == 0:
+    def _wait(self, qname: str, kind: str, label: str, waiter: Waiter, data: Any = None) -> Ticket:
+        if waiter.timeout == 0:
             raise Refused("timeout", f"{kind} {label!r} is not available and timeout=0")
-        ticket = Ticket(qname, owner, self.clock(), kind=kind, label=label, who=who, data=data)
-        self.enqueue(ticket, timeout)
+        ticket = Ticket(
+            qname, waiter.owner, self.clock(), kind=kind, label=label, who=waiter.who, data=data
+        )
+        self.enqueue(ticket, waiter.timeout)
         return ticket
 
     def _has_waiters(self, qname: str) -> bool:
@@ -180,14 +171,7 @@ class Holds:
         return True
 
     def acquire(
-        self,
-        kind: str,
-        name: str,
-        *,
-        owner: Owner = None,
-        who: Who = None,
-        ttl: float | None = None,
-        timeout: float | None = None,
+        self, kind: str, name: str, waiter: Waiter = ONE_SHOT, *, ttl: float | None = None
     ) -> dict[str, Any] | Ticket:
         """Take the lock *name* (``kind="lock"``) or a free item of pool *name*.
 
@@ -195,9 +179,8 @@ class Holds:
         overtakes a waiter), else a :class:`Ticket` granted later.
 
         :param ttl: seconds after which the claim is freed even if still held; None
-            means until released, or until *owner* disconnects (for a one-shot client,
-            which owns nothing, the default TTL).
-        :param timeout: seconds to wait (0: do not wait; None: forever).
+            means until released, or until the waiter's owner disconnects (for a
+            one-shot client, which owns nothing, the default TTL).
         :raises Refused: ``not_found`` (undeclared pool), ``timeout`` (busy, timeout=0).
         """
         res = self._resources.get((kind, name))
@@ -209,8 +192,8 @@ class Holds:
             self.admit(1, OVERHEAD, f"lock {name!r}")
             res = self._resources[(kind, name)] = _Resource(kind, name, [None], "lock")
         if res.free and not self._has_waiters(res.qname):
-            return self._grant_item(res, res.free.popleft(), owner, who, ttl)
-        return self._wait(res.qname, kind, name, owner, who, timeout, data=ttl)
+            return self._grant_item(res, res.free.popleft(), waiter.owner, waiter.who, ttl)
+        return self._wait(res.qname, kind, name, waiter, data=ttl)
 
     def _grant_item(
         self, res: _Resource, item: int, owner: Owner, who: Who, ttl: float | None

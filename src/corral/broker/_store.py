@@ -18,9 +18,9 @@ from corral.broker._holds import Put, value_size
 from corral.broker._ticket import KV as _KV
 from corral.broker._ticket import LEASE as _LEASE
 from corral.broker._ticket import TICKET as _TICKET
-from corral.broker._ticket import Clock, Owner, Refused, Ticket
+from corral.broker._ticket import Clock, Owner, Refused, Ticket, Waiter
 
-__all__ = ["COUNTER_MAX", "COUNTER_MIN", "Refused", "Store", "Ticket"]
+__all__ = ["COUNTER_MAX", "COUNTER_MIN", "Refused", "Store", "Ticket", "Waiter"]
 
 # Rough CPython sizes, for ``approximateStoreBytes`` without walking values.
 _ITEM_OVERHEAD: Final = 360

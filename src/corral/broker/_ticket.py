@@ -1,4 +1,5 @@
-"""Waiters and refusals of the broker's store: FIFO tickets that are decided exactly once.
+"""Waiters and refusals of the broker's store: who waits (:class:`Waiter`) and the FIFO
+tickets that are decided exactly once.
 
 Shared by the key/lease store and the coordination primitives (locks, pools, once,
 barriers, throttles, queues); pure logic, no I/O.
@@ -7,12 +8,38 @@ barriers, throttles, queues); pure logic, no I/O.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-__all__ = ["Clock", "Owner", "Refused", "Ticket"]
+__all__ = ["ONE_SHOT", "Clock", "Owner", "Refused", "Ticket", "Waiter", "Who"]
 
 Owner = Hashable
 Clock = Callable[[], float]
+#: Who a holder or waiter is, for status dumps (session, pid, worker...); None: unknown.
+Who = dict[str, Any] | None
+
+
+class Waiter(NamedTuple):
+    """Who asks for something that may have to wait, and how long they wait: what every
+    waiting operation of the store (acquire, once, barrier, throttle, pop) takes.
+
+    Immutable (:data:`ONE_SHOT` is shared) and built for every such request: a named
+    tuple, because a frozen dataclass takes about twice as long to build (one
+    ``object.__setattr__`` per field), which the broker's lock round trip would feel.
+
+    :param owner: the connection that asks; what it is granted (or waits for) is freed
+        when that connection closes. None for a one-shot client: it owns nothing, so
+        its claims live by their TTL alone.
+    :param who: who that is, for status dumps and the reasons of errors.
+    :param timeout: seconds to wait (0: do not wait; None: forever).
+    """
+
+    owner: Owner = None
+    who: Who = None
+    timeout: float | None = None
+
+
+#: A one-shot client that waits forever: the waiter when none is named.
+ONE_SHOT: Final = Waiter()
 
 # Deadline-heap entry kinds. An entry is (deadline, seq, kind, ref); it is live only while
 # ref's current seq equals the entry's seq, so replacing or deleting never searches
@@ -82,7 +109,7 @@ class Ticket:
         *,
         kind: str = "wait",
         label: str | None = None,
-        who: dict[str, Any] | None = None,
+        who: Who = None,
         data: Any = None,
     ) -> None:
         self.name = name

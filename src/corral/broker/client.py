@@ -14,7 +14,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Final
+from typing import Final
 
 from corral.broker._address import (
     busy,
@@ -25,7 +25,7 @@ from corral.broker._address import (
     timeout_for,
     unavailable,
 )
-from corral.broker._api_sync import ClientAPI, redis_instead
+from corral.broker._api_sync import ClientAPI
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection
@@ -67,12 +67,6 @@ class Client(ClientAPI):
     but only when that request had certainly not been sent; otherwise
     :class:`~corral.errors.BrokerUnavailable`.
     """
-
-    # A Redis address makes Client(...) the Redis client (Client itself only, not its
-    # subclasses): see redis_instead.
-    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        redis = redis_instead(path, args, kwargs) if cls is Client else None
-        return super().__new__(cls) if redis is None else redis
 
     def __init__(
         self,

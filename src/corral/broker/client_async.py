@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import socket
-from typing import Any
 
 from corral.broker._address import (
     busy,
@@ -20,7 +19,7 @@ from corral.broker._address import (
     timeout_for,
     unavailable,
 )
-from corral.broker._api_async import AsyncClientAPI, redis_instead
+from corral.broker._api_async import AsyncClientAPI
 from corral.broker.messages import CLOSED, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection
 from corral.errors import BrokerTimeout, BrokerUnavailable
@@ -46,12 +45,6 @@ class AsyncClient(AsyncClientAPI):
     connection belongs to the event loop that opened it: using the client from another
     loop while connected raises RuntimeError (an idle client rebinds freely).
     """
-
-    # A Redis address makes AsyncClient(...) the Redis client (AsyncClient itself only, not its
-    # subclasses): see redis_instead.
-    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        redis = redis_instead(path, args, kwargs) if cls is AsyncClient else None
-        return super().__new__(cls) if redis is None else redis
 
     def __init__(
         self,
