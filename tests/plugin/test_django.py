@@ -23,6 +23,7 @@ import pytest
 from corral._plugin._django import dump_project
 from corral.postgres import EphemeralPostgres, default_cache_dir, drop_database
 from tests._inner import RUN_VARIABLES
+from tests.plugin._checks import interrupt_pytest
 from tests.plugin._django_project import (
     TESTS,
     break_migration,
@@ -276,6 +277,40 @@ def test_under_xdist_the_build_overlaps_the_workers_start(
     assert "reused (no migrating)" in output
     assert migrate_count(project) == 1
     assert _clones(server_templates) == set()
+
+
+def test_ctrl_c_during_the_build_under_xdist_ends_the_run_and_cancels_it(
+    project: Path, server_templates: str
+) -> None:
+    # A migration after the counting one sleeps far longer than the run may take to end:
+    # Ctrl-C interrupts the controller's wait, and the build's statement is cancelled.
+    last = next((project / "shop" / "migrations").glob("*_token.py"))
+    text = last.read_text()
+    last.write_text(text.replace('RunSQL("SELECT ', 'RunSQL("SELECT pg_sleep(300), '))
+    args = ["-p", "no:randomly", "-n", "2", f"--corral-dsn={server_templates}"]
+    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES and not k.startswith("PG")}
+    env.update(DJ_PORT="1", CORRAL_PG_CACHE_DIR=os.environ.get("CORRAL_PG_CACHE_DIR", _CACHE_DIR))
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k not in env]:
+            patch.delenv(key)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        code, output = interrupt_pytest(
+            project, args, ready=project / "migrate_count.txt", settle=0.5
+        )
+    assert code == 2, output  # interrupted, within the helper's 60 s: not after the sleep
+    assert "PASSED" not in output
+    assert _clones(server_templates) == set()
+    with psycopg.connect(server_templates, autocommit=True) as conn:
+        busy = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(300)%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert busy == (0,)  # cancelled, not left sleeping on the server
+    last.write_text(text)
+    output = run(project, "-n", "2", f"--corral-dsn={server_templates}", "-k", "clone")
+    assert "built by migrating" in output  # the half-built template was never used
+    assert migrate_count(project) == 2
 
 
 def test_a_redis_run_clones_in_the_workers_after_the_build(

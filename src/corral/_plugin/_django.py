@@ -31,6 +31,7 @@ from corral.errors import CorralError, TemplateBuildError
 
 if TYPE_CHECKING:
     from corral._plugin._database import PreCloner
+    from corral._plugin._django_setup import BuildSpec
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
 
@@ -54,7 +55,9 @@ _PROBE_TIMEOUT = 3
 DUMPS_KEPT = 3
 #: Seconds after which an unused dump goes (30 days).
 DUMP_MAX_AGE = 30 * 24 * 3600.0
-#: Seconds a build still running when the run ends gets to finish before the clean-up.
+#: Seconds a build still running when the run ends (its statement cancelled) gets to end
+#: before the clean-up; past that it is left to die with the process, its template marked
+#: as being built (the next run drops and rebuilds it).
 _BUILD_WAIT = 60.0
 #: Bump when what a kept throwaway server's data directory holds changes.
 _SNAPSHOT_FORMAT = 1
@@ -123,8 +126,9 @@ class DjangoHooks:
         self._built_own = False
         #: Under xdist: what the build needs, until the session starts it in a thread.
         self._pending: tuple[list[dict[str, Any]], dict[str, str], bool] | None = None
-        #: That thread, until the controller joined it.
+        #: That thread, until the controller joined it, and what it builds now.
         self.build: Background | None = None
+        self._building: BuildSpec | None = None
         #: How many notes the report header showed (the build's come later, in the summary).
         self._shown = 0
 
@@ -425,6 +429,7 @@ class DjangoHooks:
             base_templates={e["template"]: e["base_template"] for e in entries},
             encodings={e["template"]: e["encoding"] for e in entries if e["encoding"]},
         )
+        self._building = spec
         try:
             with _unblocked(self.config):
                 build(spec)
@@ -444,6 +449,8 @@ class DjangoHooks:
                 f"so no test ran:\n{exc}\n\n"
                 f"{''.join(traceback.format_exception(exc)).rstrip()}"
             ) from None
+        finally:
+            self._building = None
         for entry in entries:
             self._start_dump(entry)
         if self.server is not None and first["admin_dsn"] == self.server.dsn:
@@ -485,16 +492,22 @@ class DjangoHooks:
             prune_dumps(dumps[0][2].parent)
 
     def _settle(self) -> None:
-        """Let a build that was never joined (the run ended before its first test: Ctrl-C,
-        an error at start-up) end, within :data:`_BUILD_WAIT` seconds, before its server,
-        pytest-django's blocker and the run's clean-up go; say if it failed."""
+        """End a build that was never joined (the run ended before its first test: Ctrl-C,
+        an error at start-up) before its server, pytest-django's blocker and the run's
+        clean-up go: its running statement is cancelled (the half-built template is then
+        dropped, as when Ctrl-C interrupts a build in the main thread), and it gets
+        :data:`_BUILD_WAIT` seconds to end; say if it failed otherwise."""
         build, self.build = self.build, None
         self._pending = None
         if build is None:
             return
+        building = self._building
+        cancelled = building is not None and not build.wait(0)
+        if building is not None and cancelled:
+            building.cancel()
         if not build.wait(_BUILD_WAIT):
             log.warning("corral: building the Django test database template did not end in time")
-        elif build.error is not None and not build.reported:
+        elif build.error is not None and not build.reported and not cancelled:
             log.warning(
                 "corral: preparing Django's test databases failed: %s", _not_prepared(build.error)
             )

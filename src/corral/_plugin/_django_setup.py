@@ -283,6 +283,18 @@ class BuildSpec:
     encodings: dict[str, str] = field(default_factory=dict)
     #: Filled by the build: seconds spent in Django's ``create_test_db`` and ``serialize``.
     timings: dict[str, float] = field(default_factory=dict)
+    #: The Django connection the build migrates through (its thread's), for :meth:`cancel`.
+    migrating: Any = None
+
+    def cancel(self) -> None:
+        """From another thread: cancel the statement the build is running (the run ends
+        before its first test, and a thread cannot be interrupted), so that the migration
+        fails now and the half-built template is dropped; Python steps still run out."""
+        wrapper = self.migrating
+        connection = getattr(wrapper, "connection", None)
+        if connection is not None:
+            with contextlib.suppress(Exception):  # closed meanwhile: nothing to cancel
+                connection.cancel()
 
 
 class MigrationFailed(Exception):
@@ -389,6 +401,7 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str) -> None:
     first = connections[aliases[0]]
     point_at(first.settings_dict, first.settings_dict["NAME"], spec.overrides)
     first.settings_dict.setdefault("TEST", {})["NAME"] = template
+    spec.migrating = first
     started = time.perf_counter()
     with _captured() as output:
         try:
