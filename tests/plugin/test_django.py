@@ -23,6 +23,7 @@ import pytest
 from corral._plugin._django import dump_project
 from corral.postgres import EphemeralPostgres, default_cache_dir, drop_database
 from tests._inner import RUN_VARIABLES
+from tests.plugin._checks import interrupt_pytest
 from tests.plugin._django_project import (
     TESTS,
     break_migration,
@@ -237,7 +238,7 @@ def test_no_server_and_no_postgresql_to_start_says_what_to_do(
     assert "Point corral at a server instead: --corral-dsn / corral_dsn / CORRAL_DSN" in output
 
 
-def test_a_failing_migration_fails_the_run_once_before_any_worker(
+def test_a_failing_migration_fails_the_run_once_before_any_test(
     project: Path, server_templates: str
 ) -> None:
     # TEST settings Django's PostgreSQL backend refuses are refused with its error.
@@ -249,11 +250,82 @@ def test_a_failing_migration_fails_the_run_once_before_any_worker(
     output = run(project, "-n", "2", f"--corral-dsn={server_templates}", expect=4)
     assert f"Django's migrations failed in migration {name}" in output
     assert "no_such_table" in output
-    assert "created: 2/2 workers" not in output
+    # The build ran while the workers booted: they are stopped, no test ran, and the
+    # error is reported once (not by the pre-cloner nor again at the end of the run).
+    assert "templates prepared while the workers start" in output
+    assert "no tests ran" in output
+    assert "PASSED" not in output
     assert output.count("Django's migrations failed") == 1
+    assert _clones(server_templates) == set()  # the pre-cloner made nothing
     template = re.search(r"template (corral_tpl_\w+)", output)
     assert template is not None, output
     assert template.group(1) not in _databases(server_templates)  # the half-built one is gone
+
+
+def test_under_xdist_the_build_overlaps_the_workers_start(
+    project: Path, server_templates: str
+) -> None:
+    output = run(project, "-n", "2", f"--corral-dsn={server_templates}")
+    assert f"{TESTS} passed" in output
+    assert "templates prepared while the workers start" in output
+    assert "built by migrating" in output  # said after the header: the build ended later
+    assert "django build (wait)" in output
+    assert migrate_count(project) == 1  # in the build's thread, once
+    assert "django pre-clone (2 made, 2 taken)" in output  # made once the build had ended
+    assert _clones(server_templates) == set()
+    output = run(project, "-n", "2", f"--corral-dsn={server_templates}", "-k", "clone")
+    assert "reused (no migrating)" in output
+    assert migrate_count(project) == 1
+    assert _clones(server_templates) == set()
+
+
+def test_ctrl_c_during_the_build_under_xdist_ends_the_run_and_cancels_it(
+    project: Path, server_templates: str
+) -> None:
+    # A migration after the counting one sleeps far longer than the run may take to end:
+    # Ctrl-C interrupts the controller's wait, and the build's statement is cancelled.
+    last = next((project / "shop" / "migrations").glob("*_token.py"))
+    text = last.read_text()
+    last.write_text(text.replace('RunSQL("SELECT ', 'RunSQL("SELECT pg_sleep(300), '))
+    args = ["-p", "no:randomly", "-n", "2", f"--corral-dsn={server_templates}"]
+    env = {k: v for k, v in os.environ.items() if k not in RUN_VARIABLES and not k.startswith("PG")}
+    env.update(DJ_PORT="1", CORRAL_PG_CACHE_DIR=os.environ.get("CORRAL_PG_CACHE_DIR", _CACHE_DIR))
+    with pytest.MonkeyPatch.context() as patch:
+        for key in [k for k in os.environ if k not in env]:
+            patch.delenv(key)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        code, output = interrupt_pytest(
+            project, args, ready=project / "migrate_count.txt", settle=0.5
+        )
+    assert code == 2, output  # interrupted, within the helper's 60 s: not after the sleep
+    assert "PASSED" not in output
+    assert _clones(server_templates) == set()
+    with psycopg.connect(server_templates, autocommit=True) as conn:
+        busy = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(300)%'"
+            " AND pid <> pg_backend_pid()"
+        ).fetchone()
+    assert busy == (0,)  # cancelled, not left sleeping on the server
+    last.write_text(text)
+    output = run(project, "-n", "2", f"--corral-dsn={server_templates}", "-k", "clone")
+    assert "built by migrating" in output  # the half-built template was never used
+    assert migrate_count(project) == 2
+
+
+def test_a_redis_run_clones_in_the_workers_after_the_build(
+    project: Path, server_templates: str, redis_url: str
+) -> None:
+    # No pre-cloner (a Redis run's workers may be on other machines): each worker clones
+    # in its django_db_setup, at its first database test, after the build was joined.
+    run_id = f"dj-{secrets.token_hex(4)}"
+    broker = ("--corral-broker", redis_url, "--corral-run-id", run_id)
+    output = run(project, "-n", "2", *broker, f"--corral-dsn={server_templates}")
+    assert f"{TESTS} passed" in output
+    assert "templates prepared while the workers start" in output
+    assert "django pre-clone" not in output
+    assert migrate_count(project) == 1
+    assert _clones(server_templates) == set()
 
 
 def test_no_migrations_builds_from_the_models(project: Path, server_templates: str) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from corral._plugin._dbenv import process_env
@@ -213,6 +214,9 @@ class PreCloner:
     :param own_slot: the controller's own slot, which no worker will lease.
     :param jobs: ``(admin DSN, template, database)`` to make instead, in this order, for
         databases whose names are known in advance (Django's, named after the workers).
+    :param ready: for templates still being built meanwhile: called in the thread, in a
+        loop, before the first clone; waits up to the seconds given and says None (still
+        building), True (built) or False (the build failed: nothing is made).
     """
 
     def __init__(
@@ -222,9 +226,11 @@ class PreCloner:
         own_slot: int | None,
         *,
         jobs: list[tuple[str, str, str]] | None = None,
+        ready: Callable[[float], bool | None] | None = None,
     ) -> None:
         self.info = info
         self._jobs = jobs
+        self._ready = ready
         self.workers = workers
         self.own_slot = own_slot
         #: The databases made, in order.
@@ -299,7 +305,17 @@ class PreCloner:
         assert template is not None
         return [(admin, template, self.info.clone_name(slot)) for slot in self.slots(client)]
 
+    def _wait_ready(self) -> bool:
+        """Whether the templates were built (False also when stopped meanwhile)."""
+        while self._ready is not None and not self._stopping.is_set():
+            built = self._ready(0.1)
+            if built is not None:
+                return built
+        return not self._stopping.is_set()
+
     def _run(self) -> None:
+        if not self._wait_ready():
+            return  # seconds stays None: it made nothing
         started = time.perf_counter()
         try:
             with Client(self.info.broker_path) as client:

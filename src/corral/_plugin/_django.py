@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from corral._plugin._background import Background
 from corral._plugin._django_info import DjangoInfo
 from corral._plugin._run import no_throwaway
 from corral.errors import CorralError, TemplateBuildError
 
 if TYPE_CHECKING:
     from corral._plugin._database import PreCloner
+    from corral._plugin._django_setup import BuildSpec
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
 
@@ -53,6 +55,10 @@ _PROBE_TIMEOUT = 3
 DUMPS_KEPT = 3
 #: Seconds after which an unused dump goes (30 days).
 DUMP_MAX_AGE = 30 * 24 * 3600.0
+#: Seconds a build still running when the run ends (its statement cancelled) gets to end
+#: before the clean-up; past that it is left to die with the process, its template marked
+#: as being built (the next run drops and rebuilds it).
+_BUILD_WAIT = 60.0
 #: Bump when what a kept throwaway server's data directory holds changes.
 _SNAPSHOT_FORMAT = 1
 
@@ -61,7 +67,9 @@ def configure(config: pytest.Config, process: CorralProcess) -> None:
     """Turn Django support on when it applies (called from the plugin's ``pytest_configure``).
 
     :raises pytest.UsageError: ``corral_django = on`` where it cannot apply, no usable
-        server, or a migration failed (the run stops before any worker starts).
+        server, or a migration failed (the run stops before any worker starts; under
+        xdist the templates are built while the workers boot, and a failure is raised
+        before the first test instead: :meth:`DjangoHooks.pytest_runtestloop`).
     """
     mode = str(config.getini("corral_django")).strip().lower() or "auto"
     if mode not in _SWITCH:
@@ -79,11 +87,7 @@ def configure(config: pytest.Config, process: CorralProcess) -> None:
             raise
         except Exception as exc:  # a server that refuses us, a permission missing...
             hooks.stop()
-            raise pytest.UsageError(
-                f"corral: Django support could not prepare the test databases: "
-                f"{type(exc).__name__}: {exc}\n(ini corral_django = off leaves them to "
-                "pytest-django)"
-            ) from exc
+            raise _not_prepared(exc) from exc
         except BaseException:
             hooks.stop()
             raise
@@ -120,6 +124,13 @@ class DjangoHooks:
         #: run (None: no such server), and whether this run built a template there.
         self._snapshot: Path | None = None
         self._built_own = False
+        #: Under xdist: what the build needs, until the session starts it in a thread.
+        self._pending: tuple[list[dict[str, Any]], dict[str, str], bool] | None = None
+        #: That thread, until the controller joined it, and what it builds now.
+        self.build: Background | None = None
+        self._building: BuildSpec | None = None
+        #: How many notes the report header showed (the build's come later, in the summary).
+        self._shown = 0
 
     # ------------------------------------------------------------------ controller
 
@@ -169,12 +180,10 @@ class DjangoHooks:
                     "encoding": encoding,
                 }
             )
-        started = time.perf_counter()
-        self._templates(entries, mirrors, no_migrations)
-        self.timings["django templates"] = time.perf_counter() - started
         run = self.process.info
         assert run is not None
-        self.info = DjangoInfo(
+        # The templates' names are known from the hashes: the workers can be told now.
+        info = DjangoInfo(
             run_id=run.run_id,
             controller_pid=run.controller_pid,
             clone_tag=run.clone_tag,
@@ -182,6 +191,24 @@ class DjangoHooks:
             mirrors=mirrors,
             others=others,
         )
+        if _starts_workers(self.config):
+            # Built while xdist boots the workers (pytest_sessionstart), joined before the
+            # first test is handed out (pytest_runtestloop).
+            self._pending = (entries, mirrors, no_migrations)
+            self.notes.append("corral: Django templates prepared while the workers start")
+        else:
+            self._prepare(entries, mirrors, no_migrations)
+        self._export(info)
+
+    def _prepare(
+        self, entries: list[dict[str, Any]], mirrors: dict[str, str], no_migrations: bool
+    ) -> None:
+        started = time.perf_counter()
+        self._templates(entries, mirrors, no_migrations)
+        self.timings["django templates"] = time.perf_counter() - started
+
+    def _export(self, info: DjangoInfo) -> None:
+        self.info = info
         self._env_saved = os.environ.get(ENV_DJANGO)
         os.environ[ENV_DJANGO] = self.info.to_json()
         self._exported = True
@@ -402,6 +429,7 @@ class DjangoHooks:
             base_templates={e["template"]: e["base_template"] for e in entries},
             encodings={e["template"]: e["encoding"] for e in entries if e["encoding"]},
         )
+        self._building = spec
         try:
             with _unblocked(self.config):
                 build(spec)
@@ -421,6 +449,8 @@ class DjangoHooks:
                 f"so no test ran:\n{exc}\n\n"
                 f"{''.join(traceback.format_exception(exc)).rstrip()}"
             ) from None
+        finally:
+            self._building = None
         for entry in entries:
             self._start_dump(entry)
         if self.server is not None and first["admin_dsn"] == self.server.dsn:
@@ -461,8 +491,30 @@ class DjangoHooks:
             self.timings["django dump (wait)"] = time.perf_counter() - started
             prune_dumps(dumps[0][2].parent)
 
+    def _settle(self) -> None:
+        """End a build that was never joined (the run ended before its first test: Ctrl-C,
+        an error at start-up) before its server, pytest-django's blocker and the run's
+        clean-up go: its running statement is cancelled (the half-built template is then
+        dropped, as when Ctrl-C interrupts a build in the main thread), and it gets
+        :data:`_BUILD_WAIT` seconds to end; say if it failed otherwise."""
+        build, self.build = self.build, None
+        self._pending = None
+        if build is None:
+            return
+        building = self._building
+        cancelled = building is not None and not build.wait(0)
+        if building is not None and cancelled:
+            building.cancel()
+        if not build.wait(_BUILD_WAIT):
+            log.warning("corral: building the Django test database template did not end in time")
+        elif build.error is not None and not build.reported and not cancelled:
+            log.warning(
+                "corral: preparing Django's test databases failed: %s", _not_prepared(build.error)
+            )
+
     def stop(self) -> None:
         """Drop this run's Django clones (the workers are done), stop a server we started."""
+        self._settle()
         info, self.info = self.info, None
         snapshot, self._snapshot = self._snapshot, None
         if info is None or not self._built_own:
@@ -530,6 +582,35 @@ class DjangoHooks:
 
     # ------------------------------------------------------------------ xdist (controller)
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self) -> None:
+        """Start the build in a thread: after every plugin's ``pytest_configure`` (pytest-
+        django's blocks database access there, which the build lifts for itself), before
+        xdist's own ``pytest_sessionstart`` (trylast) spawns the workers."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self.build = Background(lambda: self._prepare(*pending), "corral-django-build")
+        self.build.start()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self) -> None:
+        """Before xdist's loop hands out the first test: wait for the templates; a failed
+        build stops the run here, once, with the error :func:`configure` would raise
+        (xdist then stops the workers that were booting)."""
+        build = self.build
+        if build is None:
+            return
+        started = time.perf_counter()
+        try:
+            build.join()
+        except pytest.UsageError:
+            raise
+        except Exception as exc:
+            raise _not_prepared(exc) from exc
+        finally:
+            self.timings["django build (wait)"] = time.perf_counter() - started
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_setupnodes(self, specs: list[Any]) -> None:
         """Before the first worker is spawned: clone each worker's databases meanwhile (as
@@ -547,7 +628,8 @@ class DjangoHooks:
             for worker in names  # worker by worker: each needs all of its databases
             for index, entry in enumerate(self.info.groups)
         ]
-        self.precloner = PreCloner(run, len(names), None, jobs=jobs)
+        ready = self.build.outcome if self.build is not None else None
+        self.precloner = PreCloner(run, len(names), None, jobs=jobs, ready=ready)
         # Runs before stop() (LIFO), which drops the run's clones: none may come after.
         self.config.add_cleanup(self._stop_precloner)
         self.precloner.start()
@@ -578,13 +660,25 @@ class DjangoHooks:
 
     @pytest.hookimpl
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        return list(self.notes) if config.option.verbose > 0 else []
+        notes = list(self.notes)  # a copy: a build in its thread may add more
+        self._shown = len(notes)
+        return notes if config.option.verbose > 0 else []
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any, config: pytest.Config) -> None:
-        if self.process.is_controller and config.option.verbose > 0 and self.timings:
-            parts = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
+        if not self.process.is_controller or config.option.verbose <= 0:
+            return
+        for note in self.notes[self._shown :]:  # the build's, after the header
+            terminalreporter.write_line(note)
+        timings = dict(self.timings)
+        if timings:
+            parts = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items())
             terminalreporter.write_line(f"corral: Django set-up: {parts}")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_unconfigure(self) -> None:
+        # Before pytest-django's, which undoes every block/unblock, the build's included.
+        self._settle()
 
 
 def dump_project(rootpath: Path, aliases: list[str]) -> str:
@@ -620,6 +714,24 @@ def prune_snapshots(directory: Path, now: float | None = None) -> list[Path]:
         suffix=".pgdata",
         now=now,
     )
+
+
+def _not_prepared(exc: BaseException) -> pytest.UsageError:
+    """What a run whose Django test databases could not be prepared says (a UsageError
+    raised on the way says it all already)."""
+    if isinstance(exc, pytest.UsageError):
+        return exc
+    return pytest.UsageError(
+        f"corral: Django support could not prepare the test databases: "
+        f"{type(exc).__name__}: {exc}\n(ini corral_django = off leaves them to pytest-django)"
+    )
+
+
+def _starts_workers(config: pytest.Config) -> bool:
+    """Whether this controller's run hands its tests to xdist workers (as xdist decides
+    after its ``pytest_cmdline_main``); not with ``-n 0`` nor ``-p no:xdist``."""
+    option = config.option
+    return getattr(option, "dist", "no") != "no" and bool(getattr(option, "tx", None))
 
 
 def _all_aliases() -> list[str]:

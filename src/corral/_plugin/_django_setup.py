@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import re
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping
@@ -281,6 +283,18 @@ class BuildSpec:
     encodings: dict[str, str] = field(default_factory=dict)
     #: Filled by the build: seconds spent in Django's ``create_test_db`` and ``serialize``.
     timings: dict[str, float] = field(default_factory=dict)
+    #: The Django connection the build migrates through (its thread's), for :meth:`cancel`.
+    migrating: Any = None
+
+    def cancel(self) -> None:
+        """From another thread: cancel the statement the build is running (the run ends
+        before its first test, and a thread cannot be interrupted), so that the migration
+        fails now and the half-built template is dropped; Python steps still run out."""
+        wrapper = self.migrating
+        connection = getattr(wrapper, "connection", None)
+        if connection is not None:
+            with contextlib.suppress(Exception):  # closed meanwhile: nothing to cancel
+                connection.cancel()
 
 
 class MigrationFailed(Exception):
@@ -309,11 +323,50 @@ def disable_migrations() -> None:
     settings.MIGRATION_MODULES = _DisableMigrations()
 
 
+class _Routed:
+    """``sys.stdout``/``sys.stderr`` during a build: the building thread's writes go to its
+    buffer, every other thread's to the stream this replaced. Django's ``create_test_db``
+    takes no stream (it writes to ``sys.stderr``, and ``migrate`` to ``sys.stdout``, looked
+    up when called), and the build may run beside the xdist controller's main thread,
+    which must keep its own output."""
+
+    def __init__(self, original: Any, buffer: io.StringIO, thread: int) -> None:
+        self.original = original
+        self._buffer = buffer
+        self._thread = thread
+        self.active = True
+
+    def _target(self) -> Any:
+        if self.active and threading.get_ident() == self._thread:
+            return self._buffer
+        return self.original
+
+    def write(self, text: str) -> int:
+        return int(self._target().write(text))
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target(), name)
+
+
 @contextlib.contextmanager
 def _captured() -> Iterator[io.StringIO]:
+    """What this thread prints meanwhile (Django's progress, a failed migration's name)."""
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+    thread = threading.get_ident()
+    out, err = _Routed(sys.stdout, buffer, thread), _Routed(sys.stderr, buffer, thread)
+    sys.stdout, sys.stderr = out, err
+    try:
         yield buffer
+    finally:
+        out.active = err.active = False  # from now on they only pass writes through
+        # Unless another thread replaced them meanwhile (and will put ours back: harmless).
+        if sys.stdout is out:
+            sys.stdout = out.original
+        if sys.stderr is err:
+            sys.stderr = err.original
 
 
 @contextlib.contextmanager
@@ -348,6 +401,7 @@ def _build_group(spec: BuildSpec, aliases: list[str], template: str) -> None:
     first = connections[aliases[0]]
     point_at(first.settings_dict, first.settings_dict["NAME"], spec.overrides)
     first.settings_dict.setdefault("TEST", {})["NAME"] = template
+    spec.migrating = first
     started = time.perf_counter()
     with _captured() as output:
         try:
