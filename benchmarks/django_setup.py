@@ -1,9 +1,13 @@
 """Django set-up time: pytest-django alone vs with corral, by number of migrations.
 
 Run: ``python -m benchmarks.django_setup [--sizes 10,50,200] [--workers 0,4] [--repeat 3]
-[--throwaway] [--dsn DSN] [--modes pytest-django,corral]``. Generates the Django project
-of ``tests/plugin/_django_project.py`` (3 apps, small migrations, a data migration, 12
-pytest-django tests) with about 10, 50 and 200 migrations, and times whole ``pytest`` runs
+[--throwaway] [--dsn DSN] [--modes pytest-django,corral] [--kind typical|cheap]``.
+Generates the Django project of ``tests/plugin/_django_project.py`` (3 apps, a data
+migration, 12 pytest-django tests) with about 10, 50 and 200 migrations — ``typical``
+(default): of the kind real projects have, a third creating a model with a foreign key and
+an index, the rest adding fields, which Django migrates by rendering model states;
+``cheap``: mostly ``RunSQL("SELECT n")``, next to free, so what remains is corral's and
+pytest-django's fixed cost — and times whole ``pytest`` runs
 of it, each in a fresh process: pytest-django alone (``-p no:corral``: every worker
 creates and migrates its own test database, every run) and with corral (the run migrates
 once into a template, which the next run reuses), serial and with xdist, a first and a
@@ -87,10 +91,10 @@ def _forget_caches() -> None:
                     path.unlink(missing_ok=True)
 
 
-def _project(root: Path, migrations: int) -> None:
+def _project(root: Path, migrations: int, typical: bool) -> None:
     _PROJECTS.append(root)
     per_app = max(2, (migrations - 4) // 3)
-    write_project(root, token=secrets.token_hex(6), migrations=per_app)
+    write_project(root, token=secrets.token_hex(6), migrations=per_app, typical=typical)
     (root / "conftest.py").write_text(_CONFTEST)
     (root / "tests" / "test_no_db.py").write_text(_NO_DB)
 
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", default="pytest-django,corral", help="which of pytest-django,corral to run"
     )
+    parser.add_argument("--kind", choices=("typical", "cheap"), default="typical")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
@@ -147,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if args.throwaway:
         modes = [m for m in modes if m == "corral"]
-    print(f"load average {os.getloadavg()[0]:.1f}, medians of {args.repeat} (min-max)")
+    typical = args.kind == "typical"
+    print(
+        f"{args.kind} migrations; load average {os.getloadavg()[0]:.1f}, "
+        f"medians of {args.repeat} (min-max)"
+    )
     print(f"{'case':<44}  {'to first test':>13}  {'db set-up':>16}  {'wall':>8}")
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     times: dict[str, list[tuple[float, float]]] = {}
                     for attempt in range(args.repeat):
                         root = Path(tmp) / f"p{size}-{n}-base-{attempt}"
-                        _project(root, size)
+                        _project(root, size, typical)
                         base.append(
                             _run(root, env, "-n", str(n), "-p", "no:corral", select="no_db")[0]
                         )
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                             extra = ["-p", "no:corral"] if mode == "pytest-django" else []
                             mode_env = corral_env if mode == "corral" else env
                             root = Path(tmp) / f"p{size}-{n}-{mode}-{attempt}"
-                            _project(root, size)
+                            _project(root, size, typical)
                             for run in ("first", "second"):
                                 times.setdefault(f"{mode}, {run} run", []).append(
                                     _run(root, mode_env, "-n", str(n), *extra)

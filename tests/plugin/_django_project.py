@@ -97,6 +97,44 @@ class Migration(migrations.Migration):
     ]
 """
 
+# A model of the kind real projects add: a relation, a date, an index (migrating it renders
+# the related models' state, which is what makes a long migration history slow).
+_CREATE_THING = """\
+from django.db import migrations, models
+import django.db.models.deletion
+
+
+class Migration(migrations.Migration):
+    dependencies = [("{app}", "{previous}")]
+    operations = [
+        migrations.CreateModel(
+            name="{thing}",
+            fields=[
+                ("id", models.BigAutoField(primary_key=True, serialize=False)),
+                ("name", models.CharField(max_length=100, db_index=True)),
+                ("created", models.DateTimeField(auto_now_add=True)),
+                (
+                    "owner",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, to="{app}.{model_lower}"
+                    ),
+                ),
+            ],
+        ),
+    ]
+"""
+
+_ADD_TEXT = """\
+from django.db import migrations, models
+
+
+class Migration(migrations.Migration):
+    dependencies = [("{app}", "{previous}")]
+    operations = [
+        migrations.AddField("{thing_lower}", "{field}", models.TextField(blank=True, default="")),
+    ]
+"""
+
 _RUN_SQL = """\
 from django.db import migrations
 
@@ -289,11 +327,50 @@ def _models(model: str, fields: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_project(root: Path, *, token: str, migrations: int = 20) -> None:
+def _steps(app: str, model: str, migrations: int, typical: bool) -> tuple[list[str], str]:
+    """The texts of *app*'s migrations 0002.. and the models they leave."""
+    texts: list[str] = []
+    previous, fields = "0001_initial", 0
+    things: dict[str, list[str]] = {}
+    for number in range(2, migrations + 1):
+        common = {"app": app, "previous": previous, "model_lower": model.lower()}
+        if typical and number % 3 == 0:
+            thing = f"{model}Thing{number}"
+            things[thing] = []
+            text = _CREATE_THING.format(thing=thing, **common)
+        elif typical and number % 3 == 2 and things:
+            thing = list(things)[-1]
+            field = f"text{number}"
+            things[thing].append(field)
+            text = _ADD_TEXT.format(thing_lower=thing.lower(), field=field, **common)
+        elif number % 4 == 0 or typical:
+            text = _ADD_FIELD.format(field=f"f{fields}", **common)
+            fields += 1
+        else:
+            text = _RUN_SQL.format(number=number, **common)
+        texts.append(text)
+        previous = f"{number:04d}_step"
+    source = _models(model, fields)
+    for thing, texts_fields in things.items():
+        source += f"\n\nclass {thing}(models.Model):\n"
+        source += "    name = models.CharField(max_length=100, db_index=True)\n"
+        source += "    created = models.DateTimeField(auto_now_add=True)\n"
+        source += f"    owner = models.ForeignKey({model}, on_delete=models.CASCADE)\n"
+        source += "".join(
+            f'    {f} = models.TextField(blank=True, default="")\n' for f in texts_fields
+        )
+    return texts, source
+
+
+def write_project(root: Path, *, token: str, migrations: int = 20, typical: bool = False) -> None:
     """Write the project into *root*; *token* makes its templates its own (it is part of
     the settings, hence of nothing that defines the template: a migration carries it too).
 
     :param migrations: migrations per app (so 3x in all, plus shop's extra ones).
+    :param typical: migrations of the kind real projects have (a third create a model with a
+        foreign key and an index, the others add fields), which make Django render model
+        states as it migrates; else cheap ones (mostly ``RunSQL("SELECT n")``), as the
+        tests want.
     """
     _write(root / "pytest.ini", "[pytest]\nDJANGO_SETTINGS_MODULE = proj.settings\n")
     _write(root / "proj" / "__init__.py", "")
@@ -306,19 +383,10 @@ def write_project(root: Path, *, token: str, migrations: int = 20) -> None:
         migrations_dir = package / "migrations"
         _write(migrations_dir / "__init__.py", "")
         _write(migrations_dir / "0001_initial.py", _INITIAL.format(model=model))
-        previous, fields = "0001_initial", 0
-        for number in range(2, migrations + 1):
-            name = f"{number:04d}_step"
-            if number % 4 == 0:
-                text = _ADD_FIELD.format(
-                    app=app, previous=previous, model_lower=model.lower(), field=f"f{fields}"
-                )
-                fields += 1
-            else:
-                text = _RUN_SQL.format(app=app, previous=previous, number=number)
-            _write(migrations_dir / f"{name}.py", text)
-            previous = name
-        model_source = _models(model, fields)
+        texts, model_source = _steps(app, model, migrations, typical)
+        for number, text in enumerate(texts, start=2):
+            _write(migrations_dir / f"{number:04d}_step.py", text)
+        previous = f"{migrations:04d}_step" if migrations > 1 else "0001_initial"
         if app == "shop":
             extra = [
                 ("counting", _COUNTING.format(app=app, previous=previous)),
