@@ -501,10 +501,10 @@ class DjangoHooks:
         self._pending = None
         if build is None:
             return
-        building = self._building
-        cancelled = building is not None and not build.wait(0)
-        if building is not None and cancelled:
+        building, cancelled = self._building, False
+        if building is not None and not build.wait(0):
             building.cancel()
+            cancelled = True
         if not build.wait(_BUILD_WAIT):
             log.warning("corral: building the Django test database template did not end in time")
         elif build.error is not None and not build.reported and not cancelled:
