@@ -97,7 +97,7 @@ _PROJECTS: list[Path] = []
 
 def _forget_caches() -> None:
     """Remove what corral kept for the generated projects (their directories are gone)."""
-    from corral._plugin._django import dump_project
+    from corral._plugin._django_cache import dump_project
     from corral.postgres._cache import cache_root
 
     for root in _PROJECTS:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from corral._plugin._django import dump_project
+from corral._plugin._django_cache import dump_project
 from corral.postgres import EphemeralPostgres, default_cache_dir, drop_database
 from tests._inner import RUN_VARIABLES
 from tests.plugin._checks import interrupt_pytest

@@ -106,7 +106,7 @@ def test_migration_modules_of_any_shape_feed_the_hash() -> None:
 def test_the_dump_cache_keeps_the_newest_dumps_per_project_and_drops_unused_ones(
     tmp_path: Path,
 ) -> None:
-    from corral._plugin._django import DUMP_MAX_AGE, DUMPS_KEPT, prune_dumps
+    from corral._plugin._django_cache import DUMP_MAX_AGE, DUMPS_KEPT, prune_dumps
 
     now = 1_000_000_000.0
 

@@ -53,6 +53,7 @@ HEAVY = (
     "corral._plugin._cpuclaim",
     "corral._plugin._database",
     "corral._plugin._django",
+    "corral._plugin._django_cache",
     "corral._plugin._sandbox",
     "corral.broker.redis",
     "corral.broker.server",

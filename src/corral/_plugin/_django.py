@@ -3,19 +3,16 @@
 The controller (xdist's, or the only process) names a template per test database by a
 hash of what defines it, builds the missing ones in-process with Django's own test-database
 creation, and hands the names to the workers; each test process's ``django_db_setup``
-(see :mod:`corral._plugin._django_fixtures`) clones them.
+(see :mod:`corral._plugin._django_fixtures`) clones them. On corral's throwaway server,
+what the next run can start from is kept by :mod:`corral._plugin._django_cache`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import time
 import traceback
 from collections.abc import Iterator
@@ -25,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from corral._plugin._background import Background
+from corral._plugin._django_checks import probe, starts_workers, template_ready, where, why_not
 from corral._plugin._django_info import DjangoInfo
 from corral._plugin._run import no_throwaway
 from corral.errors import CorralError, TemplateBuildError
 
 if TYPE_CHECKING:
     from corral._plugin._database import PreCloner
+    from corral._plugin._django_cache import DjangoCache
     from corral._plugin._django_setup import BuildSpec
     from corral._plugin._process import CorralProcess
     from corral.postgres import EphemeralPostgres
@@ -40,9 +39,6 @@ __all__ = [
     "DjangoHooks",
     "DjangoInfo",
     "configure",
-    "dump_project",
-    "prune_dumps",
-    "prune_snapshots",
 ]
 
 log = logging.getLogger("corral.pytest")
@@ -50,17 +46,10 @@ log = logging.getLogger("corral.pytest")
 #: What the controller hands to its workers (JSON; internal).
 ENV_DJANGO = "CORRAL_DJANGO"
 _SWITCH = ("auto", "on", "off")
-_PROBE_TIMEOUT = 3
-#: Dumps of built templates kept per project's test database (older migrations' go).
-DUMPS_KEPT = 3
-#: Seconds after which an unused dump goes (30 days).
-DUMP_MAX_AGE = 30 * 24 * 3600.0
 #: Seconds a build still running when the run ends (its statement cancelled) gets to end
 #: before the clean-up; past that it is left to die with the process, its template marked
 #: as being built (the next run drops and rebuilds it).
 _BUILD_WAIT = 60.0
-#: Bump when what a kept throwaway server's data directory holds changes.
-_SNAPSHOT_FORMAT = 1
 
 
 def configure(config: pytest.Config, process: CorralProcess) -> None:
@@ -109,11 +98,14 @@ class DjangoHooks:
         #: What ``-v`` says about Django support.
         self.notes: list[str] = []
         self.timings: dict[str, float] = {}
+        #: Django's own throwaway server: started when no server answers at Django's
+        #: settings and corral's database part started none (:meth:`_throwaway`).
         self.server: EphemeralPostgres | None = None
         self._env_saved: str | None = None
         self._exported = False
-        #: Dumps of built templates still being written: (pg_dump, partial file, target).
-        self._dumps: list[tuple[subprocess.Popen[str], Path, Path]] = []
+        #: What this run keeps for the next on corral's throwaway server (made when first
+        #: needed: :meth:`_get_cache`).
+        self._cache: DjangoCache | None = None
         #: The xdist controller's thread that clones the workers' databases while they boot.
         self.precloner: PreCloner | None = None
         #: Of those, how many the workers took (what they report when they end).
@@ -138,7 +130,7 @@ class DjangoHooks:
         if self.config.option.collectonly:
             self.notes.append("corral: Django support idle: --collect-only runs no test")
             return
-        why = _why_not(self.config)
+        why = why_not(self.config)
         if why:
             if on:
                 raise pytest.UsageError(f"corral_django = on, but {why}")
@@ -191,7 +183,7 @@ class DjangoHooks:
             mirrors=mirrors,
             others=others,
         )
-        if _starts_workers(self.config):
+        if starts_workers(self.config):
             # Built while xdist boots the workers (pytest_sessionstart), joined before the
             # first test is handed out (pytest_runtestloop).
             self._pending = (entries, mirrors, no_migrations)
@@ -230,79 +222,50 @@ class DjangoHooks:
         found: dict[str, tuple[str, dict[str, str]]] = {}
         for alias in aliases:
             candidate = admin_dsn_of(connections[alias].settings_dict)
-            error = _probe(candidate)
+            error = probe(candidate)
             if error is None:
                 found[alias] = (candidate, {})
                 self._drop_stale(candidate)
-                where = _where(connections[alias].settings_dict)
-                self.notes.append(f"corral: Django database {alias!r}: the server at {where}")
+                at = where(connections[alias].settings_dict)
+                self.notes.append(f"corral: Django database {alias!r}: the server at {at}")
                 continue
             throwaway = self._throwaway()
             found[alias] = (throwaway, overrides_for(throwaway))
             self.notes.append(
                 f"corral: Django database {alias!r}: no server reachable at "
-                f"{_where(connections[alias].settings_dict)} ({error}); "
+                f"{where(connections[alias].settings_dict)} ({error}); "
                 "using corral's throwaway PostgreSQL (HOST/PORT/USER/PASSWORD point at it)"
             )
         return found
 
     def _throwaway(self) -> str:
+        """The DSN of corral's throwaway server: the run's when corral's database part
+        started one, else Django's own, started from the data directory an earlier run
+        kept with these templates when there is one."""
         run = self.process.run
         if run is not None and run.server is not None:
             return run.server.dsn
         if self.server is None:
+            from django.conf import settings
+
             from corral.postgres import EphemeralPostgres
 
+            cache = self._get_cache()
             started = time.perf_counter()
             try:
                 server = EphemeralPostgres()
-                self._snapshot = self._snapshot_path(server)
-                seeded = self._start_from_snapshot(self._snapshot, server.bindir)
-                if seeded:
+                self._snapshot = cache.snapshot_path(server, list(settings.DATABASES), self._wanted)
+                seeded = cache.start_from_snapshot(self._snapshot, server.bindir)
+                if seeded is not None:
+                    self.server = seeded
                     self.timings["postgres start (snapshot)"] = time.perf_counter() - started
-                    return seeded
+                    return seeded.dsn
                 self.server = server.start()
             except CorralError as exc:
                 why = " (no database server answers at Django's settings)"
                 raise no_throwaway(exc, why) from exc
             self.timings["postgres start"] = time.perf_counter() - started
         return self.server.dsn
-
-    def _snapshot_path(self, server: EphemeralPostgres) -> Path:
-        """``~/.cache/corral/django/<project>-<key>.pgdata``: the data directory of a
-        throwaway server holding this run's templates; the key hashes the templates' names
-        (hashes of what defines them) and the installation and OS user that run it."""
-        from corral.postgres._cache import cache_root
-
-        aliases = sorted(_all_aliases())
-        project = dump_project(self.config.rootpath, aliases)
-        binaries, user = server.binaries, server.server_user
-        installation = [binaries.version_string, str(binaries.bindir), user.uid]
-        material = json.dumps([_SNAPSHOT_FORMAT, self._wanted, *installation])
-        key = hashlib.sha256(material.encode()).hexdigest()[:16]
-        return cache_root() / "django" / f"{project}-{key}.pgdata"
-
-    def _start_from_snapshot(self, path: Path, bindir: Path) -> str | None:
-        """Start corral's throwaway server from the data directory *path* an earlier run
-        kept with these very templates inside (no restore, no migrating); None when there
-        is none or it does not start (then it is removed)."""
-        from corral.postgres import EphemeralPostgres
-
-        if not (path / "PG_VERSION").is_file():
-            return None
-        server = EphemeralPostgres(seed=path, bindir=bindir)
-        try:
-            server.start()  # a missing template is built (and the copy replaced at the end)
-        except Exception as exc:
-            server.stop()
-            log.warning("corral: the kept Django server %s is unusable, migrating: %s", path, exc)
-            shutil.rmtree(path, ignore_errors=True)
-            return None
-        with contextlib.suppress(OSError):
-            os.utime(path)  # used: what pruning keeps
-        self.server, self._snapshot = server, path
-        self.notes.append(f"corral: Django's throwaway PostgreSQL started from {path}")
-        return server.dsn
 
     def _own_server(self, admin: str) -> EphemeralPostgres | None:
         """The throwaway server behind *admin*, when corral started it for this run."""
@@ -311,6 +274,23 @@ class DjangoHooks:
             if server is not None and server.dsn == admin:
                 return server
         return None
+
+    def _run_server(self, admin: str) -> EphemeralPostgres | None:
+        """The throwaway server of corral's database part when it is behind *admin*: the
+        templates built there are kept as dumps. (Django's own throwaway server keeps its
+        whole data directory instead: :meth:`stop`.)"""
+        run = self.process.run
+        server = run.server if run is not None else None
+        return server if server is not None and server.dsn == admin else None
+
+    def _get_cache(self) -> DjangoCache:
+        """What this run keeps for the next on corral's throwaway server (imported only
+        when a run uses that server)."""
+        if self._cache is None:
+            from corral._plugin._django_cache import DjangoCache
+
+            self._cache = DjangoCache(self.config.rootpath, self.notes, self.timings)
+        return self._cache
 
     def _drop_stale(self, admin: str) -> None:
         from corral.postgres import drop_stale_databases
@@ -335,10 +315,11 @@ class DjangoHooks:
             admin, template = entry["admin_dsn"], entry["template"]
             if recreate:
                 drop_database(admin, template)
-            if _ready(admin, template):
+            if template_ready(admin, template):
                 self.notes.append(f"corral: Django template {template} reused (no migrating)")
                 continue
-            if self._restore(entry):
+            server = self._run_server(admin)
+            if server is not None and self._get_cache().restore(entry, server):
                 continue
             missing.append(entry)
         by_server: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -353,62 +334,6 @@ class DjangoHooks:
             )
             names = ", ".join(e["template"] for e in group)
             self.notes.append(f"corral: Django template {names} built by migrating")
-
-    def _dump_path(self, entry: dict[str, Any]) -> Path | None:
-        """``~/.cache/corral/django/<project>-<template>-pg<major>.dump`` for a template of
-        corral's throwaway server (None on another server: the template stays there).
-        ``<project>`` tells this project's test database from others' when pruning."""
-        server = self._own_server(entry["admin_dsn"])
-        if server is None or server is self.server:
-            return None  # Django's own server: its data directory is kept (stop())
-        from corral.postgres._cache import cache_root
-
-        project = dump_project(self.config.rootpath, entry["aliases"])
-        name = f"{project}-{entry['template']}-pg{server.version[0]}.dump"
-        return cache_root() / "django" / name
-
-    def _restore(self, entry: dict[str, Any]) -> bool:
-        """Restore a throwaway server's template from the dump an earlier run kept."""
-        path = self._dump_path(entry)
-        server = self._own_server(entry["admin_dsn"])
-        if path is None or server is None or not path.is_file():
-            return False
-        from corral.postgres import ensure_template
-
-        pg_restore = str(server.bindir / "pg_restore")
-        started = time.perf_counter()
-
-        def restore(dsn: str) -> None:
-            result = subprocess.run(
-                [
-                    pg_restore,
-                    "--no-owner",
-                    "--no-privileges",
-                    "--single-transaction",
-                    "-d",
-                    dsn,
-                    str(path),
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise CorralError(f"pg_restore {path}: {result.stderr.strip()}")
-
-        try:
-            ensure_template(entry["admin_dsn"], restore, name=entry["template"])
-        except TemplateBuildError as exc:
-            log.warning("corral: the cached Django template is unusable, migrating: %s", exc)
-            path.unlink(missing_ok=True)
-            return False
-        self.timings["django restore"] = time.perf_counter() - started
-        with contextlib.suppress(OSError):
-            os.utime(path)  # used: what pruning keeps
-        self.notes.append(
-            f"corral: Django template {entry['template']} restored from {path} (no migrating)"
-        )
-        return True
 
     def _build(
         self, entries: list[dict[str, Any]], mirrors: dict[str, str], no_migrations: bool
@@ -452,44 +377,11 @@ class DjangoHooks:
         finally:
             self._building = None
         for entry in entries:
-            self._start_dump(entry)
+            server = self._run_server(entry["admin_dsn"])
+            if server is not None:
+                self._get_cache().start_dump(entry, server)
         if self.server is not None and first["admin_dsn"] == self.server.dsn:
             self._built_own = True  # worth keeping the server's data directory
-
-    def _start_dump(self, entry: dict[str, Any]) -> None:
-        """Keep a built template of corral's throwaway server as a dump for the next run,
-        in the background (from a clone: a template takes no connection); :meth:`stop`
-        waits for it before the server goes."""
-        path = self._dump_path(entry)
-        server = self._own_server(entry["admin_dsn"])
-        if path is None or server is None:
-            return
-        from corral.postgres import clone_database, database_dsn
-
-        admin = entry["admin_dsn"]
-        source = clone_database(admin, entry["template"], entry["template"] + "_dump")
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        command = [str(server.bindir / "pg_dump"), "-Fc", "-Z1", "--no-owner"]
-        command += ["--no-privileges", "-f", str(partial), database_dsn(admin, source)]
-        process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        self._dumps.append((process, partial, path))
-
-    def _finish_dumps(self) -> None:
-        dumps, self._dumps = self._dumps, []
-        started = time.perf_counter()
-        for process, partial, path in dumps:
-            _out, err = process.communicate()
-            if process.returncode == 0:
-                os.replace(partial, path)
-                continue
-            partial.unlink(missing_ok=True)
-            log.warning("corral: could not cache the Django template in %s: %s", path, err)
-        if dumps:
-            self.timings["django dump (wait)"] = time.perf_counter() - started
-            prune_dumps(dumps[0][2].parent)
 
     def _settle(self) -> None:
         """End a build that was never joined (the run ended before its first test: Ctrl-C,
@@ -521,12 +413,13 @@ class DjangoHooks:
             snapshot = None  # nothing new to keep
         if info is not None:
             self._drop_clones(info, own=snapshot is not None)
-        self._finish_dumps()
+        if self._cache is not None:
+            self._cache.finish_dumps()
         server, self.server = self.server, None
         if server is not None:
             try:
                 if snapshot is not None:
-                    self._keep(server, snapshot)
+                    self._get_cache().keep(server, snapshot)
                 else:
                     server.stop()
             except Exception as exc:
@@ -537,14 +430,6 @@ class DjangoHooks:
                 os.environ.pop(ENV_DJANGO, None)
             else:
                 os.environ[ENV_DJANGO] = self._env_saved
-
-    def _keep(self, server: EphemeralPostgres, snapshot: Path) -> None:
-        """Stop Django's throwaway server keeping its data directory (templates only: the
-        clones are dropped) for the next run with the same templates."""
-        started = time.perf_counter()
-        if server.stop_keeping(snapshot):
-            self.timings["django keep server"] = time.perf_counter() - started
-            prune_snapshots(snapshot.parent)
 
     def _drop_clones(self, info: DjangoInfo, *, own: bool = False) -> None:
         """Drop the run's clones; on corral's own server only with *own* (else they go with
@@ -681,41 +566,6 @@ class DjangoHooks:
         self._settle()
 
 
-def dump_project(rootpath: Path, aliases: list[str]) -> str:
-    """What starts the names of a project's dumps of one test database (its aliases)."""
-    where = f"{rootpath}\0{','.join(aliases)}"
-    return hashlib.sha256(where.encode()).hexdigest()[:12]
-
-
-def prune_dumps(directory: Path, now: float | None = None) -> list[Path]:
-    """Keep the Django dump cache small: the newest :data:`DUMPS_KEPT` dumps of each
-    project's test database and server version, none unused for :data:`DUMP_MAX_AGE`."""
-    from corral.postgres._cache import prune
-
-    def project(path: Path) -> str:
-        parts = path.name.split("-")
-        return f"{parts[0]}-{parts[-1]}"
-
-    return prune(
-        directory, keep=DUMPS_KEPT, max_age=DUMP_MAX_AGE, key=project, suffix=".dump", now=now
-    )
-
-
-def prune_snapshots(directory: Path, now: float | None = None) -> list[Path]:
-    """Keep the kept throwaway servers few: the newest :data:`DUMPS_KEPT` per project,
-    none unused for :data:`DUMP_MAX_AGE`."""
-    from corral.postgres._cache import prune
-
-    return prune(
-        directory,
-        keep=DUMPS_KEPT,
-        max_age=DUMP_MAX_AGE,
-        key=lambda path: path.name.split("-")[0],
-        suffix=".pgdata",
-        now=now,
-    )
-
-
 def _not_prepared(exc: BaseException) -> pytest.UsageError:
     """What a run whose Django test databases could not be prepared says (a UsageError
     raised on the way says it all already)."""
@@ -725,65 +575,6 @@ def _not_prepared(exc: BaseException) -> pytest.UsageError:
         f"corral: Django support could not prepare the test databases: "
         f"{type(exc).__name__}: {exc}\n(ini corral_django = off leaves them to pytest-django)"
     )
-
-
-def _starts_workers(config: pytest.Config) -> bool:
-    """Whether this controller's run hands its tests to xdist workers (as xdist decides
-    after its ``pytest_cmdline_main``); not with ``-n 0`` nor ``-p no:xdist``."""
-    option = config.option
-    return getattr(option, "dist", "no") != "no" and bool(getattr(option, "tx", None))
-
-
-def _all_aliases() -> list[str]:
-    from django.conf import settings
-
-    return list(settings.DATABASES)
-
-
-def _why_not(config: pytest.Config) -> str:
-    """Why Django support cannot apply to this run ("" when it can)."""
-    if not config.pluginmanager.hasplugin("django"):
-        return "pytest-django is not active"
-    if "django" not in sys.modules:
-        return "pytest-django found no Django settings (DJANGO_SETTINGS_MODULE / --ds)"
-    from django.conf import settings
-
-    if not settings.configured:
-        return "Django's settings are not configured"
-    from corral._plugin._django_setup import is_postgres
-
-    databases = dict(settings.DATABASES)
-    if not any(is_postgres(d) for d in databases.values()):
-        engines = ", ".join(sorted({str(d.get("ENGINE")) for d in databases.values()}))
-        return f"no database uses PostgreSQL ({engines or 'no DATABASES'})"
-    return ""
-
-
-def _probe(admin: str) -> str | None:
-    """None when the server answers, else why not."""
-    try:
-        import psycopg
-
-        with psycopg.connect(admin, connect_timeout=_PROBE_TIMEOUT):
-            return None
-    except Exception as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def _where(settings_dict: dict[str, Any]) -> str:
-    host = settings_dict.get("HOST") or "the default socket"
-    port = settings_dict.get("PORT") or 5432
-    return f"{host}:{port}"
-
-
-def _ready(admin: str, template: str) -> bool:
-    """Whether a finished template of that name exists (a half-built one does not count:
-    :func:`~corral.postgres.ensure_template` drops and rebuilds it)."""
-    from corral.postgres._admin import admin as connect
-    from corral.postgres._databases import template_ready
-
-    with connect(admin) as conn:
-        return bool(template_ready(conn, template))
 
 
 @contextlib.contextmanager
