@@ -239,17 +239,14 @@ def main(argv: list[str] | None = None) -> int:
                         flush=True,
                     )
                     for case, runs in times.items():
-                        verdict[(size, n, case)] = (
-                            _median([r[0] - baseline for r in runs]),
-                            _median([r[1] - base_after for r in runs]),
-                        )
-                        to_first = _median([r[0] for r in runs])
                         setup = [r[0] - baseline for r in runs]
                         held = [r[1] - base_after for r in runs]
+                        medians = verdict[(size, n, case)] = (_median(setup), _median(held))
+                        to_first = _median([r[0] for r in runs])
                         wall = _median([r[2] for r in runs])
                         label = f"{size} migrations, -n {n}, {case}"
-                        text = f"{_median(setup):.2f} ({_spread(setup)})"
-                        after = f"{_median(held):.2f} ({_spread(held)})"
+                        text = f"{medians[0]:.2f} ({_spread(setup)})"
+                        after = f"{medians[1]:.2f} ({_spread(held)})"
                         print(
                             f"{label:<44}  {to_first:>11.2f} s  {text:>16}  {after:>16}  "
                             f"{wall:>6.2f} s",
