@@ -1,5 +1,6 @@
-"""The supported versions: one table (``corral._versions``) that pyproject's lower bounds
-and the lowest-versions constraints file repeat, and the one-line refusal of older ones.
+"""The supported versions: pyproject's lower bounds, the lowest-versions constraints file
+pinning each, the table of the packages corral checks at run time (``corral._versions``)
+agreeing with both, and the one-line refusal of older ones.
 
 pytest and pytest-asyncio have two floors: the plugin's (``FLOORS``, checked at run time;
 tests/plugin/test_floors.py runs an app's suite there) and the test suite's
@@ -20,7 +21,6 @@ from corral._versions import (
     ASYNCIO_GLUE,
     FLOORS,
     SUITE_FLOORS,
-    TOOL_FLOORS,
     check_floors,
     release,
     too_old,
@@ -34,7 +34,8 @@ def _name(requirement: str) -> str:
     return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
-def _lower_bounds() -> dict[str, set[str]]:
+def _lower_bounds() -> dict[str, str]:
+    """pyproject's lower bound of each package its extras name (one per package)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     bounds: dict[str, set[str]] = {}
     for extra in project["optional-dependencies"].values():
@@ -44,7 +45,9 @@ def _lower_bounds() -> dict[str, set[str]]:
             match = re.search(r">=\s*([^,;\s]+)", requirement)
             assert match, f"{requirement!r} has no lower bound"
             bounds.setdefault(_name(requirement), set()).add(match.group(1))
-    return bounds
+    several = {name: versions for name, versions in bounds.items() if len(versions) > 1}
+    assert not several, f"pyproject names these with different lower bounds: {several}"
+    return {name: versions.pop() for name, versions in bounds.items()}
 
 
 def _constraints() -> dict[str, str]:
@@ -59,16 +62,16 @@ def _constraints() -> dict[str, str]:
 
 
 def test_pyproject_lower_bounds_are_the_floors() -> None:
-    # The bench extra (matplotlib) is the one exception: the floor run installs
-    # [dev,pgserver], the newest run the newest matplotlib.
-    bounds = {name: v for name, v in _lower_bounds().items() if name != "matplotlib"}
-    floors = {**FLOORS, **TOOL_FLOORS, **SUITE_FLOORS}
-    assert bounds == {name: {v} for name, v in floors.items()}
+    bounds = _lower_bounds()
+    floors = {**FLOORS, **SUITE_FLOORS}
+    assert {name: bounds.get(name) for name in floors} == floors
 
 
 def test_constraints_file_pins_every_floor() -> None:
-    floors = {**FLOORS, **TOOL_FLOORS, **SUITE_FLOORS, "psycopg-binary": FLOORS["psycopg"]}
-    assert _constraints() == floors
+    # The bench extra (matplotlib) is the one exception: the floor run installs
+    # [dev,pgserver], the newest run the newest matplotlib.
+    bounds = {name: v for name, v in _lower_bounds().items() if name != "matplotlib"}
+    assert _constraints() == {**bounds, "psycopg-binary": FLOORS["psycopg"]}
 
 
 def test_the_suite_floors_are_at_or_above_the_plugin_floors() -> None:

@@ -48,14 +48,6 @@ class Twin:
 
 TWINS = (
     Twin(
-        "src/corral/broker/_common_async.py",
-        "src/corral/broker/_common_sync.py",
-        phrases=(
-            ("\n\nThe blocking twin, :mod:`._common_sync`, is generated from this module.\n", ""),
-            (" (an async *compute* is awaited)", ""),
-        ),
-    ),
-    Twin(
         "src/corral/broker/_api_async.py",
         "src/corral/broker/_api_sync.py",
         phrases=(
@@ -129,7 +121,6 @@ NAMES = {
     "AsyncClosing": "Closing",
     "AsyncClientAPI": "ClientAPI",
     "AsyncOnceAPI": "OnceAPI",
-    "_common_async": "_common_sync",
     "AsyncRedisClient": "RedisClient",
     "AsyncSession": "SyncSession",
     "AsyncClient": "Client",

@@ -1,6 +1,8 @@
-"""The lowest version corral supports of each package: the one table that pyproject.toml's
-lower bounds and ``.ci/constraints-lowest.txt`` repeat (``tests/test_versions.py`` checks
-that the three agree), and the check that turns an older installed one into one line.
+"""The lowest version corral supports of each package it integrates with, and the check
+that turns an older installed one into one line. pyproject.toml's lower bounds and
+``.ci/constraints-lowest.txt`` repeat this table (``tests/test_versions.py`` checks that
+the three agree); the floors of the other extras and of the test suite's tools are
+pyproject's alone, which the constraints file pins (checked there too).
 
 The plugin runs with an older pytest and pytest-asyncio (``FLOORS``) than corral's own
 test suite needs (``SUITE_FLOORS``, pyproject's ``[dev]`` bounds): apps pin them, and
@@ -17,7 +19,6 @@ __all__ = [
     "ASYNCIO_GLUE",
     "FLOORS",
     "SUITE_FLOORS",
-    "TOOL_FLOORS",
     "check_floors",
     "installed",
     "release",
@@ -51,27 +52,6 @@ SUITE_FLOORS: dict[str, str] = {
 #: into a sync test's later fixtures (0.26). Below it the plugin opens a test's async
 #: sandboxes from a sync fixture on ``event_loop`` (corral._plugin._asyncio_legacy).
 ASYNCIO_GLUE = "0.26.0"
-
-#: The rest of pyproject's lower bounds: extras and the test suite's tools, not checked at
-#: run time (the floor run installs exactly these).
-TOOL_FLOORS: dict[str, str] = {
-    "pgserver": "0.1.4",
-    "pytest-timeout": "2.2.0",
-    "pytest-randomly": "3.15.0",
-    "flask-sqlalchemy": "3.1.0",
-    "sqlmodel": "0.0.16",
-    "hypothesis": "6.100.0",
-    "filelock": "3.13.0",
-    "fastapi": "0.110.0",
-    "httpx": "0.27.0",
-    "pydantic-settings": "2.1.0",
-    "dj-database-url": "2.1.0",
-    "alembic": "1.13.0",
-    "django": "4.2.30",
-    "pytest-django": "4.8.0",
-    "ruff": "0.6.0",
-    "mypy": "1.11.0",
-}
 
 
 def release(version: str) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ import inspect
 import os
 import sys
 from collections.abc import Generator, Iterator
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
@@ -237,10 +238,7 @@ def _process(request: pytest.FixtureRequest) -> CorralProcess:
 def _scope_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
     """An outer sandbox for one fixture scope: its fixtures' data, rolled back at its end."""
     manager = sandbox_manager(request, scope=True)
-    if manager is None:
-        yield
-        return
-    with manager.scope():
+    with nullcontext() if manager is None else manager.scope():
         yield
 
 
@@ -260,10 +258,7 @@ _corral_class_sandbox = _scope_fixture("class")
 def _corral_sandbox(request: pytest.FixtureRequest) -> Iterator[None]:
     """A sandbox around every test (sync handles; async ones open inside the test)."""
     manager = sandbox_manager(request)
-    if manager is None:
-        yield
-        return
-    with manager.around(request.node):
+    with nullcontext() if manager is None else manager.around(request.node):
         yield
 
 

@@ -19,14 +19,13 @@ from typing import Any, Self, TypeVar
 
 from corral._lifecycle import Closing
 from corral.broker import _flows
-from corral.broker._address import resolve_path, resolve_secret, wants_redis
-from corral.broker._common_sync import OnceAPI
+from corral.broker._address import resolve_path, resolve_secret
 from corral.broker._flows import MISSING, Handshake
 from corral.broker.messages import Call, Compute, Message
 from corral.broker.protocol import dumps, sign_message
 from corral.errors import BrokerError, BrokerUnavailable
 
-__all__ = ["ClientAPI"]
+__all__ = ["ClientAPI", "OnceAPI"]
 
 log = logging.getLogger("corral.broker.client")
 T = TypeVar("T")
@@ -34,15 +33,38 @@ T = TypeVar("T")
 _MAX_SPARES = 4  # idle extra connections a client keeps for requests that wait
 
 
-def redis_instead(path: object, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The Redis client that ``Client(path, *args, **kwargs)`` stands for (issue 9): a
-    redis:// URL, or $CORRAL_BROKER_URL when no path is given (it takes precedence over
-    EPHEMERAL_PIPE); None for the local broker. The Redis backend is imported only then."""
-    if not wants_redis(path):
-        return None
-    from corral.broker.redis import RedisClient
+class OnceAPI:
+    """``once``, the same on both backends; each computes through its ``_once``."""
 
-    return RedisClient(path if isinstance(path, str) else None, *args, **kwargs)
+    def once(
+        self,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """The value of *key*, computed by exactly one caller in the whole run.
+
+        The first caller runs ``compute()`` and stores
+        its JSON result under *key* for *ttl* seconds (``get(key)`` reads it); the others
+        wait (up to *timeout* seconds) and get the same value. If *compute* raises, that
+        caller gets its exception and every other caller (also later ones, for *ttl*)
+        :class:`~corral.errors.OnceFailed` with the original message. If the computing
+        process dies, one waiter is elected to compute instead.
+
+        :raises OnceFailed: the computing caller's *compute* raised.
+        :raises BrokerTimeout: the value was not ready within *timeout*.
+        :raises TypeError: *compute* returned a value that is not JSON.
+        """
+        if not callable(compute):
+            raise TypeError("compute must be callable")
+        return self._once(key, compute, ttl, timeout)
+
+    def _once(
+        self, key: str, compute: Callable[[], Any], ttl: float | None, timeout: float | None
+    ) -> Any:
+        """Compute or wait for *key*'s value on this backend (*compute* is callable)."""
+        raise NotImplementedError
 
 
 class ClientAPI(OnceAPI, Closing):
@@ -60,12 +82,6 @@ class ClientAPI(OnceAPI, Closing):
     _busy: set[Self]
     # Guards _spares/_busy: a lock for the blocking client's threads; tasks need none.
     _spare_lock: AbstractContextManager[Any]
-
-    # A Redis address makes Client(...) the Redis client (see redis_instead): the
-    # client that drives this API only, not its subclasses (they stay socket clients).
-    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> Any:
-        redis = redis_instead(path, args, kwargs) if cls.__base__ is ClientAPI else None
-        return super().__new__(cls) if redis is None else redis
 
     def _configure(
         self,

@@ -354,9 +354,8 @@ class Store(Coordination):
             if self._expired:
                 self._expired.pop(key, None)
             return False
-        live = entry.deadline > self.clock()
         self._drop(entry)
-        return live
+        return entry.deadline > self.clock()
 
     def _drop(self, entry: _Entry) -> None:
         del self._data[entry.key]
@@ -444,9 +443,8 @@ class Store(Coordination):
         lease = self._leases.get(worker)
         if lease is None:
             return False
-        live = lease.deadline > self.clock()
         self._drop_lease(lease)
-        return live
+        return lease.deadline > self.clock()
 
     def _drop_lease(self, lease: _Lease) -> None:
         del self._leases[lease.worker]

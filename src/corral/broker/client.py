@@ -16,16 +16,11 @@ import threading
 import time
 from typing import Final
 
-from corral.broker._address import (
-    busy,
-    is_busy,
-    next_delay,
-    resolve_path,
-    resolve_secret,
-    timeout_for,
-    unavailable,
-)
+from corral.broker._address import busy, is_busy, next_delay, timeout_for, unavailable
+from corral.broker._address import resolve_path as resolve_path
+from corral.broker._address import resolve_secret as resolve_secret
 from corral.broker._api_sync import ClientAPI
+from corral.broker._backend import RedisSwitch
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
 from corral.broker.messages import CLOSED, NEED_DATA, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection
@@ -45,7 +40,7 @@ _MAX_SPARES = 4
 _DONTWAIT: Final = getattr(socket, "MSG_DONTWAIT", 0)  # peer_in_other_process checks it
 
 
-class Client(ClientAPI):
+class Client(RedisSwitch, ClientAPI):
     """A blocking client of the broker, keeping one connection open.
 
     :param path: the broker's socket; default ``$EPHEMERAL_PIPE``.

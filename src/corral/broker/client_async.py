@@ -12,14 +12,9 @@ import logging
 import os
 import socket
 
-from corral.broker._address import (
-    busy,
-    is_busy,
-    next_delay,
-    timeout_for,
-    unavailable,
-)
+from corral.broker._address import busy, is_busy, next_delay, timeout_for, unavailable
 from corral.broker._api_async import AsyncClientAPI
+from corral.broker._backend import RedisSwitch
 from corral.broker.messages import CLOSED, Call, Message, Response
 from corral.broker.protocol import COMPRESS_THRESHOLD, ClientConnection
 from corral.errors import BrokerTimeout, BrokerUnavailable
@@ -32,7 +27,7 @@ _RECV = 64 * 1024
 _MAX_SPARES = 4  # idle extra connections kept for requests that wait
 
 
-class AsyncClient(AsyncClientAPI):
+class AsyncClient(RedisSwitch, AsyncClientAPI):
     """An asyncio client of the broker, keeping one connection open.
 
     :param path: the broker's socket; default ``$EPHEMERAL_PIPE``.

@@ -10,24 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 
 from asyncpg import exceptions as pgexc
 
 from corral.errors import SandboxError, SandboxLockTimeout
 from corral.sandbox._locks import AsyncOwnerLock, reads
 from corral.sandbox._messages import is_lock_timeout, lock_contention, refused
-from corral.sandbox._plan import (
-    AppState,
-    EmulatedServerError,
-    Frame,
-    FrameKind,
-    Kind,
-    Statement,
-    Step,
-)
+from corral.sandbox._plan import AppState, EmulatedServerError, FrameKind, Kind, Statement, Step
 from corral.sandbox._plan import classify_script as _classify_script
 from corral.sandbox._proxy import ProxyBase, ProxyBox
+
+if TYPE_CHECKING:
+    from corral.sandbox._plan import Frame
 
 __all__ = [
     "AsyncpgLockTimeout",

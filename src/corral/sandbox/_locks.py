@@ -179,22 +179,21 @@ def _pattern(holder: object, waiter: object) -> str:
 
 
 def _deadlock(turn: _Turn, waiter: object) -> SandboxBusy:
+    waiting, holding = owner_name(waiter), owner_name(turn.owner)
     return SandboxBusy(
-        f"deadlock: {owner_name(waiter)} needs the sandbox's connection, but "
-        f"{owner_name(turn.owner)} holds it with an uncommitted transaction that wrote, "
-        "and has stopped using it: it is waiting for "
-        f"{owner_name(waiter)}. Pattern: {_pattern(turn.owner, waiter)}. A sandbox has one "
-        "connection, so two write transactions cannot interleave on it. Commit (or roll "
-        "back) before the request or the awaited task, or give the work its own session "
-        f"after the commit. See {DOCS}"
+        f"deadlock: {waiting} needs the sandbox's connection, but {holding} holds it with an "
+        "uncommitted transaction that wrote, and has stopped using it: it is waiting for "
+        f"{waiting}. Pattern: {_pattern(turn.owner, waiter)}. A sandbox has one connection, so "
+        "two write transactions cannot interleave on it. Commit (or roll back) before the "
+        "request or the awaited task, or give the work its own session after the commit. "
+        f"See {DOCS}"
     )
 
 
 def _busy(holder: object, timeout: float) -> SandboxBusy:
     return SandboxBusy(
-        f"the sandbox's connection stayed in use by {owner_name(holder)} for {timeout:g} s "
-        "(a statement that long, or a holder stuck elsewhere). Users of one sandbox take "
-        "turns on its one connection; raise checkout_timeout if the statement is "
+        f"{owner_name(holder)} held the sandbox's one connection for {timeout:g} s: a statement "
+        "that long, or a holder stuck elsewhere. Raise checkout_timeout if the statement is "
         f"legitimately slow. See {DOCS}"
     )
 
@@ -257,17 +256,13 @@ class OwnerLock(_Shell):
         super().__init__()
         self._cond = threading.Condition(threading.Lock())
 
-    def acquire(
-        self,
-        timeout: float | None,
-        *,
-        statement: bool = False,
-        exclusive: bool = False,
-        me: object | None = None,
-    ) -> None:
-        """Take a turn: for a checkout, a *statement*, or a sandbox operation that must
-        not borrow (*exclusive*: closing or restoring waits for every other holder)."""
-        me = me if me is not None else threading.current_thread()
+    def acquire(self, timeout: float | None, *, exclusive: bool = False) -> None:
+        """Take a turn for a checkout, or for a sandbox operation that must not borrow
+        (*exclusive*: closing or restoring waits for every other holder)."""
+        self._take(threading.current_thread(), timeout, False, exclusive)
+
+    def _take(self, me: object, timeout: float | None, statement: bool, exclusive: bool) -> None:
+        """Take *me*'s turn (*statement*: one statement's, see :meth:`turn`)."""
         with self._cond:
             if self._turns.take(me, statement, exclusive):
                 return
@@ -290,7 +285,7 @@ class OwnerLock(_Shell):
         """Around one statement of *app* (*write*: it may write) or transaction step."""
         with self._cond:
             me = self._turns.owner(app, threading.current_thread())
-        self.acquire(timeout, statement=True, me=me)
+        self._take(me, timeout, True, False)
         try:
             yield
         finally:
@@ -324,16 +319,13 @@ class AsyncOwnerLock(_Shell):
             if not fut.done():
                 fut.set_result(None)
 
-    async def acquire(
-        self,
-        timeout: float | None,
-        *,
-        statement: bool = False,
-        exclusive: bool = False,
-        me: object | None = None,
-    ) -> None:
+    async def acquire(self, timeout: float | None, *, exclusive: bool = False) -> None:
         """See :meth:`OwnerLock.acquire`."""
-        me = me if me is not None else _task()
+        await self._take(_task(), timeout, False, exclusive)
+
+    async def _take(
+        self, me: object, timeout: float | None, statement: bool, exclusive: bool
+    ) -> None:
         if self._turns.take(me, statement, exclusive):
             return
         loop = asyncio.get_running_loop()
@@ -355,7 +347,7 @@ class AsyncOwnerLock(_Shell):
         self, app: AppState, timeout: float | None, *, write: bool
     ) -> AsyncIterator[None]:
         me = self._turns.owner(app, _task())
-        await self.acquire(timeout, statement=True, me=me)
+        await self._take(me, timeout, True, False)
         try:
             yield
         finally:

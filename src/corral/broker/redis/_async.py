@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from corral._lifecycle import AsyncClosing
 from corral._twins import ASYNC
-from corral.broker._common_async import AsyncOnceAPI
+from corral.broker._api_async import AsyncOnceAPI
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (

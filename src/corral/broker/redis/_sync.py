@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from corral._lifecycle import Closing
-from corral.broker._common_sync import OnceAPI
+from corral.broker._api_sync import OnceAPI
 from corral.broker._flows import MISSING
 from corral.broker.redis import _flows as flows
 from corral.broker.redis._base import (
