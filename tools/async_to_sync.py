@@ -55,7 +55,7 @@ TWINS = (
                 ":class:`AsyncClientAPI`, the asyncio source.",
                 ":class:`ClientAPI`, the blocking twin.",
             ),
-            (" is generated from ``_api_async.py``", " is generated from its asyncio source"),
+            (" is generated from\n``_api_async.py``", " is generated from\nits asyncio source"),
             (" (an async *compute* is awaited)", ""),
         ),
     ),

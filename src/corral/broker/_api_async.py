@@ -2,8 +2,10 @@
 
 Each method validates its arguments and runs one flow of :mod:`corral.broker._flows`;
 the client that inherits it supplies the I/O (``_drive``: one connection; ``_checkout``:
-an extra connection for a request that waits). ``_api_sync.py`` (``ClientAPI``, for the
-blocking ``Client``) is generated from ``_api_async.py`` by tools/async_to_sync.py.
+an extra connection for a request that waits). :class:`AsyncOnceAPI` (``once``) is
+shared with the Redis clients, which compute through their own ``_once``.
+``_api_sync.py`` (``ClientAPI``, for the blocking ``Client``) is generated from
+``_api_async.py`` by tools/async_to_sync.py.
 """
 
 from __future__ import annotations
