@@ -67,6 +67,18 @@ def test_pyproject_lower_bounds_are_the_floors() -> None:
     assert {name: bounds.get(name) for name in floors} == floors
 
 
+def test_corral_checks_every_driver_and_plugin_it_integrates_with() -> None:
+    # A package of a driver extra, or a plugin corral's glue runs with, left out of FLOORS
+    # would lose its one-line refusal of an older version.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    drivers = {
+        _name(r) for extra in ("psycopg", "asyncpg", "sqlalchemy", "redis") for r in extras[extra]
+    }
+    assert set(FLOORS) == drivers | {"pytest", "pytest-asyncio", "pytest-xdist", "anyio"}
+
+
 def test_constraints_file_pins_every_floor() -> None:
     # The bench extra (matplotlib) is the one exception: the floor run installs
     # [dev,pgserver], the newest run the newest matplotlib.

@@ -17,8 +17,8 @@ import time
 from typing import Final
 
 from corral.broker._address import busy, is_busy, next_delay, timeout_for, unavailable
-from corral.broker._address import resolve_path as resolve_path
-from corral.broker._address import resolve_secret as resolve_secret
+from corral.broker._address import resolve_path as resolve_path  # re-exported (__all__)
+from corral.broker._address import resolve_secret as resolve_secret  # re-exported (__all__)
 from corral.broker._api_sync import ClientAPI
 from corral.broker._backend import RedisSwitch
 from corral.broker._spin import SpinPolicy, budget_from_env, peer_in_other_process, yield_cpu
