@@ -34,11 +34,18 @@ def _name(requirement: str) -> str:
     return re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
 
 
+def _extras() -> dict[str, list[str]]:
+    """pyproject's extras: name -> requirements."""
+    extras: dict[str, list[str]] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    return extras
+
+
 def _lower_bounds() -> dict[str, str]:
     """pyproject's lower bound of each package its extras name (one per package)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     bounds: dict[str, set[str]] = {}
-    for extra in project["optional-dependencies"].values():
+    for extra in _extras().values():
         for requirement in extra:
             if requirement.startswith("corral["):
                 continue
@@ -70,9 +77,7 @@ def test_pyproject_lower_bounds_are_the_floors() -> None:
 def test_corral_checks_every_driver_and_plugin_it_integrates_with() -> None:
     # A package of a driver extra, or a plugin corral's glue runs with, left out of FLOORS
     # would lose its one-line refusal of an older version.
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"
-    ]
+    extras = _extras()
     drivers = {
         _name(r) for extra in ("psycopg", "asyncpg", "sqlalchemy", "redis") for r in extras[extra]
     }

@@ -259,9 +259,11 @@ class OwnerLock(_Shell):
     def acquire(self, timeout: float | None, *, exclusive: bool = False) -> None:
         """Take a turn for a checkout, or for a sandbox operation that must not borrow
         (*exclusive*: closing or restoring waits for every other holder)."""
-        self._take(threading.current_thread(), timeout, False, exclusive)
+        self._take(threading.current_thread(), timeout, exclusive=exclusive)
 
-    def _take(self, me: object, timeout: float | None, statement: bool, exclusive: bool) -> None:
+    def _take(
+        self, me: object, timeout: float | None, statement: bool = False, exclusive: bool = False
+    ) -> None:
         """Take *me*'s turn (*statement*: one statement's, see :meth:`turn`)."""
         with self._cond:
             if self._turns.take(me, statement, exclusive):
@@ -285,7 +287,7 @@ class OwnerLock(_Shell):
         """Around one statement of *app* (*write*: it may write) or transaction step."""
         with self._cond:
             me = self._turns.owner(app, threading.current_thread())
-        self._take(me, timeout, True, False)
+        self._take(me, timeout, statement=True)
         try:
             yield
         finally:
@@ -321,10 +323,10 @@ class AsyncOwnerLock(_Shell):
 
     async def acquire(self, timeout: float | None, *, exclusive: bool = False) -> None:
         """See :meth:`OwnerLock.acquire`."""
-        await self._take(_task(), timeout, False, exclusive)
+        await self._take(_task(), timeout, exclusive=exclusive)
 
     async def _take(
-        self, me: object, timeout: float | None, statement: bool, exclusive: bool
+        self, me: object, timeout: float | None, statement: bool = False, exclusive: bool = False
     ) -> None:
         if self._turns.take(me, statement, exclusive):
             return
@@ -347,7 +349,7 @@ class AsyncOwnerLock(_Shell):
         self, app: AppState, timeout: float | None, *, write: bool
     ) -> AsyncIterator[None]:
         me = self._turns.owner(app, _task())
-        await self._take(me, timeout, True, False)
+        await self._take(me, timeout, statement=True)
         try:
             yield
         finally:
